@@ -1,0 +1,3 @@
+from ava.cli import main
+
+main()
