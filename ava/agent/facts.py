@@ -1,0 +1,157 @@
+"""Facts about a node, gathered on the node. Standard library only.
+
+ava sends this file's source to the node as `python3 -c SOURCE WORKDIR` (so `ava nodes` works on
+a node that was never provisioned) and reads back one JSON object. Each fact is cheap: torch's
+version comes from package metadata, not from importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+GPU_QUERY = "index,name,memory.total,memory.used,utilization.gpu"
+
+
+def cgroup_mode() -> str | None:
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return "v2"
+    v1 = os.path.isdir("/sys/fs/cgroup/memory") or os.path.isdir("/sys/fs/cgroup/cpu")
+    if v1 and os.path.exists("/sys/fs/cgroup/unified/cgroup.controllers"):
+        return "hybrid"
+    return "v1" if v1 else None
+
+
+def systemd_is_init() -> bool:
+    try:
+        with open("/proc/1/comm", encoding="utf-8") as handle:
+            return handle.read().strip() == "systemd"
+    except OSError:
+        return False
+
+
+def isolation_backend(mode: str | None) -> str:
+    """Which fence a run gets here; the agent makes the same choice."""
+    if mode == "v2":
+        return "systemd" if systemd_is_init() and shutil.which("systemd-run") else "v2"
+    if mode in ("v1", "hybrid"):
+        return "v1"
+    return "none"
+
+
+def memory() -> tuple[int | None, int | None]:
+    values: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                values[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        return None, None
+    return values.get("MemTotal"), values.get("MemAvailable", values.get("MemFree"))
+
+
+def disk_free(path: str) -> int | None:
+    path = os.path.expanduser(path)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        stat = os.statvfs(path or "/")
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def package_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:
+        return None
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def gpus() -> list[dict[str, object]]:
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=15, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 5:
+            continue
+        found.append({
+            "index": _int(parts[0]),
+            "name": parts[1],
+            "memory_total": _mib(parts[2]),
+            "memory_used": _mib(parts[3]),
+            "utilization": _int(parts[4]),
+        })
+    return found
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(float(text))
+    except ValueError:
+        return None
+
+
+def _mib(text: str) -> int | None:
+    value = _int(text)
+    return None if value is None else value * 1024 * 1024
+
+
+def leases(workdir: str) -> list[dict[str, object]]:
+    try:
+        with open(os.path.join(os.path.expanduser(workdir), "leases.json"), encoding="utf-8") as handle:
+            return list(json.load(handle).get("holders", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def gather(workdir: str) -> dict[str, object]:
+    mode = cgroup_mode()
+    mem_total, mem_free = memory()
+    return {
+        "hostname": socket.gethostname(),
+        "home": os.path.expanduser("~"),
+        "user": os.environ.get("USER") or os.environ.get("LOGNAME"),
+        "python": platform.python_version(),
+        "python_path": sys.executable,
+        "torch": package_version("torch"),
+        "cpus": cpu_count(),
+        "mem_total": mem_total,
+        "mem_free": mem_free,
+        "disk_free": disk_free(workdir),
+        "gpus": gpus(),
+        "cgroup": mode,
+        "isolation": isolation_backend(mode),
+        "leases": leases(workdir),
+        "time": time.time(),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(gather(sys.argv[1] if len(sys.argv) > 1 else "~/.ava")))

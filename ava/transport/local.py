@@ -1,0 +1,101 @@
+"""The embedded `local` node: commands run on this machine through a subprocess, no SSH."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from ava.errors import CommandError
+from ava.transport.base import LineCallback, LineSplitter, Result
+
+if TYPE_CHECKING:
+    from ava.config import Node
+
+
+def _login_shell() -> str:
+    # ssh runs a command with the user's login shell; do the same so both transports agree.
+    try:
+        return pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+    except KeyError:
+        return "/bin/sh"
+
+
+def local_path(remote: str) -> Path:
+    return Path(os.path.expanduser(remote))
+
+
+class LocalTransport:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._shell = _login_shell()
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float | None = None,
+        on_line: LineCallback | None = None,
+    ) -> Result:
+        # Like sshd: the user's shell, started in the home directory, in its own session so a
+        # timeout can end the whole tree it started.
+        proc = subprocess.Popen(
+            [self._shell, "-c", command],
+            cwd=os.path.expanduser("~"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        out, err = LineSplitter("out", on_line), LineSplitter("err", on_line)
+        readers = [
+            threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, err), daemon=True),
+        ]
+        for reader in readers:
+            reader.start()
+        try:
+            exited = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise CommandError(f"{self.node.name}: command timed out after {timeout:g}s") from None
+        finally:
+            for reader in readers:
+                reader.join(timeout=5)
+        out.flush()
+        err.flush()
+        return Result(self.node.name, command, exited, out.text(), err.text())
+
+    def put(self, local: Path | bytes, remote: str, *, mode: int | None = None) -> None:
+        target = local_path(remote)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        if isinstance(local, bytes):
+            temp.write_bytes(local)
+        else:
+            shutil.copyfile(local, temp)
+        if mode is not None:
+            temp.chmod(mode)
+        os.replace(temp, target)
+
+    def get(self, remote: str, local: Path) -> None:
+        shutil.copyfile(local_path(remote), local)
+
+    def close(self) -> None:
+        pass
+
+
+def _pump(stream: IO[bytes], splitter: LineSplitter) -> None:
+    # Incremental, so a character split across two reads still decodes.
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
+        splitter.write(decoder.decode(chunk))
+    splitter.write(decoder.decode(b"", final=True))
+    stream.close()

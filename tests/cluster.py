@@ -1,0 +1,411 @@
+"""A real multi-node test cluster on this one machine: an OpenSSH sshd per node.
+
+As root (as CI runs): one network namespace per node, each with its own address on a bridge,
+its own hostname (a UTS namespace, and an /etc/hosts entry so every node resolves every other),
+its own sshd and host key, and a resolv.conf that fails fast (a DNS server that cannot be reached
+stalls every reverse lookup torch's rendezvous makes). Not root: sshd on distinct loopback
+addresses and high ports, without the faults that need namespaces.
+
+Everything it makes (namespaces, links, sshd processes, /etc edits, files) is removed by
+`Cluster.down()`, which the pytest fixture calls even when a test fails.
+
+By hand, for benchmarks:  python -m tests.cluster up 3   (prints the inventory; Ctrl-C tears down)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+PREFIX = "avat"  # every namespace, link and hosts entry this module makes starts with it
+HOSTS_FILE = Path("/etc/hosts")
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def have_sshd() -> bool:
+    return os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None
+
+
+def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=check, capture_output=True, text=True)
+
+
+@dataclass
+class TestNode:
+    name: str
+    address: str
+    port: int
+    hostname: str
+    dir: Path
+    namespace: str | None = None
+    link: str | None = None  # the root-side end of the node's veth
+    sshd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def workdir(self) -> Path:
+        return self.dir / "work"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.dir / "cache"
+
+    @property
+    def host_key(self) -> Path:
+        return self.dir / "ssh_host_ed25519_key"
+
+
+@dataclass
+class Cluster:
+    size: int
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="avacluster-")))
+    nodes: list[TestNode] = field(default_factory=list)
+    use_namespaces: bool = field(default_factory=is_root)
+
+    def __post_init__(self) -> None:
+        self.id = f"{os.getpid() % 0xFFFF:04x}"
+        self.bridge = f"{PREFIX}{self.id}br"
+        # A /24 of our own, used only inside namespaces this cluster makes.
+        self.subnet = f"10.213.{os.getpid() % 200 + 20}"
+        self.key = self.root / "id_ed25519"
+        self.known_hosts = self.root / "known_hosts"
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def up(self) -> Cluster:
+        if not have_sshd():
+            raise RuntimeError("openssh-server is not installed (apt-get install openssh-server)")
+        try:
+            os.makedirs("/run/sshd", exist_ok=True) if is_root() else None
+            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ava-test", "-f", str(self.key))
+            (self.root / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
+            if self.use_namespaces:
+                _sh("ip", "link", "add", self.bridge, "type", "bridge")
+                _sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+                _sh("ip", "link", "set", self.bridge, "up")
+            for index in range(1, self.size + 1):
+                self.nodes.append(self._make_node(f"n{index}", index))
+            if self.use_namespaces:
+                self._write_hosts()
+            for node in self.nodes:
+                self._start_sshd(node)
+            self._write_known_hosts()
+            for node in self.nodes:
+                self.wait_ssh(node)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        for node in self.nodes:
+            self._kill_namespace_processes(node)
+            if node.sshd is not None:
+                _terminate(node.sshd)
+            if node.namespace:
+                _sh("ip", "netns", "del", node.namespace, check=False)
+                shutil.rmtree(f"/etc/netns/{node.namespace}", ignore_errors=True)
+            if node.link:
+                _sh("ip", "link", "del", node.link, check=False)
+        if self.use_namespaces:
+            _sh("ip", "link", "del", self.bridge, check=False)
+            self._remove_hosts()
+        self.nodes.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _make_node(self, name: str, index: int) -> TestNode:
+        folder = self.root / name
+        folder.mkdir(parents=True)
+        if self.use_namespaces:
+            node = TestNode(
+                name=name,
+                address=f"{self.subnet}.{10 + index}",
+                port=22,
+                hostname=f"{PREFIX}-{self.id}-{name}",
+                dir=folder,
+                namespace=f"{PREFIX}-{self.id}-{name}",
+                link=f"{PREFIX}{self.id}{name}",
+            )
+            ns, link, peer = node.namespace, node.link, f"{node.link}p"
+            assert ns and link
+            _sh("ip", "netns", "add", ns)
+            # `ip netns exec` bind-mounts these over /etc: lookups fail at once, never stall.
+            etc = Path(f"/etc/netns/{ns}")
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+            _sh("ip", "link", "add", link, "type", "veth", "peer", "name", peer)
+            _sh("ip", "link", "set", peer, "netns", ns)
+            _sh("ip", "-n", ns, "link", "set", peer, "name", "eth0")
+            _sh("ip", "-n", ns, "addr", "add", f"{node.address}/24", "dev", "eth0")
+            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            _sh("ip", "link", "set", link, "master", self.bridge)
+            _sh("ip", "link", "set", link, "up")
+        else:
+            node = TestNode(
+                name=name,
+                address=f"127.0.0.{10 + index}",
+                port=_free_port(),
+                hostname="localhost",
+                dir=folder,
+            )
+        node.workdir.mkdir()
+        node.cache_dir.mkdir()
+        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node.host_key))
+        return node
+
+    def _sshd_config(self, node: TestNode) -> Path:
+        config = node.dir / "sshd_config"
+        lines = [
+            f"Port {node.port}",
+            f"ListenAddress {node.address}",
+            f"HostKey {node.host_key}",
+            f"PidFile {node.dir / 'sshd.pid'}",
+            f"AuthorizedKeysFile {self.root / 'authorized_keys'}",
+            "PermitRootLogin prohibit-password",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "StrictModes no",
+            "PrintMotd no",
+            "X11Forwarding no",
+            "MaxSessions 200",
+            "MaxStartups 200:30:400",
+            "LogLevel ERROR",
+            "Subsystem sftp internal-sftp",
+        ]
+        config.write_text("\n".join(lines) + "\n")
+        return config
+
+    def _start_sshd(self, node: TestNode) -> None:
+        config = self._sshd_config(node)
+        log = open(node.dir / "sshd.log", "ab")
+        argv = [SSHD, "-D", "-e", "-f", str(config)]
+        if node.namespace:
+            # Its own UTS namespace gives the node its own hostname, as a real node has.
+            script = f"hostname {node.hostname} && exec {' '.join(argv)}"
+            argv = ["ip", "netns", "exec", node.namespace, "unshare", "--uts", "sh", "-c", script]
+        node.sshd = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+
+    def wait_ssh(self, node: TestNode, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                with socket.create_connection((node.address, node.port), timeout=1) as sock:
+                    if sock.recv(4) == b"SSH-":
+                        return
+            if node.sshd is not None and node.sshd.poll() is not None:
+                log = (node.dir / "sshd.log").read_text(errors="replace")
+                raise RuntimeError(f"sshd of {node.name} exited: {log[-500:]}")
+            time.sleep(0.1)
+        raise RuntimeError(f"sshd of {node.name} did not answer within {timeout}s")
+
+    def _write_known_hosts(self) -> None:
+        lines = []
+        for node in self.nodes:
+            key = Path(f"{node.host_key}.pub").read_text().split()[:2]
+            name = node.address if node.port == 22 else f"[{node.address}]:{node.port}"
+            lines.append(f"{name} {key[0]} {key[1]}")
+        self.known_hosts.write_text("\n".join(lines) + "\n")
+
+    # -- /etc/hosts: every node resolves every other by name ----------------------------------
+
+    def _marker(self) -> str:
+        return f"# ava test cluster {self.id}"
+
+    def _write_hosts(self) -> None:
+        entries = "".join(f"{n.address} {n.hostname}  {self._marker()}\n" for n in self.nodes)
+        text = HOSTS_FILE.read_text()
+        if text and not text.endswith("\n"):
+            text += "\n"
+        HOSTS_FILE.write_text(text + entries)
+
+    def _remove_hosts(self) -> None:
+        with contextlib.suppress(OSError):
+            lines = HOSTS_FILE.read_text().splitlines(keepends=True)
+            HOSTS_FILE.write_text("".join(l for l in lines if self._marker() not in l))
+
+    # -- inventories ------------------------------------------------------------------------
+
+    def inventory(self, names: list[str] | None = None, *, path: Path | None = None, **defaults: object) -> Path:
+        """Write an ava.toml for these nodes (all when None) and return its path."""
+        chosen = [n for n in self.nodes if names is None or n.name in names]
+        settings: dict[str, object] = {
+            "user": os.environ.get("USER") or _current_user(),
+            "identity": str(self.key),
+            "known_hosts": str(self.known_hosts),
+            "python": sys.executable,
+            "connect_timeout": "3s",
+        }
+        settings.update(defaults)
+        lines = ["[defaults]"] + [f"{k} = {_toml(v)}" for k, v in settings.items()]
+        for node in chosen:
+            lines += [
+                "",
+                f"[nodes.{node.name}]",
+                f"host = {_toml(node.address)}",
+                f"port = {node.port}",
+                f"workdir = {_toml(str(node.workdir))}",
+                f"cache_dir = {_toml(str(node.cache_dir))}",
+            ]
+        target = path or self.root / f"ava-{'-'.join(n.name for n in chosen)}.toml"
+        target.write_text("\n".join(lines) + "\n")
+        return target
+
+    def node(self, name: str) -> TestNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    # -- faults -----------------------------------------------------------------------------
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL the node's sshd and every process started through it."""
+        node = self.node(name)
+        self._kill_namespace_processes(node)
+        if node.sshd is not None:
+            node.sshd.kill()
+            node.sshd.wait()
+            node.sshd = None
+
+    def restart_node(self, name: str) -> None:
+        node = self.node(name)
+        if node.sshd is None or node.sshd.poll() is not None:
+            self._start_sshd(node)
+        self.wait_ssh(node)
+
+    def cut_link(self, name: str) -> None:
+        node = self.node(name)
+        if not node.link:
+            raise RuntimeError("cutting a link needs network namespaces (run as root)")
+        _sh("ip", "link", "set", node.link, "down")
+
+    def restore_link(self, name: str) -> None:
+        node = self.node(name)
+        if node.link:
+            _sh("ip", "link", "set", node.link, "up")
+
+    def regenerate_host_key(self, name: str) -> None:
+        node = self.node(name)
+        if node.sshd is not None:
+            _terminate(node.sshd)
+            node.sshd = None
+        node.host_key.unlink()
+        Path(f"{node.host_key}.pub").unlink()
+        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node.host_key))
+        self._start_sshd(node)
+        self.wait_ssh(node)
+
+    def namespace_pids(self, name: str) -> list[int]:
+        node = self.node(name)
+        if not node.namespace:
+            return []
+        out = _sh("ip", "netns", "pids", node.namespace, check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def _kill_namespace_processes(self, node: TestNode) -> None:
+        for _ in range(5):
+            pids = self.namespace_pids(node.name)
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _current_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)
+
+
+def clean_stale() -> None:
+    """Remove what a killed earlier test session left: namespaces, links, hosts entries."""
+    if not is_root():
+        return
+    for line in _sh("ip", "netns", "list", check=False).stdout.splitlines():
+        ns = line.split()[0] if line.split() else ""
+        if ns.startswith(f"{PREFIX}-"):
+            for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            _sh("ip", "netns", "del", ns, check=False)
+            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+    for line in _sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        parts = line.split(":")
+        if len(parts) > 1 and parts[1].strip().split("@")[0].startswith(PREFIX):
+            _sh("ip", "link", "del", parts[1].strip().split("@")[0], check=False)
+    with contextlib.suppress(OSError):
+        lines = HOSTS_FILE.read_text().splitlines(keepends=True)
+        kept = [l for l in lines if "# ava test cluster " not in l]
+        if kept != lines:
+            HOSTS_FILE.write_text("".join(kept))
+
+
+@contextlib.contextmanager
+def running_cluster(size: int) -> Iterator[Cluster]:
+    cluster = Cluster(size)
+    cluster.up()
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 1 or argv[0] not in ("up", "clean"):
+        print("usage: python -m tests.cluster up N | clean", file=sys.stderr)
+        return 2
+    if argv[0] == "clean":
+        clean_stale()
+        return 0
+    size = int(argv[1]) if len(argv) > 1 else 3
+    with running_cluster(size) as cluster:
+        print(f"inventory: {cluster.inventory()}", flush=True)
+        print("Ctrl-C tears the cluster down.", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

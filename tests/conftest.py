@@ -1,0 +1,63 @@
+"""Shared fixtures: the real test cluster and a way to run the real `ava` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.cluster import Cluster, clean_stale, have_sshd
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    # Under CI a cluster test may not skip: a skip there would hide that nothing was tested.
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and item.get_closest_marker("cluster") and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"cluster test skipped under CI=true: {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """Four real sshd nodes (n1..n4); tests pick the ones they need through inventories."""
+    if not have_sshd():
+        if IN_CI:
+            pytest.fail("openssh-server is missing under CI=true: .ci/run must install it")
+        pytest.skip("openssh-server is not installed")
+    clean_stale()
+    test_cluster = Cluster(4)
+    test_cluster.up()
+    try:
+        yield test_cluster
+    finally:
+        test_cluster.down()
+
+
+def run_ava(*args: str, inventory: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command line, in a fresh interpreter, as a user would run it."""
+    full_env = dict(os.environ)
+    full_env.pop("AVA_INVENTORY", None)
+    full_env["COLUMNS"] = "200"
+    if env:
+        full_env.update(env)
+    argv = [sys.executable, "-m", "ava"]
+    if inventory is not None:
+        argv += ["--inventory", str(inventory)]
+    return subprocess.run(argv + list(args), capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=cwd or REPO)
