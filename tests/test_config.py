@@ -529,7 +529,7 @@ def assert_one_line_usage_error(result: subprocess.CompletedProcess[str], key: s
 @cli_missing
 @pytest.mark.parametrize("path", BAD_INVENTORIES, ids=lambda p: p.stem)
 def test_ava_nodes_rejects_bad_inventory_in_one_line(path):
-    assert_one_line_usage_error(run_ava("nodes", "--inventory", str(path)), expected_key(path))
+    assert_one_line_usage_error(run_ava("--inventory", str(path), "nodes"), expected_key(path))
 
 
 @cli_missing
