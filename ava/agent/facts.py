@@ -153,5 +153,49 @@ def gather(workdir: str) -> dict[str, object]:
     }
 
 
+def interface_of(address: str) -> str | None:
+    try:
+        out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = line.split()
+        # "2: eth0    inet 10.0.0.11/24 brd ..." -> eth0
+        if len(parts) > 3 and parts[2] in ("inet", "inet6") and parts[3].split("/")[0] == address:
+            return parts[1].split("@")[0]
+    return None
+
+
+def route(master: str, interface: str, want_port: bool) -> dict[str, object]:
+    """The address and interface this node uses toward the master, and a free port if asked.
+
+    A UDP connect sends nothing: it only asks the kernel which source address it would use.
+    """
+    result: dict[str, object] = {
+        "address": None, "interface": None, "port": None, "error": None,
+        "home": os.path.expanduser("~"), "cpus": cpu_count(),
+    }
+    try:
+        target = socket.getaddrinfo(master, None, proto=socket.IPPROTO_TCP)[0]
+        with socket.socket(target[0], socket.SOCK_DGRAM) as probe:
+            probe.connect((target[4][0], 9))
+            result["address"] = probe.getsockname()[0]
+    except OSError as error:
+        result["error"] = f"cannot route to the master {master}: {error}"
+        return result
+    if interface != "auto":
+        result["interface"] = interface
+    else:
+        result["interface"] = interface_of(str(result["address"]))
+    if want_port:
+        with socket.socket(socket.AF_INET6 if ":" in str(result["address"]) else socket.AF_INET) as sock:
+            sock.bind(("", 0))
+            result["port"] = sock.getsockname()[1]
+    return result
+
+
 if __name__ == "__main__":
-    print(json.dumps(gather(sys.argv[1] if len(sys.argv) > 1 else "~/.ava")))
+    if len(sys.argv) > 1 and sys.argv[1] == "--route":
+        print(json.dumps(route(sys.argv[2], sys.argv[3], sys.argv[4:] == ["--port"])))
+    else:
+        print(json.dumps(gather(sys.argv[1] if len(sys.argv) > 1 else "~/.ava")))

@@ -1,0 +1,161 @@
+"""Recipe × placement → what runs on each node: the agent spec and the torchrun argv. Pure.
+
+`ava train --dry-run` prints exactly these objects, built by the same functions a real launch
+uses, so what a user reviews is what runs.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+from ava.config import Node, Recipe
+
+# torchrun prefixes every worker line with its global rank; ava's log streams rely on it.
+RANK_PREFIX_TEMPLATE = "[${rank}]:"
+CGROUP_PARENT = "ava"
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one node reaches the master (its own address on that path, the interface), and
+    the node facts a launch needs: its home directory and CPU count."""
+
+    address: str
+    interface: str
+    home: str = "/root"
+    cpus: int = 1
+
+    def expand(self, path: str) -> str:
+        """A node path made absolute: PYTHONPATH and the like do not expand `~`."""
+        if path == "~" or path.startswith("~/"):
+            return self.home.rstrip("/") + path[1:]
+        return path
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything an attempt needs that is not in the recipe."""
+
+    run_id: str
+    attempt: int
+    master_address: str
+    master_port: int
+    code_tree: str  # content hashes of the synced trees (see ava.sync)
+    runtime_tree: str
+    user: str
+
+
+@dataclass(frozen=True)
+class NodeLaunch:
+    node: Node
+    argv: list[str]
+    spec: dict[str, Any]
+
+
+def checkpoint_dir(recipe: Recipe, run_id: str) -> str | None:
+    if recipe.checkpoint.dir is None:
+        return None
+    return recipe.checkpoint.dir.replace("{name}", recipe.name).replace("{run}", run_id)
+
+
+def torchrun_argv(recipe: Recipe, launch: Launch, *, nnodes: int, route: Route, is_master: bool, python: str) -> list[str]:
+    argv = [
+        python, "-m", "torch.distributed.run",
+        "--nnodes", str(nnodes),
+        "--nproc-per-node", str(recipe.procs()),
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"{_bracket(launch.master_address)}:{launch.master_port}",
+        "--rdzv-id", launch.run_id,
+    ]
+    if is_master:
+        # torch's own "am I the host?" check fails when hostnames resolve to 127.0.0.1.
+        argv += ["--rdzv-conf", "is_host=true"]
+    argv += [
+        "--local-addr", route.address,
+        # ava supervises and restarts; torchrun must not retry on its own.
+        "--max-restarts", "0",
+        "--monitor-interval", "1",
+        "--tee", "3",
+    ]
+    if recipe.run.module:
+        argv += ["--module", recipe.run.module]
+    else:
+        assert recipe.run.script is not None
+        argv.append(recipe.run.script)
+    argv += list(recipe.run.args)
+    return argv
+
+
+def environment(recipe: Recipe, launch: Launch, node: Node, route: Route) -> dict[str, str]:
+    code_dir, runtime_dir = tree_dirs(node, launch, route)
+    env = dict(recipe.env)
+    env.update({
+        "AVA_RUN_ID": launch.run_id,
+        "AVA_ATTEMPT": str(launch.attempt),
+        "AVA_NODE": node.name,
+        "AVA_CACHE_DIR": route.expand(node.cache_dir),
+        "AVA_CACHE_SIZE": str(node.cache_size),
+        # Gloo and NCCL bind the interface that reaches the master; left alone, Gloo may pick
+        # 127.0.0.1 from the hostname and the job hangs.
+        "GLOO_SOCKET_IFNAME": route.interface,
+        "NCCL_SOCKET_IFNAME": route.interface,
+        "PYTHONUNBUFFERED": "1",
+        "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": RANK_PREFIX_TEMPLATE,
+    })
+    ckpt = checkpoint_dir(recipe, launch.run_id)
+    if ckpt is not None:
+        env["AVA_CHECKPOINT_DIR"] = ckpt
+    # The run's code first, then ava's user-side modules (ava.ckpt, ava.env, ava.data).
+    paths = [code_dir, runtime_dir]
+    if recipe.env.get("PYTHONPATH"):
+        paths.append(recipe.env["PYTHONPATH"])
+    env["PYTHONPATH"] = ":".join(paths)
+    return env
+
+
+def plan(
+    recipe: Recipe,
+    nodes: list[Node],
+    launch: Launch,
+    routes: dict[str, Route],
+    *,
+    pythons: dict[str, str] | None = None,
+) -> list[NodeLaunch]:
+    """One NodeLaunch per node; the first node is the master."""
+    launches = []
+    for index, node in enumerate(nodes):
+        route = routes[node.name]
+        python = (pythons or {}).get(node.name, node.python)
+        argv = torchrun_argv(recipe, launch, nnodes=len(nodes), route=route, is_master=index == 0, python=python)
+        spec: dict[str, Any] = {
+            "run": launch.run_id,
+            "attempt": launch.attempt,
+            "node": node.name,
+            "workdir": node.workdir,
+            "cwd": tree_dirs(node, launch, route)[0],
+            "argv": argv,
+            "env": environment(recipe, launch, node, route),
+            "limits": {
+                "memory": recipe.resources.memory,
+                "cpus": recipe.resources.cpus,
+                "pids": recipe.resources.pids,
+            },
+            "gpus": {"want": recipe.resources.gpus_per_node, "allowed": list(node.gpus)},
+            "cpu_slots": None if recipe.resources.gpus_per_node else {"want": recipe.procs(), "total": route.cpus},
+            "cgroup_parent": CGROUP_PARENT,
+            "user": launch.user,
+        }
+        launches.append(NodeLaunch(node, argv, spec))
+    return launches
+
+
+def tree_dirs(node: Node, launch: Launch, route: Route) -> tuple[str, str]:
+    """Absolute paths of the run's code tree and of ava's runtime tree on this node."""
+    trees = route.expand(posixpath.join(node.workdir.rstrip("/"), "trees"))
+    return posixpath.join(trees, launch.code_tree), posixpath.join(trees, launch.runtime_tree)
+
+
+def _bracket(address: str) -> str:
+    return f"[{address}]" if ":" in address else address

@@ -1,0 +1,69 @@
+"""Which nodes a run gets: eligibility by labels and GPUs, the master, and the spares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ava.config import Inventory, Node, Recipe
+from ava.errors import AvaError, UsageError
+
+
+class NotEnoughNodes(AvaError):
+    pass
+
+
+@dataclass(frozen=True)
+class Placement:
+    nodes: tuple[Node, ...]  # the first is the master
+    spares: tuple[Node, ...]  # eligible nodes left over, for replacing a lost one
+
+    @property
+    def master(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+
+def why_ineligible(node: Node, recipe: Recipe) -> str | None:
+    wanted = set(recipe.resources.labels)
+    if not wanted <= set(node.labels):
+        return f"lacks labels {', '.join(sorted(wanted - set(node.labels)))}"
+    if recipe.resources.gpus_per_node > len(node.gpus):
+        return f"has {len(node.gpus)} GPUs, the recipe asks for {recipe.resources.gpus_per_node}"
+    return None
+
+
+def place(
+    recipe: Recipe,
+    inventory: Inventory,
+    *,
+    only: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    count: int | None = None,
+) -> Placement:
+    """Pick the run's nodes (pure). `only` keeps the order the user gave; `exclude` are lost nodes."""
+    candidates = inventory.select(only) if only else list(inventory.nodes.values())
+    reasons: list[str] = []
+    eligible: list[Node] = []
+    for node in candidates:
+        reason = "lost earlier in this run" if node.name in exclude else why_ineligible(node, recipe)
+        if reason:
+            reasons.append(f"{node.name} {reason}")
+        else:
+            eligible.append(node)
+    low, high = recipe.resources.nodes_min, recipe.resources.nodes_max
+    want = min(high, len(eligible)) if count is None else count
+    if want < low or len(eligible) < want:
+        detail = f" ({'; '.join(reasons)})" if reasons else ""
+        asked = f"{low}" if low == high else f"{low} to {high}"
+        raise NotEnoughNodes(f"recipe {recipe.name} needs {asked} nodes, {len(eligible)} eligible{detail}")
+    chosen = eligible[:want]
+    local = [n for n in chosen if n.transport == "local"]
+    if local and len(chosen) > 1:
+        raise UsageError(
+            f"node {local[0].name} is the embedded local node and cannot share a run with other nodes"
+        )
+    return Placement(tuple(chosen), tuple(eligible[want:]))

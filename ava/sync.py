@@ -1,0 +1,221 @@
+"""Ship what a run needs to its nodes, content-addressed: the agent, the runtime, the code.
+
+Everything is named by the hash of its content, so relaunching unchanged code moves nothing
+(one existence check per node), and a one-file change moves about that one file.
+
+Node layout under `workdir`:
+  agent/agent-<hash16>.pyz        the agent zipapp
+  objects/<aa>/<sha256>           file contents, shared by every tree
+  trees/<hash16>/ + .complete     one directory per code or runtime tree, hard-linked objects
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import shlex
+import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+
+from ava.config import Node
+from ava.errors import CommandError
+from ava.transport import connect, shell_path
+
+TREESYNC_SOURCE = Path(__file__).with_name("agent") / "treesync.py"
+# Always left out of a code tree: version control, caches, bulky local state.
+ALWAYS_IGNORED = (".git/", ".hg/", "__pycache__/", "*.pyc", ".pytest_cache/", ".venv/", ".ava/")
+# The modules a training script may import from ava on a node (stdlib, torch and fsspec only).
+RUNTIME_FILES = ("__init__.py", "ckpt.py", "env.py", "data.py")
+RUNTIME_PACKAGES = ("cache",)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    size: int
+    exec: bool
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: tuple[FileEntry, ...]
+
+    @property
+    def tree(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps({"files": [vars(f) for f in self.files]}, sort_keys=True)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    tree: str
+    files: int
+    sent_files: int
+    sent_bytes: int
+
+
+# -- ignore rules (the common subset of gitignore: globs, dir/, /anchored, !negation) ---------
+
+
+def ignore_patterns(root: Path) -> list[str]:
+    """Patterns from `.avaignore`, else `.gitignore`, plus the ones always applied."""
+    patterns = list(ALWAYS_IGNORED)
+    for name in (".avaignore", ".gitignore"):
+        path = root / name
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    patterns.append(line)
+            break
+    return patterns
+
+
+def is_ignored(relpath: str, is_dir: bool, patterns: list[str]) -> bool:
+    ignored = False
+    name = PurePosixPath(relpath).name
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern[1:] if negate else pattern
+        dir_only = pattern.endswith("/")
+        pattern = pattern.rstrip("/")
+        if dir_only and not is_dir:
+            continue
+        if pattern.startswith("/") or "/" in pattern:
+            matched = fnmatch.fnmatchcase(relpath, pattern.lstrip("/"))
+        else:
+            matched = fnmatch.fnmatchcase(name, pattern)
+        if matched:
+            ignored = not negate
+    return ignored
+
+
+def manifest_of(root: Path, *, patterns: list[str] | None = None) -> Manifest:
+    root = root.resolve()
+    rules = ignore_patterns(root) if patterns is None else patterns
+    files: list[FileEntry] = []
+    for directory, dirnames, filenames in os.walk(root):
+        rel_dir = Path(directory).relative_to(root).as_posix()
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(rel_dir + d, True, rules))
+        for filename in sorted(filenames):
+            rel = rel_dir + filename
+            path = Path(directory) / filename
+            if is_ignored(rel, False, rules) or not path.is_file():
+                continue
+            data = path.read_bytes()
+            files.append(FileEntry(rel, hashlib.sha256(data).hexdigest(), len(data), os.access(path, os.X_OK)))
+    return Manifest(tuple(sorted(files, key=lambda f: f.path)))
+
+
+@lru_cache(maxsize=1)
+def runtime_manifest() -> tuple[Manifest, Path]:
+    """The user-side ava modules, laid out as a package `ava/` inside the runtime tree."""
+    package = Path(__file__).resolve().parent
+    files = []
+    for entry in manifest_of(package).files:
+        top = entry.path.split("/", 1)[0]
+        if entry.path in RUNTIME_FILES or top in RUNTIME_PACKAGES:
+            files.append(FileEntry("ava/" + entry.path, entry.sha256, entry.size, False))
+    return Manifest(tuple(files)), package.parent
+
+
+# -- node paths -------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def agent_bundle() -> tuple[bytes, str]:
+    from ava.agent import build_zipapp
+
+    return build_zipapp()
+
+
+def agent_path(node: Node) -> str:
+    return f"{node.workdir.rstrip('/')}/agent/agent-{agent_bundle()[1][:16]}.pyz"
+
+
+def tree_path(node: Node, tree: str) -> str:
+    return f"{node.workdir.rstrip('/')}/trees/{tree}"
+
+
+def runtime_path(node: Node) -> str:
+    return tree_path(node, runtime_manifest()[0].tree)
+
+
+# -- shipping ---------------------------------------------------------------------------------
+
+
+def ship_agent(node: Node) -> bool:
+    """Put the agent on the node unless this very version is there; True if bytes moved."""
+    transport = connect(node)
+    path = agent_path(node)
+    if transport.run(f"test -f {shell_path(path)}").ok:
+        return False
+    transport.put(agent_bundle()[0], path, mode=0o755)
+    return True
+
+
+def ship_runtime(node: Node) -> SyncStats:
+    manifest, base = runtime_manifest()
+    return ship_tree(node, manifest, base / "")
+
+
+def ship_tree(node: Node, manifest: Manifest, root: Path) -> SyncStats:
+    """Make `trees/<hash>` on the node hold exactly `manifest`, sending only missing objects.
+
+    `root` is where the manifest's paths are read from (for the runtime, paths start `ava/`).
+    """
+    transport = connect(node)
+    tree = manifest.tree
+    final = tree_path(node, tree)
+    if transport.run(f"test -f {shell_path(final + '.complete')}").ok:
+        return SyncStats(tree, len(manifest.files), 0, 0)
+    workdir = node.workdir.rstrip("/")
+    script = shlex.quote(TREESYNC_SOURCE.read_text(encoding="utf-8"))
+    python = shell_path(node.python)
+    listing = f"{workdir}/trees/.manifest-{tree}-{os.getpid()}.json"
+    transport.put(manifest.to_json().encode(), listing)
+    result = transport.run(f"{python} -c {script} missing {shell_path(workdir)} {shell_path(listing)}")
+    result.check("code sync (listing objects)")
+    wanted = set(result.stdout.split())
+    command = f"{python} -c {script} build {shell_path(workdir)} {shell_path(listing)} {tree}"
+    sent_files = sent_bytes = 0
+    if wanted:
+        archive, sent_files, sent_bytes = _archive(manifest, root, wanted)
+        remote_tar = f"{workdir}/objects/.incoming-{tree}-{os.getpid()}.tar"
+        transport.put(archive, remote_tar)
+        command += f" {shell_path(remote_tar)}"
+    built = transport.run(command)
+    if not built.ok:
+        raise CommandError(f"{node.name}: code sync failed while building tree {tree}", tail=built.tail())
+    return SyncStats(tree, len(manifest.files), sent_files, sent_bytes)
+
+
+def _archive(manifest: Manifest, root: Path, wanted: set[str]) -> tuple[bytes, int, int]:
+    buffer = io.BytesIO()
+    files = sent = 0
+    done: set[str] = set()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for entry in manifest.files:
+            if entry.sha256 not in wanted or entry.sha256 in done:
+                continue
+            done.add(entry.sha256)
+            data = (root / entry.path).read_bytes()
+            info = tarfile.TarInfo(entry.sha256)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            files += 1
+            sent += len(data)
+    return buffer.getvalue(), files, sent
