@@ -449,6 +449,8 @@ _NODE_KEYS = tuple(
 # `host` names one node, so it has no default.
 _DEFAULT_KEYS = tuple(k for k in _NODE_KEYS if k != "host")
 
+_NODE_DEFAULTS = Node(name="")  # the documented defaults live on the dataclass
+_IFACE_RULE = 'expected "auto" or a network interface name like "eth0"'
 _ADD_NODES = 'add a [nodes.NAME] table per node (the smallest: [nodes.local] transport = "local")'
 
 
@@ -496,11 +498,7 @@ def parse_inventory(text: str, source: str) -> Inventory:
 
 def _parse_node(source: str, name: str, table: Any, defaults: Mapping[str, Any]) -> Node:
     if not NAME_RE.match(name):
-        raise ConfigError(
-            source,
-            _key("nodes", name),
-            f"a node name is {NAME_RULE}",
-        )
+        raise ConfigError(source, _key("nodes", name), f"a node name is {NAME_RULE}")
     table = _check_table(source, table, _key("nodes", name))
     _check_keys(source, table, _NODE_KEYS, "nodes", name)
     # A node's own value wins over [defaults]; a message names wherever the value was written.
@@ -508,8 +506,9 @@ def _parse_node(source: str, name: str, table: Any, defaults: Mapping[str, Any])
     where = {k: _key("defaults", k) for k in defaults} | {k: _key("nodes", name, k) for k in table}
     where.setdefault("host", _key("nodes", name, "host"))
     f = _Fields(source, values, where)
+    d = _NODE_DEFAULTS
 
-    transport = f.choice("transport", "ssh", TRANSPORTS)
+    transport = f.choice("transport", d.transport, TRANSPORTS)
     host = f.text(
         "host", None, pattern=_WORD_RE, rule="expected a host name or address (no spaces, no user@)"
     )
@@ -529,22 +528,17 @@ def _parse_node(source: str, name: str, table: Any, defaults: Mapping[str, Any])
         name=name,
         transport=transport,
         host=host,
-        user=f.text("user", None, pattern=_WORD_RE, rule="expected a user name"),
-        port=f.integer("port", 22, low=1, high=65535),
-        identity=f.text("identity", None),
-        workdir=f.text("workdir", "~/.ava"),
-        python=f.text("python", "python3"),
-        cache_dir=f.text("cache_dir", "~/.ava/cache"),
-        cache_size=f.size("cache_size", 100 * 2**30),
-        interface=f.text(
-            "interface",
-            "auto",
-            pattern=_IFACE_RE,
-            rule='expected "auto" or a network interface name like "eth0"',
-        ),
-        host_keys=f.choice("host_keys", "strict", HOST_KEY_POLICIES),
-        known_hosts=f.text("known_hosts", "~/.ssh/known_hosts"),
-        connect_timeout=f.duration("connect_timeout", 10.0, positive=True),
+        user=f.text("user", d.user, pattern=_WORD_RE, rule="expected a user name"),
+        port=f.integer("port", d.port, low=1, high=65535),
+        identity=f.text("identity", d.identity),
+        workdir=f.text("workdir", d.workdir),
+        python=f.text("python", d.python),
+        cache_dir=f.text("cache_dir", d.cache_dir),
+        cache_size=f.size("cache_size", d.cache_size),
+        interface=f.text("interface", d.interface, pattern=_IFACE_RE, rule=_IFACE_RULE),
+        host_keys=f.choice("host_keys", d.host_keys, HOST_KEY_POLICIES),
+        known_hosts=f.text("known_hosts", d.known_hosts),
+        connect_timeout=f.duration("connect_timeout", d.connect_timeout, positive=True),
         gpus=_parse_gpus(f),
         labels=f.words("labels", (), what="label"),
         requirements=f.requirements("requirements"),
@@ -766,11 +760,8 @@ def _parse_data(source: str, table: dict) -> Data:
     urls = f.items("prefetch", (), str, "a list of URLs", "a URL string")
     for index, url in enumerate(urls):
         if not _URL_RE.match(url):
-            raise ConfigError(
-                source,
-                f"data.prefetch[{index}]",
-                f'expected a URL like "s3://bucket/shards/*.tar", got {_show(url)}',
-            )
+            example = '"s3://bucket/shards/*.tar"'
+            raise f.fail("prefetch", f"expected a URL like {example}, got {_show(url)}", index)
     return Data(prefetch=urls)
 
 
@@ -779,28 +770,29 @@ def _parse_checkpoint(source: str, table: dict) -> Checkpoint:
     where = f.text("dir", None)
     if where is not None:
         try:
-            fields = [name for _, name, _, _ in string.Formatter().parse(where) if name is not None]
+            fields = [(n, spec, conv) for _, n, spec, conv in string.Formatter().parse(where)]
         except ValueError as exc:
             raise f.fail("dir", f"bad braces in {_show(where)} ({exc})") from None
-        for name in fields:
-            if name not in ("name", "run"):
+        for name, spec, conversion in fields:
+            if name is not None and (name not in ("name", "run") or spec or conversion):
                 only = "only {name} and {run} expand"
-                raise f.fail("dir", f"unknown placeholder {{{name}}}; {only}")
-    return Checkpoint(dir=where, keep=f.integer("keep", 3, low=1))
+                raise f.fail("dir", f"unknown placeholder in {_show(where)}; {only}")
+    return Checkpoint(dir=where, keep=f.integer("keep", Checkpoint().keep, low=1))
 
 
 def _parse_failover(source: str, table: dict) -> Failover:
     f = _fields(source, table, _RECIPE_TABLES["failover"] or (), "failover")
-    codes = f.items("fatal_exit_codes", (2,), int, "a list of exit codes", "an integer")
+    d = Failover()
+    codes = f.items(
+        "fatal_exit_codes", d.fatal_exit_codes, int, "a list of exit codes", "an integer"
+    )
     for index, code in enumerate(codes):
         if not 0 < code < 256:
-            raise ConfigError(
-                source, f"failover.fatal_exit_codes[{index}]", f"an exit code is 1-255, got {code}"
-            )
+            raise f.fail("fatal_exit_codes", f"an exit code is 1-255, got {code}", index)
     return Failover(
-        max_restarts=f.integer("max_restarts", 3, low=0),
-        on_node_loss=f.choice("on_node_loss", "replace", NODE_LOSS_POLICIES),
-        hang_timeout=f.duration("hang_timeout", 600.0, positive=True),
+        max_restarts=f.integer("max_restarts", d.max_restarts, low=0),
+        on_node_loss=f.choice("on_node_loss", d.on_node_loss, NODE_LOSS_POLICIES),
+        hang_timeout=f.duration("hang_timeout", d.hang_timeout, positive=True),
         fatal_exit_codes=codes,
-        backoff=f.duration("backoff", 2.0),
+        backoff=f.duration("backoff", d.backoff),
     )

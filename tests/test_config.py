@@ -397,6 +397,21 @@ def test_checkpoint_dir_may_use_name_and_run():
 
 
 @pytest.mark.parametrize(
+    "where, problem",
+    [
+        ("s3://b/{user}", "unknown placeholder"),
+        ("s3://b/{name:>8}", "unknown placeholder"),
+        ("s3://b/{run!r}", "unknown placeholder"),
+        ("s3://b/{name", "bad braces"),
+    ],
+)
+def test_checkpoint_dir_refuses_other_placeholders(where, problem):
+    text = f'name = "r"\n[run]\nscript = "t.py"\n[checkpoint]\ndir = "{where}"\n'
+    error = config_error(parse_recipe, text, "r.toml", "/r")
+    assert str(error).startswith(f"r.toml: checkpoint.dir: {problem}")
+
+
+@pytest.mark.parametrize(
     "assignment, section, field, value",
     [
         ("resources.nodes=4", "resources", "nodes_min", 4),
