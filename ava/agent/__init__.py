@@ -1,0 +1,84 @@
+"""ava's node agent: runs ON each node, standard library only, Python 3.10+.
+
+It ships as one file (``build_zipapp()``) and is called over SSH as
+``python3 agent.pyz CMD ...`` (in-tree: ``python3 -m ava.agent CMD ...``). Every command
+prints ONE JSON object on stdout (``logs`` prints raw bytes). Exit codes: 0 success,
+1 the attempt failed / run or attempt unknown / teardown left something, 2 bad spec or
+usage, 4 busy (GPUs or CPU slots held by another run).
+
+Commands
+--------
+``start SPEC_PATH``
+    SPEC is JSON::
+
+        {"run": "ddp-20261123-101200-a3f1", "attempt": 1, "node": "n1",
+         "workdir": "~/.ava", "cwd": "~/code",            # ~ expanded by the agent
+         "argv": ["python3", "-m", "torch.distributed.run", ...],   # exec'd as is, no shell
+         "env": {"K": "V"},                                # added to the inherited env
+         "limits": {"memory": bytes|null, "cpus": float|null, "pids": int|null},
+         "gpus": {"want": 2, "allowed": [0, 1, 2, 3]},     # want 0: no GPU lease
+         "cpu_slots": {"want": 2, "total": 8} | null,      # null: no CPU lease
+         "cgroup_parent": "ava", "user": "alice",
+         "isolation": "auto"}       # optional: auto | systemd | v2 | v1 | none
+
+    Takes the leases (busy: exit 4, ``{"error": "busy", "holders": [{run, attempt, node,
+    user, gpus, cpu_slots, pid, started}]}``), creates ``WORKDIR/runs/RUN/attempt-N/``,
+    starts a detached monitor (double fork, setsid, stdio off the SSH session) that fences
+    the job in a cgroup, then prints the status once it is ``running`` (or final). The job
+    gets the spec env plus ``CUDA_VISIBLE_DEVICES`` (leased indices; "" when want=0 on a
+    node with allowed GPUs), ``AVA_PROGRESS_FILE``, ``AVA_RUN_ID`` and ``AVA_JOB_TAG``
+    (``<run>.<node>.a<attempt>``, also the cgroup name). stdout+stderr go to
+    ``attempt-N/output.log``. Starting the same attempt again reports it, starts nothing.
+``status WORKDIR RUN [--attempt N]``
+    The status object (see ``status.py`` for every key) of the given or latest attempt. A
+    non-final attempt whose monitor is dead is ended and reported failed / agent-died.
+``stop WORKDIR RUN [--grace SECONDS]``
+    SIGTERM, grace (default 10 s), kill the whole cgroup, verify it empty, remove it,
+    release the run's leases. Prints ``{"run", "stopped", "remaining_pids", "cgroup_removed"}``.
+    Idempotent; an unknown run stops fine.
+``logs WORKDIR RUN --attempt N [--offset K] [--follow]``
+    Raw bytes of output.log from offset K; ``--follow`` streams until the attempt is final
+    and the file drained.
+``leases WORKDIR``
+    ``{"holders": [...]}`` after reclaiming holders whose monitor died.
+``list WORKDIR``
+    ``{"runs": [status of each run's latest attempt]}``.
+
+Modules: main (CLI), spec, monitor (monitor, reaper, job child), teardown, status, leases,
+layout (files under WORKDIR), procs, isolation (interface, probe, none back-end),
+cgroupv1, cgroupv2 (v2 and systemd scope). Inside the zipapp the package is ``avaagent``,
+so modules import each other relatively only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+
+ZIP_PACKAGE = "avaagent"
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+_MAIN = b"import sys\n\nfrom avaagent.main import main\n\nsys.exit(main())\n"
+
+
+def build_zipapp() -> tuple[bytes, str]:
+    """The agent as one runnable zip (``python3 agent.pyz CMD``) and its sha256 hex.
+
+    Deterministic: fixed timestamps and modes, sorted entries, no compression, so the same
+    sources always give the same digest (the core ships it only when the digest changed)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    entries = [("__main__.py", _MAIN)]
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as f:
+                entries.append((f"{ZIP_PACKAGE}/{name}", f.read()))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for arcname, data in sorted(entries):
+            info = zipfile.ZipInfo(arcname, date_time=_EPOCH)
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            zf.writestr(info, data)
+    blob = buf.getvalue()
+    return blob, hashlib.sha256(blob).hexdigest()

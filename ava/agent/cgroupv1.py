@@ -1,0 +1,220 @@
+"""cgroup v1 back-end: one directory per controller, `<mount>/<parent>/<name>`.
+
+Stop is freeze, SIGKILL every task, thaw, wait for the tasks to go, rmdir: the freezer makes
+the kill race-free against a job that keeps forking.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from . import procs
+from .isolation import Isolation, IsolationError, Limits, mounts
+
+CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices")
+NVIDIA_MAJOR = 195
+CPU_PERIOD_US = 100_000
+
+
+def controller_mounts() -> dict[str, str]:
+    """Controller -> mount point, for the controllers the agent uses (joint mounts such as
+    cpu,cpuacct map both names to one point)."""
+    found: dict[str, str] = {}
+    for point, kind, opts in mounts():
+        if kind == "cgroup":
+            for ctrl in CONTROLLERS:
+                if ctrl in opts:
+                    found.setdefault(ctrl, point)
+    return found
+
+
+def nvidia_minors() -> dict[int, int]:
+    """GPU index (nvidia-smi order, i.e. PCI bus order) -> /dev/nvidiaN minor.
+
+    Minors need not follow indices, so read them from the driver; without it assume equal."""
+    base = Path("/proc/driver/nvidia/gpus")
+    try:
+        buses = sorted(os.listdir(base))
+    except OSError:
+        buses = []
+    minors: dict[int, int] = {}
+    for index, bus in enumerate(buses):
+        try:
+            text = (base / bus / "information").read_text()
+        except OSError:
+            continue
+        if m := re.search(r"Device Minor:\s*(\d+)", text):
+            minors[index] = int(m.group(1))
+    if minors:
+        return minors
+    present = gpu_device_minors()
+    return {m: m for m in present}
+
+
+def gpu_device_minors() -> list[int]:
+    """Minors of the /dev/nvidiaN GPU device files on this node."""
+    out = []
+    try:
+        names = os.listdir("/dev")
+    except OSError:
+        return out
+    for name in names:
+        if re.fullmatch(r"nvidia[0-9]+", name):
+            try:
+                out.append(os.minor(os.stat(f"/dev/{name}").st_rdev))
+            except OSError:
+                pass
+    return sorted(out)
+
+
+def device_denies(leased: list[int], index_to_minor: dict[int, int], present: list[int]) -> list[str]:
+    """devices.deny lines: every GPU device minor not leased. Never deny-all: that would take
+    /dev/null and friends away from the job."""
+    allowed = {index_to_minor.get(i, i) for i in leased}
+    return [f"c {NVIDIA_MAJOR}:{minor} rwm" for minor in present if minor not in allowed]
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        raise IsolationError(f"cannot write {value.strip()!r} to {path}: {exc.strerror}") from exc
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+class CgroupV1(Isolation):
+    backend = "v1"
+
+    def __init__(self, parent: str, name: str = "") -> None:
+        super().__init__(parent, name)
+        self.dirs: dict[str, str] = {}  # controller -> directory
+
+    def _dir(self, ctrl: str) -> Path | None:
+        d = self.dirs.get(ctrl)
+        return Path(d) if d else None
+
+    def create(self, name: str, limits: Limits, gpus: list[int]) -> None:
+        self.name = name
+        found = controller_mounts()
+        if "memory" not in found or "freezer" not in found:
+            raise IsolationError("cgroup v1: memory and freezer controllers must be mounted")
+        for ctrl, point in sorted(found.items()):
+            d = Path(point) / self.parent / name
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise IsolationError(f"cannot create cgroup {d}: {exc.strerror}") from exc
+            self.dirs[ctrl] = str(d)
+        self._apply(limits, gpus)
+
+    def _apply(self, limits: Limits, gpus: list[int]) -> None:
+        mem, cpu, pids, dev = (self._dir(c) for c in ("memory", "cpu", "pids", "devices"))
+        if limits.memory and mem:
+            _write(mem / "memory.limit_in_bytes", str(limits.memory))
+            if (mem / "memory.memsw.limit_in_bytes").exists():
+                # Same bound on memory+swap: the limit means RAM, not RAM plus swap.
+                _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory))
+        if limits.cpus and cpu:
+            _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(cpu / "cpu.cfs_quota_us", str(max(1000, int(limits.cpus * CPU_PERIOD_US))))
+        if limits.pids and pids:
+            _write(pids / "pids.max", str(limits.pids))
+        if dev:
+            for line in device_denies(gpus, nvidia_minors(), gpu_device_minors()):
+                _write(dev / "devices.deny", line)
+
+    def add_self(self) -> None:
+        me = str(os.getpid())
+        for d in self.dirs.values():
+            _write(Path(d) / "cgroup.procs", me)
+
+    def pids(self) -> list[int]:
+        found: set[int] = set()
+        for d in self.dirs.values():
+            found.update(int(x) for x in _read(Path(d) / "cgroup.procs").split())
+        return sorted(found)
+
+    def oom_happened(self) -> bool:
+        mem = self._dir("memory")
+        if not mem:
+            return False
+        fields = dict(
+            line.split(None, 1) for line in _read(mem / "memory.oom_control").splitlines() if " " in line
+        )
+        if "oom_kill" in fields:
+            return int(fields["oom_kill"]) > 0 or fields.get("under_oom", "0").strip() == "1"
+        # Kernels before 4.13 have no counter: hitting the limit is the best sign left.
+        return _read(mem / "memory.failcnt").strip() not in ("", "0")
+
+    def _freeze(self, state: str) -> None:
+        fr = self._dir("freezer")
+        if not fr or not fr.exists():
+            return
+        try:
+            (fr / "freezer.state").write_text(state)
+        except OSError:
+            return
+        if state == "FROZEN":
+            # FREEZING may last while a task sits in D state; go on after a bound.
+            end = time.monotonic() + 1.0
+            while _read(fr / "freezer.state").strip() != "FROZEN" and time.monotonic() < end:
+                time.sleep(0.01)
+
+    def kill_all_verified(self, timeout: float = 10.0) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while self.pids() and time.monotonic() < deadline:
+            self._freeze("FROZEN")
+            procs.signal_pids(self.pids(), signal.SIGKILL)
+            self._freeze("THAWED")
+            end = min(deadline, time.monotonic() + 1.0)
+            while self.pids() and time.monotonic() < end:
+                time.sleep(0.02)
+        self._freeze("THAWED")
+        return self.pids()
+
+    def remove(self) -> bool:
+        gone = True
+        for d in self.dirs.values():
+            end = time.monotonic() + 2.0
+            while True:
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    # EBUSY while the last exiting task is still being released.
+                    if exc.errno != errno.EBUSY or time.monotonic() >= end:
+                        gone = False
+                        break
+                    time.sleep(0.05)
+        return gone
+
+    def exists(self) -> bool:
+        return any(os.path.isdir(d) for d in self.dirs.values())
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "path": f"{self.parent}/{self.name}",
+            "name": self.name,
+            "parent": self.parent,
+            "dirs": dict(self.dirs),
+        }
+
+    def restore(self, info: dict[str, Any]) -> None:
+        super().restore(info)
+        self.dirs = dict(info.get("dirs") or {})

@@ -1,0 +1,84 @@
+"""Where the agent keeps its files under WORKDIR, and how it writes them safely.
+
+WORKDIR/leases.json, WORKDIR/leases.lock                 the GPU/CPU ledger (see leases.py)
+WORKDIR/runs/RUN/attempt-N/{status.json,output.log,progress,spec.json,stop.json,agent.log}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+STATUS = "status.json"
+OUTPUT = "output.log"
+PROGRESS = "progress"
+SPEC = "spec.json"
+STOP = "stop.json"
+AGENT_LOG = "agent.log"
+
+# Run ids and node names become path parts and cgroup names: keep them to a safe alphabet.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,200}$")
+_ATTEMPT = re.compile(r"^attempt-([0-9]+)$")
+
+
+class LayoutError(ValueError):
+    """A run id or node name that cannot be used as a file or cgroup name."""
+
+
+def check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value) or ".." in value:
+        raise LayoutError(f"{kind} {value!r}: use letters, digits and . _ - only")
+    return value
+
+
+def workdir(path: str) -> Path:
+    return Path(os.path.expanduser(path))
+
+
+def run_dir(work: Path, run: str) -> Path:
+    return work / "runs" / check_name("run", run)
+
+
+def attempt_dir(work: Path, run: str, attempt: int) -> Path:
+    return run_dir(work, run) / f"attempt-{int(attempt)}"
+
+
+def attempts(work: Path, run: str) -> list[int]:
+    """Attempt numbers of RUN present on this node, ascending."""
+    try:
+        names = os.listdir(run_dir(work, run))
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := _ATTEMPT.match(n)))
+
+
+def runs(work: Path) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(work / "runs") if _NAME.match(n))
+    except FileNotFoundError:
+        return []
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file, or None when it is absent or half-written by a crashed writer."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write to a temp file beside PATH and rename over it: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps(obj, sort_keys=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

@@ -1,0 +1,218 @@
+"""The agent's command line: parse, act, print one JSON object (raw bytes for `logs`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import layout, leases, monitor, procs, status
+from .isolation import attach
+from .layout import LayoutError
+from .spec import Spec, SpecError
+from .teardown import end_fence, settle, teardown
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the attempt failed, or the run/attempt is unknown
+EXIT_USAGE = 2
+EXIT_BUSY = 4
+START_TIMEOUT = 60.0
+STOP_SLACK = 20.0  # beyond the grace, how long `stop` waits for the monitor's own teardown
+
+
+def _emit(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    spec = Spec.load(args.spec)
+    adir = layout.attempt_dir(spec.workdir, spec.run, spec.attempt)
+    if (existing := settle(spec.workdir, adir)) is not None:
+        # The same start again (a retried SSH command): report, do not start twice.
+        _emit(existing)
+        return EXIT_FAILED if existing["state"] in ("failed", "stopped") else EXIT_OK
+    want = leases.Want(
+        run=spec.run,
+        node=spec.node,
+        gpus=spec.gpus_want,
+        allowed=spec.gpus_allowed,
+        cpu_slots=spec.cpu_want,
+        cpu_total=spec.cpu_total,
+    )
+    with leases.locked(spec.workdir) as ledger:
+        try:
+            gpus, slots = leases.pick(ledger.entries, want)
+        except leases.Busy as busy:
+            _emit({"error": "busy", "holders": [h.public() for h in busy.holders]})
+            return EXIT_BUSY
+        adir.mkdir(parents=True, exist_ok=True)
+        layout.write_json_atomic(adir / layout.SPEC, json.load(open(args.spec, "rb")))
+        pid = monitor.spawn(spec, adir, gpus, slots, ledger.fd)
+        ledger.grant(want, spec.attempt, spec.user, pid, gpus, slots)
+    st = _wait_started(spec.workdir, adir, pid)
+    _emit(st)
+    return EXIT_OK if st.get("state") in ("running", "succeeded") else EXIT_FAILED
+
+
+def _wait_started(work: Path, adir: Path, pid: int) -> dict[str, Any]:
+    end = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < end:
+        st = status.read(adir)
+        if st and st.get("state") != "starting":
+            return st
+        if not procs.alive(pid) and (st is None or st.get("state") == "starting"):
+            return settle(work, adir) or {"state": "failed", "reason": "agent-died", "pid": pid}
+        time.sleep(0.05)
+    return status.read(adir) or {"state": "starting", "pid": pid}
+
+
+def _attempt(work: Path, run: str, attempt: int | None) -> int | None:
+    found = layout.attempts(work, run)
+    if attempt is None:
+        return found[-1] if found else None
+    return attempt if attempt in found else None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    work = layout.workdir(args.workdir)
+    n = _attempt(work, args.run, args.attempt)
+    st = settle(work, layout.attempt_dir(work, args.run, n)) if n is not None else None
+    if st is None:
+        _emit({"error": "not-found", "run": args.run, "attempt": args.attempt})
+        return EXIT_FAILED
+    _emit(st)
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    work = layout.workdir(args.workdir)
+    remaining: list[int] = []
+    removed = True
+    nodes: set[str] = set()
+    for n in layout.attempts(work, args.run):
+        adir = layout.attempt_dir(work, args.run, n)
+        st = status.read(adir)
+        if st is None:
+            continue
+        nodes.add(st["node"])
+        if not status.is_final(st):
+            layout.write_json_atomic(adir / layout.STOP, {"grace": args.grace, "requested": time.time()})
+            end = time.monotonic() + args.grace + STOP_SLACK
+            while not status.is_final(st) and not status.monitor_gone(st) and time.monotonic() < end:
+                time.sleep(0.1)
+                st = status.read(adir) or st
+            if not status.is_final(st):
+                # The monitor is gone or stuck: end the attempt from here.
+                st = teardown(work, adir, st, "stopped", "stopped").status
+        # Verify even a final attempt: a monitor killed mid-teardown leaves its fence behind.
+        left, gone = end_fence(st)
+        fence = attach(st.get("cgroup"))
+        remaining += left
+        removed = removed and gone and not (fence and fence.exists())
+    for node in nodes or {None}:
+        leases.release(work, args.run, node)
+    ok = not remaining and removed
+    _emit({"run": args.run, "stopped": ok, "remaining_pids": sorted(set(remaining)), "cgroup_removed": removed})
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    work = layout.workdir(args.workdir)
+    adir = layout.attempt_dir(work, args.run, args.attempt)
+    path = adir / layout.OUTPUT
+    out = sys.stdout.buffer
+    offset = args.offset
+    f = None
+    try:
+        while True:
+            if f is None and path.exists():
+                f = open(path, "rb")
+            data = b""
+            if f is not None:
+                f.seek(offset)
+                data = f.read(1 << 20)
+            if data:
+                out.write(data)
+                out.flush()
+                offset += len(data)
+                continue
+            if not args.follow:
+                return EXIT_OK
+            st = settle(work, adir)
+            if st is None and not adir.exists():
+                return EXIT_FAILED
+            if status.is_final(st):
+                # Drained after the final state: nothing more can come.
+                if f is None or not f.read(1):
+                    return EXIT_OK
+                continue
+            time.sleep(0.2)
+    except BrokenPipeError:
+        return EXIT_OK
+    finally:
+        if f is not None:
+            f.close()
+
+
+def cmd_leases(args: argparse.Namespace) -> int:
+    work = layout.workdir(args.workdir)
+    _emit({"holders": [h.public() for h in leases.holders(work)]})
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    work = layout.workdir(args.workdir)
+    found = []
+    for run in layout.runs(work):
+        n = _attempt(work, run, None)
+        st = settle(work, layout.attempt_dir(work, run, n)) if n is not None else None
+        if st is not None:
+            found.append(st)
+    _emit({"runs": found})
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ava-agent", description="ava's node agent (see the package doc)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("start", help="lease, fence and start one attempt")
+    s.add_argument("spec")
+    s.set_defaults(func=cmd_start)
+    s = sub.add_parser("status", help="status of an attempt (default: the latest)")
+    s.add_argument("workdir")
+    s.add_argument("run")
+    s.add_argument("--attempt", type=int)
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("stop", help="verified teardown of every attempt of a run")
+    s.add_argument("workdir")
+    s.add_argument("run")
+    s.add_argument("--grace", type=float, default=monitor.DEFAULT_GRACE)
+    s.set_defaults(func=cmd_stop)
+    s = sub.add_parser("logs", help="raw output.log bytes from an offset")
+    s.add_argument("workdir")
+    s.add_argument("run")
+    s.add_argument("--attempt", type=int, required=True)
+    s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--follow", action="store_true")
+    s.set_defaults(func=cmd_logs)
+    s = sub.add_parser("leases", help="the GPU/CPU ledger, dead holders reclaimed")
+    s.add_argument("workdir")
+    s.set_defaults(func=cmd_leases)
+    s = sub.add_parser("list", help="runs on this node with their latest status")
+    s.add_argument("workdir")
+    s.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (SpecError, LayoutError) as exc:
+        _emit({"error": "bad-spec", "problem": str(exc)})
+        return EXIT_USAGE

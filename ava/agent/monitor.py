@@ -1,0 +1,270 @@
+"""The monitor: one detached process per attempt that fences the job, starts it, watches it
+and ends it; and its reaper, which ends the job if the monitor itself is killed.
+
+    start ──fork──► child ──setsid, fork──► monitor ──fork──► reaper (holds a pipe's read end)
+                                              └──fork──► job child: join fence, exec argv
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import layout, leases, procs, status
+from .isolation import MARKER, Isolation, IsolationError, fence_name, open_fence
+from .spec import Spec
+from .teardown import end_fence, teardown
+
+TICK = 0.2  # how often the monitor looks at the job
+HEARTBEAT = 1.0  # how often it rewrites status.json
+DEFAULT_GRACE = 10.0
+
+
+def job_env(base: dict[str, str], spec: Spec, gpus: list[int], attempt_dir: Path) -> dict[str, str]:
+    """Inherited env + spec env + what ava sets: the leased GPUs, the progress file, markers."""
+    env = dict(base)
+    env.update(spec.env)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    elif spec.gpus_allowed:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run on a GPU node sees no GPU
+    env["AVA_PROGRESS_FILE"] = str(attempt_dir / layout.PROGRESS)
+    env["AVA_RUN_ID"] = spec.run
+    env[MARKER] = fence_name(spec.run, spec.node, spec.attempt)
+    return env
+
+
+def spawn(spec: Spec, attempt_dir: Path, gpus: list[int], slots: int, ledger_fd: int) -> int:
+    """Start the monitor detached from the caller (its session, its stdio, its lifetime) and
+    return its pid. The caller holds the ledger lock; the children drop their copy of it."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.close(ledger_fd)
+            os.setsid()
+            if os.fork():
+                os._exit(0)
+            os.write(w, str(os.getpid()).encode())
+            os.close(w)
+            _detach(attempt_dir)
+            code = Monitor(spec, attempt_dir, gpus, slots).run()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 64):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return int(b"".join(chunks) or b"0")
+
+
+def _detach(attempt_dir: Path) -> None:
+    """No fd of the SSH session may stay open, or the connection would wait for the job."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    log = os.open(attempt_dir / layout.AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.closerange(3, 65536)
+    os.chdir("/")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Monitor:
+    def __init__(self, spec: Spec, attempt_dir: Path, gpus: list[int], slots: int) -> None:
+        self.spec = spec
+        self.dir = attempt_dir
+        self.gpus = gpus
+        self.stop_grace: float | None = None
+        me = os.getpid()
+        self.st: dict[str, Any] = {
+            "run": spec.run,
+            "attempt": spec.attempt,
+            "node": spec.node,
+            "user": spec.user,
+            "state": "starting",
+            "reason": None,
+            "pid": me,
+            "pid_start": procs.start_time(me),
+            "job_pid": None,
+            "job_start": None,
+            "started": time.time(),
+            "ended": None,
+            "exit_code": None,
+            "rank_exit_codes": {},
+            "heartbeat": time.time(),
+            "progress": None,
+            "output_size": 0,
+            "output_time": None,
+            "gpus": gpus,
+            "cpu_slots": slots,
+            "cgroup": None,
+            "limits": {"memory": spec.limits.memory, "cpus": spec.limits.cpus, "pids": spec.limits.pids},
+            "memory_limit": spec.limits.memory,
+            "warning": None,
+            "error": None,
+        }
+
+    def _save(self) -> None:
+        self.st["heartbeat"] = time.time()
+        self.st["progress"] = status.read_progress(self.dir) or self.st["progress"]
+        self.st.update(status.output_fields(self.dir))
+        status.write(self.dir, self.st)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stop_grace = DEFAULT_GRACE
+
+    def _stop_requested(self) -> bool:
+        req = layout.read_json(self.dir / layout.STOP)
+        if req is not None and self.stop_grace is None:
+            self.stop_grace = float(req.get("grace", DEFAULT_GRACE))
+        return self.stop_grace is not None
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._save()
+        spec = self.spec
+        fence = open_fence(spec.isolation, spec.cgroup_parent)
+        try:
+            fence.create(fence_name(spec.run, spec.node, spec.attempt), spec.limits, self.gpus)
+        except IsolationError as exc:
+            self.st["cgroup"] = fence.info()
+            return self._give_up(f"isolation: {exc}")
+        self.st["cgroup"] = fence.info()
+        self.st["warning"] = fence.warning
+        reaper_w = self._start_reaper(fence)
+        self._save()
+        try:
+            code = self._supervise(fence)
+        except Exception:
+            self.st["error"] = traceback.format_exc(limit=5)
+            end_fence(self.st)
+            code = 1
+            self._finish("failed", "agent-died")
+        # Tell the reaper the monitor ended on purpose.
+        try:
+            os.write(reaper_w, b"x")
+        except OSError:
+            pass
+        return code
+
+    def _start_reaper(self, fence: Isolation) -> int:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(w)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                if os.read(r, 1) != b"x":
+                    self._reap()
+            finally:
+                os._exit(0)
+        os.close(r)
+        self.st["reaper_pid"] = pid
+        self.st["reaper_start"] = procs.start_time(pid)
+        return w
+
+    def _reap(self) -> None:
+        """In the reaper: the monitor's pipe hit EOF without its goodbye, so it died."""
+        st = status.read(self.dir) or self.st
+        if status.is_final(st):
+            return
+        # The reaper cannot know the job pid the monitor learned after the fork: read it.
+        teardown(self.spec.workdir, self.dir, st, "failed", "agent-died")
+
+    def _give_up(self, error: str) -> int:
+        self.st["error"] = error
+        with open(self.dir / layout.OUTPUT, "ab") as f:
+            f.write(f"ava agent: {error}\n".encode())
+        end_fence(self.st)
+        self._finish("failed", "exit")
+        return 1
+
+    def _finish(self, state: str, reason: str) -> None:
+        leases.release(self.spec.workdir, self.spec.run, self.spec.node, self.spec.attempt)
+        self.st.update(state=state, reason=reason, ended=time.time())
+        self._save()
+
+    def _supervise(self, fence: Isolation) -> int:
+        spec = self.spec
+        env = job_env(dict(os.environ), spec, self.gpus, self.dir)
+        log = os.open(self.dir / layout.OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            job = subprocess.Popen(
+                fence.command(spec.argv),
+                cwd=spec.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # In the child, before exec: the whole job tree starts inside the fence.
+                preexec_fn=fence.add_self,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return self._give_up(f"cannot start {spec.argv[0]!r}: {exc}")
+        finally:
+            os.close(log)
+        self.st.update(state="running", job_pid=job.pid, job_start=procs.start_time(job.pid))
+        self._save()
+        fence.adopt(job.pid)
+        self.st["cgroup"] = fence.info()
+        oom = False
+        last = time.monotonic()
+        while job.poll() is None:
+            if fence.oom_happened():
+                oom = True
+                break
+            if self._stop_requested():
+                self._terminate(job)
+                break
+            if time.monotonic() - last >= HEARTBEAT:
+                self._save()
+                last = time.monotonic()
+            time.sleep(TICK)
+        # Orphaned workers (torchrun killed, a rank that double-forked) die with the fence.
+        oom = oom or fence.oom_happened()
+        remaining = fence.kill_all_verified()
+        if job.poll() is None:
+            job.wait()
+        oom = oom or fence.oom_happened()
+        if not remaining:
+            fence.remove()
+        else:
+            self.st["error"] = f"processes left after kill: {remaining}"
+        rc = job.returncode
+        self.st["exit_code"] = rc
+        if oom:
+            self._finish("failed", "oom")
+            return 1
+        if self.stop_grace is not None:
+            self._finish("stopped", "stopped")
+            return 0
+        if rc == 0:
+            self._finish("succeeded", "exit")
+            return 0
+        self.st["rank_exit_codes"] = status.parse_rank_exit_codes(status.tail(self.dir / layout.OUTPUT))
+        self._finish("failed", "exit")
+        return 1
+
+    def _terminate(self, job: subprocess.Popen[bytes]) -> None:
+        """SIGTERM the job's process group and give it the grace to exit on its own."""
+        procs.signal_group(job.pid, signal.SIGTERM)
+        end = time.monotonic() + (self.stop_grace or 0.0)
+        while job.poll() is None and time.monotonic() < end:
+            time.sleep(0.05)

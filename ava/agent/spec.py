@@ -1,0 +1,88 @@
+"""The start spec: what the core asks one node's agent to run (JSON, see the package doc)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .isolation import KINDS, Limits
+from .layout import check_name
+
+
+class SpecError(ValueError):
+    """A start spec the agent cannot run: names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    run: str
+    attempt: int
+    node: str
+    workdir: Path
+    cwd: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    limits: Limits = Limits()
+    gpus_want: int = 0
+    gpus_allowed: tuple[int, ...] = ()
+    cpu_want: int = 0
+    cpu_total: int | None = None
+    cgroup_parent: str = "ava"
+    user: str = ""
+    isolation: str = "auto"  # auto probes; the others force a back-end (tests, odd nodes)
+
+    @classmethod
+    def load(cls, path: str) -> Spec:
+        try:
+            with open(path, "rb") as f:
+                raw = json.loads(f.read())
+        except OSError as exc:
+            raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
+        except ValueError as exc:
+            raise SpecError(f"{path}: not JSON: {exc}") from exc
+        return cls.from_json(raw)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Spec:
+        if not isinstance(raw, dict):
+            raise SpecError("spec: expected a JSON object")
+        try:
+            argv = raw["argv"]
+            if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+                raise SpecError("argv: expected a non-empty list of strings")
+            env = raw.get("env") or {}
+            if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+                raise SpecError("env: expected an object of strings")
+            if any("=" in k or "\0" in k or not k for k in env) or any("\0" in v for v in env.values()):
+                raise SpecError("env: names may not hold '=' or NUL, values may not hold NUL")
+            gpus = raw.get("gpus") or {}
+            slots = raw.get("cpu_slots")
+            isolation = raw.get("isolation") or "auto"
+            if isolation not in ("auto", *KINDS):
+                raise SpecError(f"isolation: expected auto or one of {', '.join(KINDS)}")
+            return cls(
+                run=check_name("run", raw["run"]),
+                attempt=int(raw["attempt"]),
+                node=check_name("node", raw["node"]),
+                workdir=Path(os.path.expanduser(raw.get("workdir") or "~/.ava")),
+                cwd=os.path.expanduser(raw.get("cwd") or "~"),
+                argv=list(argv),
+                env=dict(env),
+                limits=Limits.from_spec(raw.get("limits")),
+                gpus_want=int(gpus.get("want") or 0),
+                gpus_allowed=tuple(int(g) for g in gpus.get("allowed") or ()),
+                cpu_want=int(slots["want"]) if slots else 0,
+                cpu_total=int(slots["total"]) if slots else None,
+                cgroup_parent=check_name("cgroup_parent", raw.get("cgroup_parent") or "ava"),
+                user=str(raw.get("user") or ""),
+                isolation=isolation,
+            )
+        except KeyError as exc:
+            raise SpecError(f"{exc.args[0]}: missing") from exc
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, SpecError):
+                raise
+            raise SpecError(f"spec: {exc}") from exc

@@ -1,0 +1,56 @@
+"""Ending an attempt for good, from whichever process gets there: the monitor, its reaper,
+`stop`, or `status` finding both dead. Every step is idempotent."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import isolation, leases, procs, status
+
+
+@dataclass
+class Teardown:
+    status: dict[str, Any]
+    remaining_pids: list[int]
+    cgroup_removed: bool
+
+
+def end_fence(st: dict[str, Any]) -> tuple[list[int], bool]:
+    """Kill every process of the attempt's fence, verify none is left, remove the fence."""
+    if procs.alive(st.get("job_pid"), st.get("job_start")):
+        procs.signal_group(st["job_pid"], signal.SIGKILL)
+    fence = isolation.attach(st.get("cgroup"))
+    if fence is None:
+        return [], True
+    remaining = fence.kill_all_verified()
+    removed = fence.remove() if not remaining else False
+    return remaining, removed
+
+
+def teardown(work: Path, attempt_dir: Path, st: dict[str, Any], state: str, reason: str, **extra: Any) -> Teardown:
+    remaining, removed = end_fence(st)
+    leases.release(work, st["run"], st.get("node"), st.get("attempt"))
+    final = status.finish(attempt_dir, st, state, reason, **extra)
+    return Teardown(final, remaining, removed)
+
+
+def settle(work: Path, attempt_dir: Path) -> dict[str, Any] | None:
+    """The attempt's status, made true: a non-final attempt whose monitor died is ended
+    (by its reaper if that still lives, else here) and reported failed / agent-died."""
+    st = status.read(attempt_dir)
+    if st is None or not status.monitor_gone(st):
+        return st
+    end = time.monotonic() + 15.0
+    while status.reaper_alive(st) and time.monotonic() < end:
+        time.sleep(0.1)
+        st = status.read(attempt_dir) or st
+        if status.is_final(st):
+            return st
+    st = status.read(attempt_dir) or st
+    if status.is_final(st):
+        return st
+    return teardown(work, attempt_dir, st, "failed", "agent-died").status
