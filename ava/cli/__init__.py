@@ -6,7 +6,6 @@ import sys
 import traceback
 from typing import List, Optional
 
-import click
 import typer
 
 from ava.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, AvaError
@@ -48,9 +47,42 @@ def load_inventory():  # type: ignore[no-untyped-def]
     return load(state.inventory)
 
 
+GLOBAL_FLAGS = ("--debug",)
+GLOBAL_VALUED = ("--inventory", "-i")
+
+
+def hoist_global_options(args: List[str]) -> List[str]:
+    """Accept `ava nodes --inventory F` as well as `ava --inventory F nodes` (never past `--`)."""
+    front: List[str] = []
+    rest: List[str] = []
+    index = 0
+    while index < len(args):
+        word = args[index]
+        if word == "--":
+            rest += args[index:]
+            break
+        if word in GLOBAL_FLAGS:
+            front.append(word)
+        elif word in GLOBAL_VALUED and index + 1 < len(args):
+            front += [word, args[index + 1]]
+            index += 1
+        elif word.startswith("--inventory="):
+            front.append(word)
+        else:
+            rest.append(word)
+        index += 1
+    return front + rest
+
+
+def app_commands() -> List[str]:
+    return [c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands] + [
+        g.name or "" for g in app.registered_groups
+    ]
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: the one error boundary. Every AvaError becomes one line and its exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     state.argv = args
     code = EXIT_OK
     try:
@@ -63,21 +95,22 @@ def main(argv: Optional[List[str]] = None) -> None:
             traceback.print_exc()
         console.error(failure)
         code = failure.exit_code
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         code = done.exit_code
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         code = EXIT_INTERRUPTED
-    except click.ClickException as failure:
-        command = f"ava {args[0]}" if args and not args[0].startswith("-") else "ava"
-        sys.stderr.write(f"ava: {failure.format_message()} (see `{command} --help`)\n")
-        code = EXIT_USAGE
-    except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
-    except Exception as bug:  # a defect in ava: still one line, the traceback behind --debug
-        if state.debug:
-            traceback.print_exc()
-        sys.stderr.write(f"ava: internal error: {type(bug).__name__}: {bug} (rerun with --debug)\n")
-        code = EXIT_INFRA
+    except Exception as failure:
+        if hasattr(failure, "format_message") and hasattr(failure, "exit_code"):
+            # A usage error from the argument parser (typer's own copy of click's exceptions).
+            command = next((a for a in args if not a.startswith("-")), None)
+            where = f"ava {command}" if command in app_commands() else "ava"
+            sys.stderr.write(f"ava: {failure.format_message()} (see `{where} --help`)\n")
+            code = EXIT_USAGE
+        else:  # a defect in ava: still one line, the traceback behind --debug
+            if state.debug:
+                traceback.print_exc()
+            sys.stderr.write(f"ava: internal error: {type(failure).__name__}: {failure} (rerun with --debug)\n")
+            code = EXIT_INFRA
     finally:
         from ava.transport import close_all
 

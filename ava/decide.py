@@ -1,0 +1,146 @@
+"""What the supervisor concludes from what it observed. Pure functions, table-tested.
+
+`judge` turns one poll of every node into a verdict (still running, succeeded, or failed and
+why); `recover` turns a failure into a plan (restart on which nodes after what backoff, or give
+up and why). Nothing here touches a node or a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ava.config import Failover
+
+# A node whose agent has not answered for this long is lost (SSH fails or times out).
+LOST_AFTER = 6.0
+# A heartbeat older than this, on the node's own clock, means its agent is stuck.
+STALE_AFTER = 10.0
+MAX_BACKOFF = 60.0
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    reachable: bool = True
+    unreachable_for: float = 0.0
+    state: str | None = "running"  # the agent's state; None when it never answered
+    reason: str | None = None  # exit | oom | stopped | agent-died
+    exit_code: int | None = None
+    rank_exit_codes: dict[str, int] = field(default_factory=dict)
+    heartbeat_age: float | None = 0.0
+    ended: float | None = None  # on the node's clock: orders failures, first is the cause
+    memory_limit: int | None = None
+    progress_age: float | None = None  # since the last progress report (or output line)
+
+
+@dataclass(frozen=True)
+class Observation:
+    nodes: tuple[NodeView, ...]
+    elapsed: float  # since the attempt started
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str  # running | succeeded | failed | stopped
+    kind: str | None = None  # crash | oom | node-lost | hang | agent-died | stopped
+    cause: str | None = None
+    node: str | None = None
+    rank: int | None = None
+    exit_code: int | None = None
+    lost: tuple[str, ...] = ()
+
+
+RUNNING = Verdict("running")
+
+
+def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
+    views = observation.nodes
+    lost = tuple(
+        v.name for v in views
+        if (not v.reachable and v.unreachable_for >= LOST_AFTER)
+        or (v.reachable and v.state in ("starting", "running") and v.heartbeat_age is not None
+            and v.heartbeat_age > STALE_AFTER)
+    )
+    if lost:
+        why = "stopped answering" if len(lost) == 1 else "stopped answering"
+        return Verdict("failed", "node-lost", f"node {', '.join(lost)} {why}", node=lost[0], lost=lost)
+
+    failed = sorted((v for v in views if v.state == "failed"), key=lambda v: (v.ended is None, v.ended or 0.0))
+    if failed:
+        return _failure(failed[0])
+    if views and all(v.state == "succeeded" for v in views):
+        return Verdict("succeeded", exit_code=0)
+    if any(v.state == "stopped" for v in views):
+        return Verdict("stopped", "stopped", "stopped by `ava stop`")
+    ages = [v.progress_age for v in views if v.progress_age is not None]
+    quiet_for = min(ages) if ages else observation.elapsed
+    if observation.elapsed >= hang_timeout and quiet_for >= hang_timeout:
+        return Verdict("failed", "hang", f"no training progress for {quiet_for:.0f}s (hang_timeout {hang_timeout:g}s)")
+    return RUNNING
+
+
+def _failure(view: NodeView) -> Verdict:
+    if view.reason == "oom":
+        limit = f" (limit {_size(view.memory_limit)})" if view.memory_limit else ""
+        return Verdict("failed", "oom", f"out of memory on {view.name}{limit}", node=view.name)
+    if view.reason == "agent-died":
+        return Verdict("failed", "agent-died", f"the agent on {view.name} died", node=view.name)
+    codes = {int(r): c for r, c in view.rank_exit_codes.items() if c != 0}
+    if codes:
+        rank = min(codes)
+        code = codes[rank]
+        return Verdict("failed", "crash", f"rank {rank} on {view.name} exited {code}", node=view.name,
+                       rank=rank, exit_code=code)
+    code = view.exit_code
+    return Verdict("failed", "crash", f"torchrun on {view.name} exited {code}", node=view.name, exit_code=code)
+
+
+@dataclass(frozen=True)
+class Plan:
+    restart: bool
+    reason: str
+    nodes: tuple[str, ...] = ()
+    backoff: float = 0.0
+
+
+def recover(
+    verdict: Verdict,
+    *,
+    failover: Failover,
+    restarts_used: int,
+    current: tuple[str, ...],
+    spares: tuple[str, ...],
+    nodes_min: int,
+) -> Plan:
+    """After a failed attempt: the next attempt's nodes, or why there is none."""
+    if verdict.kind == "stopped":
+        return Plan(False, "stopped")
+    if verdict.kind == "crash" and verdict.exit_code in failover.fatal_exit_codes:
+        return Plan(False, f"exit code {verdict.exit_code} is in failover.fatal_exit_codes: no retry can fix it")
+    if restarts_used >= failover.max_restarts:
+        return Plan(False, f"restart budget exhausted ({restarts_used} of failover.max_restarts = {failover.max_restarts} used)")
+    nodes = current
+    if verdict.kind == "node-lost":
+        survivors = tuple(n for n in current if n not in verdict.lost)
+        missing = len(current) - len(survivors)
+        if failover.on_node_loss == "fail":
+            return Plan(False, f"{verdict.cause}; failover.on_node_loss = \"fail\"")
+        if failover.on_node_loss == "replace" and len(spares) >= missing:
+            nodes = survivors + spares[:missing]
+        elif len(survivors) >= nodes_min and failover.on_node_loss in ("shrink", "replace"):
+            # replace without enough spares still goes on when the recipe's range allows fewer.
+            nodes = survivors
+        else:
+            return Plan(False, f"{verdict.cause}; no healthy spare and resources.nodes needs at least {nodes_min}")
+    backoff = min(MAX_BACKOFF, failover.backoff * (2 ** restarts_used))
+    return Plan(True, verdict.cause or "failed", nodes, backoff)
+
+
+def _size(value: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale and value % scale == 0:
+            return f"{value // scale}{unit}"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value}B"
