@@ -47,7 +47,8 @@ class Prepared:
 
 
 def agent_command(node: Node, *args: str) -> str:
-    return " ".join([shell_path(node.python), shell_path(sync.agent_path(node)), *map(shlex.quote, args)])
+    # shell_path keeps a leading `~/` for the node's shell to expand; everything else is quoted.
+    return " ".join([shell_path(node.python), shell_path(sync.agent_path(node)), *map(shell_path, args)])
 
 
 def fail_on_errors(outcomes: dict[str, Any], what: str) -> None:

@@ -65,7 +65,7 @@ class RunRecord:
     lost_nodes: list[str] = field(default_factory=list)
     supervisor_pid: int | None = None
     code_tree: str | None = None
-    stop_requested: bool = False
+    overrides: list[str] = field(default_factory=list)  # the --set assignments, in order
 
     @property
     def dir(self) -> Path:

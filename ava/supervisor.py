@@ -1,0 +1,374 @@
+"""Supervise a run: start an attempt, poll every node's agent, decide, act; repeat until done.
+
+It runs inside `ava train` while attached, or as a background process (`--detach`, or after
+Ctrl-C), or in `ava attach`. If it dies, the run keeps going on the nodes; a new supervisor
+picks up the current attempt from the run's record.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ava import attempt as nodes_ops
+from ava import sync
+from ava.config import Inventory, Node, Recipe, parse_recipe
+from ava.decide import NodeView, Observation, Verdict, judge, recover
+from ava.errors import AvaError, ConnectError
+from ava.launch import Launch, plan
+from ava.runs import Attempt, RunRecord
+
+POLL_INTERVAL = 1.0
+RANK_LINE = re.compile(r"^\[(\d+)\]:(.*)$", re.S)
+STOP_FILE = "stop"
+
+
+class LogSink(Protocol):
+    def line(self, node: str, rank: str | None, text: str) -> None: ...
+
+    def event(self, text: str) -> None: ...
+
+
+@dataclass
+class Outcome:
+    record: RunRecord
+    exit_code: int
+    last_lines: dict[tuple[str, str | None], list[str]] = field(default_factory=dict)
+
+    def failing_lines(self) -> list[str]:
+        attempt = self.record.current()
+        if attempt is None or attempt.failed_node is None:
+            return []
+        rank = None if attempt.failed_rank is None else str(attempt.failed_rank)
+        return self.last_lines.get((attempt.failed_node, rank)) or self.last_lines.get((attempt.failed_node, None), [])
+
+
+class Detached(Exception):
+    """The supervisor was asked to leave the run alone (another one takes over)."""
+
+
+def master_address(node: Node) -> str:
+    return "127.0.0.1" if node.transport == "local" else str(node.host)
+
+
+def snapshot_code(record: RunRecord, root: Path) -> Path:
+    """Copy the recipe's code into the run's records: every attempt runs the code launched."""
+    target = record.dir / "code"
+    manifest = sync.manifest_of(root)
+    for entry in manifest.files:
+        dest = target / entry.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes((root / entry.path).read_bytes())
+        if entry.exec:
+            dest.chmod(0o755)
+    target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def recipe_of(record: RunRecord) -> Recipe:
+    text = (record.dir / "recipe.toml").read_text(encoding="utf-8")
+    return parse_recipe(text, record.source, str(record.dir / "code"), record.overrides)
+
+
+class Supervisor:
+    def __init__(self, record: RunRecord, recipe: Recipe, inventory: Inventory, sink: LogSink, *,
+                 wait_for_leases: bool = False) -> None:
+        self.record, self.recipe, self.inventory, self.sink = record, recipe, inventory, sink
+        self.wait_for_leases = wait_for_leases
+        self.code_root = record.dir / "code"
+        self.manifest = sync.manifest_of(self.code_root)
+        self.last_lines: dict[tuple[str, str | None], collections.deque[str]] = {}
+        self._lines_lock = threading.Lock()
+        self._leave = threading.Event()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        record = self.record
+        record.supervisor_pid = os.getpid()
+        record.save()
+        try:
+            while True:
+                current = record.current()
+                if current is None or current.state in ("succeeded", "failed", "stopped"):
+                    names = self._next_nodes(current)
+                    if names is None:
+                        break
+                    current = self._start_attempt(names)
+                    if current is None:
+                        break
+                verdict = self._watch(current)
+                self._end_attempt(current, verdict)
+                if verdict.outcome == "succeeded":
+                    self._finish("succeeded", 0)
+                    break
+                if verdict.outcome == "stopped" or self.stop_requested():
+                    self._finish("stopped", 1)
+                    break
+                restart = self._plan_restart(current, verdict)
+                if restart is None:
+                    break
+        except Detached:
+            pass
+        finally:
+            if record.supervisor_pid == os.getpid():
+                record.supervisor_pid = None
+                record.save()
+        code = record.exit_code if record.exit_code is not None else 1
+        return Outcome(record, code, {k: list(v) for k, v in self.last_lines.items()})
+
+    def leave(self) -> None:
+        """Stop supervising without touching the run (Ctrl-C, or `ava attach` taking over)."""
+        self._leave.set()
+
+    def stop_requested(self) -> bool:
+        return (self.record.dir / STOP_FILE).exists()
+
+    # -- attempts -------------------------------------------------------------------------------
+
+    def _next_nodes(self, previous: Attempt | None) -> list[str] | None:
+        if previous is None:
+            return list(self.record.nodes)
+        return self._pending_nodes
+
+    _pending_nodes: list[str] | None = None
+
+    def _start_attempt(self, names: list[str]) -> Attempt | None:
+        record = self.record
+        number = len(record.attempts) + 1
+        current = Attempt(number=number, nodes=names, started=time.time())
+        record.attempts.append(current)
+        record.nodes = names
+        record.save()
+        self.sink.event(f"attempt {number} starting on {', '.join(names)}")
+        nodes = [self.inventory.nodes[n] for n in names]
+        while True:
+            try:
+                self._launch(nodes, current)
+                break
+            except nodes_ops.LeaseBusy as busy:
+                if not self.wait_for_leases or self.stop_requested():
+                    self._fail_launch(current, busy)
+                    return None
+                self.sink.event(f"waiting: {busy.message}")
+                self._sleep(5.0)
+            except AvaError as failure:
+                self._fail_launch(current, failure)
+                if isinstance(failure, ConnectError) and number > 1:
+                    # A node lost while restarting: count it lost and try to recover once more.
+                    verdict = Verdict("failed", "node-lost", failure.message, node=failure.node, lost=(failure.node,))
+                    if self._plan_restart(current, verdict) is not None:
+                        return self._start_attempt(self._pending_nodes or [])
+                return None
+        if self.stop_requested():
+            nodes_ops.stop(nodes, record.id)
+        current.state = "running"
+        record.state = "running"
+        record.save()
+        return current
+
+    def _launch(self, nodes: list[Node], current: Attempt) -> None:
+        prepared = nodes_ops.prepare(nodes, self.code_root, self.manifest)
+        self.record.code_tree = prepared.code_tree
+        master = master_address(nodes[0])
+        routes, port = nodes_ops.routes(nodes, master)
+        launch = Launch(self.record.id, current.number, master, port, prepared.code_tree,
+                        prepared.runtime_tree, _user())
+        current.master_port = port
+        nodes_ops.start(plan(self.recipe, nodes, launch, routes), master, port)
+
+    def _fail_launch(self, current: Attempt, failure: AvaError) -> None:
+        current.state, current.ended, current.kind = "failed", time.time(), "launch"
+        current.cause = failure.message
+        tail = "".join(f"\n    {line}" for line in failure.tail.splitlines()[-10:])
+        self.sink.event(f"attempt {current.number} could not start: {failure.message}{tail}")
+        self._finish("failed", 3 if not isinstance(failure, nodes_ops.LeaseBusy) else 1)
+
+    def _plan_restart(self, current: Attempt, verdict: Verdict) -> list[str] | None:
+        record = self.record
+        if verdict.lost:
+            record.lost_nodes += [n for n in verdict.lost if n not in record.lost_nodes]
+        used = len(record.attempts) - 1
+        spares = self._spares(current.nodes)
+        decision = recover(verdict, failover=self.recipe.failover, restarts_used=used,
+                           current=tuple(current.nodes), spares=tuple(spares),
+                           nodes_min=self.recipe.resources.nodes_min)
+        if not decision.restart:
+            self.sink.event(f"run failed: {verdict.cause}; {decision.reason}" if decision.reason != verdict.cause else f"run failed: {verdict.cause}")
+            self._finish("failed", 1)
+            return None
+        self.sink.event(f"attempt {current.number} failed: {verdict.cause}; restarting in {decision.backoff:g}s"
+                        f" on {', '.join(decision.nodes)} (restart {used + 1} of {self.recipe.failover.max_restarts})")
+        self._sleep(decision.backoff)
+        if self.stop_requested():
+            self._finish("stopped", 1)
+            return None
+        self._pending_nodes = list(decision.nodes)
+        return self._pending_nodes
+
+    def _spares(self, current: list[str]) -> list[str]:
+        from ava.placement import why_ineligible
+
+        return [
+            n.name for n in self.inventory.nodes.values()
+            if n.name not in current and n.name not in self.record.lost_nodes
+            and n.transport != "local" and why_ineligible(n, self.recipe) is None
+        ]
+
+    def _finish(self, state: str, code: int) -> None:
+        self.record.state, self.record.exit_code, self.record.ended = state, code, time.time()
+        self.record.save()
+
+    # -- watching one attempt -------------------------------------------------------------------
+
+    def _watch(self, current: Attempt) -> Verdict:
+        nodes = [self.inventory.nodes[n] for n in current.nodes]
+        done = threading.Event()
+        followers = [threading.Thread(target=self._follow, args=(node, current.number, done), daemon=True)
+                     for node in nodes]
+        for follower in followers:
+            follower.start()
+        unreachable_since: dict[str, float] = {}
+        try:
+            while True:
+                if self._leave.is_set():
+                    raise Detached()
+                statuses = nodes_ops.status(nodes, self.record.id, current.number)
+                now = time.time()
+                views = []
+                for node in nodes:
+                    found = statuses[node.name]
+                    if isinstance(found, AvaError):
+                        since = unreachable_since.setdefault(node.name, now)
+                        views.append(NodeView(node.name, reachable=False, unreachable_for=now - since, state=None))
+                    else:
+                        unreachable_since.pop(node.name, None)
+                        views.append(_view(node.name, found))
+                verdict = judge(Observation(tuple(views), now - current.started),
+                                hang_timeout=self.recipe.failover.hang_timeout)
+                if verdict.outcome != "running":
+                    return verdict
+                if self.stop_requested():
+                    return Verdict("stopped", "stopped", "stopped by `ava stop`")
+                self._sleep(POLL_INTERVAL)
+        finally:
+            if not self._leave.is_set():
+                self._teardown(nodes, unreachable_since)
+            done.set()
+            for follower in followers:
+                follower.join(timeout=5)
+
+    def _teardown(self, nodes: list[Node], unreachable: dict[str, float]) -> None:
+        reachable = [n for n in nodes if n.name not in unreachable]
+        outcomes = nodes_ops.stop(reachable, self.record.id)
+        for name, outcome in outcomes.items():
+            if isinstance(outcome, AvaError):
+                self.sink.event(f"teardown on {name} failed: {outcome.message}")
+
+    def _end_attempt(self, current: Attempt, verdict: Verdict) -> None:
+        current.ended = time.time()
+        current.state = {"succeeded": "succeeded", "stopped": "stopped"}.get(verdict.outcome, "failed")
+        current.kind, current.cause = verdict.kind, verdict.cause
+        current.exit_code, current.failed_node, current.failed_rank = verdict.exit_code, verdict.node, verdict.rank
+        self.record.save()
+        if verdict.outcome != "succeeded":
+            self.sink.event(f"attempt {current.number} ended: {verdict.cause}")
+
+    def _follow(self, node: Node, number: int, done: threading.Event) -> None:
+        offset = 0
+        while not done.is_set() and not self._leave.is_set():
+            def on_line(text: str) -> None:
+                self._line(node.name, text)
+            try:
+                offset += nodes_ops.follow_logs(node, self.record.id, number, on_line, offset=offset)
+                return
+            except AvaError:
+                if done.wait(1.0):
+                    return
+
+    def _line(self, node: str, text: str) -> None:
+        match = RANK_LINE.match(text)
+        rank, body = (match.group(1), match.group(2)) if match else (None, text)
+        with self._lines_lock:
+            self.last_lines.setdefault((node, rank), collections.deque(maxlen=20)).append(body)
+        self.sink.line(node, rank, body)
+
+    def _sleep(self, seconds: float) -> None:
+        if self._leave.wait(seconds):
+            raise Detached()
+
+
+def _view(name: str, status: dict[str, Any]) -> NodeView:
+    heartbeat = status.get("heartbeat")
+    progress = status.get("progress")
+    reference = (progress or {}).get("time") if progress else status.get("output_time")
+    progress_age = None
+    if heartbeat and reference:
+        progress_age = max(0.0, float(heartbeat) - float(reference))
+    codes = {str(k): int(v) for k, v in (status.get("rank_exit_codes") or {}).items()}
+    return NodeView(
+        name=name,
+        state=status.get("state"),
+        reason=status.get("reason"),
+        exit_code=status.get("exit_code"),
+        rank_exit_codes=codes,
+        heartbeat_age=status.get("age"),
+        ended=status.get("ended"),
+        memory_limit=status.get("memory_limit") or (status.get("limits") or {}).get("memory"),
+        progress_age=progress_age,
+    )
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+def spawn_background(record: RunRecord, inventory_path: Path) -> int:
+    """Start a detached supervisor for the run; its output goes to the run's supervisor.log."""
+    log = open(record.dir / "supervisor.log", "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ava.supervisor", record.id, str(inventory_path)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        env={**os.environ, "AVA_HOME": str(record.dir.parent.parent)},
+    )
+    log.close()
+    return process.pid
+
+
+class FileSink:
+    """Where a background supervisor writes: the run's log file, prefixed like the terminal."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = open(path, "a", encoding="utf-8", buffering=1)
+
+    def line(self, node: str, rank: str | None, text: str) -> None:
+        self.handle.write(f"{node}/{rank if rank is not None else '-'} | {text}\n")
+
+    def event(self, text: str) -> None:
+        self.handle.write(f"{time.strftime('%H:%M:%S')} ava: {text}\n")
+
+
+def _background_main(argv: list[str]) -> int:
+    from ava import runs
+    from ava.config import load_inventory
+
+    record = runs.load(argv[0])
+    inventory = load_inventory(argv[1])
+    supervisor = Supervisor(record, recipe_of(record), inventory, FileSink(record.dir / "output.log"))
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.leave())
+    return supervisor.run().exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(_background_main(sys.argv[1:]))
