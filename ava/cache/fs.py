@@ -1,0 +1,374 @@
+"""The `avacache` fsspec filesystem: remote objects read through the node's block cache.
+
+    fsspec.open("avacache::s3://bucket/key")           # URL chaining
+    AvaCacheFileSystem().open("s3://bucket/key")       # or give the remote URL directly
+
+Reads are served from block files (see store.py). A sequential reader makes the next
+`readahead` blocks download concurrently in the background; a random reader fetches only the
+blocks its reads touch. Writes and listings go straight to the remote filesystem.
+Imports only the standard library and fsspec; the remote backend (s3fs, ...) loads lazily.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import fsspec
+from fsspec.core import split_protocol
+from fsspec.implementations.chained import ChainedFileSystem
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
+
+from ava.cache.settings import CacheSettings
+from ava.cache.store import Block, BlockStore, ObjectId
+
+log = logging.getLogger("ava.cache")
+
+_NOT_RETRIED = (FileNotFoundError, PermissionError, IsADirectoryError)
+_POOL_WORKERS = 16
+_pool_state: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One download pool per process (a forked child builds its own)."""
+    global _pool_state
+    with _pool_lock:
+        if _pool_state is None or _pool_state[0] != os.getpid():
+            _pool_state = (os.getpid(), ThreadPoolExecutor(_POOL_WORKERS, "avacache"))
+        return _pool_state[1]
+
+
+class ObjectChanged(OSError):
+    """The remote object changed while a file was open on it; reopen to read the new version."""
+
+
+def _protocol_of(fs: AbstractFileSystem) -> str:
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def _tag_of(info: dict) -> str:
+    """What identifies one version of an object: ETag, else version id, else mtime and size."""
+    for key in ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash"):
+        if info.get(key):
+            return str(info[key])
+    for key in ("mtime", "LastModified", "last_modified", "modified", "created"):
+        if info.get(key) is not None:
+            return f"{key}={info[key]}"
+    return ""
+
+
+def _range_fetcher(fs: AbstractFileSystem, inner: str, etag: str) -> Callable[[int, int], bytes]:
+    """fetch(start, end) for one object version. On S3 the GET carries If-Match: ETag, so a
+    block can never mix bytes of two versions; elsewhere it is a plain ranged cat_file."""
+    if _protocol_of(fs) == "s3" and hasattr(fs, "_call_s3") and hasattr(fs, "split_path"):
+        from fsspec.asyn import sync
+
+        bucket, key, version = fs.split_path(inner)
+        extra: dict[str, Any] = {"IfMatch": etag} if etag.startswith('"') else {}
+        if version:
+            extra["VersionId"] = version
+
+        async def _get(start: int, end: int) -> bytes:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                     Range=f"bytes={start}-{end - 1}", **extra)
+            try:
+                return await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+
+        def fetch_s3(start: int, end: int) -> bytes:
+            try:
+                return sync(fs.loop, _get, start, end)
+            except OSError as e:
+                if "pre-condition" in str(e).lower() or "precondition" in str(e).lower():
+                    raise ObjectChanged(errno.ESTALE, f"{inner} changed while open") from e
+                raise
+
+        return fetch_s3
+    return lambda start, end: fs.cat_file(inner, start=start, end=end)
+
+
+def _with_retries(fetch: Callable[[int, int], bytes], url: str,
+                  attempts: int) -> Callable[[int, int], bytes]:
+    """Retry failed and short fetches; after the last attempt raise, never return wrong bytes."""
+
+    def fetch_checked(start: int, end: int) -> bytes:
+        last: BaseException | None = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+            try:
+                data = fetch(start, end)
+            except (*_NOT_RETRIED, ObjectChanged):
+                raise
+            except Exception as e:  # noqa: BLE001 - any remote failure is retried the same way
+                last = e
+                continue
+            if len(data) == end - start:
+                return data
+            last = OSError(errno.EIO, f"short body: {len(data)} of {end - start} bytes")
+        raise OSError(errno.EIO, f"{url}: bytes {start}-{end} failed after {attempts} "
+                                 f"attempts: {type(last).__name__}: {last}") from last
+
+    return fetch_checked
+
+
+class AvaCacheFileSystem(ChainedFileSystem):
+    """fsspec filesystem `avacache`: read remote objects through the node-local block cache.
+
+    Settings (keyword, else FSSPEC_AVACACHE_<KWARG>, else AVA_CACHE_<NAME>, else default):
+    cache_dir, cache_size (bytes or "100GiB"), block_size (8 MiB), readahead (8 blocks),
+    check_ttl (60 s between ETag rechecks), immutable (URL prefixes never rechecked),
+    retries (3 per block), high_watermark/low_watermark (0.9/0.8), fsync (False).
+    """
+
+    protocol = "avacache"
+    root_marker = ""
+
+    def __init__(self, target_protocol: str | None = None, target_options: dict | None = None,
+                 fs: AbstractFileSystem | None = None, cache_dir: str | None = None,
+                 cache_size: int | str | None = None, block_size: int | str | None = None,
+                 readahead: int | None = None, check_ttl: float | None = None,
+                 immutable: list[str] | str | None = None, retries: int | None = None,
+                 high_watermark: float | None = None, low_watermark: float | None = None,
+                 fsync: bool | None = None, fo: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = CacheSettings.resolve(
+            cache_dir=cache_dir, cache_size=cache_size, block_size=block_size,
+            readahead=readahead, check_ttl=check_ttl, immutable=immutable, retries=retries,
+            high_watermark=high_watermark, low_watermark=low_watermark, fsync=fsync)
+        s = self.settings
+        self.store = BlockStore(s.cache_dir, s.cache_size, s.high_watermark, s.low_watermark,
+                                s.fsync)
+        self.target_protocol = target_protocol or (_protocol_of(fs) if fs is not None else None)
+        self.target_options = dict(target_options or {})
+        self._target = fs
+        self._objects: dict[str, tuple[ObjectId, float]] = {}
+
+    # -- remote side ---------------------------------------------------------------------------
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        path = str(path)
+        for prefix in ("avacache::", "avacache://"):
+            if path.startswith(prefix):
+                path = path[len(prefix):]
+        return path if "://" in path else path.rstrip("/")
+
+    @property
+    def target(self) -> AbstractFileSystem | None:
+        if self._target is None and self.target_protocol:
+            self._target = fsspec.filesystem(self.target_protocol, **self.target_options)
+        return self._target
+
+    def _resolve(self, path: str) -> tuple[AbstractFileSystem, str, str]:
+        """(remote filesystem, its path, canonical URL) for a path given to this filesystem."""
+        path = self._strip_protocol(path)
+        proto, _rest = split_protocol(path)
+        if proto is None:
+            fs = self.target
+            if fs is None:
+                raise ValueError(f"avacache: no remote for {path!r}; "
+                                 "use avacache::s3://bucket/key or a full URL")
+        else:
+            fs = self.target
+            if fs is None or proto not in (fs.protocol if isinstance(fs.protocol, (tuple, list))
+                                           else (fs.protocol,)):
+                fs = fsspec.filesystem(proto)
+        inner = fs._strip_protocol(path)
+        return fs, inner, f"{_protocol_of(fs)}://{inner}"
+
+    def object_id(self, path: str) -> tuple[ObjectId, AbstractFileSystem, str]:
+        """The object's current identity (size, ETag), rechecked after `check_ttl` seconds."""
+        fs, inner, url = self._resolve(path)
+        s = self.settings
+        now = time.time()
+        trusted = any(url.startswith(p) for p in s.immutable)
+        hit = self._objects.get(url)
+        if hit is not None and (trusted or now - hit[1] < s.check_ttl):
+            return hit[0], fs, inner
+        rec = self.store.load_object(url)
+        if rec is not None and (trusted or now - rec.get("checked", 0) < s.check_ttl):
+            obj = ObjectId(url, rec["etag"], int(rec["size"]), s.block_size)
+            self._objects[url] = (obj, rec["checked"])
+            return obj, fs, inner
+        fs.invalidate_cache(inner)
+        info = fs.info(inner)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(errno.EISDIR, "is a directory", url)
+        obj = ObjectId(url, _tag_of(info), int(info["size"]), s.block_size)
+        self.store.save_object(url, obj.size, obj.etag)
+        self._objects[url] = (obj, now)
+        return obj, fs, inner
+
+    # -- fsspec API ----------------------------------------------------------------------------
+    def _open(self, path: str, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
+              cache_options: dict | None = None, **kwargs: Any) -> Any:
+        if "r" not in mode or "+" in mode:
+            fs, inner, _url = self._resolve(path)
+            return fs.open(inner, mode, **kwargs)  # writes bypass the cache
+        obj, fs, inner = self.object_id(path)
+        return AvaCacheFile(self, path, obj, fs, inner)
+
+    def info(self, path: str, **kwargs: Any) -> dict:
+        fs, inner, _url = self._resolve(path)
+        return fs.info(inner, **kwargs)
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list:
+        fs, inner, _url = self._resolve(path)
+        return fs.ls(inner, detail=detail, **kwargs)
+
+    def warm(self, path: str, on_progress: Callable[[int, int], None] | None = None) -> int:
+        """Fetch every block of one object into the cache; returns its size."""
+        obj, fs, inner = self.object_id(path)
+        fetch = _with_retries(_range_fetcher(fs, inner, obj.etag), obj.url, self.settings.retries)
+        done = 0
+        batch = max(1, self.settings.readahead)
+        for first in range(0, obj.nblocks, batch):
+            idx = range(first, min(first + batch, obj.nblocks))
+            futures = [_pool().submit(self.store.get, obj, i, fetch) for i in idx]
+            for fut in futures:
+                block = fut.result()
+                done += block.length
+                block.close()
+            if on_progress is not None:
+                on_progress(done, obj.size)
+        return obj.size
+
+
+class AvaCacheFile(AbstractBufferedFile):
+    """A read-only file whose bytes come from cache blocks; see the module docstring."""
+
+    _KEEP_OPEN = 4  # block files kept open (and pinned) per file
+
+    def __init__(self, cfs: AvaCacheFileSystem, path: str, obj: ObjectId,
+                 remote: AbstractFileSystem, inner: str) -> None:
+        super().__init__(cfs, path, mode="rb", block_size=obj.block_size, cache_type="none",
+                         size=obj.size)
+        self.obj, self.remote, self.inner = obj, remote, inner
+        self.store = cfs.store
+        self.readahead = cfs.settings.readahead
+        self._fetch = _with_retries(_range_fetcher(remote, inner, obj.etag), obj.url,
+                                    cfs.settings.retries)
+        self._blocks: OrderedDict[int, Block] = OrderedDict()
+        self._ahead: dict[int, Future | None] = {}  # readahead done by this file, never twice
+        self._last_end = -1
+
+    def _block(self, index: int) -> Block:
+        block = self._blocks.get(index)
+        if block is not None:
+            self._blocks.move_to_end(index)
+            return block
+        block = self.store.get(self.obj, index, self._fetch)
+        self._keep(index, block, pin_all=True)  # trimmed when the read is done
+        return block
+
+    def _keep(self, index: int, block: Block, pin_all: bool = False) -> None:
+        """Hold a block open (pinned); `pin_all` defers trimming until the read is done."""
+        old = self._blocks.pop(index, None)
+        if old is not None and old is not block:
+            old.close()
+        self._blocks[index] = block
+        if not pin_all:
+            self._trim()
+
+    def _trim(self) -> None:
+        while len(self._blocks) > self._KEEP_OPEN:
+            self._blocks.popitem(last=False)[1].close()
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        parts: list[bytes] = []
+        self._copy(start, end, parts.append)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def readinto(self, b: Any) -> int:
+        """Read straight into `b` (one copy from the block files; no intermediate bytes)."""
+        out = memoryview(b).cast("B")
+        end = min(self.loc + out.nbytes, self.size)
+        if end <= self.loc:
+            return 0
+        pos = 0
+
+        def put(chunk: bytes) -> None:
+            nonlocal pos
+            out[pos:pos + len(chunk)] = chunk
+            pos += len(chunk)
+
+        self._copy(self.loc, end, put)
+        self.loc += pos
+        return pos
+
+    def _copy(self, start: int, end: int, sink: Callable[[bytes], None]) -> None:
+        """Feed the bytes [start, end) to `sink` block by block, fetching what is missing."""
+        bs = self.obj.block_size
+        first, last = start // bs, (end - 1) // bs
+        sequential = start == self._last_end and start > 0
+        self._last_end = end
+        if sequential and self.readahead:
+            self._read_ahead(last + 1, min(last + 1 + self.readahead, self.obj.nblocks))
+        pending: dict[int, Future] = {}
+        if last > first:  # a read spanning blocks fetches the missing ones concurrently
+            for i in range(first + 1, last + 1):
+                if i not in self._blocks:
+                    block = self.store.open_block(self.obj, i)
+                    if block is not None:
+                        self.store.stats.add(hits=1)
+                        self._keep(i, block, pin_all=True)
+                    else:
+                        pending[i] = _pool().submit(self.store.get, self.obj, i, self._fetch)
+        try:
+            for i in range(first, last + 1):
+                if i in pending:
+                    self._keep(i, pending.pop(i).result(), pin_all=True)
+                block = self._block(i)
+                lo = max(start, i * bs) - i * bs
+                hi = min(end, (i + 1) * bs) - i * bs
+                sink(block.read(lo, hi - lo))
+        finally:
+            for fut in pending.values():
+                _discard(fut)
+            self._trim()
+
+    def _read_ahead(self, first: int, stop: int) -> None:
+        for i in range(first, stop):
+            if i in self._blocks or i in self._ahead:
+                continue
+            self._ahead[i] = None
+            if not os.path.exists(self.store.block_path(self.obj, i)):  # warm: nothing to do
+                self._ahead[i] = _pool().submit(_prefetch, self.store, self.obj, i, self._fetch)
+
+    def close(self) -> None:
+        if getattr(self, "closed", True):
+            return
+        for fut in self._ahead.values():
+            if fut is not None:
+                fut.cancel()  # queued ones only; running downloads finish and stay cached
+        self._ahead.clear()
+        for block in self._blocks.values():
+            block.close()
+        self._blocks.clear()
+        super().close()
+
+
+def _discard(fut: Future) -> None:
+    """Drop a block future nobody will read: close its block (and unpin it) once it is done."""
+    if not fut.cancel():
+        fut.add_done_callback(
+            lambda f: f.result().close() if not f.cancelled() and f.exception() is None else None)
+
+
+def _prefetch(store: BlockStore, obj: ObjectId, index: int,
+              fetch: Callable[[int, int], bytes]) -> None:
+    """Download one block ahead of the reader and unpin it; the reader reopens it (cheap)."""
+    try:
+        store.get(obj, index, fetch).close()
+    except Exception as e:  # noqa: BLE001 - the reader's own fetch of the block will raise
+        log.debug("readahead of %s block %d failed: %s", obj.url, index, e)
