@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,7 +51,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             _emit({"error": "busy", "holders": [h.public() for h in busy.holders]})
             return EXIT_BUSY
         adir.mkdir(parents=True, exist_ok=True)
-        layout.write_json_atomic(adir / layout.SPEC, json.load(open(args.spec, "rb")))
+        shutil.copyfile(args.spec, adir / layout.SPEC)
         pid = monitor.spawn(spec, adir, gpus, slots, ledger.fd)
         ledger.grant(want, spec.attempt, spec.user, pid, gpus, slots)
     st = _wait_started(spec.workdir, adir, pid)

@@ -145,8 +145,10 @@ class Monitor:
         except IsolationError as exc:
             self.st["cgroup"] = fence.info()
             return self._give_up(f"isolation: {exc}")
+        # Record the fence before anything else can die: stop and status find it from here.
         self.st["cgroup"] = fence.info()
         self.st["warning"] = fence.warning
+        self._save()
         reaper_w = self._start_reaper(fence)
         self._save()
         try:
