@@ -1,0 +1,124 @@
+"""`ava doctor --bandwidth`: an all-reduce benchmark across nodes, reported like nccl-tests.
+
+The node side is ava/agent/bench_allreduce.py, one process per node with torch.distributed
+(Gloo on CPU, NCCL where every node has a GPU). This side picks a free port on the master,
+starts every rank at once, and turns rank 0's timings into rows and a slow-link verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ava.config import Node
+from ava.errors import AvaError, CommandError
+from ava.transport import connect, run_all, shell_path
+
+BENCH_SOURCE = Path(__file__).with_name("agent") / "bench_allreduce.py"
+CPU_SIZES = tuple(4 << (2 * i) << 10 for i in range(6))  # 4 KiB .. 4 MiB, x4
+GPU_SIZES = tuple(4 << (2 * i) << 10 for i in range(10))  # 4 KiB .. 1 GiB, x4
+PAIR_BYTES = 16 << 20
+SLOW_FACTOR = 0.5  # a link under half the others' median is flagged
+_FREE_PORT = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+
+
+@dataclass(frozen=True)
+class Row:
+    size: int  # bytes
+    count: int  # float32 elements
+    seconds: float  # mean per all-reduce, slowest rank
+    algbw: float  # bytes/s
+    busbw: float  # bytes/s
+
+
+@dataclass(frozen=True)
+class Link:
+    node: str
+    bandwidth: float  # bytes/s, rank 0 <-> this node, both directions
+    slow: bool
+
+
+@dataclass(frozen=True)
+class BandwidthReport:
+    backend: str
+    nodes: tuple[str, ...]
+    rows: tuple[Row, ...]
+    links: tuple[Link, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bus_bandwidth(algbw: float, ranks: int) -> float:
+    """nccl-tests' all-reduce bus bandwidth: what each link carried, comparable across sizes."""
+    return algbw * 2 * (ranks - 1) / ranks if ranks > 1 else algbw
+
+
+def slow_links(bandwidths: dict[str, float], factor: float = SLOW_FACTOR) -> set[str]:
+    """Nodes whose link is under `factor` times the median of the others'."""
+    slow = set()
+    for name, value in bandwidths.items():
+        others = [v for n, v in bandwidths.items() if n != name]
+        if others and value < factor * statistics.median(others):
+            slow.add(name)
+    return slow
+
+
+def report(result: dict[str, Any], nodes: list[Node]) -> BandwidthReport:
+    """Rank 0's JSON -> rows and links (pure)."""
+    world = int(result["world"])
+    rows = []
+    for raw in result["rows"]:
+        seconds = max(float(raw["seconds"]), 1e-9)
+        algbw = raw["size"] / seconds
+        rows.append(Row(int(raw["size"]), int(raw["count"]), seconds, algbw, bus_bandwidth(algbw, world)))
+    speeds = {nodes[int(rank)].name: float(bw) for rank, bw in result.get("links", {}).items()}
+    slow = slow_links(speeds)
+    links = tuple(Link(name, bw, name in slow) for name, bw in speeds.items())
+    return BandwidthReport(str(result["backend"]), tuple(n.name for n in nodes), tuple(rows), links)
+
+
+def measure(
+    nodes: list[Node],
+    *,
+    gpu: bool = False,
+    interfaces: dict[str, str | None] | None = None,
+    master_address: str | None = None,
+    sizes: tuple[int, ...] | None = None,
+    timeout: float = 120,
+) -> BandwidthReport:
+    """Run the benchmark on all nodes at once (the first is rank 0); raises if any rank fails."""
+    if len(nodes) < 2:
+        raise CommandError("the bandwidth benchmark needs at least two nodes")
+    master = nodes[0]
+    address = master_address or (master.host if master.transport != "local" and master.host else "127.0.0.1")
+    found = connect(master).run(f"{shell_path(master.python)} -c {shlex.quote(_FREE_PORT)}", timeout=30)
+    port = int(found.check("finding a free port on the master").stdout.split()[-1])
+    source = shlex.quote(BENCH_SOURCE.read_text(encoding="utf-8"))
+    backend = "nccl" if gpu else "gloo"
+    ranks = {node.name: rank for rank, node in enumerate(nodes)}
+
+    def one(node: Node) -> dict[str, Any]:
+        args = {
+            "rank": ranks[node.name], "world": len(nodes), "master": address, "port": port,
+            "backend": backend, "sizes": list(sizes or (GPU_SIZES if gpu else CPU_SIZES)),
+            "pair_bytes": PAIR_BYTES, "timeout": timeout / 2,
+            "interface": (interfaces or {}).get(node.name),
+        }
+        command = f"{shell_path(node.python)} -c {source} {shlex.quote(json.dumps(args))}"
+        result = connect(node).run(command, timeout=timeout)
+        if not result.ok:
+            raise CommandError(f"{node.name}: the all-reduce benchmark failed (exit {result.exited})", tail=result.tail())
+        return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    outcomes = run_all(nodes, one)
+    failures = [o for o in outcomes.values() if isinstance(o, AvaError)]
+    if failures:
+        # The first rank to fail is the cause; the others only timed out waiting for it.
+        first = failures[0]
+        raise CommandError(first.message, tail=first.tail)
+    return report(outcomes[master.name], nodes)  # type: ignore[arg-type]

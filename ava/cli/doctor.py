@@ -1,0 +1,81 @@
+"""`ava doctor`: the preflight table, and with --bandwidth the all-reduce benchmark."""
+
+from __future__ import annotations
+
+from typing import List
+
+import typer
+
+from ava.cli import app, load_inventory
+from ava.errors import EXIT_INFRA, EXIT_OK
+
+
+@app.command()
+def doctor(
+    names: List[str] = typer.Argument(None, metavar="[NODE…]", help="Nodes to check (default: all); the first is the master."),
+    json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON instead of a table."),
+    bandwidth: bool = typer.Option(False, "--bandwidth", help="Also run an all-reduce benchmark across the nodes."),
+) -> int:
+    """Preflight: SSH, versions alike, GPUs and their health, disk, clocks, network, name lookups."""
+    from ava import console
+    from ava.doctor import FAIL, PASS, WARN, Check, observe, verdicts, worst
+
+    inventory = load_inventory()
+    chosen = inventory.select(names) if names else list(inventory.nodes.values())
+    observations = observe(chosen)
+    checks = verdicts(observations)
+    measured = None
+    up = [o for o in observations if o.error is None]
+    if bandwidth:
+        from ava.bandwidth import measure
+        from ava.errors import AvaError
+
+        if len(up) < 2:
+            checks.append(Check("bandwidth", None, FAIL, "needs at least two reachable nodes", "fix the failures above first"))
+        else:
+            gpu = all(o.facts.get("gpus") and (o.probe.get("versions") or {}).get("cuda") for o in up)
+            interfaces = {o.node.name: (o.probe.get("interface") or {}).get("name") for o in up}
+            try:
+                measured = measure([o.node for o in up], gpu=gpu, interfaces=interfaces)
+            except AvaError as failure:
+                checks.append(Check("bandwidth", None, FAIL, failure.message,
+                                    "fix the failures above; then check that the nodes reach each other on any port"))
+            else:
+                for link in measured.links:
+                    if link.slow:
+                        checks.append(Check("bandwidth", link.node, WARN,
+                                            f"link to {up[0].node.name} at {link.bandwidth / 1e9:.2f} GB/s, "
+                                            "under half of the other nodes'",
+                                            f"check {link.node}'s NIC, cable and interface setting"))
+    status = worst(checks)
+    if json_out:
+        console.print_json({
+            "status": status,
+            "checks": [c.to_json() for c in checks],
+            "bandwidth": measured.to_json() if measured else None,
+        })
+    else:
+        marks = {PASS: "pass", WARN: "WARN", FAIL: "FAIL"}
+        rows = [[c.check, c.node or "all", marks[c.status], c.detail] for c in checks]
+        console.table(["check", "node", "status", "detail"], rows)
+        problems = [c for c in checks if c.status != PASS and c.fix]
+        if problems:
+            console.out.print()
+            for c in problems:
+                where = f"{c.node}: " if c.node else ""
+                console.out.print(f"{marks[c.status]} {c.check}: {where}{c.fix}", markup=False)
+        if measured:
+            console.out.print()
+            console.table(
+                ["size", "count", "time (us)", "algbw (GB/s)", "busbw (GB/s)"],
+                [[console.size(r.size), str(r.count), f"{r.seconds * 1e6:.1f}", f"{r.algbw / 1e9:.3f}",
+                  f"{r.busbw / 1e9:.3f}"] for r in measured.rows],
+                title=f"all-reduce, {measured.backend}, {len(measured.nodes)} nodes",
+            )
+            console.table(
+                ["node", f"link to {measured.nodes[0]} (GB/s)", "verdict"],
+                [[l.node, f"{l.bandwidth / 1e9:.3f}", "slow" if l.slow else "ok"] for l in measured.links],
+            )
+        counts = {s: sum(c.status == s for c in checks) for s in (PASS, WARN, FAIL)}
+        console.info(f"{counts[PASS]} passed, {counts[WARN]} warnings, {counts[FAIL]} failed")
+    return EXIT_INFRA if status == FAIL else EXIT_OK
