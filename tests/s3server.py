@@ -46,12 +46,12 @@ class S3Endpoint:
 
     def s3fs_kwargs(self, endpoint: str | None = None, retries: int | None = None,
                     timeout: float | None = None, **extra: Any) -> dict[str, Any]:
-        """Keyword arguments for s3fs.S3FileSystem. `retries`/`timeout` shrink both s3fs's and
-        botocore's retry loops and socket timeouts, so fault tests fail fast."""
+        """Keyword arguments for s3fs.S3FileSystem. `retries`/`timeout` shrink botocore's retry
+        loop and socket timeouts so fault tests fail fast (s3fs's own loop is the instance
+        attribute `retries`, not an argument: set it on the instance)."""
         kw: dict[str, Any] = {"key": KEY_ID, "secret": SECRET, "endpoint_url": endpoint or self.url}
         config: dict[str, Any] = {}
         if retries is not None:
-            kw["retries"] = retries
             config["retries"] = {"max_attempts": retries, "mode": "standard"}
         if timeout is not None:
             config["read_timeout"] = timeout
@@ -139,7 +139,8 @@ class Proxy:
     def set_faults(self, plan: list[dict[str, Any]]) -> None:
         """Each rule hits the next `count` ranged GETs (-1: all until cleared), in order.
         kind: "error" (HTTP 503), "timeout" (hold `delay` s, then drop the connection),
-        "short" (send the full Content-Length but only half the body, then drop)."""
+        "short" (send the full Content-Length but only half the body, then drop),
+        "slow" (send the body at `rate` bytes/s)."""
         self._call("faults", plan)
 
 
@@ -269,7 +270,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self._drop()
             return
-        self.wfile.write(data)
+        if fault and fault["kind"] == "slow":  # throttle the body to `rate` bytes/s
+            step = 16384
+            for i in range(0, len(data), step):
+                self.wfile.write(data[i:i + step])
+                time.sleep(step / float(fault.get("rate", 1 << 20)))
+        else:
+            self.wfile.write(data)
         if self.command == "GET":
             with st.lock:
                 st.get_bytes += len(data)

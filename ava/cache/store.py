@@ -198,6 +198,21 @@ def _unlink(path: str) -> None:
         pass
 
 
+def _remove_stale_lock(path: str) -> None:
+    """Unlink a lock file left by a killed downloader, unless someone holds it now."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _unlink(path)  # waiters that opened it re-check the inode and make a new one
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -425,6 +440,8 @@ class BlockStore:
                 pid = name.rsplit(".", 2)[-2]
                 if (pid.isdigit() and not _pid_alive(int(pid))) or now - st.st_mtime > _STALE_TMP_S:
                     _unlink(entry.path)
+            elif name.endswith(".blk.lock") and now - st.st_mtime > _STALE_TMP_S:
+                _remove_stale_lock(entry.path)
         if total <= target:
             return total
         entries.sort()
