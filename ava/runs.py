@@ -46,6 +46,7 @@ class Attempt:
     failed_node: str | None = None
     failed_rank: int | None = None
     master_port: int | None = None
+    code_sent_bytes: int | None = None  # code moved to the nodes for this attempt (0: all there)
 
 
 @dataclass

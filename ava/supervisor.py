@@ -179,6 +179,7 @@ class Supervisor:
     def _launch(self, nodes: list[Node], current: Attempt) -> None:
         prepared = nodes_ops.prepare(nodes, self.code_root, self.manifest)
         self.record.code_tree = prepared.code_tree
+        current.code_sent_bytes = sum(stats.sent_bytes for stats in prepared.code_stats.values())
         master = master_address(nodes[0])
         routes, port = nodes_ops.routes(nodes, master)
         launch = Launch(self.record.id, current.number, master, port, prepared.code_tree,

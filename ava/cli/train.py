@@ -238,6 +238,10 @@ def logs(
             printed.add(past.number)
         if not follow or record.final:
             break
+        if all(a.number in printed for a in record.attempts) and not _alive(record.supervisor_pid or 0):
+            # Nothing supervises the run (its `ava train` was killed): nothing more will start.
+            console.info(f"ava: {record.id} has no supervisor; `ava attach {record.id}` takes it over")
+            break
         time.sleep(1.0)
     return EXIT_INFRA if failures else EXIT_OK
 
@@ -297,6 +301,8 @@ def _wait_supervisor_gone(run_id: str, timeout: float = 20.0) -> None:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
