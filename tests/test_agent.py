@@ -140,6 +140,16 @@ def test_monitor_sigkill_makes_the_reaper_end_the_job(agent: Agent) -> None:
 
 
 @needs_cgroups
+def test_killing_the_monitors_process_group_still_leaves_nothing(agent: Agent) -> None:
+    run = agent.new_run("pgkill")
+    _, st = agent.start(agent.spec(run, [sys.executable, "ranks.py"], env={"JOB_SLEEP": "60"}))
+    os.killpg(os.getpgid(st["pid"]), signal.SIGKILL)  # its session, as a hangup or `kill -9 -PGID` would
+    final = agent.wait_final(run, 20)
+    assert (final["state"], final["reason"]) == ("failed", "agent-died")
+    assert_gone(agent, run)
+
+
+@needs_cgroups
 def test_status_ends_the_job_when_monitor_and_reaper_both_died(agent: Agent) -> None:
     run = agent.new_run("orphan")
     _, st = agent.start(agent.spec(run, [sys.executable, "ranks.py"], env={"JOB_SLEEP": "60"}))

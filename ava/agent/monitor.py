@@ -24,6 +24,7 @@ from .teardown import end_fence, teardown
 TICK = 0.2  # how often the monitor looks at the job
 HEARTBEAT = 1.0  # how often it rewrites status.json
 DEFAULT_GRACE = 10.0
+JOB_REAP_TIMEOUT = 10.0
 
 
 def job_env(base: dict[str, str], spec: Spec, gpus: list[int], attempt_dir: Path) -> dict[str, str]:
@@ -171,6 +172,8 @@ class Monitor:
         if pid == 0:
             try:
                 os.close(w)
+                # Its own session: a kill aimed at the monitor's process group spares it.
+                os.setsid()
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 if os.read(r, 1) != b"x":
                     self._reap()
@@ -242,8 +245,10 @@ class Monitor:
         # Orphaned workers (torchrun killed, a rank that double-forked) die with the fence.
         oom = oom or fence.oom_happened()
         remaining = fence.kill_all_verified()
-        if job.poll() is None:
-            job.wait()
+        try:
+            job.wait(timeout=JOB_REAP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass  # stuck in D state: report what is known rather than hang
         oom = oom or fence.oom_happened()
         if not remaining:
             fence.remove()

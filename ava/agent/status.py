@@ -4,7 +4,8 @@ Keys: run, attempt, node, state (starting|running|succeeded|failed|stopped), rea
 (null|exit|oom|stopped|agent-died), pid (monitor), job_pid, started, ended, exit_code
 (negative: killed by that signal), rank_exit_codes {"rank": code}, heartbeat, progress
 {step, time}|null, output_size, output_time, gpus, cpu_slots, cgroup {backend, path, ...},
-limits, memory_limit, user, reaper_pid, pid_start, warning, error.
+limits, memory_limit, user, pid_start, job_start, reaper_pid, reaper_start (to tell a
+reused pid from ours), warning (fencing weaker than asked), error (why the agent failed it).
 """
 
 from __future__ import annotations
