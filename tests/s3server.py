@@ -167,6 +167,7 @@ class _ProxyState:
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.lock = threading.Lock()
         self.get_bytes = self.gets = self.faults_done = 0
+        self.epoch = 0  # bumped by reset: responses to requests made before it are not counted
         self.plan: list[dict[str, Any]] = []
         self.local = threading.local()
 
@@ -208,6 +209,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         with st.lock:
             if what == "reset":
                 st.get_bytes = st.gets = st.faults_done = 0
+                st.epoch += 1
                 st.plan = []
             elif what == "faults":
                 st.plan = [dict(r) for r in json.loads(body or b"[]")]
@@ -229,6 +231,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self._control(body)
             return
         st = self.state
+        epoch = st.epoch
         fault = st.take_fault() if self.command == "GET" and "Range" in self.headers else None
         if fault and fault["kind"] == "error":
             out = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
@@ -279,8 +282,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         if self.command == "GET":
             with st.lock:
-                st.get_bytes += len(data)
-                st.gets += 1
+                if st.epoch == epoch:
+                    st.get_bytes += len(data)
+                    st.gets += 1
 
 
 def _serve_proxy(upstream: str) -> None:

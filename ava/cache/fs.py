@@ -285,35 +285,55 @@ class AvaCacheFile(AbstractBufferedFile):
             self._blocks.popitem(last=False)[1].close()
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        parts: list[bytes] = []
-        self._copy(start, end, parts.append)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        bs = self.obj.block_size
+        if start // bs == (end - 1) // bs:  # within one block: one pread, one copy
+            out: list[bytes] = []
+            self._copy(start, end, lambda block, lo, n: out.append(block.read(lo, n)))
+            return out[0]
+        buf, view = new_bytes(end - start)  # spanning blocks: still one copy, no join
+        pos = 0
+
+        def put(block: Block, lo: int, n: int) -> None:
+            nonlocal pos
+            block.readinto(lo, view[pos:pos + n])
+            pos += n
+
+        self._copy(start, end, put)
+        return buf
 
     def readinto(self, b: Any) -> int:
-        """Read straight into `b` (one copy from the block files; no intermediate bytes)."""
+        """Read straight into `b`: one copy from the block files, no intermediate bytes."""
         out = memoryview(b).cast("B")
         end = min(self.loc + out.nbytes, self.size)
         if end <= self.loc:
             return 0
         pos = 0
 
-        def put(chunk: bytes) -> None:
+        def put(block: Block, lo: int, n: int) -> None:
             nonlocal pos
-            out[pos:pos + len(chunk)] = chunk
-            pos += len(chunk)
+            block.readinto(lo, out[pos:pos + n])
+            pos += n
 
         self._copy(self.loc, end, put)
         self.loc += pos
         return pos
 
-    def _copy(self, start: int, end: int, sink: Callable[[bytes], None]) -> None:
-        """Feed the bytes [start, end) to `sink` block by block, fetching what is missing."""
+    def _copy(self, start: int, end: int, sink: Callable[[Block, int, int], None]) -> None:
+        """Call sink(block, offset in block, length) for [start, end), fetching what is missing."""
         bs = self.obj.block_size
         first, last = start // bs, (end - 1) // bs
-        sequential = start == self._last_end and start > 0
+        # A read continuing the previous one opens the full readahead window; a first read at
+        # offset 0 is probably a scan starting, so it bets on one block. Any other read fetches
+        # only the blocks it touches.
+        if start == self._last_end and start > 0:
+            window = self.readahead
+        elif start == 0 and self._last_end < 0:
+            window = min(1, self.readahead)
+        else:
+            window = 0
         self._last_end = end
-        if sequential and self.readahead:
-            self._read_ahead(last + 1, min(last + 1 + self.readahead, self.obj.nblocks))
+        if window:
+            self._read_ahead(last + 1, min(last + 1 + window, self.obj.nblocks))
         pending: dict[int, Future] = {}
         if last > first:  # a read spanning blocks fetches the missing ones concurrently
             for i in range(first + 1, last + 1):
@@ -331,7 +351,7 @@ class AvaCacheFile(AbstractBufferedFile):
                 block = self._block(i)
                 lo = max(start, i * bs) - i * bs
                 hi = min(end, (i + 1) * bs) - i * bs
-                sink(block.read(lo, hi - lo))
+                sink(block, lo, hi - lo)
         finally:
             for fut in pending.values():
                 _discard(fut)
@@ -356,6 +376,41 @@ class AvaCacheFile(AbstractBufferedFile):
             block.close()
         self._blocks.clear()
         super().close()
+
+
+def _bytes_writer() -> Callable[[int], tuple[bytes, memoryview]] | None:
+    """CPython: a new, uninitialised bytes object and a writable view of its buffer.
+
+    This is how CPython's own FileIO.readall fills a bytes object: the object is filled before
+    anyone else sees it. It lets a read spanning blocks cost one copy, like a local file read,
+    instead of a pread per block plus a join. None elsewhere (falls back to a bytearray copy).
+    """
+    try:
+        import ctypes
+
+        new = ctypes.pythonapi.PyBytes_FromStringAndSize
+        new.restype, new.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+        addr = ctypes.pythonapi.PyBytes_AsString
+        addr.restype, addr.argtypes = ctypes.c_void_p, (ctypes.py_object,)
+    except (ImportError, AttributeError, OSError):
+        return None
+
+    def make(n: int) -> tuple[bytes, memoryview]:
+        buf = new(None, n)
+        return buf, memoryview((ctypes.c_char * n).from_address(addr(buf))).cast("B")
+
+    return make
+
+
+_make_bytes = _bytes_writer()
+
+
+def new_bytes(n: int) -> tuple[bytes, memoryview]:
+    """(result, writable view of it); the result is only valid once the view is filled."""
+    if _make_bytes is not None and n > 0:
+        return _make_bytes(n)
+    ba = bytearray(n)  # non-CPython: returned as is (bytes-like), one copy still
+    return ba, memoryview(ba)  # type: ignore[return-value]
 
 
 def _discard(fut: Future) -> None:

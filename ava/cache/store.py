@@ -83,6 +83,21 @@ class Block:
             raise OSError(errno.EIO, f"cache block read short ({len(out)} of {n} bytes)")
         return out
 
+    def readinto(self, offset: int, out: memoryview) -> None:
+        """Copy len(out) bytes from `offset` in the block into `out`."""
+        n = len(out)
+        if offset + n > self.length:
+            raise ValueError("read past the end of a block")
+        if self._data is not None:
+            out[:] = self._data[offset:offset + n]
+            return
+        got = os.preadv(self._fd, [out], self._base + offset)
+        while got < n:  # preadv may return early on signals; the file is complete
+            more = os.preadv(self._fd, [out[got:]], self._base + offset + got)
+            if more <= 0:
+                raise OSError(errno.EIO, f"cache block read short ({got} of {n} bytes)")
+            got += more
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)  # also drops the shared flock that pins the block
@@ -322,8 +337,7 @@ class BlockStore:
             except OSError as e:
                 self._degrade(e)
                 return Block(index, len(data), data=data)
-            block = self.open_block(obj, index, touch=False)
-            return block if block is not None else Block(index, len(data), data=data)
+            return Block(index, len(data), data=data)  # the bytes just written, no re-read
         finally:
             _unlink(path + ".lock")  # while still holding it: waiters then re-check the inode
             os.close(lock)
