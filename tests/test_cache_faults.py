@@ -117,7 +117,7 @@ ZYGOTE = textwrap.dedent("""
     import os, random, sys
     import s3fs  # noqa: F401  imported before forking, no filesystem instantiated yet
     from ava.cache import AvaCacheFileSystem
-    cache_dir, objects = sys.argv[1], eval(sys.argv[2])   # [(url, seed, size), ...]
+    cache_dir, objects, errors = sys.argv[1], eval(sys.argv[2]), sys.argv[3]  # [(url, seed, size)]
 
     def reader(seed):
         rnd = random.Random(seed)
@@ -151,6 +151,10 @@ ZYGOTE = textwrap.dedent("""
                 sys.stdin.close()
                 try:
                     reader(int(arg))
+                except BaseException:
+                    import traceback
+                    with open(errors, "a") as f:
+                        f.write(traceback.format_exc())
                 finally:
                     os._exit(4)
             print(pid, flush=True)
@@ -170,7 +174,9 @@ def test_kill9_during_reads_leaves_no_corrupt_block_and_keeps_finished_ones(s3, 
     expected = {url: content(seed, size) for url, seed, size in objects}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_", "AVA_"))}
     env.update(s3.env, FSSPEC_S3_ENDPOINT_URL=proxy.url, PYTHONPATH=str(REPO))
-    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(tmp_path), repr(objects)],
+    errors = tmp_path.parent / "reader-errors.txt"
+    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(tmp_path), repr(objects),
+                               str(errors)],
                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     checker = cachefs(s3, proxy, tmp_path, readahead=0)
     rnd = random.Random(1234)
@@ -194,7 +200,9 @@ def test_kill9_during_reads_leaves_no_corrupt_block_and_keeps_finished_ones(s3, 
             zygote.stdin.write(f"reap {pid}\n")
             zygote.stdin.flush()
             status = int(zygote.stdout.readline())
-            assert os.WIFSIGNALED(status), f"trial {trial}: reader saw corrupt bytes ({status})"
+            assert os.WIFSIGNALED(status), (
+                f"trial {trial}: reader " + ("saw corrupt bytes" if os.WEXITSTATUS(status) == 3
+                                             else "failed: " + errors.read_text()[-3000:]))
             # a lock file left behind is a download the kill interrupted
             killed_mid_download += bool(files(tmp_path, ".blk.lock") or files(tmp_path, ".tmp."))
             # every visible block is complete, verified and holds the right bytes

@@ -79,6 +79,9 @@ def test_chained_url_reads_exact_bytes_and_second_read_is_local(s3, proxy, direc
     with fsspec.open(f"avacache::{url}", "rb", **opts) as f:
         f.seek(MiB + 5)
         assert f.read(MiB) == data[MiB + 5:2 * MiB + 5]
+        f.seek(len(data) - MiB - 10)
+        assert f.read(5 * MiB) == data[-MiB - 10:]  # past the end, across a block boundary
+        assert f.read(10) == b""
     assert proxy.stats()["get_bytes"] == len(data)
 
 
@@ -195,6 +198,7 @@ def test_object_changed_mid_read_never_mixes_versions(s3, proxy, direct, tmp_pat
     with pytest.raises(OSError):
         f.read(MiB)  # If-Match fails: an error, not block 1 of the new version
     f.close()
+    assert fs.open(url).read() == b"B" * (2 * MiB)  # the next open sees the new version at once
 
 
 def test_module_cli_warms_reports_and_clears(s3, proxy, direct, tmp_path):

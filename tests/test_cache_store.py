@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -244,3 +245,18 @@ def test_full_cache_disk_reads_remote_with_one_warning(tmp_path: Path) -> None:
     assert r.stdout.strip() == "OK"
     assert r.stderr.count("unusable") == 1
     assert not [f for _r, _d, fs in os.walk(tmp_path / "blocks") for f in fs]
+
+
+def test_counters_of_gone_processes_are_folded_not_lost(tmp_path: Path) -> None:
+    store = BlockStore(str(tmp_path), 100 * BS)
+    o = obj("stats")
+    block_bytes(store, o, 0)
+    block_bytes(store, o, 0)
+    gone = tmp_path / "stats" / "999999999.json"  # above any pid_max: not a live process
+    gone.write_text(json.dumps({"hits": 5, "misses": 7, "fetched_bytes": 70}))
+    os.utime(gone, (1, 1))
+    first = store.status()
+    assert (first["hits"], first["misses"]) == (6, 8)
+    assert not gone.exists() and (tmp_path / "stats" / "archive.json").exists()
+    again = store.status()
+    assert (again["hits"], again["misses"]) == (6, 8)

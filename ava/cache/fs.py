@@ -209,6 +209,11 @@ class AvaCacheFileSystem(ChainedFileSystem):
         self._objects[url] = (obj, now)
         return obj, fs, inner
 
+    def forget(self, url: str) -> None:
+        """Drop what this node knows about an object's version (not its blocks)."""
+        self._objects.pop(url, None)
+        self.store.forget_object(url)
+
     # -- fsspec API ----------------------------------------------------------------------------
     def _open(self, path: str, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
               cache_options: dict | None = None, **kwargs: Any) -> Any:
@@ -256,8 +261,17 @@ class AvaCacheFile(AbstractBufferedFile):
         self.obj, self.remote, self.inner = obj, remote, inner
         self.store = cfs.store
         self.readahead = cfs.settings.readahead
-        self._fetch = _with_retries(_range_fetcher(remote, inner, obj.etag), obj.url,
-                                    cfs.settings.retries)
+        fetch = _with_retries(_range_fetcher(remote, inner, obj.etag), obj.url,
+                              cfs.settings.retries)
+
+        def fetch_or_forget(start: int, end: int) -> bytes:
+            try:
+                return fetch(start, end)
+            except ObjectChanged:
+                cfs.forget(obj.url)  # the next open looks the object up again, TTL or not
+                raise
+
+        self._fetch = fetch_or_forget
         self._blocks: OrderedDict[int, Block] = OrderedDict()
         self._ahead: dict[int, Future | None] = {}  # readahead done by this file, never twice
         self._last_end = -1
@@ -285,6 +299,9 @@ class AvaCacheFile(AbstractBufferedFile):
             self._blocks.popitem(last=False)[1].close()
 
     def _fetch_range(self, start: int, end: int) -> bytes:
+        end = min(end, self.size)  # fsspec's cache layer does not clamp reads past the end
+        if start >= end:
+            return b""
         bs = self.obj.block_size
         if start // bs == (end - 1) // bs:  # within one block: one pread, one copy
             out: list[bytes] = []

@@ -561,6 +561,9 @@ class BlockStore:
         except OSError:
             pass  # only a HEAD saved; never fail a read over it
 
+    def forget_object(self, url: str) -> None:
+        _unlink(self._meta_path(url))
+
     # -- reporting -----------------------------------------------------------------------------
     def status(self) -> dict:
         """Bytes and blocks on disk (scanned), summed hit/miss counters, the size limit."""
@@ -572,6 +575,7 @@ class BlockStore:
                 blocks += 1
             except FileNotFoundError:
                 continue
+        self._compact_stats()
         hits = misses = fetched = 0
         try:
             names = os.listdir(self.stats.directory)
@@ -596,6 +600,46 @@ class BlockStore:
             pass
         return {"dir": self.root, "bytes": total, "blocks": blocks, "hits": hits,
                 "misses": misses, "fetched_bytes": fetched, "size_limit": limit}
+
+
+    def _compact_stats(self) -> None:
+        """Fold counter files of long-gone processes into stats/archive.json."""
+        d = self.stats.directory
+        try:
+            names = [n for n in os.listdir(d) if n[:-5].isdigit() and n.endswith(".json")]
+        except OSError:
+            return
+        now = time.time()
+        stale = []
+        for name in names:
+            path = os.path.join(d, name)
+            try:
+                if now - os.stat(path).st_mtime > _STALE_TMP_S and not _pid_alive(int(name[:-5])):
+                    stale.append(path)
+            except OSError:
+                continue
+        if not stale:
+            return
+        try:
+            with self._locked_usage():  # one compactor at a time
+                archive = os.path.join(d, "archive.json")
+                try:
+                    with open(archive, "rb") as f:
+                        total = json.loads(f.read())
+                except (OSError, ValueError):
+                    total = {}
+                for path in stale:
+                    try:
+                        with open(path, "rb") as f:
+                            rec = json.loads(f.read())
+                    except (OSError, ValueError):
+                        continue
+                    for key in ("hits", "misses", "fetched_bytes"):
+                        total[key] = int(total.get(key, 0)) + int(rec.get(key, 0))
+                    _atomic_write(archive, json.dumps(total).encode())
+                    _unlink(path)
+        except OSError:
+            pass
 
 
 class _UsageLock:
