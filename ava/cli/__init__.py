@@ -121,4 +121,5 @@ def main(argv: Optional[List[str]] = None) -> None:
 # Each command group registers itself on `app`; they import heavy libraries only when run.
 from ava.cli import nodes as _nodes  # noqa: E402,F401
 from ava.cli import doctor as _doctor  # noqa: E402,F401
+from ava.cli import provision as _provision  # noqa: E402,F401
 from ava.cli import train as _train  # noqa: E402,F401

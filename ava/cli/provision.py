@@ -1,0 +1,93 @@
+"""`ava provision`: gather facts, show the plan per node, apply it with live progress."""
+
+from __future__ import annotations
+
+import threading
+from typing import List
+
+import typer
+
+from ava.cli import app, load_inventory
+from ava.errors import EXIT_INFRA, EXIT_OK
+
+
+@app.command()
+def provision(
+    names: List[str] = typer.Argument(None, metavar="[NODE…]", help="Nodes to set up (default: all)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan per node; change nothing."),
+) -> int:
+    """Set nodes up: workdir, agent, runtime, cache configuration, cgroup parent, Python environment.
+
+    Idempotent: a second run finds everything in place and says "nothing to do".
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ava import console
+    from ava.errors import AvaError
+    from ava.provision import Plan, PlanResult, Step, apply_all, plan_all
+
+    inventory = load_inventory()
+    chosen = inventory.select(names) if names else list(inventory.nodes.values())
+    outcomes = plan_all(chosen, base=inventory.path.parent)
+    plans = {name: o for name, o in outcomes.items() if isinstance(o, Plan)}
+    failed = {name: o for name, o in outcomes.items() if isinstance(o, AvaError)}
+    width = max(len(n.name) for n in chosen)
+
+    for node in chosen:
+        if node.name in failed:
+            continue
+        plan = plans[node.name]
+        label = node.name.ljust(width)
+        if plan.empty:
+            console.out.print(f"{label}  nothing to do", markup=False)
+        for step in plan.steps:
+            console.out.print(f"{label}  {step.kind:<8} {step.description}", markup=False)
+        for note in plan.notes:
+            console.out.print(f"{label}  note     {note}", markup=False)
+    for name, error in failed.items():
+        console.error(error)
+    if dry_run:
+        return EXIT_INFRA if failed else EXIT_OK
+
+    busy = {name: plan for name, plan in plans.items() if not plan.empty}
+    results: dict[str, PlanResult | AvaError] = {}
+    if busy:
+        lock = threading.Lock()
+        live = console.err.is_terminal
+        with Progress(
+            TextColumn("{task.fields[node]}", style="bold"),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            console=console.err,
+            transient=False,
+            disable=not live,
+        ) as progress:
+            tasks = {name: progress.add_task("waiting", total=len(p.steps), node=name.ljust(width)) for name, p in busy.items()}
+
+            def on_step(name: str, step: Step, state: str) -> None:
+                with lock:
+                    if state == "start":
+                        progress.update(tasks[name], description=step.description)
+                    elif state == "done":
+                        progress.advance(tasks[name])
+                    else:
+                        progress.update(tasks[name], description=f"FAILED: {step.kind}")
+                    if not live and state != "start":
+                        console.info(f"{name}: {step.kind} {state}")
+
+            results = apply_all([n for n in chosen if n.name in busy], busy, on_step)
+            for name, outcome in results.items():
+                if not isinstance(outcome, AvaError):
+                    progress.update(tasks[name], description="done")
+
+    for name, outcome in results.items():
+        if isinstance(outcome, AvaError):
+            failed[name] = outcome
+            console.error(outcome)
+    done = [name for name, outcome in results.items() if not isinstance(outcome, AvaError)]
+    console.info(
+        f"{len(done)} node{'s' if len(done) != 1 else ''} set up, {len(plans) - len(busy)} already in place"
+        + (f", {len(failed)} failed" if failed else "")
+    )
+    return EXIT_INFRA if failed else EXIT_OK
