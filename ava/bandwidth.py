@@ -118,7 +118,8 @@ def measure(
     outcomes = run_all(nodes, one)
     failures = [o for o in outcomes.values() if isinstance(o, AvaError)]
     if failures:
-        # The first rank to fail is the cause; the others only timed out waiting for it.
-        first = failures[0]
+        # One rank's failure makes the others time out waiting for it: report the cause.
+        causes = [f for f in failures if "timed out" not in f.message and "Timeout" not in f.tail]
+        first = (causes or failures)[0]
         raise CommandError(first.message, tail=first.tail)
     return report(outcomes[master.name], nodes)  # type: ignore[arg-type]

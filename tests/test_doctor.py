@@ -309,6 +309,24 @@ def test_doctor_bandwidth_prints_sizes_and_bus_bandwidth(cluster: Cluster, tmp_p
     assert len(rows) >= 6
 
 
+@needs_root
+def test_doctor_bandwidth_flags_a_node_with_a_slow_link(cluster: Cluster, tmp_path: Path) -> None:
+    namespace = cluster.node("n3").namespace
+    assert namespace
+    # n3 sends at 400 Mbit/s at most; the bridge gives the others well over a GB/s.
+    shape = ["ip", "netns", "exec", namespace, "tc", "qdisc"]
+    subprocess.run([*shape, "add", "dev", "eth0", "root", "tbf", "rate", "400mbit", "burst", "256kb", "latency", "50ms"],
+                   check=True)
+    try:
+        code, report, _ = doctor(inventory(cluster, tmp_path, THREE), "--bandwidth")
+    finally:
+        subprocess.run([*shape, "del", "dev", "eth0", "root"], check=True)
+    assert code == 0, report
+    links = {l["node"]: l for l in report["bandwidth"]["links"]}
+    assert links["n3"]["slow"] and not links["n2"]["slow"], links
+    assert_fails_with_fix(find(report, "bandwidth", "n3"), WARN)
+
+
 # -- pure logic ---------------------------------------------------------------------------------
 
 
