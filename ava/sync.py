@@ -121,15 +121,21 @@ def manifest_of(root: Path, *, patterns: list[str] | None = None) -> Manifest:
 
 
 @lru_cache(maxsize=1)
-def runtime_manifest() -> tuple[Manifest, Path]:
-    """The user-side ava modules, laid out as a package `ava/` inside the runtime tree."""
+def runtime_manifest() -> tuple[Manifest, dict[str, bytes]]:
+    """The user-side ava modules, laid out as a package `ava/` inside the runtime tree.
+
+    The bytes are read once, with their hashes, so what ships always matches its manifest.
+    """
     package = Path(__file__).resolve().parent
-    files = []
+    files, contents = [], {}
     for entry in manifest_of(package).files:
         top = entry.path.split("/", 1)[0]
         if entry.path in RUNTIME_FILES or top in RUNTIME_PACKAGES:
-            files.append(FileEntry("ava/" + entry.path, entry.sha256, entry.size, False))
-    return Manifest(tuple(files)), package.parent
+            data = (package / entry.path).read_bytes()
+            path = "ava/" + entry.path
+            files.append(FileEntry(path, hashlib.sha256(data).hexdigest(), len(data), False))
+            contents[path] = data
+    return Manifest(tuple(files)), contents
 
 
 # -- node paths -------------------------------------------------------------------------------
@@ -168,14 +174,14 @@ def ship_agent(node: Node) -> bool:
 
 
 def ship_runtime(node: Node) -> SyncStats:
-    manifest, base = runtime_manifest()
-    return ship_tree(node, manifest, base / "")
+    manifest, contents = runtime_manifest()
+    return ship_tree(node, manifest, contents)
 
 
-def ship_tree(node: Node, manifest: Manifest, root: Path) -> SyncStats:
+def ship_tree(node: Node, manifest: Manifest, root: Path | dict[str, bytes]) -> SyncStats:
     """Make `trees/<hash>` on the node hold exactly `manifest`, sending only missing objects.
 
-    `root` is where the manifest's paths are read from (for the runtime, paths start `ava/`).
+    `root` is the directory the manifest's paths are read from, or those paths' bytes.
     """
     transport = connect(node)
     tree = manifest.tree
@@ -203,7 +209,7 @@ def ship_tree(node: Node, manifest: Manifest, root: Path) -> SyncStats:
     return SyncStats(tree, len(manifest.files), sent_files, sent_bytes)
 
 
-def _archive(manifest: Manifest, root: Path, wanted: set[str]) -> tuple[bytes, int, int]:
+def _archive(manifest: Manifest, root: Path | dict[str, bytes], wanted: set[str]) -> tuple[bytes, int, int]:
     buffer = io.BytesIO()
     files = sent = 0
     done: set[str] = set()
@@ -212,7 +218,7 @@ def _archive(manifest: Manifest, root: Path, wanted: set[str]) -> tuple[bytes, i
             if entry.sha256 not in wanted or entry.sha256 in done:
                 continue
             done.add(entry.sha256)
-            data = (root / entry.path).read_bytes()
+            data = root[entry.path] if isinstance(root, dict) else (root / entry.path).read_bytes()
             info = tarfile.TarInfo(entry.sha256)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -15,8 +15,10 @@ By hand, for benchmarks:  python -m tests.cluster up 3   (prints the inventory; 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -30,6 +32,9 @@ from typing import Iterator
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 PREFIX = "avat"  # every namespace, link and hosts entry this module makes starts with it
 HOSTS_FILE = Path("/etc/hosts")
+# One file per live cluster, holding its owner's pid: only clusters whose owner died are stale.
+OWNERS = Path(tempfile.gettempdir()) / "ava-test-clusters"
+_CLUSTERS = itertools.count()
 
 
 def is_root() -> bool:
@@ -76,10 +81,11 @@ class Cluster:
     use_namespaces: bool = field(default_factory=is_root)
 
     def __post_init__(self) -> None:
-        self.id = f"{os.getpid() % 0xFFFF:04x}"
+        number = (os.getpid() * 8 + next(_CLUSTERS)) % 0xFFFF
+        self.id = f"{number:04x}"
         self.bridge = f"{PREFIX}{self.id}br"
         # A /24 of our own, used only inside namespaces this cluster makes.
-        self.subnet = f"10.213.{os.getpid() % 200 + 20}"
+        self.subnet = f"10.213.{number % 200 + 20}"
         self.key = self.root / "id_ed25519"
         self.known_hosts = self.root / "known_hosts"
 
@@ -88,6 +94,8 @@ class Cluster:
     def up(self) -> Cluster:
         if not have_sshd():
             raise RuntimeError("openssh-server is not installed (apt-get install openssh-server)")
+        OWNERS.mkdir(exist_ok=True)
+        (OWNERS / self.id).write_text(str(os.getpid()))
         try:
             os.makedirs("/run/sshd", exist_ok=True) if is_root() else None
             _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ava-test", "-f", str(self.key))
@@ -125,6 +133,7 @@ class Cluster:
             self._remove_hosts()
         self.nodes.clear()
         shutil.rmtree(self.root, ignore_errors=True)
+        (OWNERS / self.id).unlink(missing_ok=True)
 
     def _make_node(self, name: str, index: int) -> TestNode:
         folder = self.root / name
@@ -195,9 +204,20 @@ class Cluster:
         log = open(node.dir / "sshd.log", "ab")
         argv = [SSHD, "-D", "-e", "-f", str(config)]
         if node.namespace:
-            # Its own UTS namespace gives the node its own hostname, as a real node has.
-            script = f"hostname {node.hostname} && exec {' '.join(argv)}"
-            argv = ["ip", "netns", "exec", node.namespace, "unshare", "--uts", "sh", "-c", script]
+            # A node of its own: its network namespace (entered with nsenter, which unlike
+            # `ip netns exec` keeps /sys and so the real cgroup tree), its hostname (UTS), and a
+            # mount namespace where its resolv.conf fails fast and a plain ~/.bashrc replaces
+            # this machine's (which runs pyenv's rehash on every SSH command).
+            bashrc = node.dir / "bashrc"
+            bashrc.write_text("# ava test node\n")
+            steps = [
+                f"mount --bind /etc/netns/{node.namespace}/resolv.conf /etc/resolv.conf",
+                f"if [ -f ~/.bashrc ]; then mount --bind {shlex.quote(str(bashrc))} ~/.bashrc; fi",
+                f"hostname {node.hostname}",
+                "exec " + shlex.join(argv),
+            ]
+            argv = ["nsenter", f"--net=/run/netns/{node.namespace}", "--",
+                    "unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", " && ".join(steps)]
         node.sshd = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
 
@@ -358,13 +378,29 @@ def _toml(value: object) -> str:
     return str(value)
 
 
+def _stale_ids() -> set[str]:
+    """Clusters whose owning process is gone (other live test sessions are left alone)."""
+    stale = set()
+    for owner in OWNERS.glob("*") if OWNERS.exists() else []:
+        try:
+            os.kill(int(owner.read_text()), 0)
+        except (ProcessLookupError, ValueError):
+            stale.add(owner.name)
+    return stale
+
+
 def clean_stale() -> None:
     """Remove what a killed earlier test session left: namespaces, links, hosts entries."""
     if not is_root():
         return
+    live = {p.name for p in OWNERS.glob("*")} - _stale_ids() if OWNERS.exists() else set()
+
+    def is_stale(cluster_id: str) -> bool:
+        return cluster_id not in live
+
     for line in _sh("ip", "netns", "list", check=False).stdout.splitlines():
         ns = line.split()[0] if line.split() else ""
-        if ns.startswith(f"{PREFIX}-"):
+        if ns.startswith(f"{PREFIX}-") and is_stale(ns.split("-")[1]):
             for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
@@ -372,13 +408,16 @@ def clean_stale() -> None:
             shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
     for line in _sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
         parts = line.split(":")
-        if len(parts) > 1 and parts[1].strip().split("@")[0].startswith(PREFIX):
-            _sh("ip", "link", "del", parts[1].strip().split("@")[0], check=False)
+        name = parts[1].strip().split("@")[0] if len(parts) > 1 else ""
+        if name.startswith(PREFIX) and is_stale(name[len(PREFIX):len(PREFIX) + 4]):
+            _sh("ip", "link", "del", name, check=False)
     with contextlib.suppress(OSError):
         lines = HOSTS_FILE.read_text().splitlines(keepends=True)
-        kept = [l for l in lines if "# ava test cluster " not in l]
+        kept = [l for l in lines if "# ava test cluster " not in l or not is_stale(l.rsplit(" ", 1)[-1].strip())]
         if kept != lines:
             HOSTS_FILE.write_text("".join(kept))
+    for cluster_id in _stale_ids():
+        (OWNERS / cluster_id).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

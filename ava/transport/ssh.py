@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import io
+import logging
 import math
 import os
 import socket
@@ -26,6 +27,12 @@ from ava.transport.base import LineCallback, LineSplitter, Result
 
 if TYPE_CHECKING:
     from ava.config import Node
+
+
+# paramiko logs connect failures with tracebacks from its own threads; ava reports each failure
+# once, as one line, through ConnectError.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 
 class UnknownHostKey(paramiko.SSHException):
