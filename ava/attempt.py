@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ava import sync
-from ava.config import Node
+from ava.config import Node, Recipe
 from ava.errors import AvaError, CommandError
 from ava.launch import NodeLaunch, Route
 from ava.nodes import FACTS_SOURCE
@@ -44,6 +44,7 @@ class Prepared:
     code_tree: str
     runtime_tree: str
     code_stats: dict[str, sync.SyncStats] = field(default_factory=dict)
+    pythons: dict[str, str] = field(default_factory=dict)  # the interpreter of the run, per node
 
 
 def agent_command(node: Node, *args: str) -> str:
@@ -59,18 +60,20 @@ def fail_on_errors(outcomes: dict[str, Any], what: str) -> None:
         raise type(first)(f"{what}: {first.message}{more}", tail=first.tail) if isinstance(first, CommandError) else first
 
 
-def prepare(nodes: list[Node], code_root: Path, manifest: sync.Manifest) -> Prepared:
-    """Put the agent, ava's runtime modules and the run's code on every node (only what is missing)."""
+def prepare(nodes: list[Node], code_root: Path, manifest: sync.Manifest, *, recipe: Recipe,
+            inventory_dir: Path) -> Prepared:
+    """Provision what is missing on every node (agent, runtime, cache config, cgroup parent,
+    the run's venv), then put the run's code there. Costs one check per node when all is there."""
+    from ava import provision
+
     prepared = Prepared(manifest.tree, sync.runtime_manifest()[0].tree)
-
-    def one(node: Node) -> sync.SyncStats:
-        sync.ship_agent(node)
-        sync.ship_runtime(node)
-        return sync.ship_tree(node, manifest, code_root)
-
-    outcomes = run_all(nodes, one)
-    fail_on_errors(outcomes, "preparing nodes")
+    fail_on_errors(provision.ensure(nodes, recipe=recipe, base=inventory_dir), "provisioning nodes")
+    outcomes = run_all(nodes, lambda node: sync.ship_tree(node, manifest, code_root))
+    fail_on_errors(outcomes, "sending the code")
     prepared.code_stats = {name: o for name, o in outcomes.items() if isinstance(o, sync.SyncStats)}
+    prepared.pythons = {
+        node.name: provision.venv_python(node, recipe=recipe, root=inventory_dir) for node in nodes
+    }
     return prepared
 
 

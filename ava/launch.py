@@ -127,7 +127,7 @@ def plan(
     launches = []
     for index, node in enumerate(nodes):
         route = routes[node.name]
-        python = (pythons or {}).get(node.name, node.python)
+        python = route.expand((pythons or {}).get(node.name, node.python))
         argv = torchrun_argv(recipe, launch, nnodes=len(nodes), route=route, is_master=index == 0, python=python)
         spec: dict[str, Any] = {
             "run": launch.run_id,

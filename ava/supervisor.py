@@ -177,7 +177,8 @@ class Supervisor:
         return current
 
     def _launch(self, nodes: list[Node], current: Attempt) -> None:
-        prepared = nodes_ops.prepare(nodes, self.code_root, self.manifest)
+        prepared = nodes_ops.prepare(nodes, self.code_root, self.manifest, recipe=self.recipe,
+                                     inventory_dir=self.inventory.path.resolve().parent)
         self.record.code_tree = prepared.code_tree
         current.code_sent_bytes = sum(stats.sent_bytes for stats in prepared.code_stats.values())
         master = master_address(nodes[0])
@@ -185,7 +186,7 @@ class Supervisor:
         launch = Launch(self.record.id, current.number, master, port, prepared.code_tree,
                         prepared.runtime_tree, _user())
         current.master_port = port
-        nodes_ops.start(plan(self.recipe, nodes, launch, routes), master, port)
+        nodes_ops.start(plan(self.recipe, nodes, launch, routes, pythons=prepared.pythons), master, port)
 
     def _fail_launch(self, current: Attempt, failure: AvaError) -> None:
         current.state, current.ended, current.kind = "failed", time.time(), "launch"
