@@ -1,0 +1,119 @@
+"""The supervisor's decisions, over a table of observed cases (pure: no nodes, no clocks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ava.config import Failover
+from ava.decide import LOST_AFTER, STALE_AFTER, NodeView, Observation, Plan, Verdict, judge, recover
+
+HANG = 60.0
+
+
+def observe(*views: NodeView, elapsed: float = 10.0) -> Verdict:
+    return judge(Observation(tuple(views), elapsed), hang_timeout=HANG)
+
+
+def running(name: str, **kw: object) -> NodeView:
+    return NodeView(name, state="running", progress_age=1.0, **kw)  # type: ignore[arg-type]
+
+
+JUDGE_CASES = [
+    ("all running", [running("a"), running("b")], "running", None),
+    ("all succeeded", [NodeView("a", state="succeeded"), NodeView("b", state="succeeded")], "succeeded", None),
+    ("one succeeded, one running", [NodeView("a", state="succeeded"), running("b")], "running", None),
+    ("a rank exits non-zero", [running("a"), NodeView("b", state="failed", reason="exit", exit_code=1,
+                                                       rank_exit_codes={"3": 1, "2": 0})], "failed", "crash"),
+    ("out of memory", [NodeView("a", state="failed", reason="oom", memory_limit=200 * 2**20), running("b")], "failed", "oom"),
+    ("agent died", [NodeView("a", state="failed", reason="agent-died"), running("b")], "failed", "agent-died"),
+    ("unreachable briefly", [running("a"), NodeView("b", reachable=False, unreachable_for=LOST_AFTER - 1, state=None)],
+     "running", None),
+    ("unreachable long enough", [running("a"), NodeView("b", reachable=False, unreachable_for=LOST_AFTER, state=None)],
+     "failed", "node-lost"),
+    ("stale heartbeat", [running("a"), running("b", heartbeat_age=STALE_AFTER + 1)], "failed", "node-lost"),
+    ("stopped", [NodeView("a", state="stopped"), running("b")], "stopped", "stopped"),
+    ("no progress for hang_timeout", [NodeView("a", state="running", progress_age=HANG + 1),
+                                       NodeView("b", state="running", progress_age=HANG + 5)], "failed", "hang"),
+    ("one node still progressing", [NodeView("a", state="running", progress_age=HANG + 1),
+                                     NodeView("b", state="running", progress_age=2.0)], "running", None),
+]
+
+
+@pytest.mark.parametrize(("views", "outcome", "kind"), [c[1:] for c in JUDGE_CASES], ids=[c[0] for c in JUDGE_CASES])
+def test_judge_over_the_table(views: list[NodeView], outcome: str, kind: str | None) -> None:
+    verdict = observe(*views, elapsed=HANG + 10)
+    assert (verdict.outcome, verdict.kind) == (outcome, kind)
+
+
+def test_a_hang_is_not_declared_before_hang_timeout_has_passed_since_the_start() -> None:
+    assert observe(NodeView("a", state="running"), elapsed=HANG - 1).outcome == "running"
+    assert observe(NodeView("a", state="running"), elapsed=HANG + 1).kind == "hang"
+
+
+def test_the_first_failure_in_time_is_the_cause() -> None:
+    later = NodeView("a", state="failed", reason="exit", exit_code=1, rank_exit_codes={"0": 1}, ended=20.0)
+    first = NodeView("b", state="failed", reason="exit", exit_code=1, rank_exit_codes={"3": 7}, ended=10.0)
+    verdict = observe(later, first)
+    assert (verdict.node, verdict.rank, verdict.exit_code) == ("b", 3, 7)
+    assert verdict.cause == "rank 3 on b exited 7"
+
+
+def test_out_of_memory_names_node_and_limit() -> None:
+    verdict = observe(NodeView("gpu2", state="failed", reason="oom", memory_limit=8 * 2**30))
+    assert verdict.cause == "out of memory on gpu2 (limit 8GiB)"
+
+
+POLICY = Failover(max_restarts=3, on_node_loss="replace", hang_timeout=HANG, fatal_exit_codes=(2,), backoff=2.0)
+CRASH = Verdict("failed", "crash", "rank 1 on a exited 1", node="a", rank=1, exit_code=1)
+LOST_B = Verdict("failed", "node-lost", "node b stopped answering", node="b", lost=("b",))
+
+
+def plan(verdict: Verdict, *, policy: Failover = POLICY, used: int = 0, spares: tuple[str, ...] = ("d",),
+         nodes_min: int = 3) -> Plan:
+    return recover(verdict, failover=policy, restarts_used=used, current=("a", "b", "c"), spares=spares,
+                   nodes_min=nodes_min)
+
+
+def test_a_crash_restarts_on_the_same_nodes_with_backoff() -> None:
+    assert plan(CRASH) == Plan(True, CRASH.cause or "", ("a", "b", "c"), 2.0)
+    assert plan(CRASH, used=2).backoff == 8.0
+
+
+def test_the_restart_budget_counts_for_the_whole_run() -> None:
+    decision = plan(CRASH, used=3)
+    assert not decision.restart and "budget exhausted" in decision.reason
+
+
+def test_a_fatal_exit_code_is_never_retried() -> None:
+    fatal = Verdict("failed", "crash", "rank 0 on a exited 2", node="a", rank=0, exit_code=2)
+    decision = plan(fatal)
+    assert not decision.restart and "fatal_exit_codes" in decision.reason
+
+
+def test_replace_swaps_a_lost_node_for_a_spare_keeping_order() -> None:
+    assert plan(LOST_B).nodes == ("a", "c", "d")
+
+
+def test_replace_without_a_spare_shrinks_only_when_the_range_allows() -> None:
+    assert plan(LOST_B, spares=(), nodes_min=2).nodes == ("a", "c")
+    assert not plan(LOST_B, spares=(), nodes_min=3).restart
+
+
+def test_shrink_goes_on_with_the_survivors() -> None:
+    shrink = Failover(3, "shrink", HANG, (2,), 2.0)
+    assert plan(LOST_B, policy=shrink, nodes_min=2).nodes == ("a", "c")
+    assert not plan(LOST_B, policy=shrink, nodes_min=3).restart
+
+
+def test_fail_policy_gives_up_on_node_loss() -> None:
+    failing = Failover(3, "fail", HANG, (2,), 2.0)
+    decision = plan(LOST_B, policy=failing)
+    assert not decision.restart and "on_node_loss" in decision.reason
+
+
+def test_a_stop_is_never_restarted() -> None:
+    assert not plan(Verdict("stopped", "stopped", "stopped by `ava stop`")).restart
+
+
+def test_backoff_is_capped() -> None:
+    assert plan(CRASH, used=2, policy=Failover(100, "replace", HANG, (2,), 30.0)).backoff == 60.0
