@@ -286,6 +286,11 @@ class Cluster:
         target.write_text("\n".join(lines) + "\n")
         return target
 
+    @property
+    def gateway(self) -> str:
+        """This machine's address as every node sees it (for servers the tests run, e.g. S3)."""
+        return f"{self.subnet}.1" if self.use_namespaces else "127.0.0.1"
+
     def node(self, name: str) -> TestNode:
         return next(n for n in self.nodes if n.name == name)
 
