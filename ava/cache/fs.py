@@ -240,10 +240,14 @@ class AvaCacheFileSystem(ChainedFileSystem):
         for first in range(0, obj.nblocks, batch):
             idx = range(first, min(first + batch, obj.nblocks))
             futures = [_pool().submit(self.store.get, obj, i, fetch) for i in idx]
-            for fut in futures:
-                block = fut.result()
-                done += block.length
-                block.close()
+            try:
+                while futures:
+                    block = futures.pop(0).result()
+                    done += block.length
+                    block.close()
+            finally:
+                for fut in futures:  # after a failure: let the rest finish, unpinned
+                    _discard(fut)
             if on_progress is not None:
                 on_progress(done, obj.size)
         return obj.size
@@ -275,6 +279,7 @@ class AvaCacheFile(AbstractBufferedFile):
         self._blocks: OrderedDict[int, Block] = OrderedDict()
         self._ahead: dict[int, Future | None] = {}  # readahead done by this file, never twice
         self._last_end = -1
+        self._ahead_upto = 0  # readahead has been considered for every block below this
 
     def _block(self, index: int) -> Block:
         block = self._blocks.get(index)
@@ -298,15 +303,32 @@ class AvaCacheFile(AbstractBufferedFile):
         while len(self._blocks) > self._KEEP_OPEN:
             self._blocks.popitem(last=False)[1].close()
 
+    def read(self, length: int = -1) -> bytes:
+        """Read up to `length` bytes (all when negative); fsspec's cache layer is bypassed."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        loc = self.loc
+        end = self.size if length is None or length < 0 else min(self.size, loc + int(length))
+        if end <= loc:
+            return b""
+        out = self._fetch_range(loc, end)
+        self.loc = loc + len(out)
+        return out
+
     def _fetch_range(self, start: int, end: int) -> bytes:
         end = min(end, self.size)  # fsspec's cache layer does not clamp reads past the end
         if start >= end:
             return b""
         bs = self.obj.block_size
-        if start // bs == (end - 1) // bs:  # within one block: one pread, one copy
-            out: list[bytes] = []
-            self._copy(start, end, lambda block, lo, n: out.append(block.read(lo, n)))
-            return out[0]
+        index = start // bs
+        if index == (end - 1) // bs:  # within one block: one pread, one copy
+            block = self._blocks.get(index)
+            if block is None:  # the general path fetches it (and starts readahead)
+                out: list[bytes] = []
+                self._copy(start, end, lambda block, lo, n: out.append(block.read(lo, n)))
+                return out[0]
+            self._window(start, end, index)  # hot path: a block this file already holds
+            return block.read(start - index * bs, end - start)
         buf, view = new_bytes(end - start)  # spanning blocks: still one copy, no join
         pos = 0
 
@@ -339,18 +361,7 @@ class AvaCacheFile(AbstractBufferedFile):
         """Call sink(block, offset in block, length) for [start, end), fetching what is missing."""
         bs = self.obj.block_size
         first, last = start // bs, (end - 1) // bs
-        # A read continuing the previous one opens the full readahead window; a first read at
-        # offset 0 is probably a scan starting, so it bets on one block. Any other read fetches
-        # only the blocks it touches.
-        if start == self._last_end and start > 0:
-            window = self.readahead
-        elif start == 0 and self._last_end < 0:
-            window = min(1, self.readahead)
-        else:
-            window = 0
-        self._last_end = end
-        if window:
-            self._read_ahead(last + 1, min(last + 1 + window, self.obj.nblocks))
+        self._window(start, end, last)
         pending: dict[int, Future] = {}
         if last > first:  # a read spanning blocks fetches the missing ones concurrently
             for i in range(first + 1, last + 1):
@@ -373,6 +384,23 @@ class AvaCacheFile(AbstractBufferedFile):
             for fut in pending.values():
                 _discard(fut)
             self._trim()
+
+    def _window(self, start: int, end: int, last: int) -> None:
+        """Readahead policy. A read continuing the previous one opens the full window; a first
+        read at offset 0 is probably a scan starting, so it bets on one block; any other read
+        fetches only the blocks it touches."""
+        if start == self._last_end and start > 0:
+            window = self.readahead
+        elif start == 0 and self._last_end < 0:
+            window = min(1, self.readahead)
+        else:
+            window = 0
+            self._ahead_upto = 0  # after a jump, consider the window afresh when it resumes
+        self._last_end = end
+        stop = min(last + 1 + window, self.obj.nblocks)
+        if window and stop > self._ahead_upto:
+            self._read_ahead(max(last + 1, self._ahead_upto), stop)
+            self._ahead_upto = stop
 
     def _read_ahead(self, first: int, stop: int) -> None:
         for i in range(first, stop):
