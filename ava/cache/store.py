@@ -174,7 +174,8 @@ class _Stats:
             return
         path = os.path.join(self.directory, f"{self._pid}.json")
         try:
-            os.makedirs(self.directory, exist_ok=True)
+            if not os.path.isdir(self.directory):
+                os.mkdir(self.directory)  # never re-creates a cache directory removed meanwhile
             _atomic_write(path, json.dumps(
                 {"hits": self.hits, "misses": self.misses, "fetched_bytes": self.fetched}
             ).encode())
