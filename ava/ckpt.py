@@ -1,0 +1,569 @@
+"""Checkpoints that a crash mid-save can never corrupt, on a local directory or any fsspec URL.
+
+Imported on the nodes by training scripts: standard library, torch and fsspec only.
+
+Layout under the checkpoint directory (a local path, `s3://bucket/prefix`, any fsspec URL):
+
+    step-00000100/state.pt         save(): one file, written by rank 0
+    step-00000100.COMMITTED        the commit marker: small JSON, written LAST
+    step-00000200/__0_0.distcp …   save_sharded(): torch.distributed.checkpoint, one file per rank
+    step-00000200/.metadata
+    step-00000200.COMMITTED
+
+Object stores have no atomic rename, so a checkpoint is committed by its marker, one small
+object put in a single request after everything else is durable (on a local directory the
+marker itself is written under a temporary name and renamed). Listing trusts markers only: a
+step directory without its marker is a save that died and is never loaded; it is deleted by a
+later save. The marker records each file's size and CRC-32, so a checkpoint whose bytes changed
+after the commit (truncated, overwritten, lost) is detected and `load_latest` falls back to the
+previous one. One run history per directory: steps are ordered by number.
+
+S3 credentials and endpoint come from the environment, read by s3fs/botocore: `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, and for a non-AWS endpoint (MinIO, Ceph, moto)
+`AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`, or fsspec's own `FSSPEC_S3_ENDPOINT_URL`); all three
+verified with s3fs 2026.9 / botocore 1.43 against a moto server (tests/test_ckpt.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import re
+import time
+import warnings
+import zlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import fsspec
+import torch
+import torch.distributed as dist
+from fsspec.implementations.local import LocalFileSystem
+
+from ava import env
+
+__all__ = [
+    "CheckpointError",
+    "save",
+    "load_latest",
+    "latest_step",
+    "committed_steps",
+    "save_sharded",
+    "load_sharded",
+    "wait",
+]
+
+log = logging.getLogger("ava.ckpt")
+
+STATE_FILE = "state.pt"
+MARKER_SUFFIX = ".COMMITTED"
+_NAME = re.compile(r"^step-(\d+)(\.COMMITTED)?$")
+_CHUNK = 8 << 20
+
+
+class CheckpointError(Exception):
+    """No checkpoint directory was given, or a save failed."""
+
+
+class _Unreadable(Exception):
+    """A committed checkpoint whose bytes are not what was committed: fall back to an older one."""
+
+
+class _OtherFormat(_Unreadable):
+    """A committed checkpoint of the other kind (save() vs save_sharded()): skipped quietly."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: the few operations the protocol needs, on fsspec, with local-directory durability.
+
+
+class _Store:
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/") or url
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.root = root.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def step_dir(self, step: int) -> str:
+        return f"{self.root}/step-{step:08d}"
+
+    def marker(self, step: int) -> str:
+        return self.step_dir(step) + MARKER_SUFFIX
+
+    def url_of(self, path: str) -> str:
+        """A path of this store as a URL that fsspec (and DCP's FsspecWriter) can open again."""
+        if self.local:
+            return path
+        return self.fs.unstrip_protocol(path)
+
+    def scan(self) -> tuple[set[int], set[int]]:
+        """(committed steps, steps that have a directory), fresh from storage, never a cache."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            names = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return set(), set()
+        committed: set[int] = set()
+        dirs: set[int] = set()
+        for name in names:
+            m = _NAME.match(name.rstrip("/").rsplit("/", 1)[-1])
+            if m:
+                (committed if m.group(2) else dirs).add(int(m.group(1)))
+        return committed, dirs
+
+    def put_atomic(self, path: str, data: bytes) -> None:
+        """Put a small object whole or not at all."""
+        if not self.local:
+            self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+            return
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path))
+
+    def remove(self, step: int) -> None:
+        """Uncommit first, then delete the data: never a marker that points at missing files."""
+        for path, recursive in ((self.marker(step), False), (self.step_dir(step), True)):
+            try:
+                self.fs.rm(path, recursive=recursive)
+            except FileNotFoundError:
+                pass
+
+    def read_marker(self, step: int) -> dict[str, Any]:
+        try:
+            return json.loads(self.fs.cat_file(self.marker(step)))
+        except (OSError, ValueError) as e:
+            raise _Unreadable(f"commit marker: {e}") from e
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _CrcWriter:
+    """File-like sink for torch.save that counts and checksums what passes through."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.size, self.crc = f, 0, 0
+
+    def write(self, data: Any) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        n = len(memoryview(data).cast("B"))
+        self.size += n
+        self.f.write(data)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Where, who, and the background writer.
+
+
+def _resolve(dir: str | os.PathLike[str] | None) -> _Store:
+    url = os.fspath(dir) if dir is not None else env.checkpoint_dir()
+    if not url:
+        raise CheckpointError(
+            "no checkpoint directory: pass dir= or set AVA_CHECKPOINT_DIR "
+            "(a recipe's [checkpoint] dir sets it under ava)"
+        )
+    return _Store(url)
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _keep(keep: int | None) -> int:
+    """`keep` if given, else the recipe's checkpoint.keep (AVA_CHECKPOINT_KEEP), else 3; 0 = all."""
+    if keep is not None:
+        return keep
+    return env.checkpoint_keep() or 3
+
+
+def _distributed(group: Any = None) -> bool:
+    return _initialized() and dist.get_world_size(group) > 1
+
+
+def _rank(group: Any = None) -> int:
+    if _initialized():
+        return dist.get_rank(group)
+    return env.rank()
+
+
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_pending: list[concurrent.futures.Future[int]] = []
+
+
+def _submit(fn: Any, *args: Any) -> concurrent.futures.Future[int]:
+    global _executor
+    if _executor is None:
+        # Not a daemon: an interpreter that exits right after an async save still commits it.
+        _executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ava-ckpt")
+    fut = _executor.submit(fn, *args)
+    _pending.append(fut)
+    return fut
+
+
+def wait() -> None:
+    """Block until every async save of this process is committed; re-raise the first failure."""
+    pending = list(_pending)
+    _pending.clear()
+    for fut in pending:
+        fut.result()
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A private CPU copy of `obj`: training may change the original as soon as we return."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, Mapping):
+        out: Any = {k: _to_cpu(v) for k, v in obj.items()}
+        # nn.Module.state_dict() keeps per-module versions in `_metadata`; load_state_dict reads them.
+        if hasattr(obj, "_metadata"):
+            out = collections.OrderedDict(out)
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_to_cpu(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return copy.deepcopy(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-state checkpoints: torch.save by rank 0.
+
+
+def save(
+    state: Mapping[str, Any],
+    step: int,
+    *,
+    dir: str | os.PathLike[str] | None = None,
+    keep: int | None = None,
+    async_: bool = False,
+) -> concurrent.futures.Future[int] | None:
+    """Save `state` (anything torch.save takes) as checkpoint `step` and keep the last `keep`
+    (default: AVA_CHECKPOINT_KEEP, else 3; 0 keeps all).
+
+    Call it on every rank: in a distributed job only rank 0 writes (the state is the same on
+    every rank under DDP); other ranks return None at once. `dir` defaults to
+    AVA_CHECKPOINT_DIR. With `async_=True` training is blocked only while the state is copied to
+    CPU; the write and commit run in a background thread and the returned Future gives the step
+    once committed. One save is in flight at a time: a new save first waits for the previous one
+    (and re-raises its failure), as does `wait()`.
+    """
+    store, keep = _resolve(dir), _keep(keep)
+    if _rank() != 0:
+        return None
+    wait()
+    if not async_:
+        _save_now(store, state, step, keep)
+        return None
+    return _submit(_save_now, store, _to_cpu(state), step, keep)
+
+
+def _save_now(store: _Store, state: Mapping[str, Any], step: int, keep: int) -> int:
+    started = time.time()
+    store.remove(step)  # a leftover of a save that died, or an older history's same step
+    step_dir = store.step_dir(step)
+    path = f"{step_dir}/{STATE_FILE}"
+    if store.local:
+        os.makedirs(step_dir, exist_ok=True)
+        with open(path, "wb") as f:
+            sink = _CrcWriter(f)
+            torch.save(state, sink)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(step_dir)
+    else:
+        with store.fs.open(path, "wb", block_size=_CHUNK * 8) as f:
+            sink = _CrcWriter(f)
+            torch.save(state, sink)
+    marker = {
+        "step": step,
+        "format": "torch",
+        "files": {STATE_FILE: {"size": sink.size, "crc32": sink.crc}},
+        "time": time.time(),
+        "seconds": round(time.time() - started, 3),
+    }
+    store.put_atomic(store.marker(step), json.dumps(marker).encode())
+    _prune(store, step, keep)
+    return step
+
+
+def _prune(store: _Store, step: int, keep: int) -> None:
+    committed, dirs = store.scan()
+    if keep > 0:
+        for old in sorted(committed)[:-keep]:
+            store.remove(old)
+    # Directories older than this commit and never committed: saves that died.
+    for old in dirs - committed:
+        if old < step:
+            store.remove(old)
+
+
+def committed_steps(dir: str | os.PathLike[str] | None = None) -> list[int]:
+    """Every committed step in `dir` (default AVA_CHECKPOINT_DIR), oldest first."""
+    return sorted(_resolve(dir).scan()[0])
+
+
+def latest_step(dir: str | os.PathLike[str] | None = None) -> int | None:
+    """The newest committed step in `dir` (default AVA_CHECKPOINT_DIR), or None; reads no data."""
+    steps = committed_steps(dir)
+    return steps[-1] if steps else None
+
+
+def _read_state(store: _Store, step: int, map_location: Any, weights_only: bool) -> Any:
+    marker = store.read_marker(step)
+    if marker.get("format") != "torch":
+        raise _OtherFormat(f"format {marker.get('format')!r}, not a save() checkpoint")
+    try:
+        want = marker["files"][STATE_FILE]
+        path = f"{store.step_dir(step)}/{STATE_FILE}"
+        if store.local:
+            size, crc = 0, 0
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    size, crc = size + len(chunk), zlib.crc32(chunk, crc)
+            source: Any = path  # read again from the page cache by torch.load
+        else:
+            data = store.fs.cat_file(path)
+            size, crc = len(data), zlib.crc32(data)
+            source = io.BytesIO(data)
+    except (OSError, KeyError, TypeError) as e:
+        raise _Unreadable(str(e)) from e
+    if (size, crc) != (want["size"], want["crc32"]):
+        raise _Unreadable(f"{STATE_FILE} is {size} bytes crc32 {crc:08x}, committed "
+                          f"{want['size']} bytes crc32 {want['crc32']:08x}")
+    # The bytes are those committed: a failure from here on is a real error, not corruption.
+    return torch.load(source, map_location=map_location, weights_only=weights_only)
+
+
+def load_latest(
+    *,
+    dir: str | os.PathLike[str] | None = None,
+    map_location: Any = "cpu",
+    weights_only: bool = True,
+    agree: bool | None = None,
+) -> tuple[Any, int] | None:
+    """Load the newest committed save() checkpoint: (state, step), or None when there is none.
+
+    A committed checkpoint whose bytes no longer match its marker (truncated, missing, I/O
+    error) is skipped with a warning on the `ava.ckpt` logger and the previous one is tried.
+    `weights_only` is torch.load's (True: tensors, dicts, lists, numbers, strings only).
+
+    `agree` (default: on when a torch.distributed job of more than one process is initialized)
+    makes the ranks settle on the same step: a collective, so call it on every rank.
+    """
+    store = _resolve(dir)
+    agree = _distributed() if agree is None else agree
+    steps = sorted(store.scan()[0], reverse=True)
+    if agree:
+        steps = _from_rank0(steps)
+    for step in steps:
+        try:
+            state, ok = _read_state(store, step, map_location, weights_only), True
+        except _OtherFormat:
+            state, ok = None, False
+        except _Unreadable as e:
+            log.warning("ava.ckpt: %s: step %d is unreadable (%s); trying the previous checkpoint",
+                        store.url, step, e)
+            state, ok = None, False
+        if agree:
+            oks: list[bool] = [False] * dist.get_world_size()
+            dist.all_gather_object(oks, ok)
+            ok = all(oks)
+        if ok:
+            return state, step
+    return None
+
+
+def _from_rank0(obj: Any, group: Any = None) -> Any:
+    box = [obj]
+    if group is None:
+        dist.broadcast_object_list(box, src=0)
+    else:
+        dist.broadcast_object_list(box, group=group, group_src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints: torch.distributed.checkpoint, every rank writes its own shards.
+
+_gloo: Any = None
+
+
+def _checkpoint_group(group: Any) -> Any:
+    """A Gloo group for background collectives: async DCP must not share NCCL's training group."""
+    global _gloo
+    if group is not None or not _distributed() or "gloo" in dist.get_backend():
+        return group
+    if _gloo is None:
+        _gloo = dist.new_group(backend="gloo")
+    return _gloo
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Without a process group DCP warns that it assumes one process: that is what we asked for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier(group: Any) -> None:
+    if _distributed(group):
+        dist.barrier(group=group)
+
+
+def _dcp_io(store: _Store, step: int, write: bool) -> Any:
+    import torch.distributed.checkpoint as dcp
+
+    path = store.step_dir(step)
+    if store.local:
+        return dcp.FileSystemWriter(path) if write else dcp.FileSystemReader(path)
+    # Public in torch 2.2+ docs, but exported only from this module.
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    if write:
+        # sync_files would call os.sync() for non-local streams: pointless for object stores.
+        return FsspecWriter(store.url_of(path), sync_files=False)
+    return FsspecReader(store.url_of(path))
+
+
+def save_sharded(
+    state: dict[str, Any],
+    step: int,
+    *,
+    dir: str | os.PathLike[str] | None = None,
+    keep: int | None = None,
+    async_: bool = False,
+    process_group: Any = None,
+) -> concurrent.futures.Future[int] | None:
+    """Save FSDP-style (or any) state with torch.distributed.checkpoint: each rank its shards.
+
+    A collective: call it on every rank with the same `step`. `state` may hold Stateful objects
+    (DCP calls their state_dict()). Rank 0 writes the commit marker after DCP's `.metadata`.
+    With `async_=True` only DCP's copy to CPU blocks; persisting and committing run in the
+    background (collectives on a separate Gloo group, created once, when the job uses another
+    backend). Returns a Future of the step (async) or None.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    store, keep = _resolve(dir), _keep(keep)
+    wait()
+    rank0 = _rank(process_group) == 0
+    if rank0:
+        store.remove(step)
+        if store.local:
+            os.makedirs(store.step_dir(step), exist_ok=True)
+    _barrier(process_group)
+    started = time.time()
+
+    def commit() -> int:
+        if rank0:
+            marker = {"step": step, "format": "dcp", "time": time.time(),
+                      "seconds": round(time.time() - started, 3),
+                      "world_size": dist.get_world_size(process_group) if _distributed() else 1}
+            store.put_atomic(store.marker(step), json.dumps(marker).encode())
+            _prune(store, step, keep)
+        return step
+
+    if not async_:
+        with _single_process_quiet():
+            dcp.save(state, storage_writer=_dcp_io(store, step, write=True),
+                     process_group=process_group, no_dist=not _initialized())
+        commit()
+        _barrier(process_group)  # every rank sees the commit once save_sharded returns
+        return None
+    group = _checkpoint_group(process_group)
+    persisted = dcp.async_save(state, storage_writer=_dcp_io(store, step, write=True),
+                               process_group=group, no_dist=not _initialized())
+    upload = getattr(persisted, "upload_completion", persisted)
+
+    def finish() -> int:
+        upload.result()
+        return commit()
+
+    return _submit(finish)
+
+
+def _dcp_problem(store: _Store, step: int) -> str | None:
+    """Why a committed DCP step cannot be read whole (missing `.metadata` or short files), or None."""
+    try:
+        marker = store.read_marker(step)
+        if marker.get("format") != "dcp":
+            raise _OtherFormat(f"format {marker.get('format')!r}, not a save_sharded() checkpoint")
+        reader = _dcp_io(store, step, write=False)
+        metadata = reader.read_metadata()
+        need: dict[str, int] = {}
+        for info in (metadata.storage_data or {}).values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+        path = store.step_dir(step)
+        store.fs.invalidate_cache(path)
+        sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"]
+                 for e in store.fs.ls(path, detail=True)}
+    except _OtherFormat:
+        raise
+    except _Unreadable as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - unpickling a damaged .metadata raises anything
+        return f"{type(e).__name__}: {e}"
+    for name, size in need.items():
+        if sizes.get(name, -1) < size:
+            return f"{name} is {sizes.get(name, 0)} bytes, needs {size}"
+    return None
+
+
+def load_sharded(
+    state: dict[str, Any],
+    *,
+    dir: str | os.PathLike[str] | None = None,
+    process_group: Any = None,
+) -> int | None:
+    """Load the newest intact save_sharded() checkpoint into `state` in place; its step or None.
+
+    A collective: call it on every rank. Rank 0 picks the step (skipping, with a warning, a
+    committed step whose `.metadata` or shard files are missing or short) and every rank loads
+    it, so all ranks resume from the same step. Other load errors (keys that do not match the
+    state, say) are raised, not skipped.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    store = _resolve(dir)
+    chosen: int | None = None
+    if _rank(process_group) == 0:
+        for step in sorted(store.scan()[0], reverse=True):
+            try:
+                problem = _dcp_problem(store, step)
+            except _OtherFormat:
+                continue
+            if problem is None:
+                chosen = step
+                break
+            log.warning("ava.ckpt: %s: step %d is unreadable (%s); trying the previous checkpoint",
+                        store.url, step, problem)
+    if _distributed(process_group):
+        chosen = _from_rank0(chosen, process_group)
+    if chosen is None:
+        return None
+    with _single_process_quiet():
+        dcp.load(state, storage_reader=_dcp_io(store, chosen, write=False),
+                 process_group=process_group, no_dist=not _initialized())
+    return chosen
