@@ -168,24 +168,20 @@ def start(launches: list[NodeLaunch], master_address: str, port: int) -> None:
         raise
 
 
-def status(nodes: list[Node], run_id: str, attempt: int) -> dict[str, dict[str, Any] | AvaError]:
-    """Each node's agent status for the attempt, with `age` = seconds since its heartbeat."""
-
-    def one(node: Node) -> dict[str, Any]:
-        # The node's own clock dates the heartbeat, so clock skew between machines never matters.
-        command = agent_command(node, "status", node.workdir, run_id, "--attempt", str(attempt)) + "; date +%s.%N"
-        result = connect(node).run(command, timeout=STATUS_TIMEOUT)
-        lines = result.stdout.strip().splitlines()
-        if len(lines) < 2:
-            raise CommandError(f"{node.name}: agent status failed (exit {result.exited})", tail=result.tail())
-        payload = _last_json("\n".join(lines[:-1]))
-        try:
-            payload["age"] = float(lines[-1]) - float(payload.get("heartbeat") or 0)
-        except ValueError:
-            payload["age"] = None
-        return payload
-
-    return run_all(nodes, one)
+def status_of(node: Node, run_id: str, attempt: int) -> dict[str, Any]:
+    """The node's agent status for the attempt, with `age` = seconds since its heartbeat."""
+    # The node's own clock dates the heartbeat, so clock skew between machines never matters.
+    command = agent_command(node, "status", node.workdir, run_id, "--attempt", str(attempt)) + "; date +%s.%N"
+    result = connect(node).run(command, timeout=STATUS_TIMEOUT)
+    lines = result.stdout.strip().splitlines()
+    if len(lines) < 2:
+        raise CommandError(f"{node.name}: agent status failed (exit {result.exited})", tail=result.tail())
+    payload = _last_json("\n".join(lines[:-1]))
+    try:
+        payload["age"] = float(lines[-1]) - float(payload.get("heartbeat") or 0)
+    except ValueError:
+        payload["age"] = None
+    return payload
 
 
 def stop(nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, dict[str, Any] | AvaError]:

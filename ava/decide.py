@@ -62,10 +62,14 @@ def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
             and v.heartbeat_age > STALE_AFTER)
     )
     if lost:
-        why = "stopped answering" if len(lost) == 1 else "stopped answering"
-        return Verdict("failed", "node-lost", f"node {', '.join(lost)} {why}", node=lost[0], lost=lost)
+        return Verdict("failed", "node-lost", f"node {', '.join(lost)} stopped answering", node=lost[0], lost=lost)
 
     failed = sorted((v for v in views if v.state == "failed"), key=lambda v: (v.ended is None, v.ended or 0.0))
+    silent = tuple(v.name for v in views if not v.reachable)
+    if failed and silent:
+        # Ranks die in their collectives soon after a peer node does: the node that stopped
+        # answering is the cause, not the ranks that lost it.
+        return Verdict("failed", "node-lost", f"node {', '.join(silent)} stopped answering", node=silent[0], lost=silent)
     if failed:
         return _failure(failed[0])
     if views and all(v.state == "succeeded" for v in views):

@@ -107,6 +107,7 @@ def environment(recipe: Recipe, launch: Launch, node: Node, route: Route) -> dic
     ckpt = checkpoint_dir(recipe, launch.run_id)
     if ckpt is not None:
         env["AVA_CHECKPOINT_DIR"] = ckpt if "://" in ckpt else route.expand(ckpt)
+        env["AVA_CHECKPOINT_KEEP"] = str(recipe.checkpoint.keep)
     # The run's code first, then ava's user-side modules (ava.ckpt, ava.env, ava.data).
     paths = [code_dir, runtime_dir]
     if recipe.env.get("PYTHONPATH"):

@@ -8,6 +8,7 @@ picks up the current attempt from the run's record.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ from ava.launch import Launch, plan
 from ava.runs import Attempt, RunRecord
 
 POLL_INTERVAL = 1.0
+STATUS_WAIT = 2.0  # how long one poll waits for the nodes' answers before judging
 RANK_LINE = re.compile(r"^\[(\d+)\]:(.*)$", re.S)
 STOP_FILE = "stop"
 
@@ -240,18 +242,33 @@ class Supervisor:
         for follower in followers:
             follower.start()
         unreachable_since: dict[str, float] = {}
+        # One status request in flight per node at most; a node that has not answered one for
+        # LOST_AFTER seconds is lost, however long its transport takes to give up.
+        pending: dict[str, tuple[concurrent.futures.Future[dict[str, Any]], float]] = {}
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(nodes))
         try:
             while True:
                 if self._leave.is_set():
                     raise Detached()
-                statuses = nodes_ops.status(nodes, self.record.id, current.number)
+                asked = time.time()
+                for node in nodes:
+                    if node.name not in pending:
+                        pending[node.name] = (pool.submit(nodes_ops.status_of, node, self.record.id, current.number), asked)
+                concurrent.futures.wait([f for f, _ in pending.values()], timeout=STATUS_WAIT)
                 now = time.time()
                 views = []
                 for node in nodes:
-                    found = statuses[node.name]
-                    if isinstance(found, AvaError):
-                        since = unreachable_since.setdefault(node.name, now)
-                        views.append(NodeView(node.name, reachable=False, unreachable_for=now - since, state=None))
+                    future, since = pending[node.name]
+                    found: dict[str, Any] | None = None
+                    if future.done():
+                        del pending[node.name]
+                        try:
+                            found = future.result()
+                        except AvaError:
+                            found = None
+                    if found is None:
+                        first = unreachable_since.setdefault(node.name, since)
+                        views.append(NodeView(node.name, reachable=False, unreachable_for=now - first, state=None))
                     else:
                         unreachable_since.pop(node.name, None)
                         views.append(_view(node.name, found))
@@ -261,8 +278,9 @@ class Supervisor:
                     return verdict
                 if self.stop_requested():
                     return Verdict("stopped", "stopped", "stopped by `ava stop`")
-                self._sleep(POLL_INTERVAL)
+                self._sleep(max(0.0, POLL_INTERVAL - (time.time() - asked)))
         finally:
+            pool.shutdown(wait=False)
             if not self._leave.is_set():
                 self._teardown(nodes, unreachable_since)
             done.set()

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import paramiko
 from fabric import Connection
-from invoke.exceptions import CommandTimedOut
 
 from ava.errors import CommandError, ConnectError
 from ava.transport.base import LineCallback, LineSplitter, Result
@@ -153,22 +152,34 @@ class SSHTransport:
     ) -> Result:
         connection = self._connect()
         out, err = LineSplitter("out", on_line), LineSplitter("err", on_line)
+        # Our own deadline: a command on a node whose link is cut blocks until TCP gives up
+        # (minutes), and invoke's timeout waits for the channel too. Closing the connection is
+        # what unblocks it; the node is then reported as not answering.
+        expired = threading.Event()
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, lambda: (expired.set(), self._drop()))
+            timer.daemon = True
+            timer.start()
         try:
             result = connection.run(
-                command,
-                hide=True,
-                warn=True,
-                pty=False,
-                in_stream=False,
-                out_stream=out,
-                err_stream=err,
-                timeout=timeout,
+                command, hide=True, warn=True, pty=False, in_stream=False, out_stream=out, err_stream=err,
             )
-        except CommandTimedOut:
-            raise CommandError(f"{self.node.name}: command timed out after {timeout:g}s") from None
         except (paramiko.SSHException, EOFError, OSError) as error:
             self._drop()
+            if expired.is_set():
+                raise ConnectError(self.node.name, self._address, f"no answer within {timeout:g}s") from error
             raise ConnectError(self.node.name, self._address, "connection lost: " + plain_reason(error)) from error
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if expired.is_set():
+            raise ConnectError(self.node.name, self._address, f"no answer within {timeout:g}s")
+        transport = connection.client.get_transport()
+        if result.exited == -1 and (transport is None or not transport.is_active()):
+            # The channel closed without an exit status: the connection itself went away.
+            self._drop()
+            raise ConnectError(self.node.name, self._address, "connection lost")
         out.flush()
         err.flush()
         return Result(self.node.name, command, result.exited, out.text(), err.text())
