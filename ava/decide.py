@@ -16,6 +16,9 @@ LOST_AFTER = 6.0
 # A heartbeat older than this, on the node's own clock, means its agent is stuck.
 STALE_AFTER = 10.0
 MAX_BACKOFF = 60.0
+# Start-up (imports, rendezvous, loading a checkpoint) reports no progress yet: until an attempt
+# has progressed, a hang needs this long at least, however short hang_timeout is.
+STARTUP_GRACE = 60.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class NodeView:
     ended: float | None = None  # on the node's clock: orders failures, first is the cause
     memory_limit: int | None = None
     progress_age: float | None = None  # since the last progress report (or output line)
+    progressed: bool = False  # the script reported progress in this attempt
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,8 @@ def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
         return Verdict("stopped", "stopped", "stopped by `ava stop`")
     ages = [v.progress_age for v in views if v.progress_age is not None]
     quiet_for = min(ages) if ages else observation.elapsed
-    if observation.elapsed >= hang_timeout and quiet_for >= hang_timeout:
+    started = any(v.progressed for v in views) or observation.elapsed >= STARTUP_GRACE
+    if started and observation.elapsed >= hang_timeout and quiet_for >= hang_timeout:
         return Verdict("failed", "hang", f"no training progress for {quiet_for:.0f}s (hang_timeout {hang_timeout:g}s)")
     return RUNNING
 

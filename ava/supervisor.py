@@ -345,6 +345,7 @@ def _view(name: str, status: dict[str, Any]) -> NodeView:
         ended=status.get("ended"),
         memory_limit=status.get("memory_limit") or (status.get("limits") or {}).get("memory"),
         progress_age=progress_age,
+        progressed=bool(progress),
     )
 
 

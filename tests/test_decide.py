@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ava.config import Failover
-from ava.decide import LOST_AFTER, STALE_AFTER, NodeView, Observation, Plan, Verdict, judge, recover
+from ava.decide import LOST_AFTER, STALE_AFTER, STARTUP_GRACE, NodeView, Observation, Plan, Verdict, judge, recover
 
 HANG = 60.0
 
@@ -15,7 +15,7 @@ def observe(*views: NodeView, elapsed: float = 10.0) -> Verdict:
 
 
 def running(name: str, **kw: object) -> NodeView:
-    return NodeView(name, state="running", progress_age=1.0, **kw)  # type: ignore[arg-type]
+    return NodeView(name, state="running", progress_age=1.0, progressed=True, **kw)  # type: ignore[arg-type]
 
 
 JUDGE_CASES = [
@@ -36,10 +36,11 @@ JUDGE_CASES = [
      "failed", "node-lost"),
     ("stale heartbeat", [running("a"), running("b", heartbeat_age=STALE_AFTER + 1)], "failed", "node-lost"),
     ("stopped", [NodeView("a", state="stopped"), running("b")], "stopped", "stopped"),
-    ("no progress for hang_timeout", [NodeView("a", state="running", progress_age=HANG + 1),
-                                       NodeView("b", state="running", progress_age=HANG + 5)], "failed", "hang"),
-    ("one node still progressing", [NodeView("a", state="running", progress_age=HANG + 1),
-                                     NodeView("b", state="running", progress_age=2.0)], "running", None),
+    ("no progress for hang_timeout", [NodeView("a", state="running", progress_age=HANG + 1, progressed=True),
+                                       NodeView("b", state="running", progress_age=HANG + 5, progressed=True)],
+     "failed", "hang"),
+    ("one node still progressing", [NodeView("a", state="running", progress_age=HANG + 1, progressed=True),
+                                     NodeView("b", state="running", progress_age=2.0, progressed=True)], "running", None),
 ]
 
 
@@ -50,8 +51,15 @@ def test_judge_over_the_table(views: list[NodeView], outcome: str, kind: str | N
 
 
 def test_a_hang_is_not_declared_before_hang_timeout_has_passed_since_the_start() -> None:
-    assert observe(NodeView("a", state="running"), elapsed=HANG - 1).outcome == "running"
-    assert observe(NodeView("a", state="running"), elapsed=HANG + 1).kind == "hang"
+    assert observe(NodeView("a", state="running", progressed=True), elapsed=HANG - 1).outcome == "running"
+    assert observe(NodeView("a", state="running", progressed=True), elapsed=HANG + 1).kind == "hang"
+
+
+def test_start_up_gets_a_grace_before_a_short_hang_timeout_applies() -> None:
+    quiet = NodeView("a", state="running", progress_age=30.0)
+    short = Observation((quiet,), elapsed=30.0)
+    assert judge(short, hang_timeout=5.0).outcome == "running"
+    assert judge(Observation((quiet,), elapsed=STARTUP_GRACE), hang_timeout=5.0).kind == "hang"
 
 
 def test_the_first_failure_in_time_is_the_cause() -> None:
