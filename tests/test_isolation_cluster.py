@@ -363,7 +363,8 @@ def test_runs_asking_for_the_same_gpus_never_overlap(
     (holder,) = leases(inventory)["n3"]
     assert holder["run"] == first and holder["gpus"] == [0, 1]
     table = run_ava("nodes", inventory=inventory).stdout
-    assert f"{first}(0,1)" in table.replace("\n", "").replace(" ", "")
+    (line,) = [l for l in table.splitlines() if l.startswith("n3: run ")]
+    assert line.startswith(f"n3: run {first} of ") and " holds GPUs 0,1 (since " in line
 
     # Without --wait the second run fails at once, naming the run in the way.
     started = time.monotonic()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List
+import time
+from typing import Any, List
 
 import typer
 
@@ -32,10 +33,7 @@ def nodes(
                 rows.append([r.name, r.host, "no", "-", "-", "-", "-", "-", "-", r.error or ""])
                 continue
             gpus = ", ".join(f"{g['index']}:{g['name']}" for g in r.gpus) or "none"
-            held = ", ".join(
-                f"{h.get('run')}({','.join(map(str, h.get('gpus') or [])) or str(h.get('cpu_slots', '')) + ' cpu'})"
-                for h in r.leases
-            )
+            held = f"{len(r.leases)} run{'s' if len(r.leases) != 1 else ''}" if r.leases else ""
             rows.append([
                 r.name, r.host, "yes", str(r.cpus), f"{console.size(r.mem_free)}/{console.size(r.mem_total)}",
                 console.size(r.disk_free), r.torch or "-", gpus, r.isolation or "-", held,
@@ -44,10 +42,27 @@ def nodes(
             ["node", "host", "up", "cpus", "mem free/total", "disk free", "torch", "gpus", "isolation", "held by"],
             rows,
         )
+        # Who holds what, one line per holder: run ids are what `ava stop` takes, so they are
+        # printed whole, never cut to fit a table cell.
+        for r in reports:
+            for holder in r.leases:
+                console.out.print(f"{r.name}: {_holding(holder)}", highlight=False, markup=False)
         for r in reports:
             if r.reachable and r.isolation == "none":
                 console.warn(f"{r.name}: no cgroups available; runs there are fenced by process group only")
     return EXIT_OK if all(r.reachable for r in reports) else EXIT_INFRA
+
+
+def _holding(holder: dict[str, Any]) -> str:
+    """`run R of USER holds GPUs 0,1 (since 12:48:19)`, or its CPU slots when it holds no GPU."""
+    what = []
+    if holder.get("gpus"):
+        what.append("GPUs " + ",".join(str(g) for g in holder["gpus"]))
+    if holder.get("cpu_slots"):
+        slots = int(holder["cpu_slots"])
+        what.append(f"{slots} CPU slot{'s' if slots != 1 else ''}")
+    since = f" (since {time.strftime('%H:%M:%S', time.localtime(holder['started']))})" if holder.get("started") else ""
+    return f"run {holder.get('run')} of {holder.get('user')} holds {' and '.join(what) or 'no GPU'}{since}"
 
 
 @app.command(
