@@ -1,0 +1,141 @@
+"""Failover timings on a real 4-node test cluster (3 in the run, 1 spare).
+
+    python benchmarks/failover.py [--trials 3] [--goodput-every 15]
+
+For a rank crash (SIGKILL of one worker), a node kill (its sshd and every process) and a link cut:
+  detect  = fault injected -> ava reports the attempt ended
+  resume  = detection -> first training step printed by the new attempt
+Then the effective training time ratio of a run with a rank crash injected every N seconds:
+  productive time (the steps' own compute time, counted once) / wall time, beside an unfaulted run.
+Medians over the trials; the machine is shared and noisy, so compare ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.cluster import Cluster, clean_stale  # noqa: E402
+from tests.conftest import run_ava  # noqa: E402
+from tests.test_failover import STEPS, LiveRun, run_id_of  # noqa: E402
+from tests.test_train import processes_of  # noqa: E402
+
+MAIN = ["n1", "n2", "n3"]
+STEP_TIME = 0.2
+
+
+def worker_pid(run_id: str, rank: str) -> int | None:
+    for pid in processes_of(run_id):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"steps.py" in cmd:
+            return pid
+    return None
+
+
+def one_trial(cluster: Cluster, fault: str, home: dict[str, str]) -> tuple[float, float]:
+    args = ["train", str(STEPS), "--set", f'run.args=["--steps", "400", "--ckpt-every", "10", "--step-time", "{STEP_TIME}"]',
+            "--set", "checkpoint.dir=/tmp/ava-bench-ckpt/{run}", "--set", "failover.backoff=0s"]
+    # A local checkpoint dir per node works here because every test node shares this disk.
+    run = LiveRun(args, cluster.inventory(MAIN + ["n4"]), home)
+    run_id = None
+    try:
+        run_id = run_id_of(run)
+        run.wait_line(r"\| step 12$", timeout=180)
+        injected = time.monotonic()
+        if fault == "rank crash":
+            pid = worker_pid(run_id, "1")
+            assert pid, "no worker of rank 1"
+            os.kill(pid, signal.SIGKILL)
+        elif fault == "node kill":
+            cluster.kill_node("n2")
+        else:
+            cluster.cut_link("n2")
+        detected, _ = run.wait_line(r"attempt 1 ended", timeout=120)
+        marker = len(run.lines)
+        run.wait_line(r"attempt 2 starting", timeout=120)
+        deadline = time.monotonic() + 180
+        resumed = None
+        while resumed is None and time.monotonic() < deadline:
+            for stamp, line in run.lines[marker:]:
+                if re.search(r"\| step \d+$", line):
+                    resumed = stamp
+                    break
+            time.sleep(0.05)
+        assert resumed is not None, run.text()[-2000:]
+        return detected - injected, resumed - detected
+    finally:
+        run.kill()
+        cluster.restore_link("n2")
+        cluster.restart_node("n2")
+        if run_id:
+            run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN + ["n4"]))
+
+
+def goodput(cluster: Cluster, home: dict[str, str], every: float, steps: int) -> tuple[float, float]:
+    args = ["train", str(STEPS), "--set", f'run.args=["--steps", "{steps}", "--ckpt-every", "10", "--step-time", "{STEP_TIME}"]',
+            "--set", "checkpoint.dir=/tmp/ava-bench-ckpt/{run}", "--set", "failover.backoff=0s",
+            "--set", "failover.max_restarts=50"]
+    started = time.monotonic()
+    run = LiveRun(args, cluster.inventory(MAIN), home)
+    try:
+        run_id = run_id_of(run)
+        next_fault = started + every
+        while run.process.poll() is None:
+            if every and time.monotonic() >= next_fault:
+                pid = worker_pid(run_id, "1")
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                next_fault = time.monotonic() + every
+            time.sleep(0.2)
+        assert run.finish() == 0, run.text()[-2000:]
+    finally:
+        run.kill()
+    wall = time.monotonic() - started
+    return wall, steps * STEP_TIME / wall
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--goodput-every", type=float, default=20.0, help="seconds between injected crashes")
+    parser.add_argument("--goodput-steps", type=int, default=300)
+    options = parser.parse_args()
+    clean_stale()
+    cluster = Cluster(4)
+    cluster.up()
+    home = {"AVA_HOME": tempfile.mkdtemp(prefix="ava-bench-home-")}
+    try:
+        faults = ["rank crash", "node kill"] + (["link cut"] if cluster.use_namespaces else [])
+        print(f"{'fault':<12} {'detect s (median)':>18} {'resume s (median)':>18}   trials")
+        for fault in faults:
+            results = [one_trial(cluster, fault, home) for _ in range(options.trials)]
+            detect = statistics.median(r[0] for r in results)
+            resume = statistics.median(r[1] for r in results)
+            each = ", ".join(f"{d:.1f}/{r:.1f}" for d, r in results)
+            print(f"{fault:<12} {detect:>18.1f} {resume:>18.1f}   {each}", flush=True)
+        clean_wall, clean_ratio = goodput(cluster, home, 0, options.goodput_steps)
+        faulty_wall, faulty_ratio = goodput(cluster, home, options.goodput_every, options.goodput_steps)
+        print(f"\neffective training time ratio ({options.goodput_steps} steps of {STEP_TIME}s, productive/wall):")
+        print(f"  no faults:                          {clean_ratio:.2f}  (wall {clean_wall:.0f}s)")
+        print(f"  a rank crash every {options.goodput_every:.0f}s:             {faulty_ratio:.2f}  (wall {faulty_wall:.0f}s)")
+        print(f"  faulted / unfaulted:                {faulty_ratio / clean_ratio:.2f}")
+    finally:
+        cluster.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
