@@ -89,14 +89,18 @@ def torchrun_argv(recipe: Recipe, launch: Launch, *, nnodes: int, route: Route, 
 
 
 def environment(recipe: Recipe, launch: Launch, node: Node, route: Route) -> dict[str, str]:
+    # Imported here: the cache package pulls in fsspec, which commands that never launch skip.
+    from ava.cache.settings import job_env
+    from ava.provision import BLOCK_SIZE
+
     code_dir, runtime_dir = tree_dirs(node, launch, route)
     env = dict(recipe.env)
+    # The node's cache as WORKDIR/cache.json describes it, for ava.data and `avacache::` URLs.
+    env.update(job_env(route.expand(node.cache_dir), node.cache_size, block_size=BLOCK_SIZE))
     env.update({
         "AVA_RUN_ID": launch.run_id,
         "AVA_ATTEMPT": str(launch.attempt),
         "AVA_NODE": node.name,
-        "AVA_CACHE_DIR": route.expand(node.cache_dir),
-        "AVA_CACHE_SIZE": str(node.cache_size),
         # Gloo and NCCL bind the interface that reaches the master; left alone, Gloo may pick
         # 127.0.0.1 from the hostname and the job hangs.
         "GLOO_SOCKET_IFNAME": route.interface,

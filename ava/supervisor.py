@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ava import attempt as nodes_ops
-from ava import sync
+from ava import cachenodes, sync
 from ava.config import Inventory, Node, Recipe, parse_recipe
 from ava.decide import NodeView, Observation, Verdict, judge, recover
 from ava.errors import AvaError, ConnectError
@@ -181,6 +181,7 @@ class Supervisor:
     def _launch(self, nodes: list[Node], current: Attempt) -> None:
         prepared = nodes_ops.prepare(nodes, self.code_root, self.manifest, recipe=self.recipe,
                                      inventory_dir=self.inventory.path.resolve().parent)
+        cachenodes.prefetch(nodes, self.recipe, pythons=prepared.pythons, report=self.sink.event)
         self.record.code_tree = prepared.code_tree
         current.code_sent_bytes = sum(stats.sent_bytes for stats in prepared.code_stats.values())
         master = master_address(nodes[0])

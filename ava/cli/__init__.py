@@ -125,3 +125,4 @@ from ava.cli import nodes as _nodes  # noqa: E402,F401
 from ava.cli import doctor as _doctor  # noqa: E402,F401
 from ava.cli import provision as _provision  # noqa: E402,F401
 from ava.cli import train as _train  # noqa: E402,F401
+from ava.cli import cache as _cache  # noqa: E402,F401
