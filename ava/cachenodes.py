@@ -139,6 +139,15 @@ def _run_module(node: Node, python: str | None, *args: str, env: Mapping[str, st
     return result.exited, _records(result.stdout), result.tail()
 
 
+def _exception_line(tail: str) -> str | None:
+    """`NoCredentialsError: Unable to locate credentials` from the end of a traceback."""
+    lines = [l.strip() for l in tail.splitlines() if l.strip()]
+    if len(lines) > 1 and any(l.startswith("Traceback") or l.startswith("File ") for l in lines):
+        name, colon, text = lines[-1].partition(":")
+        return f"{name.rsplit('.', 1)[-1]}{colon}{text}"
+    return None
+
+
 def _cache_args(node: Node) -> list[str]:
     return ["--dir", node.cache_dir]
 
@@ -174,7 +183,7 @@ def warm_one(node: Node, urls: list[str], *, python: str | None = None, env: Map
     code, records, tail = _run_module(node, python, *args, env=env, timeout=None, on_record=record)
     summary = next((r for r in reversed(records) if r.get("summary")), None)
     if summary is None:
-        error = next((r["error"] for r in reversed(records) if r.get("error")), None)
+        error = next((r["error"] for r in reversed(records) if r.get("error")), None) or _exception_line(tail)
         raise WarmFailed(f"{node.name}: cache warm failed: {error or f'exit {code}'}",
                          tail="" if error else tail)
     warmed = Warmed(node.name, int(summary["objects"]), int(summary["total_bytes"]), int(summary["bytes"]),

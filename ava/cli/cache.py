@@ -147,6 +147,9 @@ def warm(
                 prefixer.line(name, f"warmed {w.objects} object{'s' if w.objects != 1 else ''} "
                                     f"({console.size(w.total_bytes)}); cache holds {console.size(w.bytes)} in {w.blocks} blocks")
         _report_errors(outcomes)
+        if any(isinstance(w, cachenodes.WarmFailed) and "credentials" in w.message.lower() for w in outcomes.values()):
+            console.info("the nodes read with their own credentials (~/.aws, instance roles); "
+                         "to use yours, forward them: --env 'AWS_*'")
     return cachenodes.exit_code(outcomes)
 
 
