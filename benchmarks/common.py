@@ -92,6 +92,8 @@ def test_cluster(size: int) -> Iterator[Cluster]:
         cluster.up()
         yield cluster
     finally:
+        for run in list(_live):  # a launcher still going (Ctrl-C mid-trial) goes before its nodes
+            run.kill()
         cluster.down()
         signal.signal(signal.SIGTERM, previous)
 
@@ -111,7 +113,7 @@ class Line:
     source: str = ""  # which of several processes printed it
 
 
-@dataclass
+@dataclass(eq=False)
 class Stamped:
     """One or more processes started together; every output line keeps the time it arrived."""
 
@@ -127,6 +129,7 @@ class Stamped:
 
     def __post_init__(self) -> None:
         self._changed = threading.Condition(self._lock)
+        _live.add(self)
 
     def now(self) -> float:
         return time.perf_counter() - self.started
@@ -177,6 +180,7 @@ class Stamped:
             reader.join(timeout=5)
         # Only this trial's processes are reaped meanwhile: the delta is theirs.
         self.cpu = _children_cpu() - self._cpu_before
+        _live.discard(self)
         return clean
 
     def kill(self) -> None:
@@ -192,6 +196,9 @@ class Stamped:
     def text(self) -> str:
         with self._lock:
             return "\n".join(f"{l.at:7.3f} {l.source}:{l.stream} {l.text}" for l in self.lines)
+
+
+_live: set[Stamped] = set()  # started and not yet finished: ended on the way out
 
 
 def _children_cpu() -> float:

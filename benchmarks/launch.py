@@ -432,4 +432,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--ava-traced":
         traced_ava(float(sys.argv[2]), sys.argv[3:])
     else:
-        sys.exit(main())
+        try:
+            sys.exit(main())
+        except KeyboardInterrupt:
+            print("\ninterrupted: launchers ended, test cluster removed", file=sys.stderr)
+            sys.exit(130)
