@@ -71,7 +71,7 @@ def _forwarded(patterns: List[str]) -> dict[str, str]:
     for pattern in patterns:
         found = {k: v for k, v in os.environ.items() if fnmatch.fnmatchcase(k, pattern)}
         if not found:
-            raise UsageError(f"ava cache warm: --env {pattern}: no such variable in your environment")
+            raise UsageError(f"--env {pattern}: no such variable in your environment (see `ava cache warm --help`)")
         env.update(found)
     return env
 
