@@ -27,7 +27,7 @@ class LeaseBusy(AvaError):
     def __init__(self, node: str, holders: list[dict[str, Any]]) -> None:
         self.node, self.holders = node, holders
         held = "; ".join(describe_holder(h) for h in holders) or "another run"
-        super().__init__(f"{node} is busy: held by {held} (wait with --wait, or `ava stop` that run)")
+        super().__init__(f"{node} is busy: held by {held} (`ava train --wait` waits for it, or `ava stop` that run)")
 
 
 def describe_holder(holder: dict[str, Any]) -> str:

@@ -91,6 +91,7 @@ class Supervisor:
         self.last_lines: dict[tuple[str, str | None], collections.deque[str]] = {}
         self._lines_lock = threading.Lock()
         self._leave = threading.Event()
+        self._unreached: set[str] = set()  # nodes the last teardown could not reach
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -153,15 +154,24 @@ class Supervisor:
         record.save()
         self.sink.event(f"attempt {number} starting on {', '.join(names)}")
         nodes = [self.inventory.nodes[n] for n in names]
+        last_wait = ""
         while True:
             try:
                 self._launch(nodes, current)
                 break
             except nodes_ops.LeaseBusy as busy:
-                if not self.wait_for_leases or self.stop_requested():
+                if self.stop_requested():
+                    current.state, current.ended, current.kind = "stopped", time.time(), "stopped"
+                    current.cause = "stopped by `ava stop` while waiting for busy nodes"
+                    self._finish("stopped", 1)
+                    return None
+                if not self.wait_for_leases:
                     self._fail_launch(current, busy)
                     return None
-                self.sink.event(f"waiting: {busy.message}")
+                held = "; ".join(nodes_ops.describe_holder(h) for h in busy.holders) or "another run"
+                if held != last_wait:
+                    self.sink.event(f"waiting: {busy.node} is held by {held}")
+                    last_wait = held
                 self._sleep(5.0)
             except AvaError as failure:
                 self._fail_launch(current, failure)
@@ -230,6 +240,8 @@ class Supervisor:
         ]
 
     def _finish(self, state: str, code: int) -> None:
+        if self._unreached:
+            self._stop_unreached()
         self.record.state, self.record.exit_code, self.record.ended = state, code, time.time()
         self.record.save()
 
@@ -288,7 +300,20 @@ class Supervisor:
             for follower in followers:
                 follower.join(timeout=5)
 
+    def _stop_unreached(self) -> None:
+        """Before ending a run, try once more to stop it on nodes that did not answer: a node
+        whose link came back still runs its part of the job and holds its leases."""
+        nodes = [self.inventory.nodes[n] for n in sorted(self._unreached)]
+        for name, outcome in nodes_ops.stop(nodes, self.record.id).items():
+            if not isinstance(outcome, AvaError):
+                self._unreached.discard(name)
+        if self._unreached:
+            names = ", ".join(sorted(self._unreached))
+            self.sink.event(f"could not reach {names} to stop the run there; processes may remain: "
+                            f"`ava stop {self.record.id}` once it answers")
+
     def _teardown(self, nodes: list[Node], unreachable: dict[str, float]) -> None:
+        self._unreached.update(unreachable)
         reachable = [n for n in nodes if n.name not in unreachable]
         outcomes = nodes_ops.stop(reachable, self.record.id)
         for name, outcome in outcomes.items():

@@ -32,6 +32,10 @@ ALWAYS_IGNORED = (".git/", ".hg/", "__pycache__/", "*.pyc", ".pytest_cache/", ".
 # The modules a training script may import from ava on a node (stdlib, torch and fsspec only).
 RUNTIME_FILES = ("__init__.py", "ckpt.py", "env.py", "data.py")
 RUNTIME_PACKAGES = ("cache",)
+RUNTIME_METADATA = {
+    "ava_runtime-0.dist-info/METADATA": "Metadata-Version: 2.1\nName: ava-runtime\nVersion: 0\n",
+    "ava_runtime-0.dist-info/entry_points.txt": "[fsspec.specs]\navacache = ava.cache:AvaCacheFileSystem\n",
+}
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,13 @@ def runtime_manifest() -> tuple[Manifest, dict[str, bytes]]:
             path = "ava/" + entry.path
             files.append(FileEntry(path, hashlib.sha256(data).hexdigest(), len(data), False))
             contents[path] = data
-    return Manifest(tuple(files)), contents
+    # Package metadata beside it, so `fsspec.open("avacache::…")` finds the protocol through its
+    # entry point on a node where ava is not installed (PYTHONPATH holds this tree).
+    for path, text in RUNTIME_METADATA.items():
+        data = text.encode()
+        files.append(FileEntry(path, hashlib.sha256(data).hexdigest(), len(data), False))
+        contents[path] = data
+    return Manifest(tuple(sorted(files, key=lambda f: f.path))), contents
 
 
 # -- node paths -------------------------------------------------------------------------------

@@ -191,3 +191,23 @@ def test_dry_run_prints_each_nodes_torchrun_argv_and_starts_nothing(cluster: Clu
     assert f"--rdzv-endpoint {master}:" in argvs[0] and "--rdzv-conf is_host=true" in argvs[0]
     assert "is_host" not in argvs[1] and f"--local-addr {cluster.node('n2').address}" in argvs[1]
     assert ps(ava_home) == []
+
+
+@pytest.mark.parametrize("form", ["directory", "file"])
+def test_a_recipe_from_an_s3_url_brings_its_code(cluster: Cluster, ava_home: dict[str, str], form: str) -> None:
+    from tests.s3server import moto_server
+
+    with moto_server() as s3:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**s3.s3fs_kwargs())
+        fs.mkdir("recipes")
+        fs.put(str(ECHO) + "/", "recipes/echo/", recursive=True)
+        url = "s3://recipes/echo/" if form == "directory" else "s3://recipes/echo/recipe.toml"
+        done = run_ava("train", url, "--set", "env.AVA_T_FROM=s3", inventory=cluster.inventory(["n2"]),
+                       env={**ava_home, **s3.env})
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout.split("ECHO ", 1)[1].splitlines()[0])
+    assert payload["env"] == {"AVA_T_FROM": "s3"}
+    (run,) = ps(ava_home)
+    assert run["state"] == "succeeded"

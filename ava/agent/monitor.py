@@ -22,6 +22,7 @@ from .spec import Spec
 from .teardown import end_fence, teardown
 
 TICK = 0.2  # how often the monitor looks at the job
+OOM_DRAIN = 3.0  # seconds torchrun gets to wind down after an out-of-memory kill
 HEARTBEAT = 1.0  # how often it rewrites status.json
 DEFAULT_GRACE = 10.0
 JOB_REAP_TIMEOUT = 10.0
@@ -244,6 +245,13 @@ class Monitor:
             time.sleep(TICK)
         # Orphaned workers (torchrun killed, a rank that double-forked) die with the fence.
         oom = oom or fence.oom_happened()
+        if oom:
+            # Let torchrun end its other ranks and copy their last lines to the log first;
+            # the fence is killed whole right after either way.
+            try:
+                job.wait(timeout=OOM_DRAIN)
+            except subprocess.TimeoutExpired:
+                pass
         remaining = fence.kill_all_verified()
         try:
             job.wait(timeout=JOB_REAP_TIMEOUT)

@@ -37,16 +37,18 @@ class TerminalSink:
 
 
 def _recipe(source: str, overrides: List[str]):  # type: ignore[no-untyped-def]
+    """The recipe (local path or URL) with the text it was parsed from, kept in the run's record."""
+    from dataclasses import replace
+
     from ava.config import load_recipe
     from ava.recipes import fetch
 
     local = fetch(source)
     recipe = load_recipe(str(local), overrides)
+    text = (local / "recipe.toml" if local.is_dir() else local).read_text(encoding="utf-8")
     if "://" in source:
-        from dataclasses import replace
-
         recipe = replace(recipe, source=source)
-    return recipe
+    return recipe, text
 
 
 @app.command()
@@ -63,7 +65,7 @@ def train(
     from ava.placement import place
     from ava.supervisor import Supervisor, snapshot_code, spawn_background
 
-    recipe = _recipe(recipe_path, overrides)
+    recipe, recipe_text = _recipe(recipe_path, overrides)
     inventory = load_inventory()
     only = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else []
     placement = place(recipe, inventory, only=only)
@@ -76,9 +78,7 @@ def train(
         inventory=str(inventory.path.resolve()), nodes=placement.names, overrides=list(overrides),
     )
     record.dir.mkdir(parents=True, exist_ok=True)
-    recipe_file = Path(recipe.root) / "recipe.toml" if Path(recipe.root, "recipe.toml").exists() else Path(recipe.source)
-    text = Path(recipe_file).read_text(encoding="utf-8") if Path(recipe_file).exists() else ""
-    (record.dir / "recipe.toml").write_text(text, encoding="utf-8")
+    (record.dir / "recipe.toml").write_text(recipe_text, encoding="utf-8")
     import hashlib
 
     record.recipe_hash = hashlib.sha256(json.dumps(recipe.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -110,11 +110,13 @@ def _supervise(supervisor, record, inventory_path: Path) -> int:  # type: ignore
     from ava.supervisor import spawn_background
 
     started = time.time()
-    previous = signal.signal(signal.SIGINT, lambda *_: supervisor.leave())
+    # Ctrl-C or SIGTERM: stop supervising and hand the run to a background supervisor.
+    previous = {sig: signal.signal(sig, lambda *_: supervisor.leave()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         outcome = supervisor.run()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not record.final:
         # Ctrl-C: the run goes on; a background supervisor keeps failing over for it.
         spawn_background(record, inventory_path)

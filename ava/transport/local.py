@@ -77,12 +77,13 @@ class LocalTransport:
         target = local_path(remote)
         target.parent.mkdir(parents=True, exist_ok=True)
         temp = target.with_name(f".{target.name}.{os.getpid()}.part")
-        if isinstance(local, bytes):
-            temp.write_bytes(local)
-        else:
-            shutil.copyfile(local, temp)
-        if mode is not None:
-            temp.chmod(mode)
+        data = local if isinstance(local, bytes) else Path(local).read_bytes()
+        # Created with its final mode, so no one can read it in between.
+        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if mode is None else mode)
+        with os.fdopen(descriptor, "wb") as handle:
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)  # the umask may have narrowed it
+            handle.write(data)
         os.replace(temp, target)
 
     def get(self, remote: str, local: Path) -> None:

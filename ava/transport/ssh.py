@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import io
 import logging
 import math
 import os
@@ -191,12 +190,13 @@ class SSHTransport:
         try:
             sftp = connection.sftp()
             _makedirs(sftp, os.path.dirname(target))
-            if isinstance(local, bytes):
-                sftp.putfo(io.BytesIO(local), temp)
-            else:
-                sftp.put(str(local), temp)
-            if mode is not None:
-                sftp.chmod(temp, mode)
+            data = local if isinstance(local, bytes) else Path(local).read_bytes()
+            with sftp.open(temp, "wb") as handle:
+                # Restrict the file before any byte lands in it: specs carry the recipe's env.
+                if mode is not None:
+                    handle.chmod(mode)
+                handle.set_pipelined(True)
+                handle.write(data)
             # posix_rename replaces atomically, so a reader never sees half a file.
             sftp.posix_rename(temp, target)
         except (paramiko.SSHException, EOFError) as error:
