@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.cluster import Cluster, clean_stale  # noqa: E402
 from tests.conftest import run_ava  # noqa: E402
 from tests.test_failover import STEPS, LiveRun, run_id_of  # noqa: E402
-from tests.test_train import processes_of  # noqa: E402
+from tests.conftest import processes_of  # noqa: E402
 
 MAIN = ["n1", "n2", "n3"]
 STEP_TIME = 0.2

@@ -15,8 +15,10 @@ By hand, for benchmarks:  python -m tests.cluster up 3   (prints the inventory; 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import os
+import re
 import shutil
 import shlex
 import signal
@@ -101,9 +103,7 @@ class Cluster:
             _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ava-test", "-f", str(self.key))
             (self.root / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
             if self.use_namespaces:
-                _sh("ip", "link", "add", self.bridge, "type", "bridge")
-                _sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
-                _sh("ip", "link", "set", self.bridge, "up")
+                self._make_bridge()
             for index in range(1, self.size + 1):
                 self.nodes.append(self._make_node(f"n{index}", index))
             if self.use_namespaces:
@@ -117,6 +117,19 @@ class Cluster:
             self.down()
             raise
         return self
+
+    def _make_bridge(self) -> None:
+        """The bridge, on a /24 no other live cluster on this machine uses (chosen under a lock)."""
+        with open(OWNERS / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            used = set(re.findall(r"inet 10\.213\.(\d+)\.", _sh("ip", "-o", "-4", "addr", "show", check=False).stdout))
+            third = int(self.subnet.rsplit(".", 1)[1])
+            while str(third) in used:
+                third = third % 250 + 1
+            self.subnet = f"10.213.{third}"
+            _sh("ip", "link", "add", self.bridge, "type", "bridge")
+            _sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+            _sh("ip", "link", "set", self.bridge, "up")
 
     def down(self) -> None:
         for node in self.nodes:

@@ -61,3 +61,19 @@ def run_ava(*args: str, inventory: Path | None = None, env: dict[str, str] | Non
         argv += ["--inventory", str(inventory)]
     return subprocess.run(argv + list(args), capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=cwd or REPO)
+
+
+def processes_of(run_id: str) -> list[int]:
+    """Every live process here (all test nodes share this kernel) that belongs to the run."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and f"AVA_RUN_ID={run_id}".encode() in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found

@@ -19,8 +19,7 @@ from typing import Iterator
 import pytest
 
 from tests.cluster import Cluster
-from tests.conftest import REPO, run_ava
-from tests.test_train import processes_of
+from tests.conftest import REPO, processes_of, run_ava
 
 STEPS = REPO / "tests" / "data" / "recipes" / "steps"
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"

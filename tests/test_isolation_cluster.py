@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.cluster import Cluster
-from tests.conftest import REPO, run_ava
+from tests.conftest import REPO, processes_of, run_ava
 
 HOG = REPO / "tests" / "data" / "recipes" / "hog"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -101,22 +101,6 @@ def node_output(cluster: Cluster, node: str, run_id: str) -> str:
         return (attempt_dir(cluster, node, run_id) / "output.log").read_text(errors="replace")
     except OSError:
         return ""
-
-
-def processes_of(run_id: str) -> list[int]:
-    """Every live process here (all test nodes share this kernel) that belongs to the run."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and f"AVA_RUN_ID={run_id}".encode() in environ.split(b"\0"):
-            found.append(int(entry.name))
-    return found
 
 
 def cgroups_of(run_id: str) -> list[Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
-from tests.conftest import REPO, run_ava
+from tests.conftest import REPO, processes_of, run_ava
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 THREE = ["n1", "n2", "n3"]
@@ -39,21 +39,6 @@ def wait_for(predicate, timeout: float = 60.0, every: float = 0.5):  # type: ign
             return value
         time.sleep(every)
     raise AssertionError("condition not met in time")
-
-
-def processes_of(run_id: str) -> list[int]:
-    """Every process on this machine (all test nodes share its kernel) that belongs to the run."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"AVA_RUN_ID={run_id}".encode() in environ.split(b"\0"):
-            found.append(int(entry.name))
-    return found
 
 
 def echo_recipe(tmp_path: Path) -> Path:
