@@ -118,7 +118,20 @@ class CgroupV1(Isolation):
             except OSError as exc:
                 raise IsolationError(f"cannot create cgroup {d}: {exc.strerror}") from exc
             self.dirs[ctrl] = str(d)
+        self._weigh_parent()
         self._apply(limits, gpus)
+
+    def _weigh_parent(self) -> None:
+        """In v1 the whole `ava` subtree is one scheduling entity beside every process outside
+        it; at the default 1024 shares, runs would get one process's worth of CPU under load.
+        Weigh it like as many busy processes as the node has CPUs (once; a set value stays)."""
+        cpu = self._dir("cpu")
+        shares = cpu.parent / "cpu.shares" if cpu else None
+        if shares is not None and _read(shares).strip() == "1024":
+            try:
+                _write(shares, str(1024 * (os.cpu_count() or 1)))
+            except IsolationError:
+                pass  # an unwritable parent keeps its weight: runs still work
 
     def _apply(self, limits: Limits, gpus: list[int]) -> None:
         mem, cpu, pids, dev = (self._dir(c) for c in ("memory", "cpu", "pids", "devices"))
