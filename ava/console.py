@@ -65,8 +65,10 @@ class Prefixer:
 
 def table(columns: list[str], rows: list[list[str]], *, title: str | None = None) -> None:
     grid = Table(title=title, show_edge=False, header_style="bold")
-    for column in columns:
-        grid.add_column(column)
+    for index, column in enumerate(columns):
+        # The first column names the thing (a node, a run id): never cut it, others wrap.
+        widest = max([len(column)] + [len(row[0]) for row in rows]) if index == 0 else None
+        grid.add_column(column, no_wrap=index == 0, min_width=widest)
     for row in rows:
         grid.add_row(*(escape(cell) for cell in row))
     out.print(grid)

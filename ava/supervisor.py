@@ -151,6 +151,8 @@ class Supervisor:
         current = Attempt(number=number, nodes=names, started=time.time())
         record.attempts.append(current)
         record.nodes = names
+        with self._lines_lock:
+            self.last_lines.clear()  # the summary shows the failing attempt's lines only
         record.save()
         self.sink.event(f"attempt {number} starting on {', '.join(names)}")
         nodes = [self.inventory.nodes[n] for n in names]
