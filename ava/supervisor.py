@@ -199,7 +199,7 @@ class Supervisor:
         master = master_address(nodes[0])
         routes, port = nodes_ops.routes(nodes, master)
         launch = Launch(self.record.id, current.number, master, port, prepared.code_tree,
-                        prepared.runtime_tree, _user())
+                        prepared.runtime_tree, current_user())
         current.master_port = port
         nodes_ops.start(plan(self.recipe, nodes, launch, routes, pythons=prepared.pythons), master, port)
 
@@ -377,7 +377,7 @@ def _view(name: str, status: dict[str, Any]) -> NodeView:
     )
 
 
-def _user() -> str:
+def current_user() -> str:
     import getpass
 
     return getpass.getuser()

@@ -150,25 +150,19 @@ def _summary(outcome, elapsed: float) -> None:  # type: ignore[no-untyped-def]
 def _dry_run(recipe, placement, run_id: str) -> int:  # type: ignore[no-untyped-def]
     from ava import attempt, console, sync
     from ava.launch import Launch, plan
-    from ava.supervisor import master_address
+    from ava.supervisor import current_user, master_address
 
     nodes = list(placement.nodes)
     master = master_address(nodes[0])
     routes, port = attempt.routes(nodes, master)
     manifest = sync.manifest_of(Path(recipe.root))
-    launch = Launch(run_id, 1, master, port, manifest.tree, sync.runtime_manifest()[0].tree, _user())
+    launch = Launch(run_id, 1, master, port, manifest.tree, sync.runtime_manifest()[0].tree, current_user())
     for item in plan(recipe, nodes, launch, routes):
         console.out.print(f"# node {item.node.name} ({item.node.address})", highlight=False, markup=False)
         console.out.print("argv: " + shlex.join(item.argv), highlight=False, markup=False)
         console.out.print("spec: " + json.dumps(item.spec, indent=2, sort_keys=True), highlight=False, markup=False)
     console.info(f"dry run: nothing started; code tree {manifest.tree} ({len(manifest.files)} files, {manifest.size} bytes)")
     return EXIT_OK
-
-
-def _user() -> str:
-    import getpass
-
-    return getpass.getuser()
 
 
 @app.command()
