@@ -177,6 +177,8 @@ def status_of(node: Node, run_id: str, attempt: int) -> dict[str, Any]:
     if len(lines) < 2:
         raise CommandError(f"{node.name}: agent status failed (exit {result.exited})", tail=result.tail())
     payload = _last_json("\n".join(lines[:-1]))
+    if not payload.get("state"):
+        raise CommandError(f"{node.name}: the agent reported no state for attempt {attempt}", tail=result.tail())
     try:
         payload["age"] = float(lines[-1]) - float(payload.get("heartbeat") or 0)
     except ValueError:

@@ -70,6 +70,10 @@ def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
 
     failed = sorted((v for v in views if v.state == "failed"), key=lambda v: (v.ended is None, v.ended or 0.0))
     silent = tuple(v.name for v in views if not v.reachable)
+    if failed and any(v.reachable and v.state is None for v in views):
+        # A node's answer is late: it may be the node whose loss made these ranks fail. Its
+        # poll either answers or turns into "unreachable" within seconds; judge then.
+        return RUNNING
     if failed and silent:
         # Ranks die in their collectives soon after a peer node does: the node that stopped
         # answering is the cause, not the ranks that lost it.

@@ -281,7 +281,10 @@ class Supervisor:
                             found = future.result()
                         except AvaError:
                             found = None
-                    if found is None:
+                    if found is None and not future.done() and now - since < nodes_ops.STATUS_TIMEOUT:
+                        # Late, not yet silent: unknown this round (a busy node answers slowly).
+                        views.append(NodeView(node.name, reachable=True, state=None))
+                    elif found is None:
                         first = unreachable_since.setdefault(node.name, since)
                         views.append(NodeView(node.name, reachable=False, unreachable_for=now - first, state=None))
                     else:

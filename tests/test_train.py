@@ -186,9 +186,10 @@ def test_a_recipe_from_an_s3_url_brings_its_code(cluster: Cluster, ava_home: dic
         import s3fs
 
         fs = s3fs.S3FileSystem(**s3.s3fs_kwargs())
-        fs.mkdir("recipes")
-        fs.put(str(ECHO) + "/", "recipes/echo/", recursive=True)
-        url = "s3://recipes/echo/" if form == "directory" else "s3://recipes/echo/recipe.toml"
+        bucket = f"recipes-{form}"  # moto keeps buckets across servers in one process
+        fs.mkdir(bucket)
+        fs.put(str(ECHO) + "/", f"{bucket}/echo/", recursive=True)
+        url = f"s3://{bucket}/echo/" if form == "directory" else f"s3://{bucket}/echo/recipe.toml"
         done = run_ava("train", url, "--set", "env.AVA_T_FROM=s3", inventory=cluster.inventory(["n2"]),
                        env={**ava_home, **s3.env})
     assert done.returncode == 0, done.stderr

@@ -9,15 +9,21 @@ import os
 import sys
 import time
 
+
+def say(line: str) -> None:
+    # One write per line: processes sharing the output file never splice each other's lines.
+    os.write(1, (line + "\n").encode())
+
+
 rank = int(os.environ["RANK"])
-print("ECHO " + json.dumps({
+say("ECHO " + json.dumps({
     "rank": rank,
     "world": int(os.environ["WORLD_SIZE"]),
     "argv": sys.argv[1:],
     "env": {k: v for k, v in os.environ.items() if k.startswith("AVA_T_")},
     "ava": {k: os.environ.get(k) for k in ("AVA_RUN_ID", "AVA_ATTEMPT", "AVA_NODE", "AVA_CHECKPOINT_DIR")},
     "pid": os.getpid(),
-}), flush=True)
+}))
 if os.environ.get("ECHO_COLLECTIVE") == "1":
     import torch.distributed as dist
 
@@ -26,9 +32,9 @@ if os.environ.get("ECHO_COLLECTIVE") == "1":
 sleep = float(os.environ.get("ECHO_SLEEP", "0"))
 deadline = time.time() + sleep
 while time.time() < deadline:
-    print(f"tick {rank}", flush=True)
+    say(f"tick {rank}")
     time.sleep(0.5)
 if os.environ.get("ECHO_FAIL_RANK") == str(rank):
-    print(f"rank {rank} failing on purpose", flush=True)
+    say(f"rank {rank} failing on purpose")
     sys.exit(int(os.environ.get("ECHO_EXIT", "1")))
-print(f"done {rank}", flush=True)
+say(f"done {rank}")

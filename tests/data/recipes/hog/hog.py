@@ -12,24 +12,30 @@ import os
 import sys
 import time
 
+
+def say(line: str) -> None:
+    # One write per line: processes sharing the output file never splice each other's lines.
+    os.write(1, (line + "\n").encode())
+
+
 rank = int(os.environ["RANK"])
 mode = os.environ.get("HOG_MODE", "sleep")
 seconds = float(os.environ.get("HOG_SECONDS", "5"))
-print(f"ready {rank} {os.getpid()}", flush=True)
+say(f"ready {rank} {os.getpid()}")
 
 if mode == "alloc":
     chunks = []
     for done in range(int(os.environ.get("HOG_MIB", "1024")) // 32):
         chunks.append(b"\x01" * (32 << 20))  # filled, so every page is really in use
-        print(f"allocated {(done + 1) * 32} MiB", flush=True)
-    print(f"done {rank}", flush=True)
+        say(f"allocated {(done + 1) * 32} MiB")
+    say(f"done {rank}")
     sys.exit(0)
 
 if mode == "spin":
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         pass
-    print(f"done {rank}", flush=True)
+    say(f"done {rank}")
     sys.exit(0)
 
 if mode == "escape":
@@ -38,7 +44,7 @@ if mode == "escape":
         # A daemon-style escapee: its own session and process group, its parent gone.
         os.setsid()
         if os.fork() == 0:
-            print(f"escaped {os.getpid()}", flush=True)
+            say(f"escaped {os.getpid()}")
             time.sleep(3600)
             os._exit(0)
         os._exit(0)
@@ -47,6 +53,6 @@ if mode == "escape":
 until = os.environ.get("HOG_UNTIL")
 end = time.monotonic() + seconds
 while time.monotonic() < end and not (until and os.path.exists(until)):
-    print(f"tick {rank}", flush=True)
+    say(f"tick {rank}")
     time.sleep(0.5)
-print(f"done {rank}", flush=True)
+say(f"done {rank}")
