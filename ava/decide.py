@@ -100,7 +100,9 @@ def _failure(view: NodeView) -> Verdict:
         return Verdict("failed", "agent-died", f"the agent on {view.name} died", node=view.name)
     codes = {int(r): c for r, c in view.rank_exit_codes.items() if c != 0}
     if codes:
-        rank = min(codes)
+        # A rank killed by a signal (negative code) is usually torchrun ending the others after
+        # the first failure: a rank that exited on its own is the cause.
+        rank = min(codes, key=lambda r: (codes[r] < 0, r))
         code = codes[rank]
         return Verdict("failed", "crash", f"rank {rank} on {view.name} exited {code}", node=view.name,
                        rank=rank, exit_code=code)

@@ -73,6 +73,12 @@ def test_the_first_failure_in_time_is_the_cause() -> None:
     assert verdict.cause == "rank 3 on b exited 7"
 
 
+def test_a_rank_that_exited_on_its_own_is_the_cause_not_one_torchrun_killed() -> None:
+    view = NodeView("b", state="failed", reason="exit", exit_code=1, rank_exit_codes={"2": -15, "3": 1})
+    verdict = observe(view)
+    assert (verdict.rank, verdict.exit_code) == (3, 1)
+
+
 def test_out_of_memory_names_node_and_limit() -> None:
     verdict = observe(NodeView("gpu2", state="failed", reason="oom", memory_limit=8 * 2**30))
     assert verdict.cause == "out of memory on gpu2 (limit 8GiB)"
