@@ -361,7 +361,20 @@ class Cluster:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                # A process in a frozen cgroup (an agent killed halfway through a teardown)
+                # only dies once thawed.
+                _thaw(pid)
             time.sleep(0.1)
+
+
+def _thaw(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "freezer" in controllers.split(",") and path not in ("", "/"):
+                state = Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state"
+                if state.read_text().strip() != "THAWED":
+                    state.write_text("THAWED")
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
