@@ -21,34 +21,13 @@ import pytest
 
 from ava.cache import AvaCacheFileSystem
 from ava.cache.store import read_header, verify_block_file
-from tests.s3server import Proxy, S3Endpoint, moto_server, s3_proxy
+from tests.cache_fixtures import direct, proxy, s3  # noqa: F401 (fixtures)
+from tests.s3server import Proxy, S3Endpoint
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "ava-cache-faults"
 KiB, MiB = 1 << 10, 1 << 20
 KILL_TRIALS = int(os.environ.get("AVA_CACHE_KILL_TRIALS", "15"))
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Endpoint]:
-    with moto_server(process=True) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def proxy(s3: S3Endpoint) -> Iterator[Proxy]:
-    with s3_proxy(s3.url) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def direct(s3: S3Endpoint):
-    import s3fs
-
-    fs = s3fs.S3FileSystem(**s3.s3fs_kwargs(skip_instance_cache=True))
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    return fs
 
 
 @pytest.fixture(autouse=True)

@@ -14,39 +14,17 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Iterator
 
 import fsspec
 import pytest
 
 from ava.cache import AvaCacheFileSystem
-from tests.s3server import Proxy, S3Endpoint, moto_server, s3_proxy
+from tests.cache_fixtures import direct, proxy, s3  # noqa: F401 (fixtures)
+from tests.s3server import Proxy, S3Endpoint
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "ava-cache-test"
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Endpoint]:
-    with moto_server(process=True) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def proxy(s3: S3Endpoint) -> Iterator[Proxy]:
-    with s3_proxy(s3.url) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def direct(s3: S3Endpoint):
-    import s3fs
-
-    fs = s3fs.S3FileSystem(**s3.s3fs_kwargs(skip_instance_cache=True))
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    return fs
 
 
 def put(direct, key: str, data: bytes) -> str:
