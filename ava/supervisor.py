@@ -25,7 +25,7 @@ from ava import cachenodes, sync
 from ava.config import Inventory, Node, Recipe, parse_recipe
 from ava.decide import NodeView, Observation, Verdict, judge, recover
 from ava.errors import AvaError, ConnectError
-from ava.launch import Launch, plan
+from ava.launch import Launch, NodeLaunch, plan
 from ava.runs import Attempt, RunRecord
 
 POLL_INTERVAL = 1.0
@@ -60,6 +60,16 @@ class Detached(Exception):
 
 def master_address(node: Node) -> str:
     return "127.0.0.1" if node.transport == "local" else str(node.host)
+
+
+def plan_attempt(recipe: Recipe, nodes: list[Node], run_id: str, number: int, code_tree: str,
+                 runtime_tree: str, pythons: dict[str, str]) -> tuple[list[NodeLaunch], str, int]:
+    """What each node runs for this attempt (asks the nodes their routes and the master a free
+    port); a launch and `ava train --dry-run` both come through here."""
+    master = master_address(nodes[0])
+    routes, port = nodes_ops.routes(nodes, master)
+    launch = Launch(run_id, number, master, port, code_tree, runtime_tree, current_user())
+    return plan(recipe, nodes, launch, routes, pythons=pythons), master, port
 
 
 def snapshot_code(record: RunRecord, root: Path) -> Path:
@@ -196,12 +206,10 @@ class Supervisor:
         cachenodes.prefetch(nodes, self.recipe, pythons=prepared.pythons, report=self.sink.event)
         self.record.code_tree = prepared.code_tree
         current.code_sent_bytes = sum(stats.sent_bytes for stats in prepared.code_stats.values())
-        master = master_address(nodes[0])
-        routes, port = nodes_ops.routes(nodes, master)
-        launch = Launch(self.record.id, current.number, master, port, prepared.code_tree,
-                        prepared.runtime_tree, current_user())
+        launches, master, port = plan_attempt(self.recipe, nodes, self.record.id, current.number,
+                                              prepared.code_tree, prepared.runtime_tree, prepared.pythons)
         current.master_port = port
-        nodes_ops.start(plan(self.recipe, nodes, launch, routes, pythons=prepared.pythons), master, port)
+        nodes_ops.start(launches, master, port)
 
     def _fail_launch(self, current: Attempt, failure: AvaError) -> None:
         current.state, current.ended, current.kind = "failed", time.time(), "launch"

@@ -71,7 +71,7 @@ def train(
     placement = place(recipe, inventory, only=only)
     run_id = runs.new_run_id(recipe.name)
     if dry_run:
-        return _dry_run(recipe, placement, run_id)
+        return _dry_run(recipe, placement, run_id, inventory.path.resolve().parent)
 
     record = runs.RunRecord(
         id=run_id, recipe=recipe.name, source=recipe.source, recipe_hash="", raw=recipe.raw,
@@ -147,17 +147,15 @@ def _summary(outcome, elapsed: float) -> None:  # type: ignore[no-untyped-def]
         console.err.print(f"     (full log: ava logs {record.id} --node {attempt.failed_node})")
 
 
-def _dry_run(recipe, placement, run_id: str) -> int:  # type: ignore[no-untyped-def]
-    from ava import attempt, console, sync
-    from ava.launch import Launch, plan
-    from ava.supervisor import current_user, master_address
+def _dry_run(recipe, placement, run_id: str, inventory_dir: Path) -> int:  # type: ignore[no-untyped-def]
+    from ava import console, provision, sync
+    from ava.supervisor import plan_attempt
 
     nodes = list(placement.nodes)
-    master = master_address(nodes[0])
-    routes, port = attempt.routes(nodes, master)
     manifest = sync.manifest_of(Path(recipe.root))
-    launch = Launch(run_id, 1, master, port, manifest.tree, sync.runtime_manifest()[0].tree, current_user())
-    for item in plan(recipe, nodes, launch, routes):
+    pythons = {n.name: provision.venv_python(n, recipe=recipe, root=inventory_dir) for n in nodes}
+    launches, _, _ = plan_attempt(recipe, nodes, run_id, 1, manifest.tree, sync.runtime_manifest()[0].tree, pythons)
+    for item in launches:
         console.out.print(f"# node {item.node.name} ({item.node.address})", highlight=False, markup=False)
         console.out.print("argv: " + shlex.join(item.argv), highlight=False, markup=False)
         console.out.print("spec: " + json.dumps(item.spec, indent=2, sort_keys=True), highlight=False, markup=False)
