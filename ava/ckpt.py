@@ -140,9 +140,13 @@ class _Store:
 
     def read_marker(self, step: int) -> dict[str, Any]:
         try:
-            return json.loads(self.fs.cat_file(self.marker(step)))
+            marker = json.loads(self.fs.cat_file(self.marker(step)))
         except (OSError, ValueError) as e:
             raise _Unreadable(f"commit marker: {e}") from e
+        # Valid JSON of another shape is as damaged as invalid JSON: fall back, never raise.
+        if not isinstance(marker, dict) or not isinstance(marker.get("format"), str):
+            raise _Unreadable(f"commit marker: not an ava.ckpt marker: {str(marker)[:80]}")
+        return marker
 
 
 def _fsync_dir(path: str) -> None:
@@ -308,10 +312,17 @@ def _save_now(store: _Store, state: Mapping[str, Any], step: int, keep: int) -> 
 
 
 def _prune(store: _Store, step: int, keep: int) -> None:
+    """Keep the last `keep` committed steps up to `step`, the one just written.
+
+    Committed steps above `step` are of a history this run resumed below (they were unreadable,
+    or it would have resumed from them): they stop counting, so they never push out the step
+    just written, and a later save of the same step replaces them.
+    """
     committed, dirs = store.scan()
     if keep > 0:
-        for old in sorted(committed)[:-keep]:
-            store.remove(old)
+        for old in sorted(s for s in committed if s <= step)[:-keep]:
+            if old != step:
+                store.remove(old)
     # Directories older than this commit and never committed: saves that died.
     for old in dirs - committed:
         if old < step:
@@ -333,8 +344,12 @@ def _read_state(store: _Store, step: int, map_location: Any, weights_only: bool)
     marker = store.read_marker(step)
     if marker.get("format") != "torch":
         raise _OtherFormat(f"format {marker.get('format')!r}, not a save() checkpoint")
+    files = marker.get("files")
+    want = files.get(STATE_FILE) if isinstance(files, dict) else None
+    if not (isinstance(want, dict) and isinstance(want.get("size"), int)
+            and isinstance(want.get("crc32"), int)):
+        raise _Unreadable(f"commit marker: no size and crc32 for {STATE_FILE}")
     try:
-        want = marker["files"][STATE_FILE]
         path = f"{store.step_dir(step)}/{STATE_FILE}"
         if store.local:
             size, crc = 0, 0

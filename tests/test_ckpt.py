@@ -133,6 +133,45 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(
     assert "step 2 is unreadable" in caplog.text
 
 
+@pytest.mark.parametrize("marker", ["[]", '"x"', "null", "7", '{"format": "torch", "files": []}',
+                                    '{"format": "torch", "files": {"state.pt": 3}}',
+                                    '{"format": "torch", "files": {"state.pt": {"size": 1}}}',
+                                    '{"format": ["torch"]}'])
+def test_marker_of_the_wrong_shape_falls_back_to_the_previous(
+        tmp_path: Path, marker: str, caplog: pytest.LogCaptureFixture) -> None:
+    ckpt.save(state_of(1.0), 1, dir=tmp_path)
+    ckpt.save(state_of(2.0), 2, dir=tmp_path)
+    (tmp_path / "step-00000002.COMMITTED").write_text(marker)
+    with caplog.at_level(logging.WARNING, logger="ava.ckpt"):
+        state, step = ckpt.load_latest(dir=tmp_path)
+    assert step == 1 and torch.equal(state["w"], torch.full((4,), 1.0))
+
+
+def test_sharded_marker_of_the_wrong_shape_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "step-00000003").mkdir()
+    (tmp_path / "step-00000003.COMMITTED").write_text("[1, 2]")
+    assert ckpt.load_sharded({"w": torch.zeros(2)}, dir=tmp_path) is None
+
+
+def test_keep_1_never_prunes_the_step_just_written_below_an_unreadable_newest(tmp_path: Path) -> None:
+    ckpt.save(state_of(9.0), 90, dir=tmp_path, keep=1)
+    (tmp_path / "step-00000090" / "state.pt").write_bytes(b"damaged")
+    # The run restarted from scratch (step 90 unreadable) and saves again with keep=1.
+    assert ckpt.load_latest(dir=tmp_path) is None
+    ckpt.save(state_of(1.0), 10, dir=tmp_path, keep=1)
+    assert 10 in ckpt.committed_steps(tmp_path)
+    state, step = ckpt.load_latest(dir=tmp_path)
+    assert step == 10 and torch.equal(state["w"], torch.full((4,), 1.0))
+    # The newer unreadable step does not count towards keep: the next save replaces step 10.
+    ckpt.save(state_of(2.0), 20, dir=tmp_path, keep=1)
+    assert ckpt.committed_steps(tmp_path) == [20, 90]
+    assert ckpt.load_latest(dir=tmp_path)[1] == 20
+    # Reaching the stale step again overwrites it, and ordinary pruning resumes above it.
+    ckpt.save(state_of(3.0), 90, dir=tmp_path, keep=1)
+    ckpt.save(state_of(4.0), 100, dir=tmp_path, keep=1)
+    assert ckpt.committed_steps(tmp_path) == [100]
+
+
 def test_load_error_on_intact_bytes_is_raised_not_skipped(tmp_path: Path) -> None:
     # An intact checkpoint that weights_only refuses must not silently fall back to an older one.
     ckpt.save({"odd": Path("x")}, 1, dir=tmp_path)
