@@ -692,6 +692,10 @@ def _parse_run(source: str, table: dict) -> RunSpec:
         Path(script).is_absolute() or ".." in Path(script).parts or script.startswith("~")
     ):
         raise f.fail("script", f"must be a path inside the recipe's directory, got {_show(script)}")
+    # torchrun would parse a leading "-" as its own option (e.g. --rdzv-endpoint=...).
+    if script is not None and script.startswith("-"):
+        raise f.fail("script", f'must not begin with "-" (torchrun would read it as an option), '
+                               f'got {_show(script)}; write "./{script}" for such a file name')
     return RunSpec(
         script=script,
         module=module,

@@ -488,6 +488,18 @@ def test_load_recipe_reads_a_directory_or_its_file(tmp_path):
     assert by_dir.env == {"A": "1"}
 
 
+def test_script_that_torchrun_would_read_as_an_option_is_refused(tmp_path):
+    # Even when such a file exists beside the recipe, and also through --set.
+    (tmp_path / "--rdzv-endpoint=10.0.0.9:29400").write_text("")
+    (tmp_path / "train.py").write_text("")
+    (tmp_path / "recipe.toml").write_text('name = "r"\n[run]\nscript = "--rdzv-endpoint=10.0.0.9:29400"\n')
+    assert 'run.script: must not begin with "-"' in str(config_error(load_recipe, str(tmp_path)))
+    (tmp_path / "recipe.toml").write_text('name = "r"\n[run]\nscript = "train.py"\n')
+    error = config_error(load_recipe, str(tmp_path), ["run.script=-m"])
+    assert 'run.script: must not begin with "-"' in str(error)
+    assert load_recipe(str(tmp_path), ["run.script=./--rdzv-endpoint=10.0.0.9:29400"]).run.script
+
+
 def test_load_recipe_names_a_missing_script_or_file(tmp_path):
     (tmp_path / "recipe.toml").write_text('name = "r"\n[run]\nscript = "train.py"\n')
     assert str(config_error(load_recipe, str(tmp_path))).endswith(
