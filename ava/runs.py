@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,41 +100,149 @@ class RunRecord:
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        temp = self.dir / f".record.{os.getpid()}.json"
-        temp.write_text(json.dumps(self.to_json(), indent=2, default=str))
+        temp = self.dir / f".record.{os.getpid()}.{threading.get_ident()}.json"
+        data = json.dumps(self.to_json(), indent=2, default=str).encode()
+        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            # A crash after the rename must not leave an empty record: the bytes reach the disk first.
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temp, self.dir / "record.json")
+        _fsync_dir(self.dir)
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename itself is only durable once the directory holding it is synced.
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+class DamagedRecord(UsageError):
+    """A run record that exists but cannot be read as one; names the file."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: damaged run record ({problem})")
+        self.path, self.problem = path, problem
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _problem(data: Any, run_id: str) -> str | None:
+    """What makes this JSON not a run record, or None; `ava ps` and friends rely on these types."""
+    if not isinstance(data, dict):
+        return f"expected an object, got {type(data).__name__}"
+    if data.get("id") != run_id:
+        return f"id {data.get('id')!r} does not match its directory"
+    for key in ("recipe", "source", "inventory", "state"):
+        if not isinstance(data.get(key), str):
+            return f"{key}: expected a string"
+    if not _number(data.get("started")):
+        return "started: expected a number"
+    for key in ("ended", "exit_code", "supervisor_pid"):
+        if data.get(key) is not None and not _number(data.get(key)):
+            return f"{key}: expected a number"
+    if not _names(data.get("nodes")) or not _names(data.get("lost_nodes", [])):
+        return "nodes: expected a list of node names"
+    attempts = data.get("attempts", [])
+    if not isinstance(attempts, list):
+        return "attempts: expected a list"
+    for index, attempt in enumerate(attempts):
+        if not (isinstance(attempt, dict) and isinstance(attempt.get("number"), int) and _names(attempt.get("nodes"))
+                and _number(attempt.get("started")) and isinstance(attempt.get("state", ""), str)
+                and (attempt.get("ended") is None or _number(attempt.get("ended")))):
+            return f"attempts[{index}]: not an attempt"
+    return None
 
 
 def load(run_id: str) -> RunRecord:
+    """The run's record; DamagedRecord (naming the file) when it is not one ava can use."""
     path = runs_dir() / run_id / "record.json"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise UsageError(f"no run {run_id} (see `ava ps`)") from None
-    attempts = [Attempt(**a) for a in data.pop("attempts", [])]
-    return RunRecord(**data, attempts=attempts)
+    except (OSError, ValueError) as error:
+        # A directory, unreadable bytes, truncated JSON: name the file, never a traceback.
+        raise DamagedRecord(path, getattr(error, "strerror", None) or str(error)) from error
+    problem = _problem(data, run_id)
+    if problem is not None:
+        raise DamagedRecord(path, problem)
+    try:
+        attempts = [Attempt(**a) for a in data.pop("attempts", [])]
+        return RunRecord(**data, attempts=attempts)
+    except TypeError as error:  # a key this version does not know, or one missing
+        raise DamagedRecord(path, str(error)) from error
 
 
-def resolve(prefix: str) -> RunRecord:
-    """A run by its id or an unambiguous prefix of it."""
-    if (runs_dir() / prefix / "record.json").exists():
-        return load(prefix)
-    matches = sorted(p.name for p in runs_dir().glob(f"{prefix}*") if (p / "record.json").exists()) if runs_dir().exists() else []
+# Characters that make a pattern of a run id: a run id is matched as text, never as a glob.
+_PATTERN_CHARACTERS = frozenset("*?[]!{}/\\")
+
+
+def run_ids() -> list[str]:
+    """Every run id that has a record here, damaged or not, sorted."""
+    if not runs_dir().is_dir():
+        return []
+    return sorted(p.name for p in runs_dir().iterdir()
+                  if not p.name.startswith(".") and (p / "record.json").exists())
+
+
+def resolve_id(prefix: str) -> str:
+    """The run id that `prefix` names: the exact id, or a prefix that matches exactly one run.
+
+    An empty id, a wildcard or an ambiguous prefix is a usage error listing the candidates, so
+    that `ava stop "$RUN"` with RUN unset never picks somebody's run.
+    """
+    known = run_ids()
+    shown = ", ".join(known[-5:]) if known else "none"
+    if not prefix.strip():
+        raise UsageError(f"an empty run id names no run; give an id or a unique prefix of one (recent: {shown})")
+    if set(prefix) & _PATTERN_CHARACTERS or prefix.startswith("."):
+        raise UsageError(f"run id {prefix!r} holds a wildcard or path character; run ids are matched as plain text "
+                         f"(recent: {shown})")
+    if prefix in known:
+        return prefix
+    matches = [name for name in known if name.startswith(prefix)]
     if len(matches) == 1:
-        return load(matches[0])
+        return matches[0]
     if matches:
-        raise UsageError(f"run {prefix} is ambiguous: {', '.join(matches[:5])}")
+        more = f" and {len(matches) - 10} more" if len(matches) > 10 else ""
+        raise UsageError(f"run id {prefix} is ambiguous: {', '.join(matches[:10])}{more}")
     raise UsageError(f"no run {prefix} (see `ava ps`)")
 
 
+def resolve(prefix: str) -> RunRecord:
+    """A run by its id or an unambiguous prefix of it (see resolve_id)."""
+    return load(resolve_id(prefix))
+
+
+def scan() -> tuple[list[RunRecord], list[DamagedRecord]]:
+    """Every readable record, oldest first, and every damaged one (one bad file never hides the rest)."""
+    records: list[RunRecord] = []
+    damaged: list[DamagedRecord] = []
+    for run_id in run_ids():
+        try:
+            records.append(load(run_id))
+        except DamagedRecord as error:
+            damaged.append(error)
+        except UsageError:
+            continue  # removed meanwhile
+    return sorted(records, key=lambda r: r.started), damaged
+
+
 def all_runs() -> list[RunRecord]:
-    if not runs_dir().exists():
-        return []
-    records = []
-    for path in runs_dir().iterdir():
-        if (path / "record.json").exists():
-            try:
-                records.append(load(path.name))
-            except (ValueError, TypeError):
-                continue
-    return sorted(records, key=lambda r: r.started)
+    return scan()[0]

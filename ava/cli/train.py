@@ -168,7 +168,10 @@ def ps(json_out: bool = typer.Option(False, "--json", help="Print JSON objects."
     """Runs, their state, nodes and attempts."""
     from ava import console, runs
 
-    records = runs.all_runs()
+    records, damaged = runs.scan()
+    for bad in damaged:
+        # One damaged record must not hide every other run; `ava stop` still works on it.
+        console.warn(f"skipped {bad.message}")
     if json_out:
         console.print_json([r.summary() for r in records])
         return EXIT_OK
@@ -258,8 +261,15 @@ def stop(run: str = typer.Argument(..., metavar="RUN")) -> int:
     from ava import console, runs
     from ava.supervisor import STOP_FILE
 
-    record = runs.resolve(run)
-    (record.dir / STOP_FILE).touch()
+    run_id = runs.resolve_id(run)
+    (runs.runs_dir() / run_id / STOP_FILE).touch()
+    try:
+        record = runs.load(run_id)
+    except runs.DamagedRecord as damaged:
+        # Stopping must work from the nodes' side even when the local record is lost: the
+        # agent stops the run by its id on every inventory node (a node without it has nothing to do).
+        console.warn(f"{damaged.message}; stopping {run_id} on every node of the inventory")
+        return _stop_by_id(run_id)
     inventory = load_inventory_for(record)
     names = sorted({n for a in record.attempts for n in a.nodes} | set(record.nodes))
     chosen = [inventory.nodes[n] for n in names if n in inventory.nodes]
@@ -283,12 +293,32 @@ def stop(run: str = typer.Argument(..., metavar="RUN")) -> int:
     return EXIT_OK
 
 
+def _stop_by_id(run_id: str) -> int:
+    from ava import attempt as ops
+    from ava import console
+
+    chosen = list(load_inventory().nodes.values())
+    outcomes = ops.stop(chosen, run_id)
+    unreachable = [name for name, o in outcomes.items() if isinstance(o, AvaError)]
+    for name in unreachable:
+        failure = outcomes[name]
+        assert isinstance(failure, AvaError)
+        console.warn(f"could not stop on {name}: {failure.message}")
+    if unreachable:
+        return EXIT_INFRA
+    console.info(f"ava: run {run_id} stopped on {', '.join(n.name for n in chosen)}; no process of it is left")
+    return EXIT_OK
+
+
 def _wait_supervisor_gone(run_id: str, timeout: float = 20.0) -> None:
     from ava import runs
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        pid = runs.load(run_id).supervisor_pid
+        try:
+            pid = runs.load(run_id).supervisor_pid
+        except runs.DamagedRecord:
+            return
         if not pid or not _alive(pid):
             return
         time.sleep(0.2)
