@@ -212,3 +212,5 @@ def test_kill9_during_reads_leaves_no_corrupt_block_and_keeps_finished_ones(s3, 
         zygote.wait()
     print(json.dumps({"trials": KILL_TRIALS, "killed_mid_download": killed_mid_download,
                       "reused_bytes": reused_bytes}))
+    # Without kills inside downloads the test would pass without exercising what it is for.
+    assert killed_mid_download > 0, f"no kill of {KILL_TRIALS} landed inside a download"
