@@ -150,21 +150,24 @@ def wait_for_store(launch: NodeLaunch, address: str, port: int, timeout: float =
 
 
 def start(launches: list[NodeLaunch], master_address: str, port: int) -> None:
-    """Master first; once its store listens, every other node at once. All or nothing."""
-    started: list[Node] = []
+    """Master first; once its store listens, every other node at once. All or nothing.
+
+    On failure every node tried is stopped, not only those that answered: a start whose reply
+    was lost (timeout, dropped connection) may have started the attempt there. Stop is idempotent.
+    """
+    tried: list[Node] = []
     try:
+        tried.append(launches[0].node)
         start_one(launches[0])
-        started.append(launches[0].node)
         wait_for_store(launches[0], master_address, port)
+        tried += [l.node for l in launches[1:]]
         outcomes = run_all([l.node for l in launches[1:]], lambda node: start_one(next(l for l in launches if l.node is node)))
-        started += [l.node for l in launches[1:] if not isinstance(outcomes[l.node.name], AvaError)]
         busy = [o for o in outcomes.values() if isinstance(o, LeaseBusy)]
         if busy:
             raise busy[0]
         fail_on_errors(outcomes, "starting the attempt")
     except BaseException:
-        if started:
-            stop(started, launches[0].spec["run"])
+        stop(tried, launches[0].spec["run"])
         raise
 
 
