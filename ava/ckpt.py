@@ -30,10 +30,12 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import ctypes
 import io
 import json
 import logging
 import os
+import pickle
 import re
 import time
 import warnings
@@ -401,21 +403,48 @@ def load_latest(
                         store.url, step, e)
             state, ok = None, False
         if agree:
-            oks: list[bool] = [False] * dist.get_world_size()
-            dist.all_gather_object(oks, ok)
-            ok = all(oks)
+            ok = _all_ranks(ok)
         if ok:
             return state, step
     return None
 
 
 def _from_rank0(obj: Any, group: Any = None) -> Any:
-    box = [obj]
-    if group is None:
-        dist.broadcast_object_list(box, src=0)
+    """Rank 0's `obj` on every rank of `group` (a collective).
+
+    torch's broadcast_object_list unpickles through `tensor.numpy()`, and torch's wheel does not
+    bring numpy: a fresh environment fails there. The pickle travels as a uint8 tensor instead,
+    read back with the standard library.
+    """
+    device = _collective_device(group)
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    data = pickle.dumps(obj) if _rank(group) == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src, group=group)
+    n = int(size.item())
+    if _rank(group) == 0:
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
     else:
-        dist.broadcast_object_list(box, group=group, group_src=0)
-    return box[0]
+        payload = torch.empty(n, dtype=torch.uint8, device=device)
+    dist.broadcast(payload, src=src, group=group)
+    if _rank(group) == 0:
+        return obj
+    payload = payload.cpu().contiguous()
+    return pickle.loads(ctypes.string_at(payload.data_ptr(), n))
+
+
+def _all_ranks(flag: bool, group: Any = None) -> bool:
+    """True when `flag` is true on every rank (a collective; numpy-free, unlike *_object)."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device(group))
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return bool(value.item())
+
+
+def _collective_device(group: Any = None) -> torch.device:
+    # NCCL moves CUDA tensors only; Gloo (and the rest) take CPU tensors.
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import math
 import os
+import pickle
 import random
 import socket
 import sys
@@ -124,7 +125,8 @@ def weights_sha256(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        # A clone owns exactly its bytes; .numpy() would need numpy, which torch does not bring.
+        h.update(bytes(t.detach().cpu().clone().untyped_storage()))
     return h.hexdigest()
 
 
@@ -134,10 +136,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gather(obj: Any) -> list[Any]:
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+def gather(obj: Any, device: torch.device) -> list[Any]:
+    """Every rank's `obj`, in rank order. dist.all_gather_object would do, but it unpickles
+    through numpy, which torch's wheel does not bring; pickles travel as padded uint8 tensors."""
+    data = pickle.dumps(obj)
+    world = dist.get_world_size()
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = max(int(s.item()) for s in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    parts = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return [pickle.loads(bytes(p.cpu().untyped_storage())[:int(n.item())]) for p, n in zip(parts, sizes)]
 
 
 @torch.no_grad()
@@ -240,7 +252,8 @@ def main() -> int:
 
         if ckpt is not None and args.ckpt_every and (done % args.ckpt_every == 0
                                                      or done == args.steps):
-            rng = {"torch": gather(torch.get_rng_state()), "python": gather(random.getstate())}
+            rng = {"torch": gather(torch.get_rng_state(), device),
+                   "python": gather(random.getstate(), device)}
             state = {"model": model.state_dict(), "optim": opt.state_dict(), "rng": rng,
                      "step": done, "args": {k: str(v) for k, v in vars(args).items()}}
             ckpt.save(state, done, dir=ckpt_dir, keep=args.keep, async_=True)

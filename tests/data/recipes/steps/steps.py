@@ -57,6 +57,6 @@ for step in range(start + 1, args.steps + 1):
             print(f"checkpoint {step}", flush=True)
 
 if rank == 0:
-    digest = hashlib.sha256(weights.numpy().tobytes()).hexdigest()
+    digest = hashlib.sha256(bytes(weights.clone().untyped_storage())).hexdigest()
     print(f"final step {args.steps} sha256 {digest}", flush=True)
 dist.destroy_process_group()
