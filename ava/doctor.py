@@ -54,6 +54,7 @@ class Observation:
     facts: dict[str, Any] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=dict)
     clock_offset: float | None = None  # the node's clock minus this machine's, seconds
+    sftp: bool | None = None  # whether the SSH server offers SFTP; None: no SSH (local node)
 
 
 # -- observing (network) ------------------------------------------------------------------------
@@ -108,7 +109,17 @@ def observe_one(node: Node, master: Node, *, host_keys: str | None = None) -> Ob
         facts, probe = json.loads(lines[-2]), json.loads(lines[-1])
     except (ValueError, IndexError) as error:
         raise CommandError(f"{node.name}: the preflight probe printed no JSON", tail=result.tail()) from error
-    return Observation(node, facts=facts, probe=probe, clock_offset=clock_offset(node))
+    return Observation(node, facts=facts, probe=probe, clock_offset=clock_offset(node), sftp=sftp_offered(node, host_keys))
+
+
+def sftp_offered(node: Node, host_keys: str | None = None) -> bool | None:
+    """Whether the node's SSH server offers SFTP; None for the local node (no SSH)."""
+    if node.transport == "local":
+        return None
+    from ava.transport.ssh import SSHTransport
+
+    transport = connect(node, host_keys=host_keys)
+    return transport.sftp_offered() if isinstance(transport, SSHTransport) else None
 
 
 def observe(nodes: list[Node], *, host_keys: str | None = None) -> list[Observation]:
@@ -130,6 +141,9 @@ def verdicts(observations: list[Observation]) -> list[Check]:
     master = observations[0].node if observations else None
     for o in observations:
         checks.append(check_ssh(o))
+    for o in up:
+        if o.sftp is not None:
+            checks.append(check_sftp(o))
     for o in up:
         checks.append(check_python(o))
     checks += check_versions_alike(up)
@@ -174,6 +188,14 @@ def check_ssh(o: Observation) -> Check:
     else:
         fix = f"check that {node.name} is up and reachable from here; raise connect_timeout on a slow network"
     return Check("ssh", node.name, FAIL, message, fix)
+
+
+def check_sftp(o: Observation) -> Check:
+    if o.sftp:
+        return Check("sftp", o.node.name, PASS, "the SSH server offers SFTP")
+    return Check("sftp", o.node.name, WARN, "no SFTP subsystem: files stream over the exec channel",
+                 "the SSH server offers no SFTP subsystem; ava streams files over the exec channel "
+                 "(add `Subsystem sftp internal-sftp` to the node's sshd_config to use SFTP)")
 
 
 def _versions(o: Observation) -> dict[str, str | None]:

@@ -61,6 +61,7 @@ class TestNode:
     namespace: str | None = None
     link: str | None = None  # the root-side end of the node's veth
     sshd: subprocess.Popen[bytes] | None = None
+    sftp: bool = True  # False: its sshd_config has no `Subsystem sftp` line (a hardened node)
 
     @property
     def workdir(self) -> Path:
@@ -207,8 +208,9 @@ class Cluster:
             "MaxSessions 200",
             "MaxStartups 200:30:400",
             "LogLevel ERROR",
-            "Subsystem sftp internal-sftp",
         ]
+        if node.sftp:
+            lines.append("Subsystem sftp internal-sftp")
         config.write_text("\n".join(lines) + "\n")
         return config
 
@@ -343,6 +345,16 @@ class Cluster:
         node.host_key.unlink()
         Path(f"{node.host_key}.pub").unlink()
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node.host_key))
+        self._start_sshd(node)
+        self.wait_ssh(node)
+
+    def set_sftp(self, name: str, offered: bool) -> None:
+        """Restart the node's sshd with or without the SFTP subsystem (sessions already open go on)."""
+        node = self.node(name)
+        node.sftp = offered
+        if node.sshd is not None:
+            _terminate(node.sshd)
+            node.sshd = None
         self._start_sshd(node)
         self.wait_ssh(node)
 

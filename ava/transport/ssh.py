@@ -21,7 +21,7 @@ import paramiko
 from fabric import Connection
 
 from ava.errors import CommandError, ConnectError
-from ava.transport.base import LineCallback, LineSplitter, Result
+from ava.transport.base import LineCallback, LineSplitter, Result, shell_path
 
 if TYPE_CHECKING:
     from ava.config import Node
@@ -98,6 +98,9 @@ class SSHTransport:
         self.host_keys = host_keys or node.host_keys
         self._lock = threading.Lock()
         self._connection: Connection | None = None
+        # Learnt per connection: the node's sshd has no `Subsystem sftp` line (hardened configs),
+        # so files stream over the exec channel instead.
+        self._sftp_missing = False
 
     @property
     def _address(self) -> str:
@@ -123,13 +126,23 @@ class SSHTransport:
                 connect_kwargs=connect_kwargs,
             )
             known_hosts = Path(os.path.expanduser(node.known_hosts))
-            client = connection.client
-            if known_hosts.exists():
-                client.load_host_keys(str(known_hosts))
-            if self.host_keys == "accept-new":
-                client.set_missing_host_key_policy(_AcceptNewPolicy(known_hosts))
-            else:
-                client.set_missing_host_key_policy(_StrictPolicy())
+            # Every hop of a ProxyJump chain (fabric builds one Connection per hop from
+            # ~/.ssh/config, each trusting any key) is held to the same file and policy.
+            for client in _clients(connection):
+                try:
+                    if known_hosts.exists():
+                        client.load_host_keys(str(known_hosts))
+                except (OSError, paramiko.SSHException) as error:
+                    # This node's connect fails naming the file; the other nodes still report.
+                    why = getattr(error, "strerror", None) or str(error) or type(error).__name__
+                    raise ConnectError(node.name, self._address, f"cannot read known_hosts {known_hosts}: {why}") from error
+                if self.host_keys == "accept-new":
+                    client.set_missing_host_key_policy(_AcceptNewPolicy(known_hosts))
+                else:
+                    client.set_missing_host_key_policy(_StrictPolicy())
+            for hop in _gateways(connection):
+                if hop.connect_timeout is None:
+                    hop.connect_timeout = connection.connect_timeout
             try:
                 connection.open()
                 transport = connection.client.get_transport()
@@ -137,9 +150,11 @@ class SSHTransport:
                     # Notice a dead peer on an idle connection within a few seconds.
                     transport.set_keepalive(5)
             except Exception as error:  # every way a connect fails ends up here, once
-                connection.close()
-                raise ConnectError(node.name, self._address, plain_reason(error)) from error
+                for hop in [connection, *_gateways(connection)]:
+                    hop.close()
+                raise ConnectError(node.name, self._address, plain_reason(error) + _hop_note(error, node.host)) from error
             self._connection = connection
+            self._sftp_missing = False
             return connection
 
     def run(
@@ -183,14 +198,36 @@ class SSHTransport:
         err.flush()
         return Result(self.node.name, command, result.exited, out.text(), err.text())
 
+    def sftp_offered(self) -> bool:
+        """Whether the node's SSH server offers the SFTP subsystem (asked once per connection)."""
+        return self._sftp(self._connect()) is not None
+
+    def _sftp(self, connection: Connection) -> paramiko.SFTPClient | None:
+        """The connection's SFTP session, or None where the server offers no SFTP subsystem."""
+        if self._sftp_missing:
+            return None
+        try:
+            return connection.sftp()
+        except (paramiko.SSHException, EOFError) as error:
+            transport = connection.client.get_transport()
+            if transport is None or not transport.is_active():
+                self._drop()
+                raise ConnectError(self.node.name, self._address, "connection lost: " + plain_reason(error)) from error
+            # The server refused the subsystem request on a live connection: it has no SFTP.
+            self._sftp_missing = True
+            return None
+
     def put(self, local: Path | bytes, remote: str, *, mode: int | None = None) -> None:
         connection = self._connect()
+        data = local if isinstance(local, bytes) else Path(local).read_bytes()
+        sftp = self._sftp(connection)
+        if sftp is None:
+            self._put_streamed(connection, data, remote, mode)
+            return
         target = _sftp_path(remote)
         temp = f"{target}.{os.getpid()}.part"
         try:
-            sftp = connection.sftp()
             _makedirs(sftp, os.path.dirname(target))
-            data = local if isinstance(local, bytes) else Path(local).read_bytes()
             with sftp.open(temp, "wb") as handle:
                 # Restrict the file before any byte lands in it: specs carry the recipe's env.
                 if mode is not None:
@@ -208,13 +245,74 @@ class SSHTransport:
 
     def get(self, remote: str, local: Path) -> None:
         connection = self._connect()
+        sftp = self._sftp(connection)
+        if sftp is None:
+            self._get_streamed(connection, remote, local)
+            return
         try:
-            connection.sftp().get(_sftp_path(remote), str(local))
+            sftp.get(_sftp_path(remote), str(local))
         except FileNotFoundError as error:
             raise CommandError(f"{self.node.name}: no such file {remote}") from error
         except (paramiko.SSHException, EOFError, OSError) as error:
             self._drop()
             raise ConnectError(self.node.name, self._address, "connection lost: " + plain_reason(error)) from error
+
+    def _put_streamed(self, connection: Connection, data: bytes, remote: str, mode: int | None) -> None:
+        """Ansible's piped transfer: the bytes on stdin of `cat`, into a temporary file renamed over
+        the target; with a mode, the file is created under umask 077 so no one reads it meanwhile."""
+        target = remote.rstrip("/")
+        folder = os.path.dirname(target) or "."
+        temp = shell_path(f"{target}.{os.getpid()}.part")
+        write = f"(umask 077 && cat > {temp}) && chmod {mode:o} {temp}" if mode is not None else f"cat > {temp}"
+        command = f"mkdir -p {shell_path(folder)} && {write} && mv -f {temp} {shell_path(target)}"
+        exited, _out, err = self._exec_bytes(connection, command, data)
+        if exited != 0:
+            self._exec_bytes(connection, f"rm -f {temp}", None)
+            why = err.decode(errors="replace").strip().splitlines()
+            raise CommandError(f"{self.node.name}: cannot write {remote}: {why[-1] if why else f'exit {exited}'}")
+
+    def _get_streamed(self, connection: Connection, remote: str, local: Path) -> None:
+        exited, out, err = self._exec_bytes(connection, f"cat {shell_path(remote)}", None)
+        if exited != 0:
+            why = err.decode(errors="replace").strip().splitlines()
+            if why and "No such file" in why[-1]:
+                raise CommandError(f"{self.node.name}: no such file {remote}")
+            raise CommandError(f"{self.node.name}: cannot read {remote}: {why[-1] if why else f'exit {exited}'}")
+        Path(local).write_bytes(out)
+
+    def _exec_bytes(self, connection: Connection, command: str, data: bytes | None) -> tuple[int, bytes, bytes]:
+        """Run `command` with `data` on its stdin; its exit status and exact output bytes."""
+        try:
+            transport = connection.client.get_transport()
+            if transport is None:
+                raise paramiko.SSHException("no transport")
+            channel = transport.open_session()
+            try:
+                channel.exec_command(command)
+                if data:
+                    channel.sendall(data)
+                channel.shutdown_write()  # EOF: `cat` finishes the file
+                out = bytearray()
+                err = bytearray()
+                while True:
+                    chunk = channel.recv(1 << 16)
+                    if not chunk:
+                        break
+                    out += chunk
+                    while channel.recv_stderr_ready():
+                        err += channel.recv_stderr(1 << 16)
+                exited = channel.recv_exit_status()
+                while channel.recv_stderr_ready():
+                    err += channel.recv_stderr(1 << 16)
+            finally:
+                channel.close()
+        except (paramiko.SSHException, EOFError, OSError) as error:
+            self._drop()
+            raise ConnectError(self.node.name, self._address, "connection lost: " + plain_reason(error)) from error
+        if exited == -1:
+            self._drop()
+            raise ConnectError(self.node.name, self._address, "connection lost")
+        return exited, bytes(out), bytes(err)
 
     def _drop(self) -> None:
         with self._lock:
@@ -224,6 +322,30 @@ class SSHTransport:
 
     def close(self) -> None:
         self._drop()
+
+
+def _gateways(connection: Connection) -> list[Connection]:
+    """The ProxyJump hops fabric built for this connection, nearest first."""
+    hops = []
+    gateway = connection.gateway
+    while isinstance(gateway, Connection):
+        hops.append(gateway)
+        gateway = gateway.gateway
+    return hops
+
+
+def _clients(connection: Connection) -> list[paramiko.SSHClient]:
+    return [connection.client] + [hop.client for hop in _gateways(connection)]
+
+
+def _hop_note(error: BaseException, host: str | None) -> str:
+    """Name the ProxyJump hop when the refused key was the hop's, not the node's."""
+    hostname = getattr(error, "hostname", None) or (error.args[0] if isinstance(error, UnknownHostKey) and error.args else None)
+    if isinstance(error, (UnknownHostKey, paramiko.BadHostKeyException)) and hostname:
+        bare = hostname[1:].split("]")[0] if hostname.startswith("[") else hostname
+        if bare != host:
+            return f" (ProxyJump hop {hostname})"
+    return ""
 
 
 def _sftp_path(remote: str) -> str:
