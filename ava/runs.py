@@ -7,6 +7,7 @@ it ended. It is rewritten atomically, so a reader never sees half of one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import threading
@@ -110,6 +111,88 @@ class RunRecord:
             os.fsync(handle.fileno())
         os.replace(temp, self.dir / "record.json")
         _fsync_dir(self.dir)
+
+
+ENV_FILE = "env.json"
+
+
+def private_recipe(record: RunRecord, raw: dict[str, Any], env: dict[str, str]) -> None:
+    """Keep the recipe as launched in the run's records, its environment values apart.
+
+    Recipes carry secrets in `[env]` (and `--set env.K=V`), so the values live in one file,
+    `env.json` (0600): the only local file that holds them. `recipe.toml` beside it is the
+    recipe as launched (every --set applied) without `[env]`, written out again rather than
+    copied, since the original text holds the values; record.json keeps env names only.
+    `supervisor.recipe_of` joins the two for later attempts (background supervisor, attach).
+    """
+    os.chmod(runs_dir(), 0o700)  # made earlier with a wider umask: runs hold logs and recipes
+    _write_private(record.dir / ENV_FILE, json.dumps(env, sort_keys=True).encode())
+    rest = {k: v for k, v in raw.items() if k != "env"}
+    _write_private(record.dir / "recipe.toml", toml_text(rest).encode())
+
+
+def read_env(record: RunRecord) -> dict[str, str] | None:
+    """The run's environment values from env.json; None for a record older than env.json."""
+    try:
+        data = json.loads((record.dir / ENV_FILE).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise DamagedRecord(record.dir / ENV_FILE, getattr(error, "strerror", None) or str(error)) from error
+    if not (isinstance(data, dict) and all(isinstance(v, str) for v in data.values())):
+        raise DamagedRecord(record.dir / ENV_FILE, "expected an object of strings")
+    return data
+
+
+def env_names_only(raw: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's TOML data for record.json: `env` as its sorted names, never the values."""
+    return {**raw, "env": sorted(raw["env"])} if isinstance(raw.get("env"), dict) else dict(raw)
+
+
+def overrides_without_env_values(overrides: list[str]) -> list[str]:
+    """--set assignments for record.json: `env.K=V` (and `env={...}`) keep only their key."""
+    kept = []
+    for assignment in overrides:
+        key = assignment.partition("=")[0].strip()
+        kept.append(key if key.split(".", 1)[0].strip() == "env" else assignment)
+    return kept
+
+
+def toml_text(raw: dict[str, Any]) -> str:
+    """TOML for a recipe's data (scalars, arrays, tables one level deep, inline tables below)."""
+    lines = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    for name, table in raw.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{json.dumps(name)}]"]
+            lines += [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        # A JSON string is a TOML basic string once DEL, which TOML wants escaped, is.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
 
 
 def _fsync_dir(path: Path) -> None:

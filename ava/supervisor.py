@@ -72,23 +72,37 @@ def plan_attempt(recipe: Recipe, nodes: list[Node], run_id: str, number: int, co
     return plan(recipe, nodes, launch, routes, pythons=pythons), master, port
 
 
-def snapshot_code(record: RunRecord, root: Path) -> Path:
-    """Copy the recipe's code into the run's records: every attempt runs the code launched."""
+def snapshot_code(record: RunRecord, root: Path, leave_out: str | None = None) -> Path:
+    """Copy the recipe's code into the run's records: every attempt runs the code launched.
+
+    `leave_out` is the recipe file itself: its [env] may hold secrets, and the run's records
+    keep the recipe apart (runs.private_recipe), so it reaches neither this copy nor the nodes."""
     target = record.dir / "code"
     manifest = sync.manifest_of(root)
     for entry in manifest.files:
+        if entry.path == leave_out:
+            continue
         dest = target / entry.path
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes((root / entry.path).read_bytes())
         if entry.exec:
-            dest.chmod(0o755)
+            dest.chmod(0o700)
     target.mkdir(parents=True, exist_ok=True)
     return target
 
 
 def recipe_of(record: RunRecord) -> Recipe:
+    """The recipe as launched: recipe.toml (every --set applied, no [env]) + env.json's values."""
+    from dataclasses import replace
+
+    from ava import runs
+
     text = (record.dir / "recipe.toml").read_text(encoding="utf-8")
-    return parse_recipe(text, record.source, str(record.dir / "code"), record.overrides)
+    env = runs.read_env(record)
+    if env is None:  # a record from before env.json: the copied text and --set hold everything
+        return parse_recipe(text, record.source, str(record.dir / "code"), record.overrides)
+    recipe = parse_recipe(text, record.source, str(record.dir / "code"))
+    return replace(recipe, env=env, raw={**recipe.raw, "env": env})
 
 
 class Supervisor:
@@ -423,6 +437,7 @@ def _background_main(argv: list[str]) -> int:
     from ava import runs
     from ava.config import load_inventory
 
+    os.umask(0o077)  # as the CLI: what the run's records gain stays the user's own
     record = runs.load(argv[0])
     inventory = load_inventory(argv[1])
     supervisor = Supervisor(record, recipe_of(record), inventory, FileSink(record.dir / "output.log"))

@@ -6,6 +6,7 @@ WORKDIR/runs/RUN/attempt-N/{status.json,output.log,progress,spec.json,stop.json,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -71,14 +72,35 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temp file beside PATH and rename over it: readers never see half a file."""
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written: a short write (quota, full disk) is an error, not
+    a truncated file (a write that cannot continue raises OSError, ENOSPC or EDQUOT)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, f"short write: {len(view)} bytes not written")
+        view = view[n:]
+
+
+def write_json_atomic(path: Path, obj: Any, mode: int = 0o600) -> None:
+    """Write to a temp file beside PATH, fsync, and rename over it: readers never see half a
+    file, and a failed write leaves the old file and no temp file. Owner-only by default:
+    status and stop requests are the run's own; the node-wide ledger asks for 0o660."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = json.dumps(obj, sort_keys=True).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)  # the umask must not narrow a shared ledger's group bits
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -149,7 +149,7 @@ class Ledger:
 def locked(work: Path) -> Iterator[Ledger]:
     """The ledger under an exclusive flock; dead entries are dropped on open and saved."""
     work.mkdir(parents=True, exist_ok=True)
-    fd = os.open(work / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(work / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         ledger = Ledger(work, fd)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,12 +51,26 @@ def cmd_start(args: argparse.Namespace) -> int:
             _emit({"error": "busy", "holders": [h.public() for h in busy.holders]})
             return EXIT_BUSY
         adir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(args.spec, adir / layout.SPEC)
+        # runs/ holds specs (the run's environment, secrets included) and logs: owner only,
+        # also where an older agent or the spec's upload made it with the login's umask.
+        os.chmod(spec.workdir / "runs", 0o700)
+        _copy_private(Path(args.spec), adir / layout.SPEC)
         pid = monitor.spawn(spec, adir, gpus, slots, ledger.fd)
         ledger.grant(want, spec.attempt, spec.user, pid, gpus, slots)
     st = _wait_started(spec.workdir, adir, pid)
     _emit(st)
     return EXIT_OK if st.get("state") in ("running", "succeeded") else EXIT_FAILED
+
+
+def _copy_private(source: Path, target: Path) -> None:
+    """Copy the spec as 0600 whatever the umask: it holds the run's environment values."""
+    data = source.read_bytes()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an older copy may exist with wider bits
+        layout.write_all(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _wait_started(work: Path, adir: Path, pid: int) -> dict[str, Any]:
@@ -210,6 +224,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Everything the agent writes (specs, status, logs, ledger) is the owner's alone; the job
+    # gets back the umask the agent was started with (see monitor.JOB_UMASK).
+    monitor.JOB_UMASK = os.umask(0o077)
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -26,6 +26,9 @@ OOM_DRAIN = 3.0  # seconds torchrun gets to wind down after an out-of-memory kil
 HEARTBEAT = 1.0  # how often it rewrites status.json
 DEFAULT_GRACE = 10.0
 JOB_REAP_TIMEOUT = 10.0
+# The umask the job runs under: the one the agent was started with (its own files are 0600,
+# but a job's checkpoints and outputs follow the user's umask). Set by the agent's main().
+JOB_UMASK = 0o022
 
 
 def job_env(base: dict[str, str], spec: Spec, gpus: list[int], attempt_dir: Path) -> dict[str, str]:
@@ -77,7 +80,7 @@ def spawn(spec: Spec, attempt_dir: Path, gpus: list[int], slots: int, ledger_fd:
 def _detach(attempt_dir: Path) -> None:
     """No fd of the SSH session may stay open, or the connection would wait for the job."""
     null = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(attempt_dir / layout.AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log = os.open(attempt_dir / layout.AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(null, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -209,7 +212,7 @@ class Monitor:
     def _supervise(self, fence: Isolation) -> int:
         spec = self.spec
         env = job_env(dict(os.environ), spec, self.gpus, self.dir)
-        log = os.open(self.dir / layout.OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        log = os.open(self.dir / layout.OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             job = subprocess.Popen(
                 fence.command(spec.argv),
@@ -221,6 +224,7 @@ class Monitor:
                 start_new_session=True,
                 # In the child, before exec: the whole job tree starts inside the fence.
                 preexec_fn=fence.add_self,
+                umask=JOB_UMASK,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             return self._give_up(f"cannot start {spec.argv[0]!r}: {exc}")

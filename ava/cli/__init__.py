@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import List, Optional
@@ -84,6 +85,8 @@ def app_commands() -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: the one error boundary. Every AvaError becomes one line and its exit code."""
+    # Run records, logs and env.json may hold secrets: whatever ava creates is the user's alone.
+    os.umask(0o077)
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     state.argv = args
     code = EXIT_OK

@@ -65,7 +65,7 @@ def train(
     from ava.placement import place
     from ava.supervisor import Supervisor, snapshot_code, spawn_background
 
-    recipe, recipe_text = _recipe(recipe_path, overrides)
+    recipe, _text = _recipe(recipe_path, overrides)
     inventory = load_inventory()
     only = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else []
     placement = place(recipe, inventory, only=only)
@@ -73,16 +73,18 @@ def train(
     if dry_run:
         return _dry_run(recipe, placement, run_id, inventory.path.resolve().parent)
 
+    # Environment values (secrets) stay out of record.json and recipe.toml: see runs.private_recipe.
     record = runs.RunRecord(
-        id=run_id, recipe=recipe.name, source=recipe.source, recipe_hash="", raw=recipe.raw,
-        inventory=str(inventory.path.resolve()), nodes=placement.names, overrides=list(overrides),
+        id=run_id, recipe=recipe.name, source=recipe.source, recipe_hash="", raw=runs.env_names_only(recipe.raw),
+        inventory=str(inventory.path.resolve()), nodes=placement.names,
+        overrides=runs.overrides_without_env_values(list(overrides)),
     )
     record.dir.mkdir(parents=True, exist_ok=True)
-    (record.dir / "recipe.toml").write_text(recipe_text, encoding="utf-8")
+    runs.private_recipe(record, recipe.raw, dict(recipe.env))
     import hashlib
 
     record.recipe_hash = hashlib.sha256(json.dumps(recipe.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    snapshot_code(record, Path(recipe.root))
+    snapshot_code(record, Path(recipe.root), leave_out=_recipe_file(recipe))
     record.save()
 
     from ava import console
@@ -96,6 +98,14 @@ def train(
     sink = TerminalSink(placement.names + [s.name for s in placement.spares], record.dir / "output.log")
     supervisor = Supervisor(record, _recipe_for(record, recipe), inventory, sink, wait_for_leases=wait)
     return _supervise(supervisor, record, inventory.path.resolve())
+
+
+def _recipe_file(recipe) -> str:  # type: ignore[no-untyped-def]
+    """The recipe file's path inside its root: left out of the code snapshot, as its [env] may hold secrets."""
+    if "://" in recipe.source:
+        name = recipe.source.rstrip("/").rsplit("/", 1)[-1]
+        return name if name.endswith(".toml") else "recipe.toml"
+    return Path(recipe.source).resolve().relative_to(Path(recipe.root).resolve()).as_posix()
 
 
 def _recipe_for(record, recipe):  # type: ignore[no-untyped-def]
@@ -153,6 +163,8 @@ def _dry_run(recipe, placement, run_id: str, inventory_dir: Path) -> int:  # typ
 
     nodes = list(placement.nodes)
     manifest = sync.manifest_of(Path(recipe.root))
+    # The tree a launch ships: the code snapshot leaves the recipe file out (snapshot_code).
+    manifest = sync.Manifest(tuple(f for f in manifest.files if f.path != _recipe_file(recipe)))
     pythons = {n.name: provision.venv_python(n, recipe=recipe, root=inventory_dir) for n in nodes}
     launches, _, _ = plan_attempt(recipe, nodes, run_id, 1, manifest.tree, sync.runtime_manifest()[0].tree, pythons)
     for item in launches:
