@@ -2,7 +2,12 @@
 
 One persistent connection per node, reused by every call in the process. Host keys are
 verified against the node's known-hosts file: fabric trusts unknown keys by default, ava does
-not. Paramiko and socket errors become a ConnectError with a plain reason right here.
+not, on the node and on every ProxyJump hop that fabric builds from ~/.ssh/config. Paramiko and
+socket errors become a ConnectError with a plain reason right here.
+
+Files move over SFTP; on a node whose sshd offers no SFTP subsystem (learnt once per connection)
+they stream over the exec channel instead, as Ansible's piped transfer does: `cat` into a
+temporary file beside the target, renamed over it.
 """
 
 from __future__ import annotations
