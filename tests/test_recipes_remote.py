@@ -6,7 +6,7 @@ and, like S3, allows `..` inside key names. `file://` URLs reach the real local 
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -107,7 +107,11 @@ def test_ava_train_from_a_url_leaves_no_temporary_directory_also_on_errors(tmp_p
     env = {"TMPDIR": str(temp_root), "AVA_HOME": str(tmp_path / "home")}
     done = run_ava("train", f"file://{recipe}/recipe.toml", "--dry-run", env=env, inventory=REPO / "ava.toml")
     assert done.returncode == 0, done.stderr
-    assert "(3 files," in done.stderr  # the corpus came with the recipe
+    # The same code tree as the local directory gives: the corpus came with the recipe.
+    local = run_ava("train", str(recipe), "--dry-run", env=env, inventory=REPO / "ava.toml")
+    tree = re.search(r"code tree (\w+) \((\d+) files", local.stderr)
+    assert tree and int(tree.group(2)) >= 2, local.stderr
+    assert f"code tree {tree.group(1)} " in done.stderr
     assert list(temp_root.iterdir()) == []
     for bad in (f"file://{tmp_path}/missing/recipe.toml", f"file://{recipe}/recipe.toml"):
         args = ["--set", "resources.no_such_key=1"] if bad.startswith(f"file://{recipe}") else []
