@@ -93,7 +93,7 @@ def environment(recipe: Recipe, launch: Launch, node: Node, route: Route) -> dic
     from ava.cache.settings import job_env
     from ava.provision import BLOCK_SIZE
 
-    code_dir, runtime_dir = tree_dirs(node, launch, route)
+    _, runtime_dir = tree_dirs(node, launch, route)
     env = dict(recipe.env)
     # The node's cache as WORKDIR/cache.json describes it, for ava.data and `avacache::` URLs.
     env.update(job_env(route.expand(node.cache_dir), node.cache_size, block_size=BLOCK_SIZE))
@@ -112,8 +112,9 @@ def environment(recipe: Recipe, launch: Launch, node: Node, route: Route) -> dic
     if ckpt is not None:
         env["AVA_CHECKPOINT_DIR"] = ckpt if "://" in ckpt else route.expand(ckpt)
         env["AVA_CHECKPOINT_KEEP"] = str(recipe.checkpoint.keep)
-    # The run's code first, then ava's user-side modules (ava.ckpt, ava.env, ava.data).
-    paths = [code_dir, runtime_dir]
+    # The run's code (its own copy, in its run directory) first, then ava's user-side modules
+    # (ava.ckpt, ava.env, ava.data).
+    paths = [run_dir(node, launch, route), runtime_dir]
     if recipe.env.get("PYTHONPATH"):
         paths.append(recipe.env["PYTHONPATH"])
     env["PYTHONPATH"] = ":".join(paths)
@@ -139,7 +140,9 @@ def plan(
             "attempt": launch.attempt,
             "node": node.name,
             "workdir": node.workdir,
-            "cwd": tree_dirs(node, launch, route)[0],
+            # Ranks run in the run's own directory, which the agent copies from the immutable tree.
+            "cwd": run_dir(node, launch, route),
+            "tree": tree_dirs(node, launch, route)[0],
             "argv": argv,
             "env": environment(recipe, launch, node, route),
             "limits": {
@@ -160,6 +163,11 @@ def tree_dirs(node: Node, launch: Launch, route: Route) -> tuple[str, str]:
     """Absolute paths of the run's code tree and of ava's runtime tree on this node."""
     trees = route.expand(posixpath.join(node.workdir.rstrip("/"), "trees"))
     return posixpath.join(trees, launch.code_tree), posixpath.join(trees, launch.runtime_tree)
+
+
+def run_dir(node: Node, launch: Launch, route: Route) -> str:
+    """Absolute path of the run's directory on this node: its ranks' cwd (see agent/rundir.py)."""
+    return route.expand(posixpath.join(node.workdir.rstrip("/"), "runs", launch.run_id, "work"))
 
 
 def _bracket(address: str) -> str:

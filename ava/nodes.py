@@ -25,6 +25,7 @@ class NodeReport:
     mem_total: int | None = None
     mem_free: int | None = None
     disk_free: int | None = None
+    run_dirs: dict[str, int] | None = None  # {"count", "bytes"}: the runs' own directories
     python: str | None = None
     torch: str | None = None
     gpus: list[dict[str, Any]] = field(default_factory=list)

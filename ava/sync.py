@@ -3,10 +3,12 @@
 Everything is named by the hash of its content, so relaunching unchanged code moves nothing
 (one existence check per node), and a one-file change moves about that one file.
 
-Node layout under `workdir`:
+Node layout under `workdir` (agent/treesync.py says why the store stays true to its hashes):
   agent/agent-<hash16>.pyz        the agent zipapp
-  objects/<aa>/<sha256>           file contents, shared by every tree
-  trees/<hash16>/ + .complete     one directory per code or runtime tree, hard-linked objects
+  objects/<aa>/<sha256>           file contents, shared by every tree, read-only
+  trees/<hash16>/ + .complete     one directory per code or runtime tree, hard-linked objects;
+  trees/<hash16>.json, .lock      its manifest, and the lock its builders take
+  runs/<run>/work/                the run's directory: its ranks' cwd, a copy of its code tree
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shlex
 import tarfile
 from dataclasses import dataclass
@@ -201,7 +204,9 @@ def ship_tree(node: Node, manifest: Manifest, root: Path | dict[str, bytes]) -> 
     workdir = node.workdir.rstrip("/")
     script = shlex.quote(TREESYNC_SOURCE.read_text(encoding="utf-8"))
     python = shell_path(node.python)
-    listing = f"{workdir}/trees/.manifest-{tree}-{os.getpid()}.json"
+    # Names of one's own: concurrent launches (and nodes sharing a workdir) each have theirs.
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    listing = f"{workdir}/trees/.manifest-{tree}-{token}.json"
     transport.put(manifest.to_json().encode(), listing)
     result = transport.run(f"{python} -c {script} missing {shell_path(workdir)} {shell_path(listing)}")
     result.check("code sync (listing objects)")
@@ -210,7 +215,7 @@ def ship_tree(node: Node, manifest: Manifest, root: Path | dict[str, bytes]) -> 
     sent_files = sent_bytes = 0
     if wanted:
         archive, sent_files, sent_bytes = _archive(manifest, root, wanted)
-        remote_tar = f"{workdir}/objects/.incoming-{tree}-{os.getpid()}.tar"
+        remote_tar = f"{workdir}/objects/.incoming-{tree}-{token}.tar"
         transport.put(archive, remote_tar)
         command += f" {shell_path(remote_tar)}"
     built = transport.run(command)

@@ -68,6 +68,28 @@ def disk_free(path: str) -> int | None:
     return stat.f_bavail * stat.f_frsize
 
 
+def run_dirs(workdir: str) -> dict[str, int]:
+    """How many run directories (WORKDIR/runs/RUN/work) the node keeps, and the disk they use."""
+    runs = os.path.join(os.path.expanduser(workdir), "runs")
+    count = used = 0
+    try:
+        names = os.listdir(runs)
+    except OSError:
+        return {"count": 0, "bytes": 0}
+    for name in names:
+        top = os.path.join(runs, name, "work")
+        if not os.path.isdir(top):
+            continue
+        count += 1
+        for directory, _, files in os.walk(top):
+            for file in files:
+                try:
+                    used += os.lstat(os.path.join(directory, file)).st_blocks * 512
+                except OSError:
+                    pass  # removed while we looked
+    return {"count": count, "bytes": used}
+
+
 def package_version(name: str) -> str | None:
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -145,6 +167,7 @@ def gather(workdir: str) -> dict[str, object]:
         "mem_total": mem_total,
         "mem_free": mem_free,
         "disk_free": disk_free(workdir),
+        "run_dirs": run_dirs(workdir),
         "gpus": gpus(),
         "cgroup": mode,
         "isolation": isolation_backend(mode),

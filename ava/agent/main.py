@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import layout, leases, monitor, procs, status
+from . import layout, leases, monitor, procs, rundir, status
 from .isolation import attach
 from .layout import LayoutError
 from .spec import Spec, SpecError
@@ -36,6 +36,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         # The same start again (a retried SSH command): report, do not start twice.
         _emit(existing)
         return EXIT_FAILED if existing["state"] in ("failed", "stopped") else EXIT_OK
+    try:
+        rundir.prepare(spec)  # the run's own copy of its code, kept across its attempts here
+    except rundir.RunDirError as exc:
+        _emit({"error": "run-directory", "problem": str(exc)})
+        return EXIT_FAILED
     want = leases.Want(
         run=spec.run,
         node=spec.node,

@@ -1,4 +1,8 @@
-"""The start spec: what the core asks one node's agent to run (JSON, see the package doc)."""
+"""The start spec: what the core asks one node's agent to run (JSON, see the package doc).
+
+`tree` (optional) names the run's code tree (WORKDIR/trees/HASH); with it, `cwd` must be the
+run's directory WORKDIR/runs/RUN/work, which the agent makes from that tree (see rundir.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import rundir
 from .isolation import KINDS, Limits
 from .layout import check_name
 
@@ -24,6 +29,8 @@ class Spec:
     workdir: Path
     cwd: str
     argv: list[str]
+    # The run's code tree: when given, cwd must be the run's directory, made from this tree.
+    tree: str = ""
     env: dict[str, str] = field(default_factory=dict)
     limits: Limits = Limits()
     gpus_want: int = 0
@@ -63,13 +70,21 @@ class Spec:
             isolation = raw.get("isolation") or "auto"
             if isolation not in ("auto", *KINDS):
                 raise SpecError(f"isolation: expected auto or one of {', '.join(KINDS)}")
+            run = check_name("run", raw["run"])
+            workdir = Path(os.path.expanduser(raw.get("workdir") or "~/.ava"))
+            cwd = os.path.expanduser(raw.get("cwd") or "~")
+            tree = os.path.expanduser(raw.get("tree") or "")
+            if tree and os.path.normpath(cwd) != os.path.normpath(rundir.path(workdir, run)):
+                raise SpecError(f"cwd: a run with a code tree runs in its run directory "
+                                f"{rundir.path(workdir, run)}, not {cwd}")
             return cls(
-                run=check_name("run", raw["run"]),
+                run=run,
                 attempt=int(raw["attempt"]),
                 node=check_name("node", raw["node"]),
-                workdir=Path(os.path.expanduser(raw.get("workdir") or "~/.ava")),
-                cwd=os.path.expanduser(raw.get("cwd") or "~"),
+                workdir=workdir,
+                cwd=cwd,
                 argv=list(argv),
+                tree=tree,
                 env=dict(env),
                 limits=Limits.from_spec(raw.get("limits")),
                 gpus_want=int(gpus.get("want") or 0),

@@ -30,16 +30,17 @@ def nodes(
         rows = []
         for r in reports:
             if not r.reachable:
-                rows.append([r.name, r.host, "no", "-", "-", "-", "-", "-", "-", r.error or ""])
+                rows.append([r.name, r.host, "no", "-", "-", "-", "-", "-", "-", "-", r.error or ""])
                 continue
             gpus = ", ".join(f"{g['index']}:{g['name']}" for g in r.gpus) or "none"
             held = f"{len(r.leases)} run{'s' if len(r.leases) != 1 else ''}" if r.leases else ""
             rows.append([
                 r.name, r.host, "yes", str(r.cpus), f"{console.size(r.mem_free)}/{console.size(r.mem_total)}",
-                console.size(r.disk_free), r.torch or "-", gpus, r.isolation or "-", held,
+                console.size(r.disk_free), _run_dirs(r.run_dirs), r.torch or "-", gpus, r.isolation or "-", held,
             ])
         console.table(
-            ["node", "host", "up", "cpus", "mem free/total", "disk free", "torch", "gpus", "isolation", "held by"],
+            ["node", "host", "up", "cpus", "mem free/total", "disk free", "run dirs", "torch", "gpus", "isolation",
+             "held by"],
             rows,
         )
         # Who holds what, one line per holder: run ids are what `ava stop` takes, so they are
@@ -51,6 +52,15 @@ def nodes(
             if r.reachable and r.isolation == "none":
                 console.warn(f"{r.name}: no cgroups available; runs there are fenced by process group only")
     return EXIT_OK if all(r.reachable for r in reports) else EXIT_INFRA
+
+
+def _run_dirs(found: dict[str, int] | None) -> str:
+    """`3 (1.2GiB)`: the run directories kept on the node (see README, Run directories)."""
+    if not found:
+        return "-"
+    from ava import console
+
+    return f"{found.get('count', 0)} ({console.size(found.get('bytes', 0))})"
 
 
 def _holding(holder: dict[str, Any]) -> str:
