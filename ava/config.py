@@ -155,6 +155,8 @@ class Failover:
     hang_timeout: float = 600.0
     fatal_exit_codes: tuple[int, ...] = (2,)
     backoff: float = 2.0
+    # Two attempts in a row failing before any progress with the same signature: no retry.
+    stop_repeated_startup_failure: bool = True
 
 
 @dataclass(frozen=True)
@@ -332,6 +334,11 @@ class _Fields:
             bound = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise self.fail(name, f"must be {bound}, got {value}")
         return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        if name not in self.values:
+            return default
+        return bool(self._typed(name, (bool,), "true or false"))
 
     def number(self, name: str, default: Any) -> Any:
         if name not in self.values:
@@ -571,7 +578,8 @@ _RECIPE_TABLES: dict[str, tuple[str, ...] | None] = {
     "env": None,
     "data": ("prefetch",),
     "checkpoint": ("dir", "keep"),
-    "failover": ("max_restarts", "on_node_loss", "hang_timeout", "fatal_exit_codes", "backoff"),
+    "failover": ("max_restarts", "on_node_loss", "hang_timeout", "fatal_exit_codes", "backoff",
+                 "stop_repeated_startup_failure"),
 }
 _RECIPE_KEYS = ("name", "description", *_RECIPE_TABLES)
 # A `--set` value for these keys (and env.*) is text as written, so "3e-4" stays "3e-4"; for the
@@ -799,4 +807,5 @@ def _parse_failover(source: str, table: dict) -> Failover:
         hang_timeout=f.duration("hang_timeout", d.hang_timeout, positive=True),
         fatal_exit_codes=codes,
         backoff=f.duration("backoff", d.backoff),
+        stop_repeated_startup_failure=f.flag("stop_repeated_startup_failure", d.stop_repeated_startup_failure),
     )

@@ -30,6 +30,7 @@ class NodeView:
     reason: str | None = None  # exit | oom | stopped | agent-died
     exit_code: int | None = None
     rank_exit_codes: dict[str, int] = field(default_factory=dict)
+    rank_fail_times: dict[str, float] = field(default_factory=dict)  # on the node's clock
     heartbeat_age: float | None = 0.0
     ended: float | None = None  # on the node's clock: orders failures, first is the cause
     memory_limit: int | None = None
@@ -68,7 +69,7 @@ def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
     if lost:
         return Verdict("failed", "node-lost", f"node {', '.join(lost)} stopped answering", node=lost[0], lost=lost)
 
-    failed = sorted((v for v in views if v.state == "failed"), key=lambda v: (v.ended is None, v.ended or 0.0))
+    failed = sorted((v for v in views if v.state == "failed"), key=_first_failure)
     silent = tuple(v.name for v in views if not v.reachable)
     if failed and any(v.reachable and v.state is None for v in views):
         # A node's answer is late: it may be the node whose loss made these ranks fail. Its
@@ -100,14 +101,42 @@ def _failure(view: NodeView) -> Verdict:
         return Verdict("failed", "agent-died", f"the agent on {view.name} died", node=view.name)
     codes = {int(r): c for r, c in view.rank_exit_codes.items() if c != 0}
     if codes:
-        # A rank killed by a signal (negative code) is usually torchrun ending the others after
-        # the first failure: a rank that exited on its own is the cause.
-        rank = min(codes, key=lambda r: (codes[r] < 0, r))
+        rank = _first_rank(view, codes)
         code = codes[rank]
         return Verdict("failed", "crash", f"rank {rank} on {view.name} exited {code}", node=view.name,
                        rank=rank, exit_code=code)
     code = view.exit_code
     return Verdict("failed", "crash", f"torchrun on {view.name} exited {code}", node=view.name, exit_code=code)
+
+
+def _first_rank(view: NodeView, codes: dict[int, int]) -> int:
+    """The failing rank that exited first: ranks that lose a peer fail moments after it (a
+    broken connection), often with the same code. Without exit times, or on a tie, a rank that
+    exited on its own beats one killed by a signal (torchrun ending the others), then the
+    lowest rank."""
+    times = view.rank_fail_times
+    return min(codes, key=lambda r: (times.get(str(r), float("inf")), codes[r] < 0, r))
+
+
+def _first_failure(view: NodeView) -> float:
+    """Orders failed nodes: by when their first failing rank exited, else when the attempt
+    there ended (both on the node's clock)."""
+    times = [t for r, t in view.rank_fail_times.items() if view.rank_exit_codes.get(r, 0) != 0]
+    if times:
+        return min(times)
+    return view.ended if view.ended is not None else float("inf")
+
+
+def startup_signature(verdict: Verdict, last_lines: list[str], node_names: tuple[str, ...] = ()) -> str | None:
+    """What identifies a crash, for telling that the next attempt failed the same way: its exit
+    code and the failing rank's last line, node names aside. None for failures a retry may
+    fix: OOM, node loss, hangs."""
+    if verdict.kind != "crash":
+        return None
+    last = next((line.strip() for line in reversed(last_lines) if line.strip()), "")
+    for name in sorted(node_names, key=len, reverse=True):
+        last = last.replace(name, "<node>")
+    return f"exit {verdict.exit_code}: {last}" if last else f"exit {verdict.exit_code}"
 
 
 @dataclass(frozen=True)
@@ -126,10 +155,15 @@ def recover(
     current: tuple[str, ...],
     spares: tuple[str, ...],
     nodes_min: int,
+    repeated: str | None = None,
 ) -> Plan:
-    """After a failed attempt: the next attempt's nodes, or why there is none."""
+    """After a failed attempt: the next attempt's nodes, or why there is none. `repeated` is
+    the signature of a start-up failure that the attempt before this one failed with too."""
     if verdict.kind == "stopped":
         return Plan(False, "stopped")
+    if repeated is not None and failover.stop_repeated_startup_failure:
+        return Plan(False, f"the same start-up failure twice; not retrying: {repeated}"
+                           " (failover.stop_repeated_startup_failure = false retries it)")
     if verdict.kind == "crash" and verdict.exit_code in failover.fatal_exit_codes:
         return Plan(False, f"exit code {verdict.exit_code} is in failover.fatal_exit_codes: no retry can fix it")
     if restarts_used >= failover.max_restarts:

@@ -49,6 +49,8 @@ class Attempt:
     failed_rank: int | None = None
     master_port: int | None = None
     code_sent_bytes: int | None = None  # code moved to the nodes for this attempt (0: all there)
+    progressed: bool = False  # reported progress (or outlived the start-up grace)
+    signature: str | None = None  # a crash before any progress: exit code and last line
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from ava import attempt as nodes_ops
 from ava import cachenodes, sync
 from ava.config import Inventory, Node, Recipe, parse_recipe
-from ava.decide import NodeView, Observation, Verdict, judge, recover
+from ava.decide import STARTUP_GRACE, NodeView, Observation, Verdict, judge, recover, startup_signature
 from ava.errors import AvaError, ConnectError
 from ava.launch import Launch, NodeLaunch, plan
 from ava.runs import Attempt, RunRecord
@@ -240,7 +240,7 @@ class Supervisor:
         spares = self._spares(current.nodes)
         decision = recover(verdict, failover=self.recipe.failover, restarts_used=used,
                            current=tuple(current.nodes), spares=tuple(spares),
-                           nodes_min=self.recipe.resources.nodes_min)
+                           nodes_min=self.recipe.resources.nodes_min, repeated=self._repeated(current, verdict))
         if not decision.restart:
             self.sink.event(f"run failed: {verdict.cause}; {decision.reason}" if decision.reason != verdict.cause else f"run failed: {verdict.cause}")
             self._finish("failed", 1)
@@ -253,6 +253,28 @@ class Supervisor:
             return None
         self._pending_nodes = list(decision.nodes)
         return self._pending_nodes
+
+    def _repeated(self, current: Attempt, verdict: Verdict) -> str | None:
+        """The signature of this attempt's failure when it came before any progress and the
+        attempt before failed the same way (a missing module, a bad argument: no retry fixes
+        those); else None."""
+        if current.progressed:
+            return None
+        lines = self._failing_lines(verdict)
+        current.signature = startup_signature(verdict, lines, tuple(self.inventory.nodes))
+        self.record.save()
+        earlier = [a for a in self.record.attempts if a.number < current.number]
+        if current.signature is None or not earlier or earlier[-1].progressed:
+            return None
+        if earlier[-1].signature != current.signature:
+            return None
+        return next((line.strip() for line in reversed(lines) if line.strip()), str(verdict.cause))
+
+    def _failing_lines(self, verdict: Verdict) -> list[str]:
+        rank = None if verdict.rank is None else str(verdict.rank)
+        with self._lines_lock:
+            found = self.last_lines.get((verdict.node or "", rank)) or self.last_lines.get((verdict.node or "", None))
+            return list(found or [])
 
     def _spares(self, current: list[str]) -> list[str]:
         from ava.placement import why_ineligible
@@ -312,6 +334,8 @@ class Supervisor:
                     else:
                         unreachable_since.pop(node.name, None)
                         views.append(_view(node.name, found))
+                if any(v.progressed for v in views) or now - current.started >= STARTUP_GRACE:
+                    current.progressed = True
                 verdict = judge(Observation(tuple(views), now - current.started),
                                 hang_timeout=self.recipe.failover.hang_timeout)
                 if verdict.outcome != "running":
@@ -388,12 +412,14 @@ def _view(name: str, status: dict[str, Any]) -> NodeView:
     if heartbeat and reference:
         progress_age = max(0.0, float(heartbeat) - float(reference))
     codes = {str(k): int(v) for k, v in (status.get("rank_exit_codes") or {}).items()}
+    times = {str(k): float(v) for k, v in (status.get("rank_fail_times") or {}).items()}
     return NodeView(
         name=name,
         state=status.get("state"),
         reason=status.get("reason"),
         exit_code=status.get("exit_code"),
         rank_exit_codes=codes,
+        rank_fail_times=times,
         heartbeat_age=status.get("age"),
         ended=status.get("ended"),
         memory_limit=status.get("memory_limit") or (status.get("limits") or {}).get("memory"),

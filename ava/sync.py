@@ -159,6 +159,10 @@ def agent_bundle() -> tuple[bytes, str]:
     from ava.agent import build_zipapp
 
     return build_zipapp()
+    # The rank hook (see ava/rankhook.py) at the top, where Python's `site` finds it.
+    data = (package / "rankhook.py").read_bytes()
+    files.append(FileEntry("sitecustomize.py", hashlib.sha256(data).hexdigest(), len(data), False))
+    contents["sitecustomize.py"] = data
 
 
 def agent_path(node: Node) -> str:

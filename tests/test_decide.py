@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ava.config import Failover
-from ava.decide import LOST_AFTER, STALE_AFTER, STARTUP_GRACE, NodeView, Observation, Plan, Verdict, judge, recover
+from ava.decide import (LOST_AFTER, STALE_AFTER, STARTUP_GRACE, NodeView, Observation, Plan, Verdict, judge, recover,
+                        startup_signature)
 
 HANG = 60.0
 
@@ -138,3 +139,48 @@ def test_a_stop_is_never_restarted() -> None:
 
 def test_backoff_is_capped() -> None:
     assert plan(CRASH, used=2, policy=Failover(100, "replace", HANG, (2,), 30.0)).backoff == 60.0
+
+
+def test_the_rank_that_exited_first_is_the_cause_not_the_peer_that_lost_it() -> None:
+    # Rank 1 raised first; rank 0 died of the broken connection 0.3 s later, same code.
+    node = NodeView("local", state="failed", reason="exit", rank_exit_codes={"0": 1, "1": 1},
+                    rank_fail_times={"0": 100.3, "1": 100.0})
+    verdict = observe(node)
+    assert (verdict.rank, verdict.cause) == (1, "rank 1 on local exited 1")
+
+
+def test_across_nodes_the_earliest_rank_exit_names_the_node() -> None:
+    early = NodeView("b", state="failed", reason="exit", rank_exit_codes={"1": 1}, rank_fail_times={"1": 50.0},
+                     ended=52.0)
+    late = NodeView("a", state="failed", reason="exit", rank_exit_codes={"0": 1}, rank_fail_times={"0": 50.4},
+                    ended=51.0)
+    verdict = observe(late, early)
+    assert (verdict.node, verdict.rank) == ("b", 1)
+
+
+def test_without_exit_times_a_rank_that_exited_on_its_own_beats_one_killed() -> None:
+    node = NodeView("a", state="failed", reason="exit", rank_exit_codes={"0": -15, "3": 1})
+    assert observe(node).rank == 3
+
+
+def test_a_start_up_failure_signature_ignores_node_names_and_skips_retriable_kinds() -> None:
+    crash_a = Verdict("failed", "crash", "rank 0 on gpu1 exited 1", node="gpu1", rank=0, exit_code=1)
+    crash_b = Verdict("failed", "crash", "rank 0 on gpu2 exited 1", node="gpu2", rank=0, exit_code=1)
+    lines_a = ["Traceback (most recent call last):", "OSError: gpu1: no such file 'data.bin'", ""]
+    lines_b = ["OSError: gpu2: no such file 'data.bin'"]
+    names = ("gpu1", "gpu2")
+    assert startup_signature(crash_a, lines_a, names) == startup_signature(crash_b, lines_b, names)
+    assert startup_signature(crash_a, ["ValueError: x"], names) != startup_signature(crash_a, lines_a, names)
+    oom = Verdict("failed", "oom", "out of memory on gpu1", node="gpu1")
+    assert startup_signature(oom, lines_a, names) is None
+    assert startup_signature(LOST_B, lines_a, names) is None
+
+
+def test_a_repeated_start_up_failure_is_not_retried_unless_the_recipe_says_so() -> None:
+    decision = recover(CRASH, failover=POLICY, restarts_used=1, current=("a",), spares=(), nodes_min=1,
+                       repeated="ModuleNotFoundError: No module named 'einops'")
+    assert not decision.restart
+    assert decision.reason.startswith("the same start-up failure twice; not retrying: ModuleNotFoundError")
+    allowed = Failover(3, "replace", HANG, (2,), 2.0, stop_repeated_startup_failure=False)
+    assert recover(CRASH, failover=allowed, restarts_used=1, current=("a",), spares=(), nodes_min=1,
+                   repeated="x").restart

@@ -1,7 +1,7 @@
 """Where the agent keeps its files under WORKDIR, and how it writes them safely.
 
 WORKDIR/leases.json, WORKDIR/leases.lock                 the GPU/CPU ledger (see leases.py)
-WORKDIR/runs/RUN/attempt-N/{status.json,output.log,progress,spec.json,stop.json,agent.log}
+WORKDIR/runs/RUN/attempt-N/{status.json,output.log,progress,spec.json,stop.json,agent.log,rank-errors/}
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ PROGRESS = "progress"
 SPEC = "spec.json"
 STOP = "stop.json"
 AGENT_LOG = "agent.log"
+RANK_ERRORS = "rank-errors"  # one JSON per rank whose uncaught exception reached the top
 
 # Run ids and node names become path parts and cgroup names: keep them to a safe alphabet.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,200}$")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout, leases, procs, status
+from .ranks import RankWatch
 from .isolation import MARKER, Isolation, IsolationError, fence_name, open_fence
 from .spec import Spec
 from .teardown import end_fence, teardown
@@ -40,6 +41,7 @@ def job_env(base: dict[str, str], spec: Spec, gpus: list[int], attempt_dir: Path
     elif spec.gpus_allowed:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run on a GPU node sees no GPU
     env["AVA_PROGRESS_FILE"] = str(attempt_dir / layout.PROGRESS)
+    env["AVA_RANK_ERRORS"] = str(attempt_dir / layout.RANK_ERRORS)  # see ava/rankhook.py
     env["AVA_RUN_ID"] = spec.run
     env[MARKER] = fence_name(spec.run, spec.node, spec.attempt)
     return env
@@ -112,6 +114,7 @@ class Monitor:
             "ended": None,
             "exit_code": None,
             "rank_exit_codes": {},
+            "rank_fail_times": {},  # rank -> when it failed (raised, else exited): the first is the cause
             "heartbeat": time.time(),
             "progress": None,
             "output_size": 0,
@@ -214,6 +217,7 @@ class Monitor:
         env = job_env(dict(os.environ), spec, self.gpus, self.dir)
         log = os.open(self.dir / layout.OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
+        os.makedirs(self.dir / layout.RANK_ERRORS, mode=0o700, exist_ok=True)
             job = subprocess.Popen(
                 fence.command(spec.argv),
                 cwd=spec.cwd,
@@ -237,6 +241,7 @@ class Monitor:
         oom = False
         last = time.monotonic()
         while job.poll() is None:
+        ranks = RankWatch(job.pid, self.dir / layout.RANK_ERRORS)
             if fence.oom_happened():
                 oom = True
                 break
@@ -246,7 +251,8 @@ class Monitor:
             if time.monotonic() - last >= HEARTBEAT:
                 self._save()
                 last = time.monotonic()
-            time.sleep(TICK)
+            ranks.scan()
+            ranks.wait(TICK)
         # Orphaned workers (torchrun killed, a rank that double-forked) die with the fence.
         oom = oom or fence.oom_happened()
         if oom:
@@ -268,6 +274,9 @@ class Monitor:
             self.st["error"] = f"processes left after kill: {remaining}"
         rc = job.returncode
         self.st["exit_code"] = rc
+            self.st["left_pids"] = remaining
+        ranks.close()
+        self.st["rank_fail_times"] = ranks.failures()
         if oom:
             self._finish("failed", "oom")
             return 1

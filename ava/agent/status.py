@@ -2,7 +2,8 @@
 
 Keys: run, attempt, node, state (starting|running|succeeded|failed|stopped), reason
 (null|exit|oom|stopped|agent-died), pid (monitor), job_pid, started, ended, exit_code
-(negative: killed by that signal), rank_exit_codes {"rank": code}, heartbeat, progress
+(negative: killed by that signal), rank_exit_codes {"rank": code}, rank_fail_times
+{"rank": unix time it failed: raised (see ava/rankhook.py), else exited}, heartbeat, progress
 {step, time}|null, output_size, output_time, gpus, cpu_slots, cgroup {backend, path, ...},
 limits, memory_limit, user, pid_start, job_start, reaper_pid, reaper_start (to tell a
 reused pid from ours), warning (fencing weaker than asked), error (why the agent failed it).

@@ -1,0 +1,148 @@
+"""When each rank failed, so the first failure in time can be named as the cause.
+
+torchrun's failure summary gives each rank's exit code but no usable order: a rank that dies
+because a peer went away ("Connection closed by peer") fails too, moments later, often with the
+same code. A rank fails at the earlier of two moments: its uncaught exception reaching the top
+(written by the rank hook, ava/rankhook.py, into the attempt's rank-errors/ directory) and its
+exit. Exits alone mislead: a rank that raised winds its interpreter down for a while, and a peer
+that lost it can exit first. The monitor watches torchrun's children (the ranks: its direct
+children carrying RANK in their environment); with pidfds (Linux 5.3+) the wait itself is the
+clock, elsewhere exits are seen at the next tick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import time
+from pathlib import Path
+
+from . import procs
+
+
+def _children(parent: int) -> list[int]:
+    """Direct children of PARENT: /proc/PID/task/*/children, or a /proc walk on kernels built
+    without that file."""
+    found: list[int] = []
+    readable = False
+    try:
+        tasks = os.listdir(f"/proc/{parent}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{parent}/task/{task}/children", "rb") as f:
+                found += [int(p) for p in f.read().split()]
+            readable = True
+        except (OSError, ValueError):
+            continue
+    if readable:
+        return found
+    for name in os.listdir("/proc"):
+        fields = procs._stat_fields(int(name)) if name.isdigit() else None
+        if fields and len(fields) > 1 and fields[1] == str(parent):
+            found.append(int(name))
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    """The RANK in PID's environment; None before its exec (it still holds torchrun's)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.startswith(b"RANK="):
+            try:
+                return int(entry[5:])
+            except ValueError:
+                return None
+    return None
+
+
+class RankWatch:
+    """Follows the ranks of one torchrun: `wait(timeout)` sleeps until a rank exits or the
+    timeout passes; `failures()` maps global rank (as text, like rank_exit_codes) to the unix
+    time it failed."""
+
+    def __init__(self, torchrun_pid: int, errors: Path | None = None) -> None:
+        self.parent = torchrun_pid
+        self.errors = errors
+        self.exits: dict[str, float] = {}
+        self._live: dict[int, tuple[str, int | None]] = {}  # pid -> (rank, pidfd)
+        self._seen: set[int] = set()
+
+    def scan(self) -> None:
+        """Pick up ranks started since the last scan (torchrun starts them after rendezvous)."""
+        for pid in _children(self.parent):
+            if pid in self._seen:
+                continue
+            rank = _rank_of(pid)
+            if rank is None:
+                continue  # not exec'd yet, or not a rank: looked at again next scan
+            self._seen.add(pid)
+            try:
+                fd: int | None = os.pidfd_open(pid)
+            except (AttributeError, OSError):
+                fd = None
+            if not procs.alive(pid):
+                self._exited(pid, str(rank), fd)
+                continue
+            self._live[pid] = (str(rank), fd)
+
+    def wait(self, timeout: float) -> None:
+        fds = {fd: pid for pid, (_, fd) in self._live.items() if fd is not None}
+        if fds:
+            ready, _, _ = select.select(list(fds), [], [], timeout)
+            for fd in ready:
+                pid = fds[fd]
+                self._exited(pid, self._live.pop(pid)[0], fd)
+        else:
+            time.sleep(timeout)
+        # Without a pidfd (old kernel or Python): a liveness check each tick.
+        for pid, (rank, fd) in list(self._live.items()):
+            if fd is None and not procs.alive(pid):
+                del self._live[pid]
+                self._exited(pid, rank, None)
+
+    def _exited(self, pid: int, rank: str, fd: int | None) -> None:
+        self.exits.setdefault(rank, time.time())
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for pid, (rank, fd) in list(self._live.items()):
+            if not procs.alive(pid):
+                self._exited(pid, rank, None)
+            if fd is not None:
+                os.close(fd)
+        self._live.clear()
+
+    def failures(self) -> dict[str, float]:
+        found = dict(self.exits)
+        for rank, raised in _raised(self.errors).items():
+            found[rank] = min(raised, found.get(rank, raised))
+        return found
+
+
+def _raised(errors: Path | None) -> dict[str, float]:
+    """rank -> when its uncaught exception reached the top, from the rank hook's files."""
+    found: dict[str, float] = {}
+    if errors is None:
+        return found
+    try:
+        names = os.listdir(errors)
+    except OSError:
+        return found
+    for name in names:
+        rank, _, ext = name.partition(".")
+        if ext != "json" or not rank.isdigit():
+            continue
+        try:
+            with open(errors / name, "rb") as f:
+                found[rank] = float(json.loads(f.read())["time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
