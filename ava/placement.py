@@ -67,3 +67,19 @@ def place(
             f"node {local[0].name} is the embedded local node and cannot share a run with other nodes"
         )
     return Placement(tuple(chosen), tuple(eligible[want:]))
+
+
+def checkpoint_reach_warning(recipe: Recipe, placement: Placement) -> str | None:
+    """Why a resumed attempt may not find its checkpoints, or None.
+
+    On several nodes, rank 0 (the only writer) may be on another node after a failover, and a
+    spare brought in has nothing on its disk: checkpoints must live where every node reads.
+    """
+    if len(placement.nodes) < 2 and not placement.spares:
+        return None
+    where = recipe.checkpoint.dir
+    if where is not None and "://" in where and not where.startswith("file://"):
+        return None
+    what = "checkpoint.dir is not set" if where is None else f"checkpoint.dir {where} is a path on each node's own disk"
+    return (f"{what}: a node brought in after a failure will not see checkpoints written on another node's "
+            "disk; set it to an fsspec URL every node reaches (s3://…) or a shared mount")

@@ -62,13 +62,17 @@ def train(
 ) -> int:
     """Run a recipe on the inventory's nodes with torchrun; stream logs; fail over on faults."""
     from ava import runs
-    from ava.placement import place
+    from ava.placement import checkpoint_reach_warning, place
     from ava.supervisor import Supervisor, snapshot_code, spawn_background
 
     recipe, _text = _recipe(recipe_path, overrides)
     inventory = load_inventory()
     only = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else []
     placement = place(recipe, inventory, only=only)
+    if (reach := checkpoint_reach_warning(recipe, placement)) is not None:
+        from ava import console
+
+        console.warn(reach)
     run_id = runs.new_run_id(recipe.name)
     if dry_run:
         return _dry_run(recipe, placement, run_id, inventory.path.resolve().parent)
