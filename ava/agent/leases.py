@@ -1,14 +1,25 @@
 """The node's GPU and CPU-slot ledger: who holds what, so two runs never share a GPU.
 
-WORKDIR/leases.json is `{"holders": [entry, ...]}`, changed only under `flock` on
-WORKDIR/leases.lock. An entry: run, attempt, node, user, pid (the monitor), pid_start,
-started, gpus [indices], cpu_slots n. An entry whose monitor is gone is reclaimed on every
-read, so a crashed agent never strands a GPU.
+LEDGER/leases.json is `{"holders": [entry, ...]}`, changed only under `flock` on
+LEDGER/leases.lock. LEDGER is WORKDIR, or a node-wide directory (the inventory's `ledger`)
+that WORKDIR/leases.json links to, so that several users and workdirs on one node share one
+ledger. An entry: run, attempt, node, user, workdir, pid (the monitor), pid_start, started,
+gpus [indices], cpu_slots n, and when teardown left processes behind, draining (why) and left
+[[pid, start], ...]. An entry is reclaimed on every read once its monitor is gone and, for a
+draining one, every process it left is gone too: a crashed agent never strands a GPU, and a
+GPU still used by a process stuck in D state is never handed out.
+
+The ledger is written whole (temp file, fsync, rename): a full disk fails the write, never
+truncates the file. A ledger that cannot be read anyway is rebuilt from the live monitors'
+status files under WORKDIR/runs (and every workdir registered in a shared ledger), never
+taken as empty.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -18,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from . import procs
-from .layout import read_json, write_json_atomic
+from .layout import write_json_atomic
 
 LEDGER = "leases.json"
 LOCK = "leases.lock"
+WORKDIRS = "workdirs"  # in a shared ledger: one link per workdir that took a lease from it
+PRIVATE, SHARED = 0o600, 0o660  # a shared ledger is group-writable (the node's ava group)
 
 
 @dataclass
@@ -35,6 +48,9 @@ class Lease:
     started: float
     gpus: list[int] = field(default_factory=list)
     cpu_slots: int = 0
+    workdir: str = ""
+    draining: str | None = None  # why the lease outlives its attempt: processes left behind
+    left: list[list[int | None]] = field(default_factory=list)  # [[pid, start], ...] left behind
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Lease:
@@ -48,7 +64,14 @@ class Lease:
             started=float(raw.get("started", 0.0)),
             gpus=[int(g) for g in raw.get("gpus", [])],
             cpu_slots=int(raw.get("cpu_slots", 0)),
+            workdir=str(raw.get("workdir", "")),
+            draining=raw.get("draining"),
+            left=[[int(p), s] for p, s in raw.get("left", [])],
         )
+
+    def alive(self) -> bool:
+        """The monitor runs, or a process the teardown could not kill still does."""
+        return procs.alive(self.pid, self.pid_start) or any(procs.alive(p, s) for p, s in self.left)
 
     def public(self) -> dict[str, Any]:
         """The holder as `busy` answers show it."""
@@ -61,6 +84,8 @@ class Lease:
             "cpu_slots": self.cpu_slots,
             "pid": self.pid,
             "started": self.started,
+            "workdir": self.workdir,
+            "draining": self.draining,
         }
 
 
@@ -105,22 +130,99 @@ def pick(held: list[Lease], want: Want) -> tuple[list[int], int]:
 
 
 def live(entries: list[Lease]) -> list[Lease]:
-    return [e for e in entries if procs.alive(e.pid, e.pid_start)]
+    return [e for e in entries if e.alive()]
+
+
+def ledger_dir(work: Path) -> Path:
+    """Where WORKDIR's ledger lives: WORKDIR, or the shared directory its leases.json links to."""
+    link = work / LEDGER
+    if link.is_symlink():
+        return (work / os.readlink(link)).parent
+    return work
+
+
+def use_shared(work: Path, shared: str) -> None:
+    """Point WORKDIR at the node-wide ledger directory SHARED (group-writable and setgid, so
+    every member of its group can lease; made so when this user creates it), moving over what
+    WORKDIR's own ledger holds, and register WORKDIR there for rebuilds."""
+    where = Path(os.path.abspath(os.path.expanduser(shared)))
+    if ledger_dir(work) == where:
+        return
+    for d in (where, where / WORKDIRS):
+        d.mkdir(parents=True, exist_ok=True)
+        if d.stat().st_uid == os.geteuid():
+            os.chmod(d, 0o2770)
+    with locked(work) as own, locked(where) as ledger:
+        ledger.entries += [e for e in own.entries if e not in ledger.entries]
+        ledger.save()
+        temp = work / f".{LEDGER}.{os.getpid()}.link"
+        os.symlink(where / LEDGER, temp)
+        os.replace(temp, work / LEDGER)
+    registered = where / WORKDIRS / hashlib.sha256(str(work.resolve()).encode()).hexdigest()[:16]
+    if not registered.is_symlink():
+        os.symlink(work.resolve(), registered)
+
+
+def _read(path: Path) -> list[Lease] | None:
+    """The ledger's entries, [] when there is none yet, None when it cannot be read as one."""
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read())
+        return [Lease.from_json(e) for e in raw["holders"]]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def rebuild(workdirs: list[Path]) -> list[Lease]:
+    """The entries of a lost ledger, from the status files of attempts whose monitor lives."""
+    from . import layout, status
+
+    found = []
+    for work in workdirs:
+        try:
+            attempts = [(run, n, status.read(layout.attempt_dir(work, run, n)))
+                        for run in layout.runs(work) for n in layout.attempts(work, run)]
+        except OSError:
+            continue  # another user's workdir (runs/ is 0700): only its owner can rebuild from it
+        for run, n, st in attempts:
+            if not st or status.is_final(st) or not procs.alive(st.get("pid"), st.get("pid_start")):
+                continue
+            found.append(Lease(run=run, attempt=n, node=str(st.get("node", "")), user=str(st.get("user", "")),
+                               pid=int(st["pid"]), pid_start=st.get("pid_start"),
+                               started=float(st.get("started") or 0.0), gpus=list(st.get("gpus") or []),
+                               cpu_slots=int(st.get("cpu_slots") or 0), workdir=str(work)))
+    return found
 
 
 class Ledger:
     """The ledger file, open under its lock; `entries` are the live ones."""
 
     def __init__(self, work: Path, fd: int) -> None:
-        self.work = work
+        self.work = work  # the ledger's directory
         self.fd = fd  # the locked fd: a forked child must close its copy (see monitor.spawn)
-        raw = read_json(work / LEDGER) or {}
-        self.entries = live([Lease.from_json(e) for e in raw.get("holders", [])])
+        entries = _read(work / LEDGER)
+        if entries is None:
+            # Truncated or garbled (a short write by an older agent, a full disk): taking it as
+            # empty would grant held GPUs twice. The live monitors know what is held.
+            entries = rebuild(self.workdirs())
+        self.entries = live(entries)
+
+    def workdirs(self) -> list[Path]:
+        """WORKDIR for a private ledger; every registered workdir for a shared one."""
+        try:
+            names = sorted(os.listdir(self.work / WORKDIRS))
+        except OSError:
+            return [self.work]
+        return [Path(os.readlink(self.work / WORKDIRS / n)) for n in names]
 
     def save(self) -> None:
-        write_json_atomic(self.work / LEDGER, {"holders": [asdict(e) for e in self.entries]})
+        mode = SHARED if (self.work / WORKDIRS).is_dir() else PRIVATE
+        write_json_atomic(self.work / LEDGER, {"holders": [asdict(e) for e in self.entries]}, mode)
 
-    def grant(self, want: Want, attempt: int, user: str, pid: int, gpus: list[int], slots: int) -> Lease:
+    def grant(self, want: Want, attempt: int, user: str, pid: int, gpus: list[int], slots: int,
+              workdir: Path | None = None) -> Lease:
         lease = Lease(
             run=want.run,
             attempt=attempt,
@@ -131,6 +233,7 @@ class Ledger:
             started=time.time(),
             gpus=gpus,
             cpu_slots=slots,
+            workdir=str(workdir or self.work),
         )
         self.entries = [e for e in self.entries if not (e.run == want.run and e.node == want.node)]
         self.entries.append(lease)
@@ -144,15 +247,26 @@ class Ledger:
         self.entries = [e for e in self.entries if not matches(e)]
         self.save()
 
+    def drain(self, run: str, node: str | None, attempt: int | None, left: list[int], why: str) -> None:
+        """Keep the matching leases while LEFT (processes teardown could not kill) live."""
+        for e in self.entries:
+            if e.run == run and node in (None, e.node) and attempt in (None, e.attempt):
+                e.draining = why
+                e.left = [[p, procs.start_time(p)] for p in left]
+        self.entries = live(self.entries)
+        self.save()
+
 
 @contextmanager
 def locked(work: Path) -> Iterator[Ledger]:
-    """The ledger under an exclusive flock; dead entries are dropped on open and saved."""
+    """WORKDIR's ledger under an exclusive flock; dead entries are dropped on open and saved."""
     work.mkdir(parents=True, exist_ok=True)
-    fd = os.open(work / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    where = ledger_dir(work)
+    shared = (where / WORKDIRS).is_dir()
+    fd = os.open(where / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, SHARED if shared else PRIVATE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        ledger = Ledger(work, fd)
+        ledger = Ledger(where, fd)
         ledger.save()
         yield ledger
     finally:
@@ -167,3 +281,13 @@ def holders(work: Path) -> list[Lease]:
 def release(work: Path, run: str, node: str | None = None, attempt: int | None = None) -> None:
     with locked(work) as ledger:
         ledger.release(run, node, attempt)
+
+
+def release_or_drain(work: Path, run: str, node: str | None, attempt: int | None, left: list[int]) -> None:
+    """Free the leases, unless processes survived the teardown (D state after a GPU fault):
+    their GPUs are still in use, so the leases stay, marked draining, until those are gone."""
+    with locked(work) as ledger:
+        if left:
+            ledger.drain(run, node, attempt, left, f"processes {sorted(left)} survived the teardown")
+        else:
+            ledger.release(run, node, attempt)

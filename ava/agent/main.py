@@ -61,7 +61,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         os.chmod(spec.workdir / "runs", 0o700)
         _copy_private(Path(args.spec), adir / layout.SPEC)
         pid = monitor.spawn(spec, adir, gpus, slots, ledger.fd)
-        ledger.grant(want, spec.attempt, spec.user, pid, gpus, slots)
+        ledger.grant(want, spec.attempt, spec.user, pid, gpus, slots, spec.workdir)
     st = _wait_started(spec.workdir, adir, pid)
     _emit(st)
     return EXIT_OK if st.get("state") in ("running", "succeeded") else EXIT_FAILED
@@ -134,7 +134,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         remaining += left
         removed = removed and gone and not (fence and fence.exists())
     for node in nodes or {None}:
-        leases.release(work, args.run, node)
+        # Processes left behind keep the run's leases, marked draining, until they are gone.
+        leases.release_or_drain(work, args.run, node, None, remaining)
     ok = not remaining and removed
     _emit({"run": args.run, "stopped": ok, "remaining_pids": sorted(set(remaining)), "cgroup_removed": removed})
     return EXIT_OK if ok else EXIT_FAILED

@@ -163,7 +163,7 @@ class Monitor:
             code = self._supervise(fence)
         except Exception:
             self.st["error"] = traceback.format_exc(limit=5)
-            end_fence(self.st)
+            self.st["left_pids"] = end_fence(self.st)[0]
             code = 1
             self._finish("failed", "agent-died")
         # Tell the reaper the monitor ended on purpose.
@@ -203,21 +203,23 @@ class Monitor:
         self.st["error"] = error
         with open(self.dir / layout.OUTPUT, "ab") as f:
             f.write(f"ava agent: {error}\n".encode())
-        end_fence(self.st)
+        self.st["left_pids"] = end_fence(self.st)[0]
         self._finish("failed", "exit")
         return 1
 
     def _finish(self, state: str, reason: str) -> None:
-        leases.release(self.spec.workdir, self.spec.run, self.spec.node, self.spec.attempt)
+        # Processes the kill could not end (D state after a GPU fault) keep their GPUs leased.
+        left = [p for p in self.st.get("left_pids") or [] if procs.alive(p)]
+        leases.release_or_drain(self.spec.workdir, self.spec.run, self.spec.node, self.spec.attempt, left)
         self.st.update(state=state, reason=reason, ended=time.time())
         self._save()
 
     def _supervise(self, fence: Isolation) -> int:
         spec = self.spec
         env = job_env(dict(os.environ), spec, self.gpus, self.dir)
+        os.makedirs(self.dir / layout.RANK_ERRORS, mode=0o700, exist_ok=True)
         log = os.open(self.dir / layout.OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-        os.makedirs(self.dir / layout.RANK_ERRORS, mode=0o700, exist_ok=True)
             job = subprocess.Popen(
                 fence.command(spec.argv),
                 cwd=spec.cwd,
@@ -239,9 +241,9 @@ class Monitor:
         fence.adopt(job.pid)
         self.st["cgroup"] = fence.info()
         oom = False
+        ranks = RankWatch(job.pid, self.dir / layout.RANK_ERRORS)
         last = time.monotonic()
         while job.poll() is None:
-        ranks = RankWatch(job.pid, self.dir / layout.RANK_ERRORS)
             if fence.oom_happened():
                 oom = True
                 break
@@ -272,11 +274,11 @@ class Monitor:
             fence.remove()
         else:
             self.st["error"] = f"processes left after kill: {remaining}"
-        rc = job.returncode
-        self.st["exit_code"] = rc
             self.st["left_pids"] = remaining
         ranks.close()
         self.st["rank_fail_times"] = ranks.failures()
+        rc = job.returncode
+        self.st["exit_code"] = rc
         if oom:
             self._finish("failed", "oom")
             return 1

@@ -33,7 +33,10 @@ def end_fence(st: dict[str, Any]) -> tuple[list[int], bool]:
 
 def teardown(work: Path, attempt_dir: Path, st: dict[str, Any], state: str, reason: str, **extra: Any) -> Teardown:
     remaining, removed = end_fence(st)
-    leases.release(work, st["run"], st.get("node"), st.get("attempt"))
+    # Processes that survived the kill still hold their GPUs: their leases stay, draining.
+    leases.release_or_drain(work, st["run"], st.get("node"), st.get("attempt"), remaining)
+    if remaining:
+        extra.setdefault("left_pids", remaining)
     final = status.finish(attempt_dir, st, state, reason, **extra)
     return Teardown(final, remaining, removed)
 

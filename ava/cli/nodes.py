@@ -34,6 +34,8 @@ def nodes(
                 continue
             gpus = ", ".join(f"{g['index']}:{g['name']}" for g in r.gpus) or "none"
             held = f"{len(r.leases)} run{'s' if len(r.leases) != 1 else ''}" if r.leases else ""
+            if any(h.get("draining") for h in r.leases):
+                held += " (draining)"  # a teardown left processes: their GPUs stay leased
             rows.append([
                 r.name, r.host, "yes", str(r.cpus), f"{console.size(r.mem_free)}/{console.size(r.mem_total)}",
                 console.size(r.disk_free), _run_dirs(r.run_dirs), r.torch or "-", gpus, r.isolation or "-", held,
@@ -72,7 +74,8 @@ def _holding(holder: dict[str, Any]) -> str:
         slots = int(holder["cpu_slots"])
         what.append(f"{slots} CPU slot{'s' if slots != 1 else ''}")
     since = f" (since {time.strftime('%H:%M:%S', time.localtime(holder['started']))})" if holder.get("started") else ""
-    return f"run {holder.get('run')} of {holder.get('user')} holds {' and '.join(what) or 'no GPU'}{since}"
+    draining = f"; draining: {holder['draining']}" if holder.get("draining") else ""
+    return f"run {holder.get('run')} of {holder.get('user')} holds {' and '.join(what) or 'no GPU'}{since}{draining}"
 
 
 @app.command(
