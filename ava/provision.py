@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,6 +360,9 @@ def _run(node: Node, command: str, what: str, timeout: float = 600) -> None:
 
 
 def _make_venv(node: Node, want: Wanted, facts: Facts) -> None:
+    """Make the venv under its lock (`<venv>.lock`, flock on the node): a concurrent provisioner
+    of the same requirements either finished it (`.ava-ready` is there: nothing to do) or is
+    still installing into it, and is waited for rather than removed from under it."""
     env = want.env
     assert env is not None
     transport = connect(node)
@@ -367,21 +371,30 @@ def _make_venv(node: Node, want: Wanted, facts: Facts) -> None:
     folder = venv_dir(node, env)
     q = shell_path(folder)
     python = shell_path(node.python)
-    requirements = f"{folder}/requirements.txt"
-    # A half-made venv from an interrupted provision has no .ava-ready: start it over.
-    _run(node, f"rm -rf {q}", "removing an unfinished environment")
+    # Beside the venv, not in it: the venv may be removed and remade once the lock is held.
+    staged = f"{folder}.requirements-{secrets.token_hex(4)}.txt"
+    transport.put(env.text.encode(), staged)
     if facts.uv:
         create = f"uv venv --quiet --system-site-packages --python {python} {q}"
-        install = f"uv pip install --quiet --python {q}/bin/python -r {shell_path(requirements)}"
+        install = f"uv pip install --quiet --python {q}/bin/python -r {shell_path(staged)}"
     else:
         # System site-packages: the venv sees the node's torch, and the node's pip runs inside it.
         create = f"{python} -m venv --without-pip --system-site-packages {q}"
         install = (f"{q}/bin/python -m pip install --no-input --disable-pip-version-check --quiet "
-                   f"-r {shell_path(requirements)}")
-    _run(node, create, "creating the environment")
-    transport.put(env.text.encode(), requirements)
-    _run(node, install, "installing the requirements")
-    transport.put(env.hash.encode() + b"\n", f"{folder}/{READY}")
+                   f"-r {shell_path(staged)}")
+    build = " && ".join([
+        # Under the lock, a venv without .ava-ready is one whose provisioner died: start it over.
+        f"rm -rf {q}", create, install,
+        f"cp {shell_path(staged)} {shell_path(folder + '/requirements.txt')}",
+        f"printf '%s\\n' {env.hash} > {shell_path(folder + '/' + READY)}",
+    ])
+    script = shlex.quote(sync.TREESYNC_SOURCE.read_text(encoding="utf-8"))
+    locked = " ".join([python, "-c", script, "locked", shell_path(folder + ".lock"),
+                       shell_path(f"{folder}/{READY}"), shlex.quote(build)])
+    try:
+        _run(node, locked, "making the environment")
+    finally:
+        connect(node).run(f"rm -f {shell_path(staged)}", timeout=60)
 
 
 def apply_step(node: Node, step: Step, want: Wanted, facts: Facts) -> None:

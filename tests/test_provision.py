@@ -4,9 +4,12 @@ and a requirements list gets its own venv per hash (installed offline from a whe
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -173,6 +176,38 @@ def test_a_wheel_path_in_a_requirements_list_is_pushed_and_installed(cluster: Cl
     assert version_in(python) == "3.0"
     pushed = list((tmp_path / "n4" / "work" / "wheels").rglob("*.whl"))
     assert [p.name for p in pushed] == [wheel.name]
+
+
+def test_a_venv_another_provisioner_is_making_is_waited_for_not_removed(cluster: Cluster, tmp_path: Path) -> None:
+    wheel = tiny_wheel(tmp_path / "built", "4.0")
+    path = fresh_inventory(cluster, tmp_path, ["n4"], requirements=[str(wheel)])
+    (node,) = nodes_of(path)
+    env = environment(node, provision.requirement_sources(node, base=path.parent))
+    assert env is not None
+    folder = Path(provision.venv_dir(node, env))
+    folder.mkdir(parents=True)
+    (folder / "installing").write_text("another provisioner is installing here\n")
+    # The other provisioner holds the venv's lock, as the node-side helper takes it.
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        provisioner = subprocess.Popen([sys.executable, "-m", "ava", "--inventory", str(path), "provision"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            # Up to the venv step: its requirements are staged beside the venv just before it.
+            while not list(folder.parent.glob(f"{folder.name}.requirements-*")):
+                assert provisioner.poll() is None and (folder / "installing").exists(), "did not wait"
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            time.sleep(2)
+            assert provisioner.poll() is None and (folder / "installing").exists()
+            (folder / provision.READY).write_text(env.hash + "\n")  # the other one finished
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        out, err = provisioner.communicate(timeout=120)
+    assert provisioner.returncode == 0, out + err
+    assert (folder / "installing").exists()  # its venv was taken as made, not remade
+    assert not list(folder.parent.glob(f"{folder.name}.requirements-*"))
 
 
 # -- pure: environments and plans ---------------------------------------------------------------

@@ -10,13 +10,19 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 from ava import sync
+from tests.cluster import Cluster
+from tests.conftest import REPO, processes_of, run_ava
+
+ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 
 SOURCE = os.environ.get("AVA_TEST_TREESYNC_SOURCE") or str(sync.TREESYNC_SOURCE)
 FILES = 4000
@@ -132,3 +138,59 @@ def test_objects_and_tree_files_are_read_only(tmp_path: Path) -> None:
     # The manifest kept beside the tree names it by its own hash: run directories check against it.
     listed = json.loads(Path(f"{tree}.json").read_text())
     assert sync.Manifest(tuple(sync.FileEntry(**f) for f in listed["files"])).tree == manifest.tree
+
+
+# -- on the test cluster: concurrent launches of one recipe -------------------------------------
+
+
+def test_eight_concurrent_detached_launches_of_one_recipe_all_start_and_run_identical_trees(
+        cluster: Cluster, tmp_path: Path) -> None:
+    recipe = tmp_path / "echo"
+    shutil.copytree(ECHO, recipe)
+    for i in range(1500):  # a tree big enough that concurrent builds overlap on each node
+        (recipe / "bulk" / f"d{i % 30}").mkdir(parents=True, exist_ok=True)
+        (recipe / "bulk" / f"d{i % 30}" / f"f{i}.txt").write_text(f"{i} {tmp_path}\n")
+    manifest = sync.manifest_of(recipe)
+    names = ["n1", "n2", "n3", "n4"]
+    inventory = cluster.inventory(names)
+    home = {**os.environ, "AVA_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    # Two runs per node: each node's two CPU slots, and two builders racing on its tree.
+    launches = [
+        subprocess.Popen([sys.executable, "-m", "ava", "--inventory", str(inventory), "train", str(recipe), "--detach",
+                          "--nodes", names[i % 4], "--set", "env.ECHO_SLEEP=3"],
+                         cwd=REPO, env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(8)
+    ]
+    outcomes = [(p.communicate(timeout=300), p.returncode) for p in launches]
+    failed = [err[-500:] for (_, err), code in outcomes if code != 0]
+    run_ids = [out.strip().splitlines()[-1] for (out, _), code in outcomes if code == 0]
+    try:
+        assert failed == [], failed
+        deadline = time.monotonic() + 180
+        while True:
+            done = run_ava("ps", "--json", env={"AVA_HOME": home["AVA_HOME"]})
+            states = {r["id"]: r["state"] for r in json.loads(done.stdout)}
+            if all(states.get(run) == "succeeded" for run in run_ids) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert sorted(states.values()) == ["succeeded"] * 8, states
+    finally:
+        for run in run_ids:
+            run_ava("stop", run, inventory=inventory, env={"AVA_HOME": home["AVA_HOME"]})
+    # recipe.toml itself may stay home (its [env] can hold secrets): the code is everything else.
+    expected = {f.path for f in manifest.files} - {"recipe.toml"}
+    for name in names:
+        trees = cluster.node(name).workdir / "trees"
+        assert not [n for n in os.listdir(trees) if ".building-" in n or n.startswith(".manifest-")]
+        for marker in trees.glob("*.complete"):  # every finished tree holds all its manifest's files
+            listed = {f["path"] for f in json.loads(Path(f"{trees}/{marker.stem}.json").read_text())["files"]}
+            assert {p.relative_to(trees / marker.stem).as_posix() for p in (trees / marker.stem).rglob("*")
+                    if p.is_file() and "__pycache__" not in p.parts} == listed  # Python adds its caches
+    seen = []
+    for run in run_ids:
+        (rundir,) = [cluster.node(n).workdir / "runs" / run / "work" for n in names
+                     if (cluster.node(n).workdir / "runs" / run / "work").exists()]
+        seen.append({p.relative_to(rundir).as_posix(): p.read_bytes() for p in rundir.rglob("*") if p.is_file()})
+        assert processes_of(run) == []
+    assert all(files == seen[0] for files in seen)
+    assert expected <= set(seen[0]) <= expected | {"recipe.toml"}
