@@ -87,6 +87,9 @@ class Node:
     gpus: tuple[int, ...] = ()
     labels: tuple[str, ...] = ()
     requirements: Requirements | None = None
+    # A node-wide GPU ledger directory on the node, shared by every workdir that names it
+    # (several users: make it group-writable for their group). None: WORKDIR's own ledger.
+    ledger: str | None = None
 
     @property
     def address(self) -> str:
@@ -451,13 +454,15 @@ def _read(path: Path, source: str) -> str:
 
 _NODE_KEYS = tuple(
     "transport host user port identity workdir python cache_dir cache_size interface host_keys"
-    " known_hosts connect_timeout gpus labels requirements".split()
+    " known_hosts connect_timeout gpus labels requirements ledger".split()
 )
 # `host` names one node, so it has no default.
 _DEFAULT_KEYS = tuple(k for k in _NODE_KEYS if k != "host")
 
 _NODE_DEFAULTS = Node(name="")  # the documented defaults live on the dataclass
 _IFACE_RULE = 'expected "auto" or a network interface name like "eth0"'
+_LEDGER_RE = re.compile(r"^(/|~/)[^\0]+$")
+_LEDGER_RULE = 'expected a directory on the node like "/var/lib/ava/leases"'
 _ADD_NODES = 'add a [nodes.NAME] table per node (the smallest: [nodes.local] transport = "local")'
 
 
@@ -549,6 +554,7 @@ def _parse_node(source: str, name: str, table: Any, defaults: Mapping[str, Any])
         gpus=_parse_gpus(f),
         labels=f.words("labels", (), what="label"),
         requirements=f.requirements("requirements"),
+        ledger=f.text("ledger", d.ledger, pattern=_LEDGER_RE, rule=_LEDGER_RULE),
     )
 
 

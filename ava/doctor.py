@@ -155,11 +155,30 @@ def verdicts(observations: list[Observation]) -> list[Check]:
     for o in up:
         checks += check_disk(o)
     checks += check_clock(up)
+    checks += check_ledgers(up)
     for o in up:
         checks.append(check_interface(o, master))
         checks.append(check_master_reach(o, master))
         checks.append(check_lookups(o))
         checks.append(check_isolation(o))
+    return checks
+
+
+def check_ledgers(up: list[Observation]) -> list[Check]:
+    """A warning where several workdirs on one node hold leases in ledgers of their own: their
+    runs cannot see each other's GPUs. A node-wide `ledger` in ava.toml is what fixes it."""
+    by_host: dict[str, list[Observation]] = {}
+    for o in up:
+        by_host.setdefault(o.node.host or "local", []).append(o)
+    checks = []
+    for host, group in by_host.items():
+        holding = {o.node.workdir: o for o in group if o.facts.get("leases")}
+        if len(holding) > 1 and (None in {o.node.ledger for o in holding.values()}
+                                 or len({o.node.ledger for o in holding.values()}) > 1):
+            names = ", ".join(f"{o.node.name} ({o.node.workdir})" for o in sorted(holding.values(), key=lambda o: o.node.name))
+            checks.append(Check("ledger", None, WARN, f"{host}: several workdirs hold GPU leases in separate "
+                                f"ledgers: {names}", 'set one node-wide ledger = "/var/lib/ava/leases" for '
+                                "them in ava.toml (group-writable; see README)"))
     return checks
 
 

@@ -154,6 +154,7 @@ def plan(
             "cpu_slots": None if recipe.resources.gpus_per_node else {"want": recipe.procs(), "total": route.cpus},
             "cgroup_parent": CGROUP_PARENT,
             "user": launch.user,
+            **({"ledger": node.ledger} if node.ledger else {}),
         }
         launches.append(NodeLaunch(node, argv, spec))
     return launches

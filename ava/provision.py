@@ -25,7 +25,7 @@ import secrets
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ava import sync
 from ava.config import Node, Requirements
@@ -67,11 +67,24 @@ class Environment:
     uploads: tuple[Upload, ...] = ()
 
 
-def _requirement_lines(requirements: Requirements, root: Path) -> list[str]:
+class Source(NamedTuple):
+    """Requirements and the folder their relative paths start from. A recipe's are `confined`:
+    recipes are shared, so the local files they name (wheels, requirements files, --find-links
+    folders) must resolve inside the recipe's own folder; the inventory is the user's own and
+    may name any path."""
+
+    requirements: Requirements
+    root: Path
+    confined: str | None = None  # the recipe file, for messages, when confined to `root`
+
+
+def _requirement_lines(source: Source) -> list[str]:
+    requirements, root = source.requirements, source.root
     lines = list(requirements.packages)
     if requirements.file:
         path = Path(requirements.file).expanduser()
         path = path if path.is_absolute() else root / path
+        _check_inside(path, source, requirements.file)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as error:
@@ -83,41 +96,60 @@ def _requirement_lines(requirements: Requirements, root: Path) -> list[str]:
         line = re.sub(r"(^|\s)#.*$", "", line).strip()
         if line:
             out.append(re.sub(r"\s+", " ", line))
-    return [_anchor(line, root) for line in out]
+    return [_anchor(line, root, source) for line in out]
 
 
-def _anchor(line: str, root: Path) -> str:
+def _anchor(line: str, root: Path, source: Source) -> str:
     """A local path in a requirement, made absolute so the line means the same from anywhere."""
     found = _FIND_LINKS.match(line)
     if found:
-        target = _local(found.group(2), root)
+        target = _local(found.group(2), root, source)
         return f"--find-links {target}" if target else line
-    target = _local(line, root)
+    target = _local(line, root, source)
     return str(target) if target else line
 
 
-def _local(text: str, root: Path) -> Path | None:
+def _local(text: str, root: Path, source: Source) -> Path | None:
     looks_local = text.startswith(("/", "./", "../", "~")) or text.endswith(_PACKAGE_SUFFIXES)
     if not looks_local or "://" in text:
         return None
     path = Path(text).expanduser()
     path = path if path.is_absolute() else root / path
-    return path.resolve() if path.exists() else None
+    if not path.exists():
+        return None
+    _check_inside(path, source, text)
+    if path.is_dir():
+        for member in path.iterdir():
+            _check_inside(member, source, f"{text}/{member.name}")
+    return path.resolve()
+
+
+def _check_inside(path: Path, source: Source, written: str) -> None:
+    """Refuse a recipe's local path that resolves (symlinks followed) outside the recipe."""
+    if source.confined is None:
+        return
+    root = source.root.resolve()
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ConfigError(source.confined, "run.requirements",
+                          f"{written} resolves to {resolved}, outside the recipe's folder; a recipe "
+                          "sends only its own files (put it in the recipe's folder, or name it in the "
+                          "inventory's requirements)")
 
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def environment(node: Node, sources: list[tuple[Requirements, Path]]) -> Environment | None:
+def environment(node: Node, sources: list[Source] | list[tuple[Requirements, Path]]) -> Environment | None:
     """The environment for these requirements on NODE, or None when they name nothing.
 
     Local files (a wheel, an sdist, a --find-links directory) are pushed to the node and named
     there; in the hash they count by content, so a rebuilt wheel makes a new environment.
     """
     lines: list[str] = []
-    for requirements, root in sources:
-        lines += _requirement_lines(requirements, root)
+    for source in sources:
+        lines += _requirement_lines(Source(*source))
     if not lines:
         return None
     options = [l for l in lines if l.startswith("-")]
@@ -157,13 +189,14 @@ def _pip_path(path: str) -> str:
     return "${HOME}/" + path[2:] if path.startswith("~/") else path
 
 
-def requirement_sources(node: Node, recipe: Recipe | None = None, *, base: Path | None = None) -> list[tuple[Requirements, Path]]:
-    """The node's requirements (paths relative to `base`, the inventory's folder) then the recipe's."""
+def requirement_sources(node: Node, recipe: Recipe | None = None, *, base: Path | None = None) -> list[Source]:
+    """The node's requirements (paths relative to `base`, the inventory's folder) then the
+    recipe's (confined to the recipe's folder)."""
     sources = []
     if node.requirements:
-        sources.append((node.requirements, (base or Path.cwd())))
+        sources.append(Source(node.requirements, base or Path.cwd()))
     if recipe is not None and recipe.run.requirements:
-        sources.append((recipe.run.requirements, Path(recipe.root)))
+        sources.append(Source(recipe.run.requirements, Path(recipe.root), recipe.source))
     return sources
 
 
@@ -180,7 +213,7 @@ def venv_python(node: Node, requirements: Requirements | None = None, *, recipe:
     """
     sources = requirement_sources(node, recipe, base=root)
     if requirements is not None:
-        sources.append((requirements, root or Path.cwd()))
+        sources.append(Source(requirements, root or Path.cwd()))
     env = environment(node, sources)
     return node.python if env is None else f"{venv_dir(node, env)}/bin/python"
 

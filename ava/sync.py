@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from ava.config import Node
-from ava.errors import CommandError
+from ava.errors import CommandError, ConfigError
 from ava.transport import connect, shell_path
 
 TREESYNC_SOURCE = Path(__file__).with_name("agent") / "treesync.py"
@@ -110,6 +110,9 @@ def is_ignored(relpath: str, is_dir: bool, patterns: list[str]) -> bool:
 
 
 def manifest_of(root: Path, *, patterns: list[str] | None = None) -> Manifest:
+    """The files under ROOT that ship, by content. A symlink is shipped as the file it points
+    to only when that resolves inside ROOT: a recipe is shared, and a link such as
+    `notes.txt -> ~/.aws/credentials` must not carry its reader's files to every node."""
     root = root.resolve()
     rules = ignore_patterns(root) if patterns is None else patterns
     files: list[FileEntry] = []
@@ -117,14 +120,28 @@ def manifest_of(root: Path, *, patterns: list[str] | None = None) -> Manifest:
         rel_dir = Path(directory).relative_to(root).as_posix()
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
         dirnames[:] = sorted(d for d in dirnames if not is_ignored(rel_dir + d, True, rules))
+        for name in dirnames:
+            _check_link(root, Path(directory) / name)  # walked or not, a link out is refused
         for filename in sorted(filenames):
             rel = rel_dir + filename
             path = Path(directory) / filename
-            if is_ignored(rel, False, rules) or not path.is_file():
+            if is_ignored(rel, False, rules):
+                continue
+            _check_link(root, path)
+            if not path.is_file():
                 continue
             data = path.read_bytes()
             files.append(FileEntry(rel, hashlib.sha256(data).hexdigest(), len(data), os.access(path, os.X_OK)))
     return Manifest(tuple(sorted(files, key=lambda f: f.path)))
+
+
+def _check_link(root: Path, path: Path) -> None:
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    if target != root and root not in target.parents:
+        raise ConfigError(str(path), "", f"a symlink to {target}, outside {root}; ava does not ship files from "
+                                         "outside a recipe's folder (copy the file in, or list the link in .avaignore)")
 
 
 @lru_cache(maxsize=1)

@@ -139,3 +139,42 @@ def test_ava_nodes_says_why_a_holder_is_draining() -> None:
 
     line = _holding({"run": "r1", "user": "ann", "gpus": [5], "draining": "processes [4242] survived the teardown"})
     assert line == "run r1 of ann holds GPUs 5; draining: processes [4242] survived the teardown"
+
+
+@needs_cgroups
+def test_a_node_wide_ledger_is_shared_by_several_workdirs(agent: Agent, tmp_path: Path) -> None:
+    shared = tmp_path / "var-lib-ava" / "leases"
+    other = Agent(tmp_path / "work2", agent.jobs, agent.parent)
+    try:
+        run_a, run_b = agent.new_run("one"), other.new_run("two")
+        code, st = agent.start({**sleeper(agent, run_a, 3), "ledger": str(shared)})
+        assert code == 0 and st["gpus"] == [3], st
+        # Another workdir (another user, say) naming the same ledger sees run A's GPU as taken.
+        code, busy = other.start({**sleeper(other, run_b, 3), "ledger": str(shared)})
+        assert code == BUSY and [h["run"] for h in busy["holders"]] == [run_a], busy
+        assert [h["workdir"] for h in other.leases()] == [str(agent.work)]
+        assert (shared.stat().st_mode & 0o7777) == 0o2770
+        assert ((shared / "leases.json").stat().st_mode & 0o777) == 0o660
+        assert ((shared / "leases.lock").stat().st_mode & 0o777) == 0o660
+        assert (agent.work / "leases.json").resolve() == shared / "leases.json"
+        # Rebuilt from every registered workdir when it is damaged.
+        (shared / "leases.json").write_bytes(b"{")
+        assert [h["run"] for h in other.leases()] == [run_a]
+    finally:
+        other.cleanup()
+
+
+def test_doctor_warns_when_several_workdirs_on_one_node_hold_leases_apart() -> None:
+    from ava.config import Node
+    from ava.doctor import Observation, check_ledgers
+
+    def seen(name: str, workdir: str, ledger: str | None, held: bool) -> Observation:
+        node = Node(name=name, host="10.0.0.11", workdir=workdir, ledger=ledger)
+        return Observation(node, facts={"leases": [{"run": "r"}] if held else []})
+
+    (warning,) = check_ledgers([seen("a", "~/.ava", None, True), seen("b", "/scratch/ava", None, True)])
+    assert warning.status == "warn" and "a (~/.ava), b (/scratch/ava)" in warning.detail
+    assert "ledger" in warning.fix
+    shared = "/var/lib/ava/leases"
+    assert check_ledgers([seen("a", "~/.ava", shared, True), seen("b", "/scratch/ava", shared, True)]) == []
+    assert check_ledgers([seen("a", "~/.ava", None, True), seen("b", "/scratch/ava", None, False)]) == []

@@ -265,6 +265,8 @@ def locked(work: Path) -> Iterator[Ledger]:
     shared = (where / WORKDIRS).is_dir()
     fd = os.open(where / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, SHARED if shared else PRIVATE)
     try:
+        if shared and os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, SHARED)  # the agent's umask (077) must not lock the group out
         fcntl.flock(fd, fcntl.LOCK_EX)
         ledger = Ledger(where, fd)
         ledger.save()

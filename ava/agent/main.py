@@ -49,6 +49,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         cpu_slots=spec.cpu_want,
         cpu_total=spec.cpu_total,
     )
+    if spec.ledger:
+        leases.use_shared(spec.workdir, spec.ledger)
     with leases.locked(spec.workdir) as ledger:
         try:
             gpus, slots = leases.pick(ledger.entries, want)

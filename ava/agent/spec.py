@@ -40,6 +40,7 @@ class Spec:
     cgroup_parent: str = "ava"
     user: str = ""
     isolation: str = "auto"  # auto probes; the others force a back-end (tests, odd nodes)
+    ledger: str = ""  # a node-wide ledger directory (the inventory's `ledger`); "": WORKDIR's
 
     @classmethod
     def load(cls, path: str) -> Spec:
@@ -94,6 +95,7 @@ class Spec:
                 cgroup_parent=check_name("cgroup_parent", raw.get("cgroup_parent") or "ava"),
                 user=str(raw.get("user") or ""),
                 isolation=isolation,
+                ledger=os.path.expanduser(str(raw.get("ledger") or "")),
             )
         except KeyError as exc:
             raise SpecError(f"{exc.args[0]}: missing") from exc
