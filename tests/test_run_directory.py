@@ -144,3 +144,41 @@ def test_run_directories_of_runs_ended_long_ago_are_removed_and_the_others_kept(
     assert recent.exists() and running.exists() and starting.exists()
     # The attempt records stay: only the run directory goes.
     assert (work / "runs" / "old-done" / "attempt-1" / "status.json").exists()
+
+
+def test_a_store_object_changed_in_place_is_found_when_a_run_directory_is_copied(tmp_path: Path) -> None:
+    from ava.agent import treesync
+
+    work = tmp_path / "work"
+    tree_dir = _built_tree(work, {"train.py": b"print('hi')\n", "data.txt": b"shipped\n"})
+    first = treesync.populate(str(tree_dir), str(rundir.path(work, "run-a")))
+    assert first and (rundir.path(work, "run-a") / "data.txt").read_bytes() == b"shipped\n"
+    damaged = tree_dir / "data.txt"  # a hard link to its object: as an old in-place append did
+    damaged.chmod(0o644)
+    with open(damaged, "ab") as handle:
+        handle.write(b"appended\n")
+    with pytest.raises(treesync.TreeError, match="does not match its hash"):
+        treesync.populate(str(tree_dir), str(rundir.path(work, "run-b")))
+    assert not rundir.path(work, "run-b").exists()
+    # A run that has its directory keeps it: later attempts copy nothing.
+    assert treesync.populate(str(tree_dir), str(rundir.path(work, "run-a"))) is False
+
+
+def _built_tree(work: Path, files: dict[str, bytes]) -> Path:
+    """A tree built by the real node-side code from objects already in the store."""
+    from ava import sync
+    from ava.agent import treesync
+
+    entries = []
+    for name, data in files.items():
+        digest = hashlib.sha256(data).hexdigest()
+        target = Path(treesync.object_path(str(work), digest))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        entries.append(sync.FileEntry(name, digest, len(data), False))
+    manifest = sync.Manifest(tuple(sorted(entries, key=lambda e: e.path)))
+    (work / "trees").mkdir(parents=True, exist_ok=True)
+    listing = work / "trees" / ".listing.json"
+    listing.write_text(manifest.to_json())
+    treesync.build(str(work), str(listing), manifest.tree)
+    return work / "trees" / manifest.tree

@@ -169,16 +169,16 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _copy_checked(source: str, target: str, digest: str | None) -> None:
+def _copy_checked(source: str, target: str, digest: str | None, workdir: str) -> None:
     sha = hashlib.sha256()
     with open(source, "rb") as src, open(target, "wb") as out:
         for chunk in iter(lambda: src.read(1 << 20), b""):
             sha.update(chunk)
             out.write(chunk)
     if digest is not None and sha.hexdigest() != digest:
-        raise TreeError(f"{source}: does not match its hash {digest[:16]}: the node's code store was "
-                        f"changed in place; remove {os.path.dirname(os.path.dirname(source))}"
-                        f"/trees and objects, then launch again")
+        raise TreeError(f"{source}: does not match its hash {digest[:16]}: the node's code store was changed in "
+                        f"place; remove {os.path.join(workdir, 'trees')} and {os.path.join(workdir, 'objects')}, "
+                        "then launch again")
 
 
 def populate(tree_dir: str, dest: str) -> bool:
@@ -201,7 +201,8 @@ def populate(tree_dir: str, dest: str) -> bool:
     for entry in files:
         target = os.path.join(temp, entry["path"])
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        _copy_checked(os.path.join(tree_dir, entry["path"]), target, entry.get("sha256"))
+        _copy_checked(os.path.join(tree_dir, entry["path"]), target, entry.get("sha256"),
+                      os.path.dirname(os.path.dirname(tree_dir.rstrip("/"))))
         os.chmod(target, 0o755 if entry.get("exec") else 0o644)
     try:
         os.rename(temp, dest)
