@@ -159,6 +159,10 @@ def runtime_manifest() -> tuple[Manifest, dict[str, bytes]]:
             path = "ava/" + entry.path
             files.append(FileEntry(path, hashlib.sha256(data).hexdigest(), len(data), False))
             contents[path] = data
+    # The rank hook (see ava/rankhook.py) at the top, where Python's `site` finds it.
+    data = (package / "rankhook.py").read_bytes()
+    files.append(FileEntry("sitecustomize.py", hashlib.sha256(data).hexdigest(), len(data), False))
+    contents["sitecustomize.py"] = data
     # Package metadata beside it, so `fsspec.open("avacache::…")` finds the protocol through its
     # entry point on a node where ava is not installed (PYTHONPATH holds this tree).
     for path, text in RUNTIME_METADATA.items():
@@ -176,10 +180,6 @@ def agent_bundle() -> tuple[bytes, str]:
     from ava.agent import build_zipapp
 
     return build_zipapp()
-    # The rank hook (see ava/rankhook.py) at the top, where Python's `site` finds it.
-    data = (package / "rankhook.py").read_bytes()
-    files.append(FileEntry("sitecustomize.py", hashlib.sha256(data).hexdigest(), len(data), False))
-    contents["sitecustomize.py"] = data
 
 
 def agent_path(node: Node) -> str:
