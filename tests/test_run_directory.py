@@ -138,7 +138,12 @@ def test_run_directories_of_runs_ended_long_ago_are_removed_and_the_others_kept(
     recent = _run(work, "recent", "stopped", age_days=1)
     running = _run(work, "running", "running", age_days=20)
     starting = _run(work, "this-one", "succeeded", age_days=20)
+    crashed = work / "runs" / "never-started" / "work.copying-12345"  # a start that died mid-copy
+    crashed.mkdir()
+    old = time.time() - 9 * 86400
+    os.utime(work / "runs" / "never-started", (old, old))
     removed = rundir.prune(work, spare="this-one")
+    assert not crashed.exists()
     assert sorted(removed) == ["never-started", "old-done", "old-failed"]
     assert not old_done.exists() and not old_failed.exists() and not never_started.exists()
     assert recent.exists() and running.exists() and starting.exists()

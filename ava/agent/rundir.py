@@ -54,9 +54,9 @@ def ended(work: Path, run: str) -> float | None:
     """When RUN last ended on this node, or None while it may still be running."""
     found = layout.attempts(work, run)
     if not found:
-        # Started no attempt here (its start failed before one existed): date it by its directory.
+        # Started no attempt here (its start failed before one existed): date it by its folder.
         try:
-            return path(work, run).stat().st_mtime
+            return layout.run_dir(work, run).stat().st_mtime
         except OSError:
             return None
     adir = layout.attempt_dir(work, run, found[-1])
@@ -74,12 +74,18 @@ def prune(work: Path, *, spare: str = "", keep_days: float = KEEP_DAYS, now: flo
     removed = []
     for run in layout.runs(work):
         target = path(work, run)
-        if run == spare or not target.is_dir():
+        # The directory, and any copy a crashed start left half made beside it (work.copying-PID).
+        try:
+            found = [n for n in os.listdir(target.parent) if n == WORK or n.startswith(WORK + ".copying-")]
+        except OSError:
+            continue
+        if run == spare or not found:
             continue
         when = ended(work, run)
         if when is None or when > cutoff:
             continue
-        shutil.rmtree(target, ignore_errors=True)
+        for name in found:
+            shutil.rmtree(target.parent / name, ignore_errors=True)
         if not os.path.exists(target):
             removed.append(run)
     return removed
