@@ -30,6 +30,10 @@ class LeaseBusy(AvaError):
         super().__init__(f"{node} is busy: held by {held} (`ava train --wait` waits for it, or `ava stop` that run)")
 
 
+class AttemptMissing(AvaError):
+    """The node's agent answered that it has no such attempt: reachable, never started there."""
+
+
 def describe_holder(holder: dict[str, Any]) -> str:
     what = []
     if holder.get("gpus"):
@@ -180,6 +184,9 @@ def status_of(node: Node, run_id: str, attempt: int) -> dict[str, Any]:
     if len(lines) < 2:
         raise CommandError(f"{node.name}: agent status failed (exit {result.exited})", tail=result.tail())
     payload = _last_json("\n".join(lines[:-1]))
+    if payload.get("error") == "not-found":
+        # The node answered: it never got this attempt (a launch cut short), it is not lost.
+        raise AttemptMissing(f"{node.name}: attempt {attempt} of {run_id} never started there")
     if not payload.get("state"):
         raise CommandError(f"{node.name}: the agent reported no state for attempt {attempt}", tail=result.tail())
     try:

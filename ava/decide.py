@@ -26,7 +26,8 @@ class NodeView:
     name: str
     reachable: bool = True
     unreachable_for: float = 0.0
-    state: str | None = "running"  # the agent's state; None when it never answered
+    state: str | None = "running"  # the agent's state; None when it never answered; "missing" when
+    # it answered that it has no such attempt
     reason: str | None = None  # exit | oom | stopped | agent-died
     exit_code: int | None = None
     rank_exit_codes: dict[str, int] = field(default_factory=dict)
@@ -36,6 +37,7 @@ class NodeView:
     memory_limit: int | None = None
     progress_age: float | None = None  # since the last progress report (or output line)
     progressed: bool = False  # the script reported progress in this attempt
+    disk_full: str | None = None  # the file the agent could not write, with reason "disk-full"
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Observation:
 @dataclass(frozen=True)
 class Verdict:
     outcome: str  # running | succeeded | failed | stopped
-    kind: str | None = None  # crash | oom | node-lost | hang | agent-died | stopped
+    kind: str | None = None  # crash | oom | node-lost | hang | agent-died | disk-full | interrupted | stopped
     cause: str | None = None
     node: str | None = None
     rank: int | None = None
@@ -68,6 +70,12 @@ def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
     )
     if lost:
         return Verdict("failed", "node-lost", f"node {', '.join(lost)} stopped answering", node=lost[0], lost=lost)
+
+    missing = tuple(v.name for v in views if v.state == "missing")
+    if missing:
+        # Its launch was cut short (the CLI killed mid-start): a new attempt, not a lost node.
+        return Verdict("failed", "interrupted", f"attempt never started on {', '.join(missing)} (its launch was cut short)",
+                       node=missing[0])
 
     failed = sorted((v for v in views if v.state == "failed"), key=_first_failure)
     silent = tuple(v.name for v in views if not v.reachable)
@@ -99,6 +107,8 @@ def _failure(view: NodeView) -> Verdict:
         return Verdict("failed", "oom", f"out of memory on {view.name}{limit}", node=view.name)
     if view.reason == "agent-died":
         return Verdict("failed", "agent-died", f"the agent on {view.name} died", node=view.name)
+    if view.reason == "disk-full":
+        return Verdict("failed", "disk-full", f"disk full on {view.name} ({view.disk_full})", node=view.name)
     codes = {int(r): c for r, c in view.rank_exit_codes.items() if c != 0}
     if codes:
         rank = _first_rank(view, codes)
@@ -161,6 +171,9 @@ def recover(
     the signature of a start-up failure that the attempt before this one failed with too."""
     if verdict.kind == "stopped":
         return Plan(False, "stopped")
+    if verdict.kind == "interrupted":
+        # Nothing of the job failed: its launch was cut short. Start it again, free of charge.
+        return Plan(True, verdict.cause or "interrupted", current, 0.0)
     if repeated is not None and failover.stop_repeated_startup_failure:
         return Plan(False, f"the same start-up failure twice; not retrying: {repeated}"
                            " (failover.stop_repeated_startup_failure = false retries it)")

@@ -27,6 +27,7 @@ from ava.decide import STARTUP_GRACE, NodeView, Observation, Verdict, judge, rec
 from ava.errors import AvaError, ConnectError
 from ava.launch import Launch, NodeLaunch, plan
 from ava.runs import Attempt, RunRecord
+from ava.runs import load as runs_load
 
 POLL_INTERVAL = 1.0
 STATUS_WAIT = 2.0  # how long one poll waits for the nodes' answers before judging
@@ -56,6 +57,38 @@ class Outcome:
 
 class Detached(Exception):
     """The supervisor was asked to leave the run alone (another one takes over)."""
+
+
+class Supervised(AvaError):
+    """Another process supervises the run and did not let go of it."""
+
+
+LOCK_FILE = "supervisor.lock"
+
+
+def hold_supervision(record: RunRecord, role: str, wait: float) -> int:
+    """The run's supervision lock (a flock on the record's supervisor.lock, freed by the kernel
+    when its holder dies): one supervisor drives a run at a time. Returns the open file;
+    raises Supervised naming the holder when it is still held after WAIT seconds."""
+    import fcntl
+
+    path = record.dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise Supervised(f"run {record.id} is supervised by {holder}, which did not let go within {wait:g}s "
+                                 "(it may be inside a launch); try again once it has") from None
+            time.sleep(0.1)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{role} (pid {os.getpid()})\n".encode(), 0)
+    return fd
 
 
 def master_address(node: Node) -> str:
@@ -107,9 +140,10 @@ def recipe_of(record: RunRecord) -> Recipe:
 
 class Supervisor:
     def __init__(self, record: RunRecord, recipe: Recipe, inventory: Inventory, sink: LogSink, *,
-                 wait_for_leases: bool = False) -> None:
+                 wait_for_leases: bool = False, role: str = "ava train", lock_wait: float = 15.0) -> None:
         self.record, self.recipe, self.inventory, self.sink = record, recipe, inventory, sink
         self.wait_for_leases = wait_for_leases
+        self.role, self.lock_wait = role, lock_wait
         self.code_root = record.dir / "code"
         self.manifest = sync.manifest_of(self.code_root)
         self.last_lines: dict[tuple[str, str | None], collections.deque[str]] = {}
@@ -120,7 +154,10 @@ class Supervisor:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> Outcome:
+        lock = hold_supervision(self.record, self.role, self.lock_wait)
+        # The holder before us may have moved the run on: read it again under the lock.
         record = self.record
+        record.__dict__.update(runs_load(record.id).__dict__)
         record.supervisor_pid = os.getpid()
         record.save()
         try:
@@ -150,6 +187,7 @@ class Supervisor:
             if record.supervisor_pid == os.getpid():
                 record.supervisor_pid = None
                 record.save()
+            os.close(lock)
         code = record.exit_code if record.exit_code is not None else 1
         return Outcome(record, code, {k: list(v) for k, v in self.last_lines.items()})
 
@@ -236,7 +274,8 @@ class Supervisor:
         record = self.record
         if verdict.lost:
             record.lost_nodes += [n for n in verdict.lost if n not in record.lost_nodes]
-        used = len(record.attempts) - 1
+        # Attempts whose launch was cut short (kind "interrupted") cost the budget nothing.
+        used = sum(1 for a in record.attempts[:-1] if a.kind != "interrupted")
         spares = self._spares(current.nodes)
         decision = recover(verdict, failover=self.recipe.failover, restarts_used=used,
                            current=tuple(current.nodes), spares=tuple(spares),
@@ -245,8 +284,11 @@ class Supervisor:
             self.sink.event(f"run failed: {verdict.cause}; {decision.reason}" if decision.reason != verdict.cause else f"run failed: {verdict.cause}")
             self._finish("failed", 1)
             return None
-        self.sink.event(f"attempt {current.number} failed: {verdict.cause}; restarting in {decision.backoff:g}s"
-                        f" on {', '.join(decision.nodes)} (restart {used + 1} of {self.recipe.failover.max_restarts})")
+        if verdict.kind == "interrupted":
+            self.sink.event(f"attempt {current.number}: {verdict.cause}; starting it again (no restart counted)")
+        else:
+            self.sink.event(f"attempt {current.number} failed: {verdict.cause}; restarting in {decision.backoff:g}s"
+                            f" on {', '.join(decision.nodes)} (restart {used + 1} of {self.recipe.failover.max_restarts})")
         self._sleep(decision.backoff)
         if self.stop_requested():
             self._finish("stopped", 1)
@@ -319,13 +361,19 @@ class Supervisor:
                 for node in nodes:
                     future, since = pending[node.name]
                     found: dict[str, Any] | None = None
+                    missing = False
                     if future.done():
                         del pending[node.name]
                         try:
                             found = future.result()
+                        except nodes_ops.AttemptMissing:
+                            missing = True
                         except AvaError:
                             found = None
-                    if found is None and not future.done() and now - since < nodes_ops.STATUS_TIMEOUT:
+                    if missing:
+                        unreachable_since.pop(node.name, None)
+                        views.append(NodeView(node.name, reachable=True, state="missing"))
+                    elif found is None and not future.done() and now - since < nodes_ops.STATUS_TIMEOUT:
                         # Late, not yet silent: unknown this round (a busy node answers slowly).
                         views.append(NodeView(node.name, reachable=True, state=None))
                     elif found is None:
@@ -425,6 +473,7 @@ def _view(name: str, status: dict[str, Any]) -> NodeView:
         memory_limit=status.get("memory_limit") or (status.get("limits") or {}).get("memory"),
         progress_age=progress_age,
         progressed=bool(progress),
+        disk_full=status.get("disk_full"),
     )
 
 
@@ -466,9 +515,16 @@ def _background_main(argv: list[str]) -> int:
     os.umask(0o077)  # as the CLI: what the run's records gain stays the user's own
     record = runs.load(argv[0])
     inventory = load_inventory(argv[1])
-    supervisor = Supervisor(record, recipe_of(record), inventory, FileSink(record.dir / "output.log"))
+    supervisor = Supervisor(record, recipe_of(record), inventory, FileSink(record.dir / "output.log"),
+                            role="a background supervisor", lock_wait=60.0)
+    # SIGHUP too: a background supervisor outlives the terminal that started it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.leave())
-    return supervisor.run().exit_code
+    try:
+        return supervisor.run().exit_code
+    except Supervised as taken:
+        print(f"{time.strftime('%H:%M:%S')} ava: {taken.message}", file=sys.stderr)
+        return 0
 
 
 if __name__ == "__main__":

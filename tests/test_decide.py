@@ -184,3 +184,13 @@ def test_a_repeated_start_up_failure_is_not_retried_unless_the_recipe_says_so() 
     allowed = Failover(3, "replace", HANG, (2,), 2.0, stop_repeated_startup_failure=False)
     assert recover(CRASH, failover=allowed, restarts_used=1, current=("a",), spares=(), nodes_min=1,
                    repeated="x").restart
+
+
+def test_an_attempt_missing_on_a_node_that_answers_is_interrupted_not_lost() -> None:
+    verdict = observe(NodeView("a", state="stopped"), NodeView("b", state="missing"))
+    assert (verdict.kind, verdict.node, verdict.lost) == ("interrupted", "b", ())
+    assert "never started on b" in (verdict.cause or "")
+    # Restarted on the same nodes at once, whatever the budget says.
+    decision = recover(verdict, failover=Failover(0, "replace", HANG, (2,), 2.0), restarts_used=0,
+                       current=("a", "b"), spares=("c",), nodes_min=2)
+    assert decision == Plan(True, verdict.cause or "", ("a", "b"), 0.0)

@@ -124,8 +124,10 @@ def _supervise(supervisor, record, inventory_path: Path) -> int:  # type: ignore
     from ava.supervisor import spawn_background
 
     started = time.time()
-    # Ctrl-C or SIGTERM: stop supervising and hand the run to a background supervisor.
-    previous = {sig: signal.signal(sig, lambda *_: supervisor.leave()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C, SIGTERM or SIGHUP (the terminal closed, the SSH session to a login node dropped):
+    # stop supervising and hand the run to a background supervisor.
+    previous = {sig: signal.signal(sig, lambda *_: supervisor.leave())
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         outcome = supervisor.run()
     finally:
@@ -134,8 +136,11 @@ def _supervise(supervisor, record, inventory_path: Path) -> int:  # type: ignore
     if not record.final:
         # Ctrl-C: the run goes on; a background supervisor keeps failing over for it.
         spawn_background(record, inventory_path)
-        console.info(f"\nava: detached from {record.id}; it keeps running under a background supervisor.")
-        console.info(f"     reattach: ava attach {record.id}    logs: ava logs {record.id} -f    stop: ava stop {record.id}")
+        try:
+            console.info(f"\nava: detached from {record.id}; it keeps running under a background supervisor.")
+            console.info(f"     reattach: ava attach {record.id}    logs: ava logs {record.id} -f    stop: ava stop {record.id}")
+        except OSError:
+            pass  # after SIGHUP the terminal may be gone; the run is in good hands either way
         return EXIT_INTERRUPTED
     _summary(outcome, time.time() - started)
     return outcome.exit_code
@@ -374,5 +379,5 @@ def attach(run: str = typer.Argument(..., metavar="RUN"),
         record = runs.load(record.id)
     inventory = load_inventory_for(record)
     sink = TerminalSink(list(inventory.nodes), record.dir / "output.log")
-    supervisor = Supervisor(record, recipe_of(record), inventory, sink, wait_for_leases=wait)
+    supervisor = Supervisor(record, recipe_of(record), inventory, sink, wait_for_leases=wait, role="ava attach")
     return _supervise(supervisor, record, Path(record.inventory))
