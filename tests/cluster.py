@@ -121,8 +121,7 @@ class Cluster:
 
     def _make_bridge(self) -> None:
         """The bridge, on a /24 no other live cluster on this machine uses (chosen under a lock)."""
-        with open(OWNERS / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _clusters_lock():
             used = set(re.findall(r"inet 10\.213\.(\d+)\.", _sh("ip", "-o", "-4", "addr", "show", check=False).stdout))
             third = int(self.subnet.rsplit(".", 1)[1])
             while str(third) in used:
@@ -264,13 +263,14 @@ class Cluster:
 
     def _write_hosts(self) -> None:
         entries = "".join(f"{n.address} {n.hostname}  {self._marker()}\n" for n in self.nodes)
-        text = HOSTS_FILE.read_text()
-        if text and not text.endswith("\n"):
-            text += "\n"
-        HOSTS_FILE.write_text(text + entries)
+        with _clusters_lock():
+            text = HOSTS_FILE.read_text()
+            if text and not text.endswith("\n"):
+                text += "\n"
+            HOSTS_FILE.write_text(text + entries)
 
     def _remove_hosts(self) -> None:
-        with contextlib.suppress(OSError):
+        with _clusters_lock(), contextlib.suppress(OSError):
             lines = HOSTS_FILE.read_text().splitlines(keepends=True)
             HOSTS_FILE.write_text("".join(l for l in lines if self._marker() not in l))
 
@@ -432,6 +432,16 @@ def _stale_ids() -> set[str]:
     return stale
 
 
+@contextlib.contextmanager
+def _clusters_lock() -> Iterator[None]:
+    """The lock every test session on this machine takes to choose a subnet or edit /etc/hosts
+    (a read-modify-write that two sessions starting at once would otherwise interleave)."""
+    OWNERS.mkdir(exist_ok=True)
+    with open(OWNERS / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def clean_stale() -> None:
     """Remove what a killed earlier test session left: namespaces, links, hosts entries."""
     if not is_root():
@@ -454,7 +464,7 @@ def clean_stale() -> None:
         name = parts[1].strip().split("@")[0] if len(parts) > 1 else ""
         if name.startswith(PREFIX) and is_stale(name[len(PREFIX):len(PREFIX) + 4]):
             _sh("ip", "link", "del", name, check=False)
-    with contextlib.suppress(OSError):
+    with _clusters_lock(), contextlib.suppress(OSError):
         lines = HOSTS_FILE.read_text().splitlines(keepends=True)
         kept = [l for l in lines if "# ava test cluster " not in l or not is_stale(l.rsplit(" ", 1)[-1].strip())]
         if kept != lines:
