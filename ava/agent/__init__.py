@@ -12,7 +12,9 @@ Commands
     SPEC is JSON::
 
         {"run": "ddp-20261123-101200-a3f1", "attempt": 1, "node": "n1",
-         "workdir": "~/.ava", "cwd": "~/code",            # ~ expanded by the agent
+         "workdir": "~/.ava",                              # ~ expanded by the agent
+         "tree": "/home/u/.ava/trees/HASH",                # the run's code tree (immutable)
+         "cwd": "/home/u/.ava/runs/RUN/work",              # the run directory, copied from tree
          "argv": ["python3", "-m", "torch.distributed.run", ...],   # exec'd as is, no shell
          "env": {"K": "V"},                                # added to the inherited env
          "limits": {"memory": bytes|null, "cpus": float|null, "pids": int|null},
@@ -22,13 +24,16 @@ Commands
          "isolation": "auto"}       # optional: auto | systemd | v2 | v1 | none
 
     Takes the leases (busy: exit 4, ``{"error": "busy", "holders": [{run, attempt, node,
-    user, gpus, cpu_slots, pid, started}]}``), creates ``WORKDIR/runs/RUN/attempt-N/``,
+    user, gpus, cpu_slots, pid, started}]}``), makes the run directory ``cwd`` from ``tree``
+    at the run's first start on this node (kept for its later attempts; see rundir.py),
+    creates ``WORKDIR/runs/RUN/attempt-N/``,
     starts a detached monitor (double fork, setsid, stdio off the SSH session) that fences
     the job in a cgroup, then prints the status once it is ``running`` (or final). The job
     gets the spec env plus ``CUDA_VISIBLE_DEVICES`` (leased indices; "" when want=0 on a
-    node with allowed GPUs), ``AVA_PROGRESS_FILE``, ``AVA_RUN_ID`` and ``AVA_JOB_TAG``
+    node with allowed GPUs), ``AVA_PROGRESS_FILE``, ``AVA_RANK_ERRORS`` (where the rank hook,
+    ava/rankhook.py, notes each rank's uncaught exception), ``AVA_RUN_ID`` and ``AVA_JOB_TAG``
     (``<run>.<node>.a<attempt>``, also the cgroup name). stdout+stderr go to
-    ``attempt-N/output.log``. Starting the same attempt again reports it, starts nothing.
+    ``attempt-N/output.log``. The status records each rank's exit code and when it failed. Starting the same attempt again reports it, starts nothing.
 ``status WORKDIR RUN [--attempt N]``
     The status object (see ``status.py`` for every key) of the given or latest attempt. A
     non-final attempt whose monitor is dead is ended and reported failed / agent-died.
@@ -44,7 +49,8 @@ Commands
 ``list WORKDIR``
     ``{"runs": [status of each run's latest attempt]}``.
 
-Modules: main (CLI), spec, monitor (monitor, reaper, job child), teardown, status, leases,
+Modules: main (CLI), spec, monitor (monitor, reaper, job child), ranks (when each rank
+failed), rundir (run directories), treesync (code store), teardown, status, leases,
 layout (files under WORKDIR), procs, isolation (interface, probe, none back-end),
 cgroupv1, cgroupv2 (v2 and systemd scope). Inside the zipapp the package is ``avaagent``,
 so modules import each other relatively only.
