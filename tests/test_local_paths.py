@@ -144,7 +144,7 @@ def test_train_refuses_a_recipe_requirement_naming_a_home_file_and_uploads_nothi
                    env={"AVA_HOME": str(tmp_path / "avahome"), "HOME": os.environ["HOME"]}, timeout=180)
     # Refused when the run's first attempt provisions its nodes (exit 2 would need the check
     # before the run is recorded, in the CLI); either way nothing leaves this computer.
-    assert done.returncode != 0, done.stdout + done.stderr
+    assert done.returncode == 2, done.stdout + done.stderr
     assert "run.requirements" in done.stderr and "~/.aws/credentials" in done.stderr
     wheels = cluster.node("n1").workdir / "wheels"
     leaked = [p for p in wheels.rglob("*") if p.is_file() and "do-not-ship" in p.read_text(errors="replace")]

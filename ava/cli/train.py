@@ -73,6 +73,12 @@ def train(
         from ava import console
 
         console.warn(reach)
+    if not dry_run:
+        from ava import provision
+
+        # A requirement the recipe may not name is a usage error, found before any run exists.
+        for node in placement.nodes:
+            provision.venv_python(node, recipe=recipe, root=inventory.path.resolve().parent)
     run_id = runs.new_run_id(recipe.name)
     if dry_run:
         return _dry_run(recipe, placement, run_id, inventory.path.resolve().parent)
