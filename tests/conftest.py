@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -24,12 +25,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+# The only skips CI accepts: hardware no CI machine of ours has and nothing here can stand in for.
+# Each is printed at the end of the run, so what was not tested is said, not hidden.
+HARDWARE_ONLY = {
+    "gpu": "an NVIDIA GPU with CUDA (NCCL between ranks); CI machines are CPU-only",
+}
+_hardware_skips: list[tuple[str, str]] = []
+
+
+def has_gpu() -> bool:
+    return Path("/dev/nvidiactl").exists() and shutil.which("nvidia-smi") is not None
+
+
+def needs_gpu(test: Callable[..., None]) -> Callable[..., None]:
+    """Declares a test hardware-only (GPU): skipped where there is none, even under CI."""
+    test = pytest.mark.hardware("gpu")(test)
+    return pytest.mark.skipif(not has_gpu(), reason=f"needs {HARDWARE_ONLY['gpu']}")(test)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "hardware(kind): may skip under CI where the machine lacks KIND (see HARDWARE_ONLY)")
+
+
     # Under CI a cluster test may not skip: a skip there would hide that nothing was tested.
     outcome = yield
     report = outcome.get_result()
-    if IN_CI and report.skipped and item.get_closest_marker("cluster") and not hasattr(report, "wasxfail"):
+    if not (report.skipped and not hasattr(report, "wasxfail")):
+        return
+    hardware = item.get_closest_marker("hardware")
+    kind = hardware.args[0] if hardware and hardware.args else None
+    if kind in HARDWARE_ONLY:
+        _hardware_skips.append((item.nodeid, kind))
+    elif IN_CI:
+        why = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
-        report.longrepr = f"cluster test skipped under CI=true: {report.longrepr}"
+        report.longrepr = f"skipped under CI=true, where only hardware-only skips {sorted(HARDWARE_ONLY)} may: {why}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _hardware_skips:
+        terminalreporter.section("hardware-only skips (not tested on this machine)")
+        for nodeid, kind in _hardware_skips:
+            terminalreporter.line(f"{nodeid}: needs {HARDWARE_ONLY[kind]}")
 
 
 @pytest.fixture(scope="session")
