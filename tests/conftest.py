@@ -23,8 +23,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.cluster)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
 # The only skips CI accepts: hardware no CI machine of ours has and nothing here can stand in for.
 # Each is printed at the end of the run, so what was not tested is said, not hidden.
 HARDWARE_ONLY = {
@@ -47,7 +45,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "hardware(kind): may skip under CI where the machine lacks KIND (see HARDWARE_ONLY)")
 
 
-    # Under CI a cluster test may not skip: a skip there would hide that nothing was tested.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    # Under CI no test may skip, whatever its kind: a skip would hide that nothing was tested.
     outcome = yield
     report = outcome.get_result()
     if not (report.skipped and not hasattr(report, "wasxfail")):
