@@ -130,7 +130,8 @@ class Proxy:
         return json.loads(urllib.request.urlopen(req, timeout=10).read() or b"null")
 
     def stats(self) -> dict[str, int]:
-        """{"get_bytes": object bytes sent for GETs, "gets": GET count, "faults": injected}."""
+        """{"get_bytes": object bytes sent for GETs, "gets": GET count, "requests": every request
+        to the S3 API (HEADs and listings too), "faults": injected}."""
         return self._call("stats")
 
     def reset(self) -> None:
@@ -166,7 +167,7 @@ class _ProxyState:
         parts = urlsplit(upstream)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.lock = threading.Lock()
-        self.get_bytes = self.gets = self.faults_done = 0
+        self.get_bytes = self.gets = self.requests = self.faults_done = 0
         self.epoch = 0  # bumped by reset: responses to requests made before it are not counted
         self.plan: list[dict[str, Any]] = []
         self.local = threading.local()
@@ -208,12 +209,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         what = self.path[len("/_proxy/"):]
         with st.lock:
             if what == "reset":
-                st.get_bytes = st.gets = st.faults_done = 0
+                st.get_bytes = st.gets = st.requests = st.faults_done = 0
                 st.epoch += 1
                 st.plan = []
             elif what == "faults":
                 st.plan = [dict(r) for r in json.loads(body or b"[]")]
-            out = json.dumps({"get_bytes": st.get_bytes, "gets": st.gets,
+            out = json.dumps({"get_bytes": st.get_bytes, "gets": st.gets, "requests": st.requests,
                               "faults": st.faults_done}).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(out)))
@@ -232,6 +233,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         st = self.state
         epoch = st.epoch
+        with st.lock:
+            st.requests += 1
         fault = st.take_fault() if self.command == "GET" and "Range" in self.headers else None
         if fault and fault["kind"] == "error":
             out = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"

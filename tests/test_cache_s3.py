@@ -20,6 +20,7 @@ import pytest
 
 from ava.cache import AvaCacheFileSystem
 from tests.cache_fixtures import direct, proxy, s3  # noqa: F401 (fixtures)
+from tests.agent_helpers import wait_for
 from tests.s3server import Proxy, S3Endpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,11 +89,13 @@ def test_job_env_alone_configures_the_cache(s3, proxy, direct, tmp_path):
 
 
 READER = textwrap.dedent("""
-    import hashlib, sys, time
+    import hashlib, os, sys, time
     from ava.cache import AvaCacheFileSystem
-    url, cache_dir, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    url, cache_dir, gate = sys.argv[1], sys.argv[2], sys.argv[3]
     fs = AvaCacheFileSystem(target_protocol="s3", cache_dir=cache_dir)
-    time.sleep(max(0.0, start_at - time.time()))      # all readers start together
+    open(f"{gate}.ready-{os.getpid()}", "w").close()  # imported, about to read
+    while not os.path.exists(gate):                   # all readers start together
+        time.sleep(0.005)
     h = hashlib.sha256()
     with fs.open(url) as f:
         while chunk := f.read(1 << 20):
@@ -107,10 +110,14 @@ def test_eight_cold_readers_get_exact_bytes_and_fetch_the_object_once(s3, proxy,
     url = put(direct, "shared-64m.bin", data)
     proxy.reset()
     env = child_env(s3, proxy.url)
-    start_at = time.time() + 4.0  # after every interpreter has imported s3fs
-    procs = [subprocess.Popen([sys.executable, "-c", READER, url, str(tmp_path), str(start_at)],
+    gate = tmp_path / "gate"  # opened once every reader has imported s3fs and made its fs
+    procs = [subprocess.Popen([sys.executable, "-c", READER, url, str(tmp_path / "cache"), str(gate)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(8)]
+    ready = wait_for(lambda: len(list(tmp_path.glob("gate.ready-*"))) == 8
+                     or any(p.poll() is not None for p in procs), timeout=120)
+    gate.touch()
+    assert ready and len(list(tmp_path.glob("gate.ready-*"))) == 8, [p.poll() for p in procs]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e for _o, e in outs]
     digest = hashlib.sha256(data).hexdigest()
@@ -149,12 +156,17 @@ def test_sequential_reader_triggers_readahead(s3, proxy, direct, tmp_path):
 
 
 def test_overwritten_object_is_seen_after_the_ttl(s3, proxy, direct, tmp_path):
+    ttl = 2.0
     url = put(direct, "mutable.bin", b"A" * 1000)
-    fs = cachefs(s3, proxy, tmp_path, check_ttl=0.5)
+    fs = cachefs(s3, proxy, tmp_path, check_ttl=ttl)
     assert fs.open(url).read() == b"A" * 1000
+    checked = time.monotonic()
     put(direct, "mutable.bin", b"B" * 1000)
-    time.sleep(0.6)
-    assert fs.open(url).read() == b"B" * 1000
+    assert fs.open(url).read() == b"A" * 1000  # within the TTL the cached version is trusted
+    seen = wait_for(lambda: fs.open(url).read() == b"B" * 1000, timeout=ttl + 10, step=0.05)
+    waited = time.monotonic() - checked
+    assert seen, f"the new version not seen {waited:.1f}s after the check (TTL {ttl}s)"
+    assert waited >= ttl, f"the cached version was rechecked after {waited:.2f}s, before the {ttl}s TTL"
 
 
 def test_immutable_prefix_skips_the_etag_recheck(s3, proxy, direct, tmp_path):
@@ -164,7 +176,9 @@ def test_immutable_prefix_skips_the_etag_recheck(s3, proxy, direct, tmp_path):
     proxy.reset()
     for _ in range(3):
         assert fs.open(url).read() == b"A" * 1000
-    assert proxy.stats()["gets"] == 0  # neither HEAD-derived GETs nor block fetches
+    # An ETag recheck is a HEAD (or a listing GET), a block fetch a ranged GET: none may happen.
+    stats = proxy.stats()
+    assert stats["requests"] == 0, f"an immutable object was rechecked: {stats}"
 
 
 def test_object_changed_mid_read_never_mixes_versions(s3, proxy, direct, tmp_path):
