@@ -170,6 +170,11 @@ def toml_text(raw: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def toml_value(value: Any) -> str:
+    """One value as TOML text, e.g. for a `--set run.args=[…]` assignment."""
+    return _toml_value(value)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -5,17 +5,32 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from ava.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, AvaError
 
+EXIT_CODES = ("Exit codes: 0 success, 1 the job failed, 2 usage or configuration error, "
+              "3 nodes unreachable or infrastructure failure, 130 interrupted.")
+ENV_VARS = ("Environment: AVA_INVENTORY (inventory file), AVA_HOME (run records and logs, default ~/.ava), "
+            "NO_COLOR / FORCE_COLOR (colour off / on).")
+
+
+def epilog(*examples: str) -> str:
+    """A command's help footer: its examples (kept as written), exit codes, environment."""
+    lines = "\n".join(f"  {e}" for e in examples)
+    return f"\b\nExamples:\n{lines}\n\n{EXIT_CODES}\n\n{ENV_VARS}"
+
+
 app = typer.Typer(
     name="ava",
     help="Turn a handful of GPU nodes you can SSH into into one training cluster.",
-    no_args_is_help=True,
-    add_completion=False,
+    epilog=epilog("ava nodes", "ava train recipes/ddp-minimal --set resources.nodes=2",
+                  "RUN=$(ava train recipe.toml --detach) && ava wait $RUN; ava logs $RUN --tail 50"),
+    no_args_is_help=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     # Plain help: rich-formatted help costs ~80 ms of imports on every `ava --help`.
     rich_markup_mode=None,
@@ -23,35 +38,108 @@ app = typer.Typer(
 )
 
 
+def _plain_argument_help() -> None:
+    """Typer's plain help shows `{RECIPE}` and `RECIPE <str>`: show an argument as its metavar says."""
+    import typer.core as core
+
+    argument = getattr(core, "TyperArgument", None)
+    if argument is None or not hasattr(argument, "_usage_display_name"):
+        return
+
+    def usage_name(self) -> str:  # type: ignore[no-untyped-def]
+        name = self.display_name_raw
+        if self.nargs != 1 and self.metavar is None:
+            name += "..."
+        return name if self.required else f"[{name}]"
+
+    def type_label(self, ctx) -> Optional[str]:  # type: ignore[no-untyped-def]
+        return None if self.metavar else argument.display_type(self, ctx)
+
+    argument._usage_display_name = usage_name
+    argument.display_type_rich = type_label
+
+
+_plain_argument_help()
+
+
 class State:
     inventory: Optional[str] = None
     debug: bool = False
     argv: List[str] = []
+    output_format: str = "auto"
 
 
 state = State()
 
 
-@app.callback()
+def _version(value: bool) -> None:
+    if value:
+        from ava import __version__
+
+        sys.stdout.write(f"ava {__version__}\n")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback(invoke_without_command=True)
 def _options(
+    ctx: typer.Context,
     inventory: Optional[str] = typer.Option(
-        None, "--inventory", "-i", metavar="PATH", help="Inventory file (default: $AVA_INVENTORY, else ./ava.toml)."
+        None, "--inventory", "-i", metavar="PATH", envvar="AVA_INVENTORY", show_envvar=True,
+        help="Inventory file (default: ./ava.toml in this directory or a parent, else ~/.config/ava/ava.toml).",
+    ),
+    home: Optional[str] = typer.Option(
+        None, "--home", metavar="DIR", envvar="AVA_HOME", show_envvar=True,
+        help="Where run records and logs are kept (default: ~/.ava).",
+    ),
+    output_format: str = typer.Option(
+        "auto", "--format", metavar="auto|table|plain",
+        help="Tables on a terminal, plain aligned rows elsewhere (auto); or always one of them.",
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print ava's version and exit."),
 ) -> None:
-    state.inventory = inventory
+    from ava.errors import UsageError
+
+    # From $AVA_INVENTORY, the inventory keeps its own wording in errors ("named by $AVA_INVENTORY").
+    source = ctx.get_parameter_source("inventory")
+    given = getattr(source, "name", "") == "COMMANDLINE"
+    state.inventory = inventory if given else None
     state.debug = debug
+    if home:
+        os.environ["AVA_HOME"] = home
+    if output_format not in ("auto", "table", "plain"):
+        raise UsageError(f"--format {output_format}: expected auto, table or plain")
+    state.output_format = output_format
+    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+        sys.stdout.write(ctx.get_help() + "\n")
+        raise typer.Exit(EXIT_OK)
+
+
+def inventory_path() -> Optional[str]:
+    """--inventory, else $AVA_INVENTORY, else ava.toml here or in a parent directory, else
+    ~/.config/ava/ava.toml ($XDG_CONFIG_HOME honoured); None when there is none anywhere."""
+    if state.inventory:
+        return state.inventory
+    if os.environ.get("AVA_INVENTORY"):
+        return os.environ["AVA_INVENTORY"]
+    here = Path.cwd()
+    for directory in (here, *here.parents):
+        if (directory / "ava.toml").is_file():
+            return str(directory / "ava.toml") if directory != here else "ava.toml"
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")) / "ava" / "ava.toml"
+    return str(config) if config.is_file() else None
 
 
 def load_inventory():  # type: ignore[no-untyped-def]
-    """The inventory named by --inventory, $AVA_INVENTORY or ./ava.toml."""
+    """The inventory named by --inventory or $AVA_INVENTORY, else found (see inventory_path)."""
     from ava.config import load_inventory as load
 
-    return load(state.inventory)
+    return load(inventory_path())
 
 
 GLOBAL_FLAGS = ("--debug",)
-GLOBAL_VALUED = ("--inventory", "-i")
+GLOBAL_VALUED = ("--inventory", "-i", "--home", "--format")
 
 
 def hoist_global_options(args: List[str]) -> List[str]:
@@ -69,7 +157,7 @@ def hoist_global_options(args: List[str]) -> List[str]:
         elif word in GLOBAL_VALUED and index + 1 < len(args):
             front += [word, args[index + 1]]
             index += 1
-        elif word.startswith("--inventory="):
+        elif word.startswith(("--inventory=", "--home=", "--format=")):
             front.append(word)
         else:
             rest.append(word)
@@ -89,10 +177,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.umask(0o077)
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     state.argv = args
+    _apply_format(args)
     code = EXIT_OK
     try:
         result = app(args=args, prog_name="ava", standalone_mode=False)
         code = result if isinstance(result, int) else EXIT_OK
+    except BrokenPipeError:
+        # `ava logs RUN | head`: the reader has what it wanted. Quietly, as `git log | head`.
+        _stdout_gone()
+        code = EXIT_OK
     except AvaError as failure:
         from ava import console
 
@@ -120,7 +213,33 @@ def main(argv: Optional[List[str]] = None) -> None:
         from ava.transport import close_all
 
         close_all()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
     sys.exit(code)
+
+
+def _apply_format(args: List[str]) -> None:
+    """--format reaches console before any command renders (console is imported lazily)."""
+    chosen = None
+    for index, word in enumerate(args):
+        if word == "--":
+            break
+        if word == "--format" and index + 1 < len(args):
+            chosen = args[index + 1]
+        elif word.startswith("--format="):
+            chosen = word.split("=", 1)[1]
+    state.output_format = chosen or "auto"
+
+
+def _stdout_gone() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 # Each command group registers itself on `app`; they import heavy libraries only when run.
@@ -129,3 +248,4 @@ from ava.cli import doctor as _doctor  # noqa: E402,F401
 from ava.cli import provision as _provision  # noqa: E402,F401
 from ava.cli import train as _train  # noqa: E402,F401
 from ava.cli import cache as _cache  # noqa: E402,F401
+from ava.cli import wait as _wait  # noqa: E402,F401

@@ -7,11 +7,12 @@ from typing import Any, List
 
 import typer
 
-from ava.cli import app, load_inventory, state
+from ava.cli import app, epilog, load_inventory, state
 from ava.errors import EXIT_INFRA, EXIT_JOB_FAILED, EXIT_OK, UsageError
 
 
-@app.command()
+@app.command(epilog=epilog("ava nodes", "ava nodes --json | jq -r '.[] | select(.reachable) | .name'",
+                           "ava nodes --accept-new   (first contact with new nodes)"))
 def nodes(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
     accept_new: bool = typer.Option(
@@ -81,9 +82,13 @@ def _holding(holder: dict[str, Any]) -> str:
 @app.command(
     "exec",
     context_settings={"allow_interspersed_args": False},
+    epilog=epilog("ava exec -- nvidia-smi -L", "ava exec gpu1 gpu2 -- df -h /data",
+                  "ava exec --json -- uptime | jq '.[] | {node, exit_code}'"),
 )
 def exec_(
     words: List[str] = typer.Argument(..., metavar="[NODE…] -- CMD…", help="Nodes (default: all), then -- and the command."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON list (each node's exit code and output) "
+                                                         "instead of streaming lines."),
 ) -> int:
     """Run one command on nodes in parallel; each output line prefixed by its node."""
     from ava import console
@@ -100,12 +105,29 @@ def exec_(
     command = " ".join(command_words)
     inventory = load_inventory()
     chosen = inventory.select(names) if names else list(inventory.nodes.values())
-    prefixer = console.Prefixer([n.name for n in chosen])
+    prefixer = console.Prefixer([n.name for n in chosen], order=list(inventory.nodes))
+    captured: dict[str, list[dict[str, str]]] = {n.name: [] for n in chosen}
 
     def one(node):  # type: ignore[no-untyped-def]
+        if json_out:
+            def keep(stream: str, line: str) -> None:
+                captured[node.name].append({"stream": "stderr" if stream == "err" else "stdout", "line": line})
+
+            return connect(node).run(command, on_line=keep)
         return connect(node).run(command, on_line=lambda _stream, line: prefixer.line(node.name, line))
 
     outcomes = run_all(chosen, one)
+    if json_out:
+        report = []
+        for node in chosen:
+            outcome = outcomes[node.name]
+            failure = outcome.message if isinstance(outcome, Failure) else None
+            report.append({"node": node.name, "exit_code": None if failure else outcome.exited,
+                           "ok": failure is None and outcome.ok, "error": failure, "output": captured[node.name]})
+        console.print_json(report)
+        if any(r["error"] for r in report):
+            return EXIT_INFRA
+        return EXIT_OK if all(r["ok"] for r in report) else EXIT_JOB_FAILED
     rows, unreachable, failed = [], False, False
     for node in chosen:
         outcome = outcomes[node.name]

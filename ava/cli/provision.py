@@ -7,14 +7,18 @@ from typing import List
 
 import typer
 
-from ava.cli import app, load_inventory
+from ava.cli import app, epilog, load_inventory
+from ava.cli.complete import complete_nodes
 from ava.errors import EXIT_INFRA, EXIT_OK
 
 
-@app.command()
+@app.command(epilog=epilog("ava provision", "ava provision gpu1 gpu2 --dry-run",
+                           "ava provision --dry-run --json | jq '.[] | {node, steps: (.steps | length)}'"))
 def provision(
-    names: List[str] = typer.Argument(None, metavar="[NODE…]", help="Nodes to set up (default: all)."),
+    names: List[str] = typer.Argument(None, metavar="[NODE…]", autocompletion=complete_nodes,
+                                      help="Nodes to set up (default: all)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan per node; change nothing."),
+    json_out: bool = typer.Option(False, "--json", help="With --dry-run: the plan per node as a JSON list."),
 ) -> int:
     """Set nodes up: workdir, agent, runtime, cache configuration, cgroup parent, Python environment.
 
@@ -32,6 +36,18 @@ def provision(
     plans = {name: o for name, o in outcomes.items() if isinstance(o, Plan)}
     failed = {name: o for name, o in outcomes.items() if isinstance(o, AvaError)}
     width = max(len(n.name) for n in chosen)
+    if json_out:
+        if not dry_run:
+            from ava.errors import UsageError
+
+            raise UsageError("ava provision --json needs --dry-run (it reports the plan)")
+        console.print_json([
+            {"node": n.name, "error": failed[n.name].message} if n.name in failed else
+            {"node": n.name, "error": None, "steps": [{"kind": s.kind, "description": s.description}
+                                                     for s in plans[n.name].steps],
+             "notes": list(plans[n.name].notes)}
+            for n in chosen])
+        return EXIT_INFRA if failed else EXIT_OK
 
     for node in chosen:
         if node.name in failed:

@@ -12,18 +12,22 @@ from typing import List, Optional
 
 import typer
 
-from ava.cli import app, load_inventory, state
-from ava.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, AvaError
+from ava.cli import app, epilog, load_inventory, state
+from ava.cli.complete import complete_nodes, complete_recipes, complete_runs
+from ava.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, AvaError, UsageError
+
+RUN_HELP = "A run id, or a prefix of exactly one (see `ava ps`)."
 
 
 class TerminalSink:
     """Prints the run's lines as `node/rank | text` and keeps a copy in the run's records."""
 
-    def __init__(self, names: list[str], log_path: Path) -> None:
+    def __init__(self, names: list[str], log_path: Path, order: list[str] | None = None) -> None:
         from ava import console
 
         self.console = console
-        self.prefixer = console.Prefixer([f"{n}/00" for n in names])
+        # A closed stdout (`ava train … | head`) must not stop supervising: lines go to the copy only.
+        self.prefixer = console.Prefixer([f"{n}/00" for n in names], order=order, quiet_on_close=True)
         self.copy = open(log_path, "a", encoding="utf-8", buffering=1)
 
     def line(self, node: str, rank: str | None, text: str) -> None:
@@ -32,7 +36,10 @@ class TerminalSink:
         self.copy.write(f"{prefix} | {text}\n")
 
     def event(self, text: str) -> None:
-        self.console.info(f"ava: {text}")
+        try:
+            self.console.info(f"ava: {text}")
+        except OSError:
+            pass  # stderr gone (terminal closed): the copy below still has it
         self.copy.write(f"{time.strftime('%H:%M:%S')} ava: {text}\n")
 
 
@@ -51,24 +58,54 @@ def _recipe(source: str, overrides: List[str]):  # type: ignore[no-untyped-def]
     return recipe, text
 
 
-@app.command()
+@app.command(
+    context_settings={"allow_extra_args": True},
+    epilog=epilog(
+        "ava train recipes/ddp-minimal",
+        "ava train recipe.toml --set resources.nodes=2 -- --lr 3e-4 --steps 500",
+        "RUN=$(ava train recipe.toml --detach) && ava wait $RUN",
+        "ava train recipe.toml --stop-on-interrupt   (CI: a cancelled job stops the run)",
+    ),
+)
 def train(
-    recipe_path: str = typer.Argument(..., metavar="RECIPE", help="recipe.toml, its directory, or an fsspec URL."),
+    ctx: typer.Context,
+    recipe_path: str = typer.Argument(..., metavar="RECIPE", autocompletion=complete_recipes,
+                                      help="recipe.toml, its directory, or an fsspec URL. Words after -- are "
+                                           "appended to the recipe's run.args."),
     overrides: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe key (repeatable)."),
-    detach: bool = typer.Option(False, "--detach", "-d", help="Return at once with the run id; supervise in the background."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Print the run id and return; supervise in the background."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run on each node, start nothing."),
-    nodes: Optional[str] = typer.Option(None, "--nodes", metavar="A,B", help="Only these nodes, in this order (the first is the master)."),
+    json_out: bool = typer.Option(False, "--json", help="With --dry-run: the plan as one JSON object."),
+    nodes: Optional[str] = typer.Option(None, "--nodes", metavar="A,B", autocompletion=complete_nodes,
+                                        help="Only these nodes, in this order (the first is the master)."),
     wait: bool = typer.Option(False, "--wait", help="When nodes are busy with other runs, wait for them."),
+    stop_on_interrupt: bool = typer.Option(
+        False, "--stop-on-interrupt",
+        help="On Ctrl-C, SIGTERM or SIGHUP stop the run on every node (default: detach; it keeps running)."),
 ) -> int:
     """Run a recipe on the inventory's nodes with torchrun; stream logs; fail over on faults."""
     from ava import runs
-    from ava.placement import checkpoint_reach_warning, place
+    from ava.placement import NotEnoughNodes, checkpoint_reach_warning, place
     from ava.supervisor import Supervisor, snapshot_code, spawn_background
 
+    if detach and stop_on_interrupt:
+        raise UsageError("--stop-on-interrupt needs a run in the foreground; with --detach use `ava wait` and `ava stop`")
+    if json_out and not dry_run:
+        raise UsageError("ava train --json needs --dry-run (a run's state as JSON: `ava ps RUN --json`)")
+    script_args = _script_args(ctx)
+    _refuse_script(recipe_path)
     recipe, _text = _recipe(recipe_path, overrides)
+    if script_args:
+        overrides = list(overrides) + [f"run.args={runs.toml_value(list(recipe.run.args) + script_args)}"]
+        recipe, _text = _recipe(recipe_path, overrides)
     inventory = load_inventory()
     only = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else []
-    placement = place(recipe, inventory, only=only)
+    try:
+        placement = place(recipe, inventory, only=only)
+    except NotEnoughNodes as never:
+        # Placement reads the inventory only: waiting or retrying will not change the answer.
+        raise UsageError(f"{never.message}; change the recipe's resources or the inventory "
+                         f"({inventory.path})") from None
     if (reach := checkpoint_reach_warning(recipe, placement)) is not None:
         from ava import console
 
@@ -81,7 +118,7 @@ def train(
             provision.venv_python(node, recipe=recipe, root=inventory.path.resolve().parent)
     run_id = runs.new_run_id(recipe.name)
     if dry_run:
-        return _dry_run(recipe, placement, run_id, inventory.path.resolve().parent)
+        return _dry_run(recipe, placement, run_id, inventory.path.resolve().parent, json_out=json_out)
 
     # Environment values (secrets) stay out of record.json and recipe.toml: see runs.private_recipe.
     record = runs.RunRecord(
@@ -101,13 +138,36 @@ def train(
 
     if detach:
         spawn_background(record, inventory.path.resolve())
-        console.out.print(run_id, highlight=False)
-        console.info(f"follow: ava logs {run_id} -f    stop: ava stop {run_id}")
+        console.write(run_id + "\n")
+        console.info(f"follow: ava logs {run_id} -f    wait: ava wait {run_id}    stop: ava stop {run_id}")
         return EXIT_OK
     console.info(f"ava: run {run_id} on {', '.join(placement.names)}")
-    sink = TerminalSink(placement.names + [s.name for s in placement.spares], record.dir / "output.log")
+    sink = TerminalSink(placement.names + [s.name for s in placement.spares], record.dir / "output.log",
+                        order=list(inventory.nodes))
     supervisor = Supervisor(record, _recipe_for(record, recipe), inventory, sink, wait_for_leases=wait)
-    return _supervise(supervisor, record, inventory.path.resolve())
+    return _supervise(supervisor, record, inventory.path.resolve(), stop_on_interrupt=stop_on_interrupt)
+
+
+def _script_args(ctx: typer.Context) -> list[str]:
+    """The words after `--`: appended to run.args. Extra words before `--` are a usage error."""
+    after = state.argv[state.argv.index("--") + 1:] if "--" in state.argv else []
+    extra = list(ctx.args)
+    if extra != after[len(after) - len(extra):] or len(extra) > len(after):
+        raise UsageError(f"unexpected argument {extra[0]!r}; script arguments go after --: "
+                         "ava train RECIPE -- --lr 3e-4")
+    return after
+
+
+def _refuse_script(source: str) -> None:
+    """`ava train train.py`: say what a recipe is instead of "invalid TOML"."""
+    if not source.endswith(".py"):
+        return
+    stem = Path(source).stem.replace("_", "-") or "my-run"
+    raise UsageError(
+        f"{source}: a Python script, not a recipe; write recipe.toml beside it (these three lines), "
+        "then `ava train recipe.toml -- ARGS…`",
+        tail=f'name = "{stem}"\n[run]\nscript = "{Path(source).name}"',
+    )
 
 
 def _recipe_file(recipe) -> str:  # type: ignore[no-untyped-def]
@@ -125,17 +185,31 @@ def _recipe_for(record, recipe):  # type: ignore[no-untyped-def]
     return replace(recipe, root=str(record.dir / "code"))
 
 
-def _supervise(supervisor, record, inventory_path: Path) -> int:  # type: ignore[no-untyped-def]
+def _supervise(supervisor, record, inventory_path: Path, *, stop_on_interrupt: bool = False) -> int:  # type: ignore[no-untyped-def]
     from ava import console
     from ava.supervisor import spawn_background
 
     started = time.time()
     # Ctrl-C, SIGTERM or SIGHUP (the terminal closed, the SSH session to a login node dropped):
-    # stop supervising and hand the run to a background supervisor.
-    previous = {sig: signal.signal(sig, lambda *_: supervisor.leave())
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # stop supervising and hand the run to a background supervisor, or with --stop-on-interrupt
+    # (a cancelled CI job) stop the run, so that it does not keep its GPUs.
+    received: list[int] = []
+
+    def leave(number: int, _frame: object) -> None:
+        received.append(number)
+        supervisor.leave()
+
+    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         outcome = supervisor.run()
+        if stop_on_interrupt and not record.final:
+            # Signals again while stopping are ignored: half a stop would leave processes behind.
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+            _say(f"\nava: {signal.Signals(received[0]).name if received else 'interrupted'}: "
+                 f"stopping {record.id} on every node (--stop-on-interrupt)")
+            code = _stop_run(runs_load(record.id), by="--stop-on-interrupt")
+            return EXIT_INTERRUPTED if code == EXIT_OK else code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -152,13 +226,28 @@ def _supervise(supervisor, record, inventory_path: Path) -> int:  # type: ignore
     return outcome.exit_code
 
 
+def _say(text: str) -> None:
+    from ava import console
+
+    try:
+        console.info(text)
+    except OSError:
+        pass  # after SIGHUP the terminal may be gone
+
+
+def runs_load(run_id: str):  # type: ignore[no-untyped-def]
+    from ava import runs
+
+    return runs.load(run_id)
+
+
 def _summary(outcome, elapsed: float) -> None:  # type: ignore[no-untyped-def]
     from ava import console
 
     record = outcome.record
     attempt = record.current()
     console.err.print()
-    console.err.print(f"run {record.id}: {record.state} after {elapsed:.1f}s on {', '.join(record.nodes)}"
+    console.err.print(f"run {record.id}: {record.state} after {console.duration(elapsed)} on {', '.join(record.nodes)}"
                       f" ({len(record.attempts)} attempt{'s' if len(record.attempts) != 1 else ''})")
     for past in record.attempts:
         console.err.print(f"  attempt {past.number} on {', '.join(past.nodes)}: {past.state}"
@@ -172,7 +261,7 @@ def _summary(outcome, elapsed: float) -> None:  # type: ignore[no-untyped-def]
         console.err.print(f"     (full log: ava logs {record.id} --node {attempt.failed_node})")
 
 
-def _dry_run(recipe, placement, run_id: str, inventory_dir: Path) -> int:  # type: ignore[no-untyped-def]
+def _dry_run(recipe, placement, run_id: str, inventory_dir: Path, *, json_out: bool = False) -> int:  # type: ignore[no-untyped-def]
     from ava import console, provision, sync
     from ava.supervisor import plan_attempt
 
@@ -182,6 +271,14 @@ def _dry_run(recipe, placement, run_id: str, inventory_dir: Path) -> int:  # typ
     manifest = sync.Manifest(tuple(f for f in manifest.files if f.path != _recipe_file(recipe)))
     pythons = {n.name: provision.venv_python(n, recipe=recipe, root=inventory_dir) for n in nodes}
     launches, _, _ = plan_attempt(recipe, nodes, run_id, 1, manifest.tree, sync.runtime_manifest()[0].tree, pythons)
+    if json_out:
+        console.print_json({
+            "run": run_id, "recipe": recipe.name, "code_tree": manifest.tree, "files": len(manifest.files),
+            "bytes": manifest.size, "spares": [s.name for s in placement.spares],
+            "nodes": [{"node": i.node.name, "address": i.node.address, "argv": list(i.argv), "spec": i.spec}
+                      for i in launches],
+        })
+        return EXIT_OK
     for item in launches:
         console.out.print(f"# node {item.node.name} ({item.node.address})", highlight=False, markup=False)
         console.out.print("argv: " + shlex.join(item.argv), highlight=False, markup=False)
@@ -190,11 +287,22 @@ def _dry_run(recipe, placement, run_id: str, inventory_dir: Path) -> int:  # typ
     return EXIT_OK
 
 
-@app.command()
-def ps(json_out: bool = typer.Option(False, "--json", help="Print JSON objects.")) -> int:
-    """Runs, their state, nodes and attempts."""
+@app.command(epilog=epilog("ava ps", "ava ps ddp-minimal-2026   (one run: its id or a unique prefix)",
+                            "ava ps \"$RUN\" --json | jq -r .state"))
+def ps(
+    run: Optional[str] = typer.Argument(None, metavar="[RUN]", autocompletion=complete_runs, help=RUN_HELP + " Default: every run."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON: a list of runs, or one run's object."),
+) -> int:
+    """Runs, their state, nodes and attempts; or one run in full."""
     from ava import console, runs
 
+    if run is not None:
+        record = runs.resolve(run)
+        if json_out:
+            console.print_json(record.summary())
+        else:
+            _show_run(record)
+        return EXIT_OK
     records, damaged = runs.scan()
     for bad in damaged:
         # One damaged record must not hide every other run; `ava stop` still works on it.
@@ -208,53 +316,132 @@ def ps(json_out: bool = typer.Option(False, "--json", help="Print JSON objects."
         why = last.cause if last and last.cause else ""
         took = (r.ended or time.time()) - r.started
         rows.append([r.id, r.state, ",".join(r.nodes), str(len(r.attempts)), time.strftime("%m-%d %H:%M", time.localtime(r.started)),
-                     f"{took:.0f}s", why])
+                     console.duration(took), why])
     console.table(["run", "state", "nodes", "attempts", "started", "took", "last cause"], rows)
     return EXIT_OK
 
 
-@app.command()
+def _show_run(record) -> None:  # type: ignore[no-untyped-def]
+    """`key  value` lines for one run, then one line per attempt: whole values, any width."""
+    from ava import console
+
+    took = (record.ended or time.time()) - record.started
+    rows = [["run", record.id], ["recipe", record.recipe], ["state", record.state],
+            ["exit code", "-" if record.exit_code is None else str(record.exit_code)],
+            ["nodes", ",".join(record.nodes)],
+            ["started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started))],
+            ["took", console.duration(took)]]
+    console.plain(["key", "value"], rows)
+    attempts = [[str(a.number), a.state, ",".join(a.nodes),
+                 console.duration((a.ended or time.time()) - a.started), a.cause or ""] for a in record.attempts]
+    if attempts:
+        console.write("\n")
+        console.table(["attempt", "state", "nodes", "took", "cause"], attempts)
+
+
+def _world(record) -> int:  # type: ignore[no-untyped-def]
+    """The most ranks any attempt of the run had (nodes x procs per node), for checking --rank."""
+    resources = record.raw.get("resources", {}) if isinstance(record.raw.get("resources"), dict) else {}
+    gpus = resources.get("gpus_per_node", 0)
+    per_node = resources.get("procs_per_node") or (gpus if isinstance(gpus, int) and gpus > 0 else 1)
+    widest = max([len(a.nodes) for a in record.attempts] + [len(record.nodes)])
+    return widest * (per_node if isinstance(per_node, int) and per_node > 0 else 1)
+
+
+@app.command(epilog=epilog("ava logs \"$RUN\" -f", "ava logs \"$RUN\" --node gpu1 --rank 3 --tail 100",
+                           "ava logs \"$RUN\" --since 10m | grep -i error"))
 def logs(
-    run: str = typer.Argument(..., metavar="RUN"),
+    run: str = typer.Argument(..., metavar="RUN", autocompletion=complete_runs, help=RUN_HELP),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep following until the run ends."),
-    node: Optional[str] = typer.Option(None, "--node", help="Only this node's lines."),
+    node: Optional[str] = typer.Option(None, "--node", metavar="NODE", autocompletion=complete_nodes,
+                                       help="Only this node's lines."),
+    rank: Optional[int] = typer.Option(None, "--rank", metavar="R", help="Only this global rank's lines."),
+    tail: Optional[int] = typer.Option(None, "--tail", metavar="N",
+                                       help="Only the last N lines of each node, of the latest attempt."),
+    since: Optional[str] = typer.Option(None, "--since", metavar="DURATION",
+                                        help="Only attempts running within this long (e.g. 10m, 2h)."),
 ) -> int:
     """The run's output, each line prefixed by node/rank; every attempt, in order."""
+    from collections import deque
+
     from ava import attempt as ops
     from ava import console, runs
+    from ava.config import parse_duration
     from ava.supervisor import RANK_LINE
+    from ava.transport import run_all
 
     record = runs.resolve(run)
-    inventory = load_inventory_for(record)
     names = sorted({n for a in record.attempts for n in a.nodes} | set(record.nodes))
-    prefixer = console.Prefixer([f"{n}/00" for n in names])
+    if node is not None and node not in names:
+        raise UsageError(f"run {record.id} ran on {', '.join(names)}; no node {node} there (see `ava ps {record.id}`)")
+    if rank is not None and not 0 <= rank < _world(record):
+        raise UsageError(f"run {record.id} has ranks 0 to {_world(record) - 1}; no rank {rank}")
+    if tail is not None and tail < 0:
+        raise UsageError(f"--tail {tail}: expected a number of lines, 0 or more")
+    horizon = time.time() - parse_duration(since, source="--since", key="") if since else None
+    inventory = load_inventory_for(record)
+    prefixer = console.Prefixer([f"{n}/00" for n in names], order=list(inventory.nodes))
     printed: set[int] = set()
     failures = 0
 
     def emit(name: str, text: str) -> None:
         match = RANK_LINE.match(text)
-        rank, body = (match.group(1), match.group(2)) if match else ("-", text)
-        prefixer.line(f"{name}/{rank}", body, key=name)
+        line_rank, body = (match.group(1), match.group(2)) if match else ("-", text)
+        if rank is None or line_rank == str(rank):
+            prefixer.line(f"{name}/{line_rank}", body, key=name)
+
+    def report(outcomes) -> None:  # type: ignore[no-untyped-def]
+        nonlocal failures
+        for name, outcome in outcomes.items():
+            if isinstance(outcome, AvaError):
+                failures += 1
+                console.warn(f"logs of {name} unavailable: {outcome.message}")
 
     while True:
         record = runs.load(record.id)
+        latest = record.attempts[-1].number if record.attempts else 0
         for past in record.attempts:
             if past.number in printed:
                 continue
+            skipped = (tail is not None and past.number != latest) or (
+                horizon is not None and past.ended is not None and past.ended < horizon)
+            if skipped:
+                printed.add(past.number)
+                continue
             live = follow and past.state in ("starting", "running") and not record.final
             chosen = [inventory.nodes[n] for n in past.nodes if (node is None or n == node) and n in inventory.nodes]
-            if len(record.attempts) > 1:
+            if len(record.attempts) > 1 and tail is None:
                 console.info(f"── attempt {past.number} on {', '.join(past.nodes)}")
 
-            def read(n):  # type: ignore[no-untyped-def]
-                return ops.follow_logs(n, record.id, past.number, lambda text: emit(n.name, text), follow=live)
+            if tail is None:
+                def read(n):  # type: ignore[no-untyped-def]
+                    return ops.follow_logs(n, record.id, past.number, lambda text: emit(n.name, text), follow=live)
 
-            from ava.transport import run_all
+                report(run_all(chosen, read))
+            else:
+                kept: dict[str, deque[str]] = {n.name: deque(maxlen=tail) for n in chosen}
 
-            for name, outcome in run_all(chosen, read).items():
-                if isinstance(outcome, AvaError):
-                    failures += 1
-                    console.warn(f"logs of {name} unavailable: {outcome.message}")
+                def keep(name: str, text: str) -> None:
+                    match = RANK_LINE.match(text)
+                    if rank is None or (match is not None and match.group(1) == str(rank)):
+                        kept[name].append(text)
+
+                def read_tail(n):  # type: ignore[no-untyped-def]
+                    return ops.follow_logs(n, record.id, past.number, lambda text: keep(n.name, text), follow=False)
+
+                offsets = run_all(chosen, read_tail)
+                report(offsets)
+                for n in chosen:
+                    for text in kept[n.name]:
+                        emit(n.name, text)
+                if live:
+                    ready = [n for n in chosen if isinstance(offsets.get(n.name), int)]
+
+                    def read_on(n):  # type: ignore[no-untyped-def]
+                        return ops.follow_logs(n, record.id, past.number, lambda text: emit(n.name, text),
+                                               offset=offsets[n.name], follow=True)
+
+                    report(run_all(ready, read_on))
             if past.cause:
                 console.info(f"── attempt {past.number} ended: {past.cause}")
             if past.state in ("starting", "running") and not live:
@@ -272,20 +459,23 @@ def logs(
 
 def load_inventory_for(record):  # type: ignore[no-untyped-def]
     """The inventory given now, else the one the run was launched with."""
+    from ava.cli import inventory_path
     from ava.config import load_inventory as load
 
-    if state.inventory or os.environ.get("AVA_INVENTORY") or Path("ava.toml").exists():
+    if inventory_path() is not None:
         inventory = load_inventory()
         if all(n in inventory.nodes for a in record.attempts for n in a.nodes):
             return inventory
     return load(record.inventory)
 
 
-@app.command()
-def stop(run: str = typer.Argument(..., metavar="RUN")) -> int:
+@app.command(epilog=epilog("ava stop \"$RUN\"", "ava stop ddp-minimal-2026 --json"))
+def stop(
+    run: str = typer.Argument(..., metavar="RUN", autocompletion=complete_runs, help=RUN_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object."),
+) -> int:
     """Stop every process of the run on every node; returns once none is left."""
-    from ava import attempt as ops
-    from ava import console, runs
+    from ava import runs
     from ava.supervisor import STOP_FILE
 
     run_id = runs.resolve_id(run)
@@ -295,46 +485,51 @@ def stop(run: str = typer.Argument(..., metavar="RUN")) -> int:
     except runs.DamagedRecord as damaged:
         # Stopping must work from the nodes' side even when the local record is lost: the
         # agent stops the run by its id on every inventory node (a node without it has nothing to do).
+        from ava import console
+
         console.warn(f"{damaged.message}; stopping {run_id} on every node of the inventory")
-        return _stop_by_id(run_id)
+        return _stop_on(run_id, list(load_inventory().nodes.values()), json_out=json_out)
+    return _stop_run(record, by="`ava stop`", json_out=json_out)
+
+
+def _stop_run(record, *, by: str, json_out: bool = False) -> int:  # type: ignore[no-untyped-def]
+    """Stop the run on every node it used, wait for its supervisor to go, record it stopped."""
+    from ava import runs
+
     inventory = load_inventory_for(record)
     names = sorted({n for a in record.attempts for n in a.nodes} | set(record.nodes))
     chosen = [inventory.nodes[n] for n in names if n in inventory.nodes]
-    outcomes = ops.stop(chosen, record.id)
-    unreachable = [name for name, o in outcomes.items() if isinstance(o, AvaError)]
-    for name in unreachable:
-        failure = outcomes[name]
-        assert isinstance(failure, AvaError)
-        console.warn(f"could not stop on {name}: {failure.message}")
-    _wait_supervisor_gone(record.id)
-    record = runs.load(record.id)
-    if not record.final:
-        current = record.current()
-        if current is not None and current.state in ("starting", "running"):
-            current.state, current.ended, current.kind, current.cause = "stopped", time.time(), "stopped", "stopped by `ava stop`"
-        record.state, record.ended, record.exit_code = "stopped", time.time(), 1
-        record.save()
-    if unreachable:
-        return EXIT_INFRA
-    console.info(f"ava: run {record.id} stopped on {', '.join(n.name for n in chosen)}; no process of it is left")
-    return EXIT_OK
+
+    def settle() -> None:
+        if record.supervisor_pid != os.getpid():
+            _wait_supervisor_gone(record.id)
+        latest = runs.load(record.id)
+        if not latest.final:
+            current = latest.current()
+            if current is not None and current.state in ("starting", "running"):
+                current.state, current.ended, current.kind, current.cause = "stopped", time.time(), "stopped", f"stopped by {by}"
+            latest.state, latest.ended, latest.exit_code = "stopped", time.time(), 1
+            latest.save()
+
+    return _stop_on(record.id, chosen, json_out=json_out, settle=settle)
 
 
-def _stop_by_id(run_id: str) -> int:
+def _stop_on(run_id: str, chosen, *, json_out: bool, settle=None) -> int:  # type: ignore[no-untyped-def]
     from ava import attempt as ops
     from ava import console
 
-    chosen = list(load_inventory().nodes.values())
     outcomes = ops.stop(chosen, run_id)
-    unreachable = [name for name, o in outcomes.items() if isinstance(o, AvaError)]
-    for name in unreachable:
-        failure = outcomes[name]
-        assert isinstance(failure, AvaError)
-        console.warn(f"could not stop on {name}: {failure.message}")
-    if unreachable:
-        return EXIT_INFRA
-    console.info(f"ava: run {run_id} stopped on {', '.join(n.name for n in chosen)}; no process of it is left")
-    return EXIT_OK
+    unreachable = {name: o.message for name, o in outcomes.items() if isinstance(o, AvaError)}
+    for name, message in unreachable.items():
+        console.warn(f"could not stop on {name}: {message}")
+    if settle is not None:
+        settle()
+    stopped = [n.name for n in chosen if n.name not in unreachable]
+    if json_out:
+        console.print_json({"run": run_id, "stopped": not unreachable, "nodes": stopped, "unreachable": unreachable})
+    elif not unreachable:
+        console.info(f"ava: run {run_id} stopped on {', '.join(stopped)}; no process of it is left")
+    return EXIT_INFRA if unreachable else EXIT_OK
 
 
 def _wait_supervisor_gone(run_id: str, timeout: float = 20.0) -> None:
@@ -363,8 +558,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@app.command()
-def attach(run: str = typer.Argument(..., metavar="RUN"),
+@app.command(epilog=epilog("ava attach \"$RUN\""))
+def attach(run: str = typer.Argument(..., metavar="RUN", autocompletion=complete_runs, help=RUN_HELP),
            wait: bool = typer.Option(False, "--wait", help="When nodes are busy, wait for them.")) -> int:
     """Follow a run and take over its supervision (failover) from a background supervisor."""
     from ava import runs
@@ -384,6 +579,6 @@ def attach(run: str = typer.Argument(..., metavar="RUN"),
             time.sleep(0.1)
         record = runs.load(record.id)
     inventory = load_inventory_for(record)
-    sink = TerminalSink(list(inventory.nodes), record.dir / "output.log")
+    sink = TerminalSink(list(inventory.nodes), record.dir / "output.log", order=list(inventory.nodes))
     supervisor = Supervisor(record, recipe_of(record), inventory, sink, wait_for_leases=wait, role="ava attach")
     return _supervise(supervisor, record, Path(record.inventory))

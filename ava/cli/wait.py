@@ -1,0 +1,101 @@
+"""`ava wait`: block until a run ends; its exit code is the run's (for CI scripts)."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import typer
+
+from ava.cli import app, epilog
+from ava.cli.complete import complete_runs
+from ava.errors import EXIT_JOB_FAILED, EXIT_OK, AvaError, UsageError
+
+# A detached run's background supervisor records its pid a moment after `ava train --detach`
+# returns; only a run unsupervised for this long is taken as orphaned.
+ORPHAN_GRACE = 15.0
+
+
+class RunOrphaned(AvaError):
+    """Nothing supervises the run any more: it will not end by itself (exit 3)."""
+
+
+class WaitTimedOut(AvaError):
+    """--timeout passed; the run goes on (exit 3: nothing is known of the job's outcome yet)."""
+
+
+@app.command(epilog=epilog(
+    'RUN=$(ava train recipe.toml --detach) && ava wait "$RUN"',
+    'ava wait "$RUN" --timeout 2h || ava logs "$RUN" --tail 50',
+    'ava wait "$RUN" --json | jq .exit_code',
+))
+def wait(
+    run: str = typer.Argument(..., metavar="RUN", autocompletion=complete_runs,
+                              help="A run id, or a prefix of exactly one (see `ava ps`)."),
+    timeout: Optional[str] = typer.Option(None, "--timeout", metavar="DURATION",
+                                          help="Give up after this long (e.g. 90s, 30m, 2h); the run goes on."),
+    json_out: bool = typer.Option(False, "--json", help="When it ends, print the run as `ava ps RUN --json` does."),
+) -> int:
+    """Wait until the run ends: exit 0 if it succeeded, 1 if it failed or was stopped.
+
+    Exit 3 when --timeout passes first, or when nothing supervises the run any more (its
+    `ava train` was killed: `ava attach RUN` takes it over); the run is left as it is.
+    """
+    from ava import runs
+    from ava.config import parse_duration
+
+    record = runs.resolve(run)
+    limit = parse_duration(timeout, source="--timeout", key="") if timeout is not None else None
+    if limit is not None and limit <= 0:
+        raise UsageError(f"--timeout {timeout}: expected a duration above zero")
+    began = time.monotonic()
+    unsupervised_since: Optional[float] = None
+    last_seen: Optional[tuple[str, int]] = None
+    while True:
+        record = runs.load(record.id)
+        if record.final:
+            break
+        now = time.monotonic()
+        attempt = record.current()
+        seen = (record.state, attempt.number if attempt else 0)
+        if seen != last_seen:
+            _say(f"ava: {record.id}: {record.state}" + (f" (attempt {seen[1]})" if seen[1] else ""))
+            last_seen = seen
+        if _supervised(record):
+            unsupervised_since = None
+        elif unsupervised_since is None:
+            unsupervised_since = now
+        elif now - unsupervised_since > ORPHAN_GRACE:
+            raise RunOrphaned(f"run {record.id} is {record.state} but nothing supervises it; "
+                              f"`ava attach {record.id}` takes it over, `ava stop {record.id}` ends it")
+        if limit is not None and now - began >= limit:
+            from ava import console
+
+            raise WaitTimedOut(f"run {record.id} still {record.state} after {console.duration(limit)} "
+                               f"(--timeout); it goes on: `ava stop {record.id}` ends it")
+        time.sleep(0.5)
+    return _ended(record, json_out)
+
+
+def _supervised(record) -> bool:  # type: ignore[no-untyped-def]
+    from ava.cli.train import _alive
+
+    return bool(record.supervisor_pid) and _alive(record.supervisor_pid)
+
+
+def _say(text: str) -> None:
+    from ava import console
+
+    console.info(text)
+
+
+def _ended(record, json_out: bool) -> int:  # type: ignore[no-untyped-def]
+    from ava import console
+
+    if json_out:
+        console.print_json(record.summary())
+    took = console.duration((record.ended or time.time()) - record.started)
+    last = record.current()
+    cause = f": {last.cause}" if record.state != "succeeded" and last is not None and last.cause else ""
+    _say(f"ava: run {record.id} {record.state} after {took}{cause}")
+    return EXIT_OK if record.state == "succeeded" else EXIT_JOB_FAILED
