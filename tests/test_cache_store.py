@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -146,23 +147,27 @@ def test_size_bound_holds_under_a_workload_five_times_the_cache(tmp_path: Path) 
             worst[0] = max(worst[0], total)
             stop.wait(0.002)
 
-    def reader(seed: int) -> None:
+    def reader(seed: int) -> list[str]:
         import random
         rnd = random.Random(seed)
+        wrong = []
         for _ in range(150):
             o = rnd.choice(objs)
             i = rnd.randrange(o.nblocks)
-            assert block_bytes(store, o, i) == payload(o.url, *o.span(i))
+            if block_bytes(store, o, i) != payload(o.url, *o.span(i)):
+                wrong.append(f"{o.url} block {i}")
+        return wrong
 
-    threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
     sampler = threading.Thread(target=sample)
     sampler.start()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stop.set()
-    sampler.join()
+    try:
+        # The futures carry each reader's result, or its exception, back to this thread.
+        with ThreadPoolExecutor(4) as pool:
+            wrong = [w for ws in pool.map(reader, range(4)) for w in ws]
+    finally:
+        stop.set()
+        sampler.join()
+    assert wrong == [], f"{len(wrong)} of 600 reads returned wrong bytes, first: {wrong[:3]}"
     in_flight = 4 * (BS + 400)
     assert worst[0] <= limit + in_flight
     assert store.status()["bytes"] <= limit
