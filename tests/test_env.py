@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,9 +50,12 @@ def test_a_bad_integer_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> No
         env.world_size()
 
 
-def test_progress_is_a_no_op_without_a_progress_file(tmp_path: Path) -> None:
-    env.progress(1)
+def test_progress_is_a_no_op_without_a_progress_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AVA_PROGRESS_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)  # where a relative or empty name would land
+    env.progress(1, force=True)
     assert list(tmp_path.iterdir()) == []
+    assert env._last_progress is None, "progress() went on to write without a progress file"
 
 
 def test_progress_writes_step_and_unix_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,5 +117,7 @@ def test_progress_failure_warns_once_and_never_raises(tmp_path: Path,
     monkeypatch.setenv("AVA_PROGRESS_FILE", str(tmp_path / "missing-dir" / "progress"))
     with pytest.warns(UserWarning, match="progress heartbeat"):
         env.progress(1)
-    env.progress(2, force=True)  # silent the second time
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise here
+        env.progress(2, force=True)
     assert not os.path.exists(tmp_path / "missing-dir")
