@@ -17,6 +17,7 @@ taken as empty.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -217,9 +218,15 @@ class Ledger:
             return [self.work]
         return [Path(os.readlink(self.work / WORKDIRS / n)) for n in names]
 
-    def save(self) -> None:
+    def save(self, optional: bool = False) -> None:
+        """Write the ledger whole. `optional`: dropping entries, which their dead monitors drop
+        again on the next read anyway, so a full disk must not fail the caller (stop, status)."""
         mode = SHARED if (self.work / WORKDIRS).is_dir() else PRIVATE
-        write_json_atomic(self.work / LEDGER, {"holders": [asdict(e) for e in self.entries]}, mode)
+        try:
+            write_json_atomic(self.work / LEDGER, {"holders": [asdict(e) for e in self.entries]}, mode)
+        except OSError as exc:
+            if not (optional and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+                raise
 
     def grant(self, want: Want, attempt: int, user: str, pid: int, gpus: list[int], slots: int,
               workdir: Path | None = None) -> Lease:
@@ -245,7 +252,7 @@ class Ledger:
             return e.run == run and node in (None, e.node) and attempt in (None, e.attempt)
 
         self.entries = [e for e in self.entries if not matches(e)]
-        self.save()
+        self.save(optional=True)
 
     def drain(self, run: str, node: str | None, attempt: int | None, left: list[int], why: str) -> None:
         """Keep the matching leases while LEFT (processes teardown could not kill) live."""
@@ -269,7 +276,7 @@ def locked(work: Path) -> Iterator[Ledger]:
             os.fchmod(fd, SHARED)  # the agent's umask (077) must not lock the group out
         fcntl.flock(fd, fcntl.LOCK_EX)
         ledger = Ledger(where, fd)
-        ledger.save()
+        ledger.save(optional=True)
         yield ledger
     finally:
         os.close(fd)

@@ -7,6 +7,7 @@ and ends it; and its reaper, which ends the job if the monitor itself is killed.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -30,6 +31,18 @@ JOB_REAP_TIMEOUT = 10.0
 # The umask the job runs under: the one the agent was started with (its own files are 0600,
 # but a job's checkpoints and outputs follow the user's umask). Set by the agent's main().
 JOB_UMASK = 0o022
+# Room kept free in the attempt's directory: on a full disk the monitor gives it back so that
+# the final status ("disk-full", and where) can still be written.
+RESERVE = "disk-reserve"
+RESERVE_BYTES = 64 << 10
+
+
+class DiskFull(Exception):
+    """A write the monitor needs failed for want of space (ENOSPC, EDQUOT) at `path`."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
 
 
 def job_env(base: dict[str, str], spec: Spec, gpus: list[int], attempt_dir: Path) -> dict[str, str]:
@@ -132,7 +145,38 @@ class Monitor:
         self.st["heartbeat"] = time.time()
         self.st["progress"] = status.read_progress(self.dir) or self.st["progress"]
         self.st.update(status.output_fields(self.dir))
-        status.write(self.dir, self.st)
+        try:
+            status.write(self.dir, self.st)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(str(self.dir / layout.STATUS)) from exc
+            raise
+
+    def _reserve(self) -> None:
+        """Set aside RESERVE_BYTES of real blocks (written, not sparse) for the final status."""
+        try:
+            fd = os.open(self.dir / RESERVE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                layout.write_all(fd, b"\0" * RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            self._unreserve()  # already short of space: the heartbeat says so soon enough
+
+    def _unreserve(self) -> None:
+        try:
+            os.unlink(self.dir / RESERVE)
+        except OSError:
+            pass
+
+    def _disk_full(self, path: str) -> int:
+        """The heartbeat cannot be written: end the job (silent, it would pass for a lost node)
+        and report the full disk, in the room the reserve gives back."""
+        self.st["error"] = f"disk full: cannot write {path}"
+        self.st["disk_full"] = path
+        self.st["left_pids"] = end_fence(self.st)[0]
+        self._finish("failed", "disk-full")
+        return 1
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stop_grace = DEFAULT_GRACE
@@ -145,6 +189,7 @@ class Monitor:
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._reserve()
         self._save()
         spec = self.spec
         fence = open_fence(spec.isolation, spec.cgroup_parent)
@@ -161,6 +206,8 @@ class Monitor:
         self._save()
         try:
             code = self._supervise(fence)
+        except DiskFull as full:
+            code = self._disk_full(full.path)
         except Exception:
             self.st["error"] = traceback.format_exc(limit=5)
             self.st["left_pids"] = end_fence(self.st)[0]
@@ -210,9 +257,23 @@ class Monitor:
     def _finish(self, state: str, reason: str) -> None:
         # Processes the kill could not end (D state after a GPU fault) keep their GPUs leased.
         left = [p for p in self.st.get("left_pids") or [] if procs.alive(p)]
-        leases.release_or_drain(self.spec.workdir, self.spec.run, self.spec.node, self.spec.attempt, left)
         self.st.update(state=state, reason=reason, ended=time.time())
-        self._save()
+        for last_try in (False, True):
+            try:
+                leases.release_or_drain(self.spec.workdir, self.spec.run, self.spec.node, self.spec.attempt, left)
+                self._save()
+                break
+            except (DiskFull, OSError) as exc:
+                full = isinstance(exc, DiskFull) or exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                if last_try or not full:
+                    raise
+                # The ledger and the final status must land: give back the reserve. A failure
+                # on a full disk is put down to it (a rank's write failing is how it shows).
+                self._unreserve()
+                if state == "failed":
+                    path = self.st.get("disk_full") or getattr(exc, "path", None) or getattr(exc, "filename", None)
+                    self.st.update(reason="disk-full", disk_full=str(path or self.dir / layout.STATUS))
+        self._unreserve()
 
     def _supervise(self, fence: Isolation) -> int:
         spec = self.spec

@@ -80,11 +80,15 @@ class LocalTransport:
         data = local if isinstance(local, bytes) else Path(local).read_bytes()
         # Created with its final mode, so no one can read it in between.
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if mode is None else mode)
-        with os.fdopen(descriptor, "wb") as handle:
-            if mode is not None:
-                os.fchmod(handle.fileno(), mode)  # the umask may have narrowed it
-            handle.write(data)
-        os.replace(temp, target)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                if mode is not None:
+                    os.fchmod(handle.fileno(), mode)  # the umask may have narrowed it
+                handle.write(data)
+            os.replace(temp, target)
+        except OSError:
+            temp.unlink(missing_ok=True)  # a partial file would keep a full disk full
+            raise
 
     def get(self, remote: str, local: Path) -> None:
         shutil.copyfile(local_path(remote), local)

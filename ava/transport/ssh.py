@@ -239,6 +239,10 @@ class SSHTransport:
                     handle.chmod(mode)
                 handle.set_pipelined(True)
                 handle.write(data)
+            # A pipelined write that failed (full disk, quota) can go unreported: the size tells.
+            written = sftp.stat(temp).st_size
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes written (disk full?)")
             # posix_rename replaces atomically, so a reader never sees half a file.
             sftp.posix_rename(temp, target)
         except (paramiko.SSHException, EOFError) as error:
@@ -246,6 +250,11 @@ class SSHTransport:
             raise ConnectError(self.node.name, self._address, "connection lost: " + plain_reason(error)) from error
         except OSError as error:
             # SFTP reports a refused write (permissions, full disk) as an OSError with an errno.
+            # A partial .part file would keep a full disk full: remove it.
+            try:
+                sftp.remove(temp)
+            except (OSError, paramiko.SSHException, EOFError):
+                pass
             raise CommandError(f"{self.node.name}: cannot write {remote}: {error.strerror or error}") from error
 
     def get(self, remote: str, local: Path) -> None:
