@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from ava import ckpt
+from tests.agent_helpers import wait_for
 from tests.s3server import moto_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -268,17 +269,19 @@ def test_kill_9_during_save_leaves_the_previous_checkpoint_loadable(tmp_path: Pa
 
 def test_kill_9_at_random_moments_never_leaves_an_unloadable_newest(tmp_path: Path) -> None:
     d = tmp_path / "ckpt"
-    for delay in (0.2, 0.6):
+    for delay in (0.0, 0.05, 0.3):  # how far into the saves after a commit the kill lands
+        before = ckpt.latest_step(d) or 0
         proc = run_python(LOOP_WRITER, str(d), stdout=subprocess.PIPE)
         try:
             assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+            saved = wait_for(lambda: (ckpt.latest_step(d) or 0) > before or proc.poll() is not None, 60, 0.01)
+            assert saved and proc.poll() is None, f"the writer committed nothing past step {before}"
             time.sleep(delay)
         finally:
             proc.kill()
             proc.wait()
         latest = ckpt.latest_step(d)
-        if latest is None:
-            continue
+        assert latest is not None and latest > before, f"newest after the kill: {latest}, before: {before}"
         state, step = ckpt.load_latest(dir=d)
         assert step == latest and float(state["w"][0]) == step
 
