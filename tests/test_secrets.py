@@ -35,6 +35,16 @@ def private(path: Path) -> bool:
     return stat.S_IMODE(path.stat().st_mode) & 0o077 == 0
 
 
+def readable_by_others(path: Path) -> bool:
+    """Whether a group member or any other user can read PATH: its mode, and every directory
+    on the way to it searchable by them."""
+    for read, search in ((0o040, 0o010), (0o004, 0o001)):
+        if stat.S_IMODE(path.stat().st_mode) & read and all(
+                stat.S_IMODE(d.stat().st_mode) & search for d in path.parents):
+            return True
+    return False
+
+
 def test_env_values_are_only_in_the_0600_spec_and_env_json(cluster: Cluster, tmp_path: Path) -> None:
     secret_a, secret_b = f"from-recipe-{uuid.uuid4().hex}", f"from-set-{uuid.uuid4().hex}"
     recipe = tmp_path / "secret"
@@ -68,15 +78,19 @@ def test_env_values_are_only_in_the_0600_spec_and_env_json(cluster: Cluster, tmp
     local = files_under(record_dir)
     assert {p.name for p in local} >= {"record.json", "recipe.toml", "env.json", "output.log"}
     assert [p for p in local if not private(p)] == []
+    assert [p for p in files_under(home) if readable_by_others(p)] == []
     assert holding(files_under(home), secrets) == [record_dir / "env.json"]
     assert json.loads((record_dir / "record.json").read_text())["overrides"] == ["env.AVA_SECRET_B"]
 
     # On the node: runs/ is 0700, the run's files and the ledger are 0600, only the spec holds them.
     work = cluster.node("n1").workdir
     assert stat.S_IMODE((work / "runs").stat().st_mode) == 0o700
-    node_files = files_under(work / "runs" / run_id) + [p for p in work.glob("leases.*")]
+    # The agent's own files; the run directory (runs/RUN/work) is a copy of the code tree.
+    node_files = [p for p in files_under(work / "runs" / run_id) if "work" not in p.relative_to(work / "runs").parts]
+    node_files += list(work.glob("leases.*"))
     assert {p.name for p in node_files} >= {"spec.json", "status.json", "output.log", "agent.log"}
     assert [p for p in node_files if not private(p)] == []
+    assert [p for p in files_under(work / "runs") if readable_by_others(p)] == []
     held = holding(files_under(work), secrets)
     assert held and all(p.name.startswith("spec") and p.suffix == ".json" for p in held), held
 
