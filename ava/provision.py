@@ -12,7 +12,8 @@ cache configuration; the cgroup parent, where the node allows it; the run's Pyth
     WORKDIR/runs/                       run records (the agent writes them)
     WORKDIR/cache.json                  {"dir", "size", "block_size"} for the node's cache
     WORKDIR/venvs/<hash16>/             a venv over the node's python (system site-packages on,
-                                        so its torch is used), ready when `.ava-ready` exists
+                                        and the node venv's when python is one, so its torch is
+                                        used), ready when `.ava-ready` exists
     WORKDIR/wheels/<hash16>/            wheels or sdists pushed from this computer
 """
 
@@ -392,6 +393,17 @@ def _run(node: Node, command: str, what: str, timeout: float = 600) -> None:
         raise CommandError(f"{node.name}: {what} failed (exit {result.exited})", tail=result.tail())
 
 
+# A venv made by a venv's python is a venv over the base interpreter: its system site-packages
+# are the base's, not the node venv's with torch. A .pth in the new venv adds the node's.
+_SEE_NODE_SITE = """
+import os, site, sys
+if sys.prefix != sys.base_prefix:
+    lib = os.path.join(sys.argv[1], "lib", "python%d.%d" % sys.version_info[:2], "site-packages")
+    with open(os.path.join(lib, "ava-node-site.pth"), "w") as pth:
+        pth.write("\\n".join(site.getsitepackages()) + "\\n")
+"""
+
+
 def _make_venv(node: Node, want: Wanted, facts: Facts) -> None:
     """Make the venv under its lock (`<venv>.lock`, flock on the node): a concurrent provisioner
     of the same requirements either finished it (`.ava-ready` is there: nothing to do) or is
@@ -417,7 +429,7 @@ def _make_venv(node: Node, want: Wanted, facts: Facts) -> None:
                    f"-r {shell_path(staged)}")
     build = " && ".join([
         # Under the lock, a venv without .ava-ready is one whose provisioner died: start it over.
-        f"rm -rf {q}", create, install,
+        f"rm -rf {q}", create, f"{python} -c {shlex.quote(_SEE_NODE_SITE)} {q}", install,
         f"cp {shell_path(staged)} {shell_path(folder + '/requirements.txt')}",
         f"printf '%s\\n' {env.hash} > {shell_path(folder + '/' + READY)}",
     ])
