@@ -210,21 +210,30 @@ def stop(nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, di
     return run_all(nodes, one)
 
 
+# Printed before the log's bytes: lines ahead of it come from the node's shell start-up files
+# (conda's and pyenv's init print on every SSH command), not from the run, and count for no offset.
+LOG_START = "ava-logs-start"
+
+
 def follow_logs(node: Node, run_id: str, attempt: int, on_line: Callable[[str], None], *,
                 offset: int = 0, follow: bool = True) -> int:
     """Stream the attempt's output on one node, line by line; returns the bytes read."""
     args = ["logs", node.workdir, run_id, "--attempt", str(attempt), "--offset", str(offset)]
     if follow:
         args.append("--follow")
-    seen = 0
+    seen, started = 0, False
 
     def line(_stream: str, text: str) -> None:
-        nonlocal seen
-        if _stream == "out":
-            seen += len(text.encode()) + 1
-            on_line(text)
+        nonlocal seen, started
+        if _stream != "out":
+            return
+        if not started:  # what the node's shell printed before the command (a noisy ~/.bashrc)
+            started = text == LOG_START
+            return
+        seen += len(text.encode()) + 1
+        on_line(text)
 
-    connect(node).run(agent_command(node, *args), on_line=line)
+    connect(node).run(f"echo {LOG_START}; {agent_command(node, *args)}", on_line=line)
     return seen
 
 
