@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
 
+# Precedes a file's bytes when it is read without SFTP (see _get_streamed).
+_GET_START = "ava-file-start"
+
 
 class UnknownHostKey(paramiko.SSHException):
     pass
@@ -286,13 +289,15 @@ class SSHTransport:
             raise CommandError(f"{self.node.name}: cannot write {remote}: {why[-1] if why else f'exit {exited}'}")
 
     def _get_streamed(self, connection: Connection, remote: str, local: Path) -> None:
-        exited, out, err = self._exec_bytes(connection, f"cat {shell_path(remote)}", None)
+        # The node's shell start-up files may print first (conda's init does): the file's bytes
+        # are what follows the marker.
+        exited, out, err = self._exec_bytes(connection, f"echo {_GET_START}; cat {shell_path(remote)}", None)
         if exited != 0:
             why = err.decode(errors="replace").strip().splitlines()
             if why and "No such file" in why[-1]:
                 raise CommandError(f"{self.node.name}: no such file {remote}")
             raise CommandError(f"{self.node.name}: cannot read {remote}: {why[-1] if why else f'exit {exited}'}")
-        Path(local).write_bytes(out)
+        Path(local).write_bytes(out.partition(f"{_GET_START}\n".encode())[2])
 
     def _exec_bytes(self, connection: Connection, command: str, data: bytes | None) -> tuple[int, bytes, bytes]:
         """Run `command` with `data` on its stdin; its exit status and exact output bytes."""
