@@ -174,6 +174,13 @@ class Agent:
     def stop(self, run: str, grace: float = 2.0) -> tuple[int, Any]:
         return self.cli("stop", str(self.work), run, "--grace", str(grace))
 
+    def stop_clean(self, run: str, grace: float = 2.0) -> None:
+        """Stop RUN and require what the agent promises: stopped, no pid left, cgroup removed.
+        (The fixture's SIGKILL sweep afterwards would hide a stop that left anything.)"""
+        rc, out = self.stop(run, grace)
+        assert (rc, out) == (0, {"run": run, "stopped": True, "remaining_pids": [], "cgroup_removed": True}), out
+        assert marker_pids(run) == [], f"{run}: processes left after a clean stop: {marker_pids(run)}"
+
     def leases(self) -> list[dict[str, Any]]:
         return self.cli("leases", str(self.work))[1]["holders"]
 

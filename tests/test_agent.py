@@ -180,7 +180,8 @@ def test_cpu_limit_holds_two_spinners_near_one_core(agent: Agent) -> None:
     assert wait_for(lambda: len(marker_pids(run)) >= 3, 10)
     cores = cgroup_cpu_cores(st["cgroup"], 3.0)
     assert 0.3 < cores < 1.3, f"{cores:.2f} cores"
-    agent.stop(run, grace=0)
+    agent.stop_clean(run, grace=0)
+    assert_gone(agent, run)
 
 
 def cgroup_cpu_cores(cgroup: dict, seconds: float) -> float:
@@ -199,9 +200,10 @@ def cgroup_cpu_cores(cgroup: dict, seconds: float) -> float:
 @needs_cgroups
 def test_env_values_reach_the_job_byte_exact(agent: Agent, tmp_path: Path) -> None:
     run = agent.new_run("env")
+    pwned = tmp_path / "pwned"  # what a value run through a shell would create
     env = {
         "Q": "it's \"quoted\" `x`",
-        "CMD": "$(touch /tmp/ava-pwned); rm -rf nothing; echo $HOME",
+        "CMD": f"$(touch {pwned}); rm -rf nothing; echo $HOME",
         "NL": "line one\nline two\n",
         "UNI": "héllo ☃ 日本 \t tab",
         "EMPTY": "",
@@ -212,7 +214,7 @@ def test_env_values_reach_the_job_byte_exact(agent: Agent, tmp_path: Path) -> No
     got = json.loads(out.read_text())
     assert {k: bytes.fromhex(got[k]).decode() for k in env} == env
     assert bytes.fromhex(got["AVA_RUN_ID"]).decode() == run
-    assert not os.path.exists("/tmp/ava-pwned")
+    assert not pwned.exists()
 
 
 @needs_cgroups
@@ -233,9 +235,11 @@ def test_run_survives_its_caller_being_killed(agent: Agent) -> None:
     assert json.loads(line)["state"] == "running"
     os.killpg(caller.pid, signal.SIGKILL)
     caller.wait()
-    time.sleep(1.5)
-    st = agent.status(run)
-    assert st["state"] == "running" and st["heartbeat"] > time.time() - 3
+    killed = time.time()
+    # The monitor outlived its caller: it still beats after the kill, and the job still runs.
+    st = wait_for(lambda: (s := agent.status(run))["heartbeat"] > killed and s, 10)
+    assert st, f"no heartbeat after the caller was killed: {agent.status(run)}"
+    assert st["state"] == "running", st
     assert agent.stop(run, grace=0.5)[1]["stopped"] is True
     assert_gone(agent, run)
 
@@ -265,7 +269,8 @@ def test_progress_file_reaches_the_status(agent: Agent) -> None:
     agent.start(agent.spec(run, [sys.executable, "-c", script]))
     st = wait_for(lambda: (s := agent.status(run))["progress"] and s, 10)
     assert st["progress"] == {"step": 42, "time": 1700000000.5}
-    agent.stop(run, grace=0)
+    agent.stop_clean(run, grace=0)
+    assert_gone(agent, run)
 
 
 def test_list_and_status_of_unknown_runs(tmp_path: Path) -> None:
