@@ -98,7 +98,7 @@ def test_second_run_on_the_same_gpus_is_busy_until_the_first_stops(agent: Agent,
     rc, st = agent.start(agent.spec(second, argv, gpus=gpus))
     assert rc == 0 and st["state"] == "running" and st["gpus"] == [0, 1]
     assert [h["run"] for h in agent.leases()] == [second]
-    agent.stop(second, grace=0.5)
+    agent.stop_clean(second, grace=0.5)
     assert agent.leases() == []
 
 
@@ -113,7 +113,8 @@ def test_cpu_run_on_a_gpu_node_sees_no_gpu_and_holds_its_slots(agent: Agent, tmp
     assert wait_for(out.exists, 10) and json.loads(out.read_text()) == ""
     rc, busy = agent.start(agent.spec(other, argv, cpu_slots={"want": 3, "total": 8}))
     assert rc == 4 and busy["holders"][0]["cpu_slots"] == 6
-    agent.stop(run, grace=0)
+    agent.stop_clean(run, grace=0)
+    assert agent.leases() == [], "the stopped run still holds its CPU slots"
 
 
 def test_concurrent_starts_grant_one_gpu_once(agent: Agent) -> None:
