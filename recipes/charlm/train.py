@@ -16,6 +16,7 @@ one that never stopped (same world size, same --steps). Rank 0 ends with the lin
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import math
 import os
@@ -270,8 +271,19 @@ def main() -> int:
         say("sample:\n" + sample(model, chars, device, args.sample))
     if rank == 0:
         say(f"final step {args.steps} sha256 {weights_sha256(model)}")
-    dist.destroy_process_group()
+    del ddp, opt  # the DDP model holds the process group, which leave_process_group() frees
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Exit cleanly. Gloo's worker threads drop their last work (and its tensors) after the
+    collective returns; one still doing so while Python shuts down is killed taking the GIL, and
+    the process aborts ("terminate called without an active exception", SIGABRT). So: every rank
+    past its last collective, then the process group freed now, which joins those threads."""
+    dist.barrier()
+    gc.collect()  # whatever still refers to the group (a DDP model in a cycle) lets go of it
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

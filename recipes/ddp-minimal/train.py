@@ -11,6 +11,7 @@ Gloo on CPU; NCCL on the GPU numbered LOCAL_RANK when CUDA is available. Test ho
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -54,12 +55,21 @@ def main() -> int:
         say(f"rank {rank}: all_reduce gave {total.item()}, expected {expected}")
         return 1
 
+    train(args.steps, args.sleep, rank, local_rank, device)
+    leave_process_group()
+    if rank == 0:
+        say("done")
+    return 0
+
+
+def train(steps: int, sleep: float, rank: int, local_rank: int, device: torch.device) -> None:
+    """A few DDP steps; the model (which holds the process group) is freed on return."""
     torch.manual_seed(0)
     model = DistributedDataParallel(
-        torch.nn.Linear(8, 1).to(device), device_ids=[local_rank] if use_cuda else None
+        torch.nn.Linear(8, 1).to(device), device_ids=[local_rank] if device.type == "cuda" else None
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for step in range(args.steps):
+    for step in range(steps):
         x = torch.randn(16, 8, device=device)
         loss = (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()
         opt.zero_grad()
@@ -67,13 +77,18 @@ def main() -> int:
         opt.step()
         if rank == 0:
             say(f"step {step + 1} loss {loss.item():.4f}")
-        if args.sleep:
-            time.sleep(args.sleep)
+        if sleep:
+            time.sleep(sleep)
 
+
+def leave_process_group() -> None:
+    """Exit cleanly. Gloo's worker threads drop their last work (and its tensors) after the
+    collective returns; one still doing so while Python shuts down is killed taking the GIL, and
+    the process aborts ("terminate called without an active exception", SIGABRT). So: every rank
+    past its last collective, then the process group freed now, which joins those threads."""
+    dist.barrier()
+    gc.collect()  # whatever still refers to the group (a DDP model in a cycle) lets go of it
     dist.destroy_process_group()
-    if rank == 0:
-        say("done")
-    return 0
 
 
 if __name__ == "__main__":
