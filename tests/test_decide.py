@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from ava.config import Failover
-from ava.decide import (LOST_AFTER, STALE_AFTER, STARTUP_GRACE, NodeView, Observation, Plan, Verdict, judge, recover,
+from ava.decide import (LOST_AFTER, MAX_BACKOFF, STALE_AFTER, STARTUP_GRACE, NodeView, Observation, Plan, Verdict, judge, recover,
                         startup_signature)
 
 HANG = 60.0
@@ -194,3 +197,19 @@ def test_an_attempt_missing_on_a_node_that_answers_is_interrupted_not_lost() -> 
     decision = recover(verdict, failover=Failover(0, "replace", HANG, (2,), 2.0), restarts_used=0,
                        current=("a", "b"), spares=("c",), nodes_min=2)
     assert decision == Plan(True, verdict.cause or "", ("a", "b"), 0.0)
+
+
+def test_the_timings_the_readme_promises_are_the_ones_decide_uses() -> None:
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    promised = {
+        "LOST_AFTER": r"a node whose agent does not answer for (\d+) s",
+        "STALE_AFTER": r"whose heartbeat is (\d+) s stale is lost",
+        "STARTUP_GRACE": r"a hang is declared only after at least (\d+) s",
+        "MAX_BACKOFF": r"backoff \* 2\^\(N-1\), at most (\d+) s",
+    }
+    used = {"LOST_AFTER": LOST_AFTER, "STALE_AFTER": STALE_AFTER, "STARTUP_GRACE": STARTUP_GRACE,
+            "MAX_BACKOFF": MAX_BACKOFF}
+    for name, pattern in promised.items():
+        found = re.search(pattern, readme)
+        assert found, f"README.md no longer says /{pattern}/: update this test with it"
+        assert used[name] == float(found.group(1)), f"README.md says {found.group(0)!r}, ava.decide.{name} = {used[name]}"
