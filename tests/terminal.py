@@ -31,28 +31,24 @@ def on_pty(*args: str, env: dict[str, str] | None = None, timeout: float = 180,
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
     process = subprocess.Popen([sys.executable, "-m", "ava", *args], stdin=slave, stdout=slave,
                                stderr=subprocess.PIPE, env=plain_env(env), cwd=REPO)
-    os.close(slave)
+    # The slave stays open here until the end: once its last holder closes it, Linux may drop
+    # what the master had not read yet (EIO), losing a short command's whole output.
     shown = bytearray()
     deadline = time.monotonic() + timeout
     try:
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if time.monotonic() > deadline:
                 process.kill()
                 raise AssertionError(f"ava {' '.join(args)} on a pty: no end after {timeout} s:\n{shown.decode()[-2000:]}")
-            ready, _, _ = select.select([master], [], [], min(left, 1.0))
+            ended = process.poll() is not None
+            ready, _, _ = select.select([master], [], [], 0.2)
             if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: every writer of the pty is gone
-                    break
-                if not data:
-                    break
-                shown += data
-            elif process.poll() is not None:
-                continue
+                shown += os.read(master, 65536)
+            elif ended:
+                break
     finally:
         os.close(master)
+        os.close(slave)
     code = process.wait(timeout=30)
     assert process.stderr is not None
     return code, shown.decode(errors="replace").replace("\r\n", "\n"), process.stderr.read().decode()

@@ -78,7 +78,7 @@ def test_node_prefixes_keep_their_colour_on_a_terminal_and_never_with_no_color(
     assert sum(1 for line in piped.stdout.splitlines() if re.match(r"^n\d/\d +\| line \d of rank \d$", line)) == 8
     # FORCE_COLOR colours the prefixes even through a pipe (a CI log viewer that shows colour).
     forced = run_ava("--inventory", str(inventory), "logs", run_id, env={**home, "FORCE_COLOR": "1"})
-    assert colours_of(forced.stdout) == trained
+    assert colours_of(forced.stdout) == trained, repr(forced.stdout[-1500:]) + forced.stderr[-1500:]
 
 
 def test_off_a_terminal_rows_are_whole_whatever_the_width(cluster: Cluster, home: dict[str, str],

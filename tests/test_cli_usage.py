@@ -117,3 +117,20 @@ def test_provision_dry_run_and_exec_print_json_with_a_version(tmp_path: Path) ->
     assert plan.returncode == 0, plan.stderr
     (node,) = json.loads(plan.stdout)
     assert node["version"] == 1 and node["node"] == "local" and isinstance(node["steps"], list)
+
+
+def test_implicit_provisioning_inside_train_prints_a_line_per_step(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import re
+
+    inventory = cluster.inventory(["n1"], path=tmp_path / "ava.toml")
+    fresh = json.dumps(str(tmp_path / "fresh-workdir"))
+    text = re.sub(r"(?m)^workdir = .*$", f"workdir = {fresh}", inventory.read_text())
+    inventory.write_text(text if fresh in text else text + f"workdir = {fresh}\n")
+    done = run_ava("train", str(ECHO), inventory=inventory, env={"AVA_HOME": str(tmp_path / "home")}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [line for line in done.stderr.splitlines() if line.startswith("ava: n1: ")]
+    assert any(line.endswith(" …") for line in steps) and any(" done (" in line for line in steps), done.stderr
+    before = done.stderr.index("ava: n1: ")
+    assert before < done.stderr.index("attempt 1 starting")
+    again = run_ava("train", str(ECHO), inventory=inventory, env={"AVA_HOME": str(tmp_path / "home")}, timeout=300)
+    assert again.returncode == 0 and "ava: n1: " not in again.stderr  # all in place: nothing to say

@@ -30,7 +30,9 @@ def _prepared(names: Optional[str]) -> tuple[list[str], list[Any], dict[str, Any
     inventory = load_inventory()
     chosen = inventory.select([n.strip() for n in names.split(",") if n.strip()]) if names else list(inventory.nodes.values())
     base = inventory.path.resolve().parent
-    outcomes = provision.ensure(chosen, base=base)
+    from ava.cli.train import provision_visibly
+
+    outcomes = provision_visibly(chosen, None, base)  # never silent: one line per step it takes
     failed = {name: o for name, o in outcomes.items() if isinstance(o, AvaError)}
     ready = [node for node in chosen if node.name not in failed]
     pythons = {node.name: provision.venv_python(node, root=base) for node in ready}

@@ -142,10 +142,34 @@ def train(
         console.info(f"follow: ava logs {run_id} -f    wait: ava wait {run_id}    stop: ava stop {run_id}")
         return EXIT_OK
     console.info(f"ava: run {run_id} on {', '.join(placement.names)}")
+    provision_visibly(list(placement.nodes), recipe, inventory.path.resolve().parent)
     sink = TerminalSink(placement.names + [s.name for s in placement.spares], record.dir / "output.log",
                         order=list(inventory.nodes))
     supervisor = Supervisor(record, _recipe_for(record, recipe), inventory, sink, wait_for_leases=wait)
     return _supervise(supervisor, record, inventory.path.resolve(), stop_on_interrupt=stop_on_interrupt)
+
+
+def provision_visibly(nodes, recipe, base: Path):  # type: ignore[no-untyped-def]
+    """Set the nodes up before the supervisor does, one line per step on stderr, so that a venv
+    build (minutes) is never silent; the supervisor's own check then finds all in place. Errors
+    are left for the supervisor to report as it always does."""
+    from ava import console, provision
+
+    began: dict[tuple[str, str], float] = {}
+
+    def on_step(name: str, step, state: str) -> None:  # type: ignore[no-untyped-def]
+        key = (name, step.kind)
+        try:
+            if state == "start":
+                began[key] = time.monotonic()
+                console.info(f"ava: {name}: {step.kind}: {step.description} …")
+            else:
+                took = console.duration(time.monotonic() - began.get(key, time.monotonic()))
+                console.info(f"ava: {name}: {step.kind} {state} ({took})")
+        except OSError:
+            pass
+
+    return provision.ensure(nodes, recipe=recipe, base=base, on_step=on_step)
 
 
 def _script_args(ctx: typer.Context) -> list[str]:
