@@ -12,7 +12,8 @@ from pathlib import Path
 from tests.conftest import REPO, run_ava
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
-COMMANDS = ["nodes", "exec", "provision", "train", "ps", "logs", "wait", "stop", "attach"]
+COMMANDS = ["nodes", "exec", "provision", "doctor", "train", "ps", "logs", "wait", "stop", "attach",
+            "cache status", "cache warm", "cache clear"]
 LOCAL = '[nodes.local]\ntransport = "local"\n'
 
 
@@ -24,7 +25,7 @@ def test_bare_ava_prints_help_and_exits_0() -> None:
 
 def test_every_command_help_has_examples_exit_codes_and_environment() -> None:
     for command in COMMANDS:
-        done = run_ava(command, "--help")
+        done = run_ava(*command.split(), "--help")
         assert done.returncode == 0, done.stderr
         text = done.stdout
         assert "Examples:" in text and f"ava {command}" in text.split("Examples:", 1)[1], command
@@ -54,6 +55,21 @@ def test_shell_completion_script_and_run_id_completion(tmp_path: Path) -> None:
                              "COMP_WORDS": "ava logs ec", "COMP_CWORD": "2"})
     assert completed.returncode == 0, completed.stderr
     assert "echo-20260101-000000-aaaa" in completed.stdout and "other-" not in completed.stdout
+    recipes = run_ava(env={"_AVA_COMPLETE": "complete_bash", "COMP_WORDS": "ava train recipes/", "COMP_CWORD": "2"})
+    assert set(recipes.stdout.split()) >= {"recipes/charlm", "recipes/ddp-minimal"}, recipes.stdout
+    nodes = run_ava(env={"_AVA_COMPLETE": "complete_bash", "COMP_WORDS": "ava logs x --node lo", "COMP_CWORD": "4"})
+    assert nodes.stdout.split() == ["local"], nodes.stdout
+
+
+def test_format_option_chooses_table_or_plain_rows_wherever_output_goes(tmp_path: Path) -> None:
+    env = {"AVA_HOME": str(tmp_path)}
+    table = run_ava("--format", "table", "ps", env=env)
+    assert table.returncode == 0 and "━" in table.stdout
+    plain = run_ava("ps", "--format=plain", env=env)
+    assert plain.returncode == 0 and plain.stdout.split() == ["RUN", "STATE", "NODES", "ATTEMPTS", "STARTED",
+                                                              "TOOK", "LAST_CAUSE"]
+    bad = run_ava("--format", "fancy", "ps", env=env)
+    assert bad.returncode == 2 and "--format fancy" in bad.stderr
 
 
 def test_script_arguments_after_a_double_dash_are_appended_to_run_args(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any, List, Mapping, Optional
 
 import typer
 
-from ava.cli import app, load_inventory
+from ava.cli import app, epilog, load_inventory
 
 cache_app = typer.Typer(
     name="cache",
@@ -78,7 +78,7 @@ def _forwarded(patterns: List[str]) -> dict[str, str]:
     return env
 
 
-@cache_app.command("status")
+@cache_app.command("status", epilog=epilog("ava cache status", "ava cache status --nodes gpu1,gpu2 --json"))
 def status(
     nodes: Optional[str] = typer.Option(None, "--nodes", metavar="A,B", help=NODES_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
@@ -105,7 +105,8 @@ def status(
     return cachenodes.exit_code(outcomes)
 
 
-@cache_app.command("warm")
+@cache_app.command("warm", epilog=epilog("ava cache warm 's3://bucket/shards/train-*.tar'",
+                                          "ava cache warm s3://bucket/data.bin --env 'AWS_*' --nodes gpu1"))
 def warm(
     urls: List[str] = typer.Argument(..., metavar="URL|GLOB…", help="Objects to fetch, e.g. 's3://bucket/shards/*.tar'."),
     nodes: Optional[str] = typer.Option(None, "--nodes", metavar="A,B", help=NODES_HELP),
@@ -155,7 +156,7 @@ def warm(
     return cachenodes.exit_code(outcomes)
 
 
-@cache_app.command("clear")
+@cache_app.command("clear", epilog=epilog("ava cache clear", "ava cache clear --nodes gpu2 --json"))
 def clear(
     nodes: Optional[str] = typer.Option(None, "--nodes", metavar="A,B", help=NODES_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list of per-node results."),

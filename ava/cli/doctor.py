@@ -6,13 +6,14 @@ from typing import List
 
 import typer
 
-from ava.cli import app, load_inventory
+from ava.cli import app, epilog, load_inventory
+from ava.cli.complete import complete_nodes
 from ava.errors import EXIT_INFRA, EXIT_OK
 
 
-@app.command()
+@app.command(epilog=epilog("ava doctor", "ava doctor gpu1 gpu2 --bandwidth", "ava doctor --json | jq -r .status"))
 def doctor(
-    names: List[str] = typer.Argument(None, metavar="[NODE…]", help="Nodes to check (default: all); the first is the master."),
+    names: List[str] = typer.Argument(None, metavar="[NODE…]", autocompletion=complete_nodes, help="Nodes to check (default: all); the first is the master."),
     json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON instead of a table."),
     bandwidth: bool = typer.Option(False, "--bandwidth", help="Also run an all-reduce benchmark across the nodes."),
 ) -> int:

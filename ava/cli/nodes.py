@@ -8,6 +8,7 @@ from typing import Any, List
 import typer
 
 from ava.cli import app, epilog, load_inventory, state
+from ava.cli.complete import complete_nodes
 from ava.errors import EXIT_INFRA, EXIT_JOB_FAILED, EXIT_OK, UsageError
 
 
@@ -86,7 +87,8 @@ def _holding(holder: dict[str, Any]) -> str:
                   "ava exec --json -- uptime | jq '.[] | {node, exit_code}'"),
 )
 def exec_(
-    words: List[str] = typer.Argument(..., metavar="[NODE…] -- CMD…", help="Nodes (default: all), then -- and the command."),
+    words: List[str] = typer.Argument(..., metavar="[NODE…] -- CMD…", autocompletion=complete_nodes,
+                                      help="Nodes (default: all), then -- and the command."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON list (each node's exit code and output) "
                                                          "instead of streaming lines."),
 ) -> int:
