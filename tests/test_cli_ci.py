@@ -145,3 +145,32 @@ def test_a_ci_script_with_detach_wait_ps_logs_stop(cluster: Cluster, home: dict[
     assert json.loads((out / "long.json").read_text())["version"] == 1
     stopped = json.loads((out / "stopped.json").read_text())
     assert stopped["state"] == "stopped" and processes_of(stopped["id"]) == []
+
+
+def test_logs_filters_by_node_and_rank_tails_and_refuses_what_the_run_never_had(
+        cluster: Cluster, home: dict[str, str], tmp_path: Path) -> None:
+    inventory = cluster.inventory(TWO)
+    recipe = write_recipe(tmp_path / "spam", nodes=2, lines=5)
+    done = run_ava("train", str(recipe), inventory=inventory, env=home, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_id = json.loads(run_ava("ps", "--json", env=home).stdout)[-1]["id"]
+
+    def lines(*options: str) -> list[str]:
+        shown = run_ava("logs", run_id, *options, inventory=inventory, env=home)
+        assert shown.returncode == 0, shown.stderr
+        return [line for line in shown.stdout.splitlines() if " of rank " in line]
+
+    assert len(lines()) == 10
+    ranked = lines("--rank", "1")
+    assert len(ranked) == 5 and all(line.startswith("n2/1 ") or line.startswith("n1/1 ") for line in ranked)
+    assert [line.split("| ", 1)[1] for line in lines("--rank", "0", "--tail", "2")] == [
+        "line 3 of rank 0", "line 4 of rank 0"]
+    assert len(lines("--tail", "1")) == 2  # the last line of each node
+    assert {line.split("/", 1)[0] for line in lines("--node", "n2")} == {"n2"}
+    time.sleep(2)
+    assert lines("--since", "1s") == []  # the only attempt ended before that
+
+    for options, words in ((["--node", "n9"], "no node n9"), (["--rank", "2"], "no rank 2"),
+                           (["--since", "soon"], "--since")):
+        refused = run_ava("logs", run_id, *options, inventory=inventory, env=home)
+        assert refused.returncode == 2 and words in refused.stderr, refused.stderr
