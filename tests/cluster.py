@@ -6,6 +6,16 @@ its own sshd and host key, and a resolv.conf that fails fast (a DNS server that 
 stalls every reverse lookup torch's rendezvous makes). Not root: sshd on distinct loopback
 addresses and high ports, without the faults that need namespaces.
 
+Nodes are set up the way users' nodes are (as root, where each node has a mount namespace):
+- they run the node venv of tests/nodepy.py (torch, nothing of ava's), never the test's
+  interpreter, so everything ava needs there must arrive through ava's own shipping;
+- each node's ~/.bashrc (its own file, bind-mounted in its namespace) puts that venv first on
+  PATH, as users activate their environment;
+- n3 uses ava's defaults: no `python`, `workdir` or `cache_dir` in the inventory, so it runs
+  `python3` from its login PATH in `~/.ava` (its own folder, bind-mounted over ~/.ava);
+- n2's ~/.bashrc is noisy the way conda's and pyenv's init are: it prints to stdout and stderr on
+  every SSH command, and puts another bin folder (a conda-like `python3`) first on PATH.
+
 Everything it makes (namespaces, links, sshd processes, /etc edits, files) is removed by
 `Cluster.down()`, which the pytest fixture calls even when a test fails.
 
@@ -31,12 +41,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from tests import nodepy
+
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 PREFIX = "avat"  # every namespace, link and hosts entry this module makes starts with it
 HOSTS_FILE = Path("/etc/hosts")
 # One file per live cluster, holding its owner's pid: only clusters whose owner died are stale.
 OWNERS = Path(tempfile.gettempdir()) / "ava-test-clusters"
 _CLUSTERS = itertools.count()
+DEFAULTS_NODE = "n3"  # uses ava's defaults: python3 from its login PATH, workdir ~/.ava
+NOISY_NODE = "n2"  # its ~/.bashrc prints and changes PATH, as conda's and pyenv's init do
+NOISE_OUT = "conda: base environment activated"
+NOISE_ERR = "pyenv: shell integration is not enabled in this shell"
 
 
 def is_root() -> bool:
@@ -62,14 +78,22 @@ class TestNode:
     link: str | None = None  # the root-side end of the node's veth
     sshd: subprocess.Popen[bytes] | None = None
     sftp: bool = True  # False: its sshd_config has no `Subsystem sftp` line (a hardened node)
+    defaults: bool = False  # the inventory names no python, workdir or cache_dir for it
+    noisy: bool = False  # its ~/.bashrc prints on every command and puts a conda-like bin first
 
     @property
     def workdir(self) -> Path:
-        return self.dir / "work"
+        """The node's workdir as this machine sees it (for the defaults node: what is ~/.ava there)."""
+        return self.dir / ("home-ava" if self.defaults else "work")
 
     @property
     def cache_dir(self) -> Path:
-        return self.dir / "cache"
+        return self.workdir / "cache" if self.defaults else self.dir / "cache"
+
+    @property
+    def node_cache_dir(self) -> str:
+        """The cache dir as the node names it (~ expanded there, where ava reports it)."""
+        return os.path.expanduser("~/.ava/cache") if self.defaults else str(self.cache_dir)
 
     @property
     def host_key(self) -> Path:
@@ -91,6 +115,7 @@ class Cluster:
         self.subnet = f"10.213.{number % 200 + 20}"
         self.key = self.root / "id_ed25519"
         self.known_hosts = self.root / "known_hosts"
+        self.python = ""  # the node venv's interpreter (tests/nodepy.py), set by up()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -100,6 +125,7 @@ class Cluster:
         OWNERS.mkdir(exist_ok=True)
         (OWNERS / self.id).write_text(str(os.getpid()))
         try:
+            self.python = nodepy.node_python()
             os.makedirs("/run/sshd", exist_ok=True) if is_root() else None
             _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ava-test", "-f", str(self.key))
             (self.root / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
@@ -184,10 +210,29 @@ class Cluster:
                 hostname="localhost",
                 dir=folder,
             )
+        if self.use_namespaces:  # a ~/.bashrc and ~/.ava of its own need its mount namespace
+            node.defaults = name == DEFAULTS_NODE
+            node.noisy = name == NOISY_NODE
         node.workdir.mkdir()
         node.cache_dir.mkdir()
+        self._write_bashrc(node)
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(node.host_key))
         return node
+
+    def _write_bashrc(self, node: TestNode) -> None:
+        """The node's ~/.bashrc (Debian's bash reads it for SSH commands too): the node venv first
+        on PATH; on the noisy node, output on both streams and a conda-like bin before it."""
+        lines = ["# ava test node: its environment first on PATH, as users activate theirs",
+                 f"export PATH={shlex.quote(str(Path(self.python).parent))}:$PATH"]
+        if node.noisy:
+            conda = node.dir / "conda" / "bin"
+            conda.mkdir(parents=True)
+            for name in ("python3", "python"):
+                (conda / name).write_text(f"#!/bin/sh\nexec {shlex.quote(self.python)} \"$@\"\n")
+                (conda / name).chmod(0o755)
+            lines += [f"echo {shlex.quote(NOISE_OUT)}", f"echo {shlex.quote(NOISE_ERR)} >&2",
+                      f"export PATH={shlex.quote(str(conda))}:$PATH"]
+        (node.dir / "bashrc").write_text("\n".join(lines) + "\n")
 
     def _sshd_config(self, node: TestNode) -> Path:
         config = node.dir / "sshd_config"
@@ -223,10 +268,10 @@ class Cluster:
             # mount namespace where its resolv.conf fails fast and a plain ~/.bashrc replaces
             # this machine's (which runs pyenv's rehash on every SSH command).
             bashrc = node.dir / "bashrc"
-            bashrc.write_text("# ava test node\n")
             steps = [
                 f"mount --bind /etc/netns/{node.namespace}/resolv.conf /etc/resolv.conf",
-                f"if [ -f ~/.bashrc ]; then mount --bind {shlex.quote(str(bashrc))} ~/.bashrc; fi",
+                f"{{ [ -e ~/.bashrc ] || touch ~/.bashrc; }} && mount --bind {shlex.quote(str(bashrc))} ~/.bashrc",
+                *([f"mkdir -p ~/.ava && mount --bind {shlex.quote(str(node.workdir))} ~/.ava"] if node.defaults else []),
                 f"hostname {node.hostname}",
                 "exec " + shlex.join(argv),
             ]
@@ -276,27 +321,30 @@ class Cluster:
 
     # -- inventories ------------------------------------------------------------------------
 
-    def inventory(self, names: list[str] | None = None, *, path: Path | None = None, **defaults: object) -> Path:
-        """Write an ava.toml for these nodes (all when None) and return its path."""
+    def inventory(self, names: list[str] | None = None, *, path: Path | None = None, s3fs: bool = False,
+                  **defaults: object) -> Path:
+        """Write an ava.toml for these nodes (all when None) and return its path.
+
+        Nodes run the node venv; `s3fs=True` gives them its flavour with s3fs, for training
+        scripts that read or write S3 (the defaults node then names it as its python too: its
+        PATH has the plain one). A `python` in `defaults` applies to every node.
+        """
         chosen = [n for n in self.nodes if names is None or n.name in names]
         settings: dict[str, object] = {
             "user": os.environ.get("USER") or _current_user(),
             "identity": str(self.key),
             "known_hosts": str(self.known_hosts),
-            "python": sys.executable,
             "connect_timeout": "3s",
         }
         settings.update(defaults)
+        python = nodepy.node_python(s3fs=True) if s3fs else self.python
         lines = ["[defaults]"] + [f"{k} = {_toml(v)}" for k, v in settings.items()]
         for node in chosen:
-            lines += [
-                "",
-                f"[nodes.{node.name}]",
-                f"host = {_toml(node.address)}",
-                f"port = {node.port}",
-                f"workdir = {_toml(str(node.workdir))}",
-                f"cache_dir = {_toml(str(node.cache_dir))}",
-            ]
+            lines += ["", f"[nodes.{node.name}]", f"host = {_toml(node.address)}", f"port = {node.port}"]
+            if "python" not in defaults and (s3fs or not node.defaults):
+                lines.append(f"python = {_toml(python)}")
+            if not node.defaults:
+                lines += [f"workdir = {_toml(str(node.workdir))}", f"cache_dir = {_toml(str(node.cache_dir))}"]
         target = path or self.root / f"ava-{'-'.join(n.name for n in chosen)}.toml"
         target.write_text("\n".join(lines) + "\n")
         return target

@@ -80,13 +80,13 @@ def epochs(stdout: str) -> dict[tuple[int, str, str], tuple[int, int, str]]:
 
 def train_cachedata(cluster: Cluster, aws: dict[str, str], home: dict[str, str], *extra: str):  # type: ignore[no-untyped-def]
     settings = [arg for name, value in aws.items() for arg in ("--set", f"env.{name}={value}")]
-    return run_ava("train", str(CACHEDATA), *settings, *extra, inventory=cluster.inventory(THREE),
+    return run_ava("train", str(CACHEDATA), *settings, *extra, inventory=cluster.inventory(THREE, s3fs=True),
                    env=home, timeout=240)
 
 
 def test_warm_fills_every_node_then_status_shows_it_and_clear_empties_it(cluster: Cluster, s3) -> None:  # type: ignore[no-untyped-def]
     aws, objects = s3
-    inventory = cluster.inventory(THREE)
+    inventory = cluster.inventory(THREE, s3fs=True)
     clear(inventory)
     total = sum(len(d) for d in objects.values())
     # Credentials and endpoint are forwarded by name: they reach the nodes in a file, not argv.
@@ -105,7 +105,7 @@ def test_warm_fills_every_node_then_status_shows_it_and_clear_empties_it(cluster
         assert row["ok"] and row["blocks"] == 4 and row["misses"] == 4
         assert row["fetched_bytes"] == total
         assert total <= row["bytes"] < total + 4 * 4096  # block files carry a small header
-        assert row["dir"] == str(cluster.node(name).cache_dir)
+        assert row["dir"] == cluster.node(name).node_cache_dir
 
     done = run_ava("cache", "clear", "--json", inventory=inventory)
     assert done.returncode == 0, done.stderr
@@ -117,7 +117,7 @@ def test_warm_fills_every_node_then_status_shows_it_and_clear_empties_it(cluster
 def test_warm_of_a_missing_object_fails_on_every_node_with_exit_1(cluster: Cluster, s3) -> None:  # type: ignore[no-untyped-def]
     aws, _objects = s3
     done = run_ava("cache", "warm", "s3://cachedata/shards/nothing-*.bin", "--env", "AWS_*",
-                   inventory=cluster.inventory(THREE), env=aws)
+                   inventory=cluster.inventory(THREE, s3fs=True), env=aws)
     assert done.returncode == 1, done.stdout + done.stderr
     errors = [l for l in done.stderr.splitlines() if l.startswith("ava: ")]
     assert sorted(l.split()[1] for l in errors) == ["n1:", "n2:", "n3:"]
@@ -142,7 +142,7 @@ def test_a_recipe_reading_through_avacache_fetches_nothing_in_epoch_2_and_prefet
     """One run on three nodes: train-0 is read cold (fetched once, in epoch 1); train-1 was
     prefetched by `[data] prefetch` before the job started (fetched in neither epoch)."""
     aws, objects = s3
-    inventory = cluster.inventory(THREE)
+    inventory = cluster.inventory(THREE, s3fs=True)
     clear(inventory)
     done = train_cachedata(cluster, aws, ava_home, "--set", 'data.prefetch=["s3://cachedata/shards/train-1*"]')
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -170,7 +170,7 @@ def test_a_failing_prefetch_stops_the_launch_with_a_clear_error(cluster: Cluster
     with (recipe / "recipe.toml").open("a") as f:
         f.write('[data]\nprefetch = ["s3://cachedata/missing.bin"]\n')
     settings = [arg for name, value in aws.items() for arg in ("--set", f"env.{name}={value}")]
-    done = run_ava("train", str(recipe), *settings, inventory=cluster.inventory(THREE), env=ava_home, timeout=120)
+    done = run_ava("train", str(recipe), *settings, inventory=cluster.inventory(THREE, s3fs=True), env=ava_home, timeout=120)
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     assert "prefetching recipe data: n" in done.stdout + done.stderr
     assert "s3://cachedata/missing.bin" in done.stdout + done.stderr

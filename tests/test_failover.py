@@ -138,7 +138,7 @@ def reference_sha(cluster: Cluster, s3: str, tmp_path_factory: pytest.TempPathFa
     home = {"AVA_HOME": str(tmp_path_factory.mktemp("reference"))}
     done = run_ava("train", str(STEPS), *s3_settings(s3, "reference"), "--set",
                    'run.args=["--steps", "60", "--ckpt-every", "10", "--step-time", "0"]',
-                   inventory=cluster.inventory(MAIN), env=home, timeout=300)
+                   inventory=cluster.inventory(MAIN, s3fs=True), env=home, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return final_sha(done.stdout)
 
@@ -148,7 +148,7 @@ def cleanup(cluster: Cluster, run_id: str | None, home: dict[str, str]) -> None:
         cluster.restore_link(name)
         cluster.restart_node(name)
     if run_id:
-        run_ava("stop", run_id, env=home, inventory=cluster.inventory(WITH_SPARE))
+        run_ava("stop", run_id, env=home, inventory=cluster.inventory(WITH_SPARE, s3fs=True))
         assert processes_of(run_id) == []
 
 
@@ -159,7 +159,7 @@ def ps(home: dict[str, str]) -> list[dict]:
 def test_a_killed_node_is_replaced_by_a_spare_and_the_run_ends_as_if_unfaulted(
     cluster: Cluster, s3: str, home: dict[str, str], reference_sha: str
 ) -> None:
-    run = LiveRun(["train", str(STEPS), *s3_settings(s3, "kill")], cluster.inventory(WITH_SPARE), home)
+    run = LiveRun(["train", str(STEPS), *s3_settings(s3, "kill")], cluster.inventory(WITH_SPARE, s3fs=True), home)
     run_id = None
     try:
         run_id = run_id_of(run)
@@ -185,7 +185,7 @@ def test_a_killed_node_is_replaced_by_a_spare_and_the_run_ends_as_if_unfaulted(
 def test_a_cut_link_is_a_node_loss_within_15_seconds_and_the_run_resumes(
     cluster: Cluster, s3: str, home: dict[str, str], reference_sha: str
 ) -> None:
-    run = LiveRun(["train", str(STEPS), *s3_settings(s3, "cut")], cluster.inventory(WITH_SPARE), home)
+    run = LiveRun(["train", str(STEPS), *s3_settings(s3, "cut")], cluster.inventory(WITH_SPARE, s3fs=True), home)
     run_id = None
     try:
         run_id = run_id_of(run)
@@ -224,7 +224,7 @@ def test_a_writer_killed_mid_save_resumes_from_the_previous_committed_checkpoint
 ) -> None:
     args = '["--steps", "60", "--ckpt-every", "10", "--step-time", "0.05", "--slow-save-at", "20"]'
     run = LiveRun(["train", str(STEPS), *s3_settings(s3, "writer"), "--set", f"run.args={args}"],
-                  cluster.inventory(MAIN), home)
+                  cluster.inventory(MAIN, s3fs=True), home)
     run_id = None
     try:
         run_id = run_id_of(run)
@@ -265,7 +265,7 @@ def test_a_fatal_exit_code_fails_at_once(cluster: Cluster, home: dict[str, str])
 
 def test_shrink_goes_on_with_two_nodes_after_a_node_loss(cluster: Cluster, s3: str, home: dict[str, str]) -> None:
     run = LiveRun(["train", str(STEPS), *s3_settings(s3, "shrink"), "--set", 'resources.nodes="2:3"',
-                   "--set", "failover.on_node_loss=shrink"], cluster.inventory(WITH_SPARE), home)
+                   "--set", "failover.on_node_loss=shrink"], cluster.inventory(WITH_SPARE, s3fs=True), home)
     run_id = None
     try:
         run_id = run_id_of(run)

@@ -158,7 +158,11 @@ def test_exec_reaches_the_shell_exactly_as_ssh_does(cluster: Cluster, command: s
         )
         assert ssh.returncode == 0, ssh.stderr
         ours = [l.split(" | ", 1)[1] for l in done.stdout.splitlines() if l.startswith(f"{name} | ")]
-        assert ours == ssh.stdout.splitlines()
+        # Both streams are shown, each line in its stream's order (the noisy node's ~/.bashrc
+        # writes to stderr too).
+        errors = ssh.stderr.splitlines()
+        assert [l for l in ours if l not in errors] == ssh.stdout.splitlines()
+        assert sorted(l for l in ours if l in errors) == sorted(errors)
 
 
 def test_exec_words_are_joined_like_ssh_joins_them(cluster: Cluster) -> None:

@@ -31,6 +31,9 @@ def fresh_inventory(cluster: Cluster, tmp_path: Path, names: list[str], **defaul
     text = path.read_text()
     for name in names:
         node = cluster.node(name)
+        fresh = f"workdir = {json.dumps(str(tmp_path / name / 'work'))}\ncache_dir = {json.dumps(str(tmp_path / name / 'cache'))}\n"
+        if node.defaults:  # its python stays `python3` from PATH; its ~/.ava is not fresh
+            text = text.replace(f"[nodes.{name}]\n", f"[nodes.{name}]\n{fresh}")
         text = text.replace(json.dumps(str(node.workdir)), json.dumps(str(tmp_path / name / "work")))
         text = text.replace(json.dumps(str(node.cache_dir)), json.dumps(str(tmp_path / name / "cache")))
     path.write_text(text)
