@@ -13,16 +13,18 @@ import os
 import shlex
 import tomllib
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-from ava.config import load_inventory
+from ava import attempt
+from ava.config import Node, load_inventory
 from ava.transport import close_all, connect
 from tests import nodepy
 from tests.cluster import DEFAULTS_NODE, NOISE_ERR, NOISE_OUT, NOISY_NODE, Cluster
 from tests.conftest import REPO, run_ava
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="node rc files and homes need mount namespaces (root)")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="node rc files and homes need mount namespaces (root)")
 
 THREE = ["n1", "n2", "n3"]
 IMPORTS = """
@@ -55,6 +57,7 @@ def probe_recipe(folder: Path) -> Path:
     return folder
 
 
+@needs_root
 def test_every_node_runs_a_python_with_torch_and_nothing_of_avas(cluster: Cluster) -> None:
     done = run_ava("exec", "--json", "--", f"python3 -c {shlex.quote(IMPORTS)}", inventory=cluster.inventory(), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -67,6 +70,7 @@ def test_every_node_runs_a_python_with_torch_and_nothing_of_avas(cluster: Cluste
         assert facts["prefix"] == str(Path(cluster.python).parent.parent), (name, facts)
 
 
+@needs_root
 def test_the_defaults_node_names_no_python_or_workdir_and_the_noisy_node_prints_on_every_command(cluster: Cluster) -> None:
     nodes = tomllib.loads(cluster.inventory().read_text())["nodes"]
     assert {"python", "workdir", "cache_dir"}.isdisjoint(nodes[DEFAULTS_NODE]), nodes[DEFAULTS_NODE]
@@ -77,6 +81,7 @@ def test_the_defaults_node_names_no_python_or_workdir_and_the_noisy_node_prints_
     assert NOISE_OUT in json.dumps(row) and NOISE_ERR in json.dumps(row), row  # the rc file ran
 
 
+@needs_root
 def test_a_script_finds_ava_and_avacache_only_in_what_ava_shipped(cluster: Cluster, tmp_path: Path) -> None:
     """On the plain node, the noisy one and the defaults one alike, in one three-node run."""
     recipe = probe_recipe(tmp_path / "probe")
@@ -107,6 +112,7 @@ def test_a_script_finds_ava_and_avacache_only_in_what_ava_shipped(cluster: Clust
     assert NOISE_OUT not in done.stdout and NOISE_ERR not in done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
 
 
+@needs_root
 def test_provision_and_nodes_work_through_the_noisy_rc_file(cluster: Cluster, tmp_path: Path) -> None:
     inventory = cluster.inventory([NOISY_NODE, DEFAULTS_NODE], path=tmp_path / "ava.toml")
     first = run_ava("provision", inventory=inventory, timeout=180)
@@ -121,6 +127,7 @@ def test_provision_and_nodes_work_through_the_noisy_rc_file(cluster: Cluster, tm
         assert rows[name]["reachable"] and rows[name]["torch"] == "2.13.0+cpu" and rows[name]["python"], rows[name]
 
 
+@needs_root
 def test_a_file_read_without_sftp_through_the_noisy_rc_file_is_byte_exact(cluster: Cluster, tmp_path: Path) -> None:
     node = cluster.node(NOISY_NODE)
     source = node.dir / "payload.bin"
@@ -137,3 +144,20 @@ def test_a_file_read_without_sftp_through_the_noisy_rc_file_is_byte_exact(cluste
         cluster.set_sftp(NOISY_NODE, True)
     assert (tmp_path / "got").read_bytes() == source.read_bytes()
     assert (node.dir / "put.txt").read_bytes() == b"written\n"
+
+
+def test_log_lines_before_the_agents_output_are_dropped_and_not_counted_in_the_offset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class NoisyShell:
+        def run(self, command: str, *, on_line: Callable[[str, str], None], **_: object) -> None:
+            assert command.startswith(f"echo {attempt.LOG_START}; ")
+            for stream, text in [("out", NOISE_OUT), ("err", NOISE_ERR), ("out", attempt.LOG_START),
+                                 ("out", "[rank0]: step 1"), ("out", "")]:
+                on_line(stream, text)
+
+    monkeypatch.setattr(attempt, "connect", lambda node: NoisyShell())
+    lines: list[str] = []
+    read = attempt.follow_logs(Node(name="a", host="h", workdir="/w"), "run-1", 1, lines.append, follow=False)
+    assert lines == ["[rank0]: step 1", ""]
+    assert read == len("[rank0]: step 1\n") + 1  # the next read resumes right after these bytes
