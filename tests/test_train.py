@@ -135,16 +135,20 @@ def test_relaunching_unchanged_code_moves_no_code(cluster: Cluster, ava_home: di
     assert third == 2 * echo_size  # the one changed file, once per node
 
 
-HOSTILE_ARGS = ["it's", 'say "hi"', "$(touch /tmp/ava-pwned)", "a;b", "x\ny", "snow ☃ 日本", "--", "`id`", "*"]
-HOSTILE_ENV = {"AVA_T_QUOTE": "it's \"q\"", "AVA_T_SUB": "$(touch /tmp/ava-pwned); `id`", "AVA_T_NL": "one\ntwo",
-               "AVA_T_UNI": "héllo ☃", "AVA_T_GLOB": "*"}
+def hostile_values(pwned: Path) -> tuple[list[str], dict[str, str]]:
+    """Arguments and env values that would create PWNED if a shell ever evaluated them."""
+    args = ["it's", 'say "hi"', f"$(touch {pwned})", "a;b", "x\ny", "snow ☃ 日本", "--", "`id`", "*"]
+    env = {"AVA_T_QUOTE": "it's \"q\"", "AVA_T_SUB": f"$(touch {pwned}); `id`", "AVA_T_NL": "one\ntwo",
+           "AVA_T_UNI": "héllo ☃", "AVA_T_GLOB": "*"}
+    return args, env
 
 
 def test_hostile_recipe_values_reach_the_script_byte_exact(cluster: Cluster, ava_home: dict[str, str], tmp_path: Path) -> None:
-    Path("/tmp/ava-pwned").unlink(missing_ok=True)
+    pwned = tmp_path / "pwned"  # the nodes share this machine's filesystem
+    hostile_args, hostile_env = hostile_values(pwned)
     recipe = echo_recipe(tmp_path)
-    env_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in HOSTILE_ENV.items())
-    text = (recipe / "recipe.toml").read_text().replace("args = []", f"args = {json.dumps(HOSTILE_ARGS)}")
+    env_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in hostile_env.items())
+    text = (recipe / "recipe.toml").read_text().replace("args = []", f"args = {json.dumps(hostile_args)}")
     (recipe / "recipe.toml").write_text(text + f"\n[env]\n{env_lines}\n")
     done = run_ava("train", str(recipe), "--set", "resources.nodes=2", inventory=cluster.inventory(["n1", "n3"]),
                    env=ava_home)
@@ -152,9 +156,9 @@ def test_hostile_recipe_values_reach_the_script_byte_exact(cluster: Cluster, ava
     payloads = [json.loads(l.split("ECHO ", 1)[1]) for l in done.stdout.splitlines() if "| ECHO " in l]
     assert len(payloads) == 2
     for payload in payloads:
-        assert payload["argv"] == HOSTILE_ARGS
-        assert payload["env"] == HOSTILE_ENV
-    assert not Path("/tmp/ava-pwned").exists()
+        assert payload["argv"] == hostile_args
+        assert payload["env"] == hostile_env
+    assert not pwned.exists()
 
 
 def test_hostile_recipe_name_is_refused(tmp_path: Path) -> None:
