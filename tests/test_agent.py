@@ -179,7 +179,8 @@ def test_cpu_limit_holds_two_spinners_near_one_core(agent: Agent) -> None:
     )
     assert wait_for(lambda: len(marker_pids(run)) >= 3, 10)
     cores = cgroup_cpu_cores(st["cgroup"], 3.0)
-    assert 0.3 < cores < 1.3, f"{cores:.2f} cores"
+    # At most the limit (plus a CFS period at each end of the window); well above zero.
+    assert 0.3 < cores <= 1.1, f"cpus = 1: the job used {cores:.2f} cores"
     agent.stop_clean(run, grace=0)
     assert_gone(agent, run)
 
