@@ -28,6 +28,10 @@ from tests.conftest import REPO, processes_of, run_ava
 
 HOG = REPO / "tests" / "data" / "recipes" / "hog"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+AT_ONCE_S = 10.0  # "fails at once": one `ava train` that stops at the lease (4.7 s measured, loaded)
+# The limit is what the README promises; the floor only shows the ranks spin in this cgroup: two
+# spinning ranks under cpus = 1 got 0.36 cores here while other tests loaded the 2 cores.
+CPU_FLOOR = 0.15
 T = TypeVar("T")
 
 pytestmark = pytest.mark.skipif(
@@ -124,6 +128,20 @@ def leases(inventory: Path) -> dict[str, list[dict[str, Any]]]:
     return {r["name"]: r["leases"] for r in json.loads(done.stdout)}
 
 
+def session_sshds(cluster: Cluster, node: str) -> list[int]:
+    """The node's sshd processes serving a session (its listener aside)."""
+    listener = cluster.node(node).sshd
+    found = []
+    for pid in cluster.namespace_pids(node):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"sshd") and (listener is None or pid != listener.pid):
+            found.append(pid)
+    return found
+
+
 def assert_nothing_left(run_id: str, inventory: Path, *, wait: float = 0.0) -> None:
     """No process, cgroup or lease of the run on any node (waiting up to WAIT seconds)."""
     if wait:
@@ -165,7 +183,8 @@ class Attached:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -188,7 +207,7 @@ class Attached:
 
     def finish(self, timeout: float = 60.0) -> int:
         code = self.process.wait(timeout=timeout)
-        time.sleep(0.1)
+        self._reader.join(10)  # it ends at the output's end: every line is queued by then
         while not self.lines.empty():
             self.seen.append(self.lines.get())
         return code
@@ -318,7 +337,8 @@ def test_stop_after_a_dropped_connection_leaves_nothing(
         cluster.cut_link("n4")
         try:
             attached.kill()
-            time.sleep(2)
+            # What this test is about: sshd children on the node still serve the dead session.
+            assert wait_for(lambda: session_sshds(cluster, "n4"), timeout=10, what="the node's sshd session")
         finally:
             cluster.restore_link("n4")
     finally:
@@ -356,8 +376,10 @@ def test_runs_asking_for_the_same_gpus_never_overlap(
     # Without --wait the second run fails at once, naming the run in the way.
     started = time.monotonic()
     busy = run_ava("train", str(recipe), *two_gpus, inventory=inventory, env=home)
+    took = time.monotonic() - started
     assert busy.returncode == 1, busy.stdout + busy.stderr
-    assert time.monotonic() - started < 30
+    # At once: the time of a start that reaches the node's agent and no more (no waiting, no retry).
+    assert took < AT_ONCE_S, f"the busy run took {took:.1f}s to fail"
     assert f"n3 is busy: held by run {first}" in busy.stdout + busy.stderr
     second = next(r for r in ps(home).values() if r["id"] != first)
     cleanup.append((second["id"], inventory))
@@ -398,8 +420,9 @@ def test_cpu_limit_holds_two_spinning_ranks_near_one_core(
     before, at = int(usage.read_text()), time.monotonic()
     time.sleep(3)
     cores = (int(usage.read_text()) - before) / 1e9 / (time.monotonic() - at)
-    # Above zero: the ranks really spin in this cgroup (how much depends on the machine's load).
-    assert 0.05 < cores < 1.3, f"the run used {cores:.2f} cores"
+    # At most the limit (plus a CFS period at each end of the window); above the floor, as the two
+    # ranks really spin here (how far above depends on what else loads this 2-core machine).
+    assert CPU_FLOOR < cores <= 1.1, f"cpus = 1: the run used {cores:.2f} cores"
     assert (CGROUP_ROOT / "cpu" / "ava" / f"{run_id}.n1.a1" / "cpu.cfs_quota_us").read_text().strip() == "100000"
     stop(run_id, inventory, home)
     assert_nothing_left(run_id, inventory)
