@@ -120,6 +120,9 @@ def train(
     if dry_run:
         return _dry_run(recipe, placement, run_id, inventory.path.resolve().parent, json_out=json_out)
 
+    if not detach:
+        # Before the run exists: Ctrl-C during a long venv build leaves no run behind.
+        provision_visibly(list(placement.nodes), recipe, inventory.path.resolve().parent)
     # Environment values (secrets) stay out of record.json and recipe.toml: see runs.private_recipe.
     record = runs.RunRecord(
         id=run_id, recipe=recipe.name, source=recipe.source, recipe_hash="", raw=runs.env_names_only(recipe.raw),
@@ -142,7 +145,6 @@ def train(
         console.info(f"follow: ava logs {run_id} -f    wait: ava wait {run_id}    stop: ava stop {run_id}")
         return EXIT_OK
     console.info(f"ava: run {run_id} on {', '.join(placement.names)}")
-    provision_visibly(list(placement.nodes), recipe, inventory.path.resolve().parent)
     sink = TerminalSink(placement.names + [s.name for s in placement.spares], record.dir / "output.log",
                         order=list(inventory.nodes))
     supervisor = Supervisor(record, _recipe_for(record, recipe), inventory, sink, wait_for_leases=wait)
