@@ -4,6 +4,7 @@ an exhausted budget, shrinking. Checkpoints go to a real S3 API server (moto) ev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,10 +19,17 @@ from typing import Iterator
 
 import pytest
 
+from ava.decide import LOST_AFTER
 from tests.cluster import Cluster
 from tests.conftest import REPO, processes_of, run_ava
 
 STEPS = REPO / "tests" / "data" / "recipes" / "steps"
+# The README's promise is LOST_AFTER (6 s without an answer); on top: the supervisor's 1 s poll and
+# 2 s status wait, the stop request's SSH round trip, a loaded 2-core machine. Measured under load:
+# killed node 6.9 s, cut link 7.7 s (its "ended" line 11.2 s, after the teardown), hang 5.2 s for 4 s.
+LOSS_MARGIN = 4.0
+HANG_TIMEOUT = 4.0
+HANG_MARGIN = 4.0  # the 1 s poll and 2 s status wait, the status read over SSH, a loaded machine
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 MAIN = ["n1", "n2", "n3"]
 WITH_SPARE = MAIN + ["n4"]
@@ -152,6 +160,18 @@ def cleanup(cluster: Cluster, run_id: str | None, home: dict[str, str]) -> None:
         assert processes_of(run_id) == []
 
 
+def judged_at(cluster: Cluster, run_id: str | None, survivors: list[str], line_at: float) -> float:
+    """When (wall clock) the supervisor judged attempt 1 over: when it asked the surviving nodes to
+    stop it (its "attempt 1 ended" line, LINE_AT on the monotonic clock, comes only after that
+    teardown), or the line itself where every survivor's ranks had ended already."""
+    asked = []
+    for name in survivors:
+        stop_file = cluster.node(name).workdir / "runs" / str(run_id) / "attempt-1" / "stop.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            asked.append(float(json.loads(stop_file.read_text())["requested"]))
+    return min(asked, default=time.time() - (time.monotonic() - line_at))
+
+
 def ps(home: dict[str, str]) -> list[dict]:
     return json.loads(run_ava("ps", "--json", env=home).stdout)
 
@@ -166,10 +186,15 @@ def test_a_killed_node_is_replaced_by_a_spare_and_the_run_ends_as_if_unfaulted(
         _, line = run.wait_line(r"\| step (2[5-9]|3\d)$")
         last_step = step_seen(line)
         cluster.kill_node("n2")
+        killed_at = time.time()
+        line_at, _ = run.wait_line(r"attempt 1 ended: .*\bn2\b", timeout=60)
         assert run.finish() == 0, run.text()[-3000:]
     finally:
         run.kill()
         cleanup(cluster, run_id, home)
+    took = judged_at(cluster, run_id, ["n1", "n3"], line_at) - killed_at
+    assert took <= LOST_AFTER + LOSS_MARGIN, (
+        f"the killed node was found lost {took:.1f}s after the kill (README: {LOST_AFTER:.0f}s without an answer)")
     (record,) = ps(home)
     assert len(record["attempts"]) == 2, record["attempts"]
     first, second = record["attempts"]
@@ -182,7 +207,7 @@ def test_a_killed_node_is_replaced_by_a_spare_and_the_run_ends_as_if_unfaulted(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="cutting a link needs network namespaces")
-def test_a_cut_link_is_a_node_loss_within_15_seconds_and_the_run_resumes(
+def test_a_cut_link_is_a_node_loss_within_6_seconds_and_the_run_resumes(
     cluster: Cluster, s3: str, home: dict[str, str], reference_sha: str
 ) -> None:
     run = LiveRun(["train", str(STEPS), *s3_settings(s3, "cut")], cluster.inventory(WITH_SPARE, s3fs=True), home)
@@ -191,9 +216,11 @@ def test_a_cut_link_is_a_node_loss_within_15_seconds_and_the_run_resumes(
         run_id = run_id_of(run)
         run.wait_line(r"\| step 1[5-9]$")
         cluster.cut_link("n3")
-        cut_at = time.monotonic()
-        seen_at, _ = run.wait_line(r"attempt 1 ended: node n3 stopped answering", timeout=60)
-        assert seen_at - cut_at <= 15
+        cut_at = time.time()
+        line_at, _ = run.wait_line(r"attempt 1 ended: node n3 stopped answering", timeout=60)
+        took = judged_at(cluster, run_id, ["n1", "n2"], line_at) - cut_at
+        assert took <= LOST_AFTER + LOSS_MARGIN, (
+            f"the cut node was found lost {took:.1f}s after the cut (README: {LOST_AFTER:.0f}s without an answer)")
         assert run.finish() == 0, run.text()[-3000:]
     finally:
         run.kill()
@@ -208,14 +235,27 @@ def test_a_hung_rank_is_found_after_hang_timeout_and_the_run_resumes(
     cluster: Cluster, s3: str, home: dict[str, str], reference_sha: str
 ) -> None:
     args = '["--steps", "60", "--ckpt-every", "10", "--step-time", "0.05", "--hang-at", "15"]'
-    done = run_ava("train", str(STEPS), *s3_settings(s3, "hang"), "--set", f"run.args={args}",
-                   "--set", "failover.hang_timeout=4s", inventory=cluster.inventory(MAIN), env=home, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    run = LiveRun(["train", str(STEPS), *s3_settings(s3, "hang"), "--set", f"run.args={args}",
+                   "--set", f"failover.hang_timeout={HANG_TIMEOUT:.0f}s"], cluster.inventory(MAIN, s3fs=True), home)
+    run_id = None
+    try:
+        run_id = run_id_of(run)
+        hung_at, _ = run.wait_line(r"hanging on purpose")  # right after its last progress report
+        line_at, _ = run.wait_line(r"attempt 1 ended: .*no training progress", timeout=60)
+        assert run.finish() == 0, run.text()[-3000:]
+    finally:
+        run.kill()
+        cleanup(cluster, run_id, home)
+    hung_at = time.time() - (time.monotonic() - hung_at)  # the line's arrival, on the wall clock
+    took = judged_at(cluster, run_id, MAIN, line_at) - hung_at
+    # Not before hang_timeout (the line lags the report by a moment), and soon after it.
+    assert HANG_TIMEOUT - 0.5 <= took <= HANG_TIMEOUT + HANG_MARGIN, (
+        f"the hang was declared {took:.1f}s after the last progress (hang_timeout {HANG_TIMEOUT:.0f}s)")
     (record,) = ps(home)
     first = record["attempts"][0]
     assert first["kind"] == "hang" and "no training progress" in first["cause"]
-    assert "resumed from step 10" in done.stdout
-    assert final_sha(done.stdout) == reference_sha
+    assert "resumed from step 10" in run.text()
+    assert final_sha(run.text()) == reference_sha
     assert processes_of(record["id"]) == []
 
 
