@@ -20,6 +20,7 @@ import pytest
 from ava.bandwidth import bus_bandwidth, slow_links
 from ava.config import Node
 from ava.doctor import FAIL, PASS, WARN, Observation, check_clock, check_versions_alike
+from tests import nodepy
 from tests.cluster import Cluster
 from tests.conftest import run_ava
 
@@ -38,17 +39,20 @@ def inventory(cluster: Cluster, tmp_path: Path, names: list[str], per_node: dict
     lines = path.read_text().splitlines()
     for name, keys in (per_node or {}).items():
         at = lines.index(f"[nodes.{name}]") + 1
+        end = next((i for i in range(at, len(lines)) if not lines[i].strip()), len(lines))
+        # Replaced where the cluster's inventory already names them (each node's python).
+        lines[at:end] = [l for l in lines[at:end] if l.split(" = ", 1)[0] not in keys]
         lines[at:at] = [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def python_wrapper(folder: Path, *, env: dict[str, str] | None = None, prefix: str = "") -> str:
-    """A `python` for one node: the real interpreter under another environment or namespace."""
+    """A `python` for one node: the nodes' real interpreter under another environment or namespace."""
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "python"
     exports = "".join(f"export {k}='{v}'\n" for k, v in (env or {}).items())
-    script.write_text(f"#!/bin/sh\n{exports}{prefix}exec {sys.executable} \"$@\"\n")
+    script.write_text(f"#!/bin/sh\n{exports}{prefix}exec {nodepy.node_python()} \"$@\"\n")
     script.chmod(0o755)
     return str(script)
 
@@ -199,7 +203,7 @@ def test_gpu_health_fails_on_ecc_errors_and_a_fatal_xid(cluster: Cluster, tmp_pa
 def test_a_tiny_workdir_disk_fails_and_an_oversized_cache_warns(cluster: Cluster, tmp_path: Path) -> None:
     work = cluster.node("n2").workdir
     # The node's python sees a 16 MiB tmpfs at its workdir, in its own mount namespace only.
-    prefix = f"exec unshare -m sh -c 'mount -t tmpfs -o size=16m ava-test {work} && exec \"$0\" \"$@\"' {sys.executable} \"$@\"\n"
+    prefix = f"exec unshare -m sh -c 'mount -t tmpfs -o size=16m ava-test {work} && exec \"$0\" \"$@\"' {nodepy.node_python()} \"$@\"\n"
     python = python_wrapper(tmp_path / "bin", prefix=prefix)
     path = inventory(cluster, tmp_path, ["n1", "n2"], per_node={"n2": {"python": python}, "n1": {"cache_size": "1000TiB"}})
     code, report, _ = doctor(path)
