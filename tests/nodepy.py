@@ -107,6 +107,8 @@ def node_venv(*, s3fs: bool = False) -> Path:
     with open(CACHE / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / READY).exists():
+            if subprocess.run([BASE_PYTHON, "-c", "import ensurepip, venv"], capture_output=True).returncode:
+                raise RuntimeError(f"{BASE_PYTHON} cannot make a venv: apt-get install python3-venv")
             shutil.rmtree(target, ignore_errors=True)
             _build(target, extras)
     return target
