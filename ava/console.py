@@ -170,10 +170,10 @@ def table(columns: list[str], rows: list[list[str]], *, title: str | None = None
 
 
 def plain(columns: list[str], rows: list[list[str]], *, title: str | None = None) -> None:
-    """Columns aligned with spaces; an empty cell is `-` and a line break a space, so each
-    record stays on one line and every column keeps its place."""
+    """Columns aligned with spaces under the table's own header; an empty cell is `-` and a line
+    break a space, so each record stays on one line and every column keeps its place."""
     cells = [[" ".join(str(c).split()) or "-" for c in row] for row in rows]
-    header = [c.upper().replace(" ", "_") for c in columns]
+    header = list(columns)
     widths = [max([len(header[i])] + [len(r[i]) for r in cells if i < len(r)]) for i in range(len(columns))]
     lines = [f"# {title}"] if title else []
     for row in [header] + cells:

@@ -92,7 +92,7 @@ def test_off_a_terminal_rows_are_whole_whatever_the_width(cluster: Cluster, home
     assert done.returncode == 3, done.stderr
     lines = done.stdout.splitlines()
     assert not BOX & set(done.stdout) and ESCAPE not in done.stdout and "…" not in done.stdout
-    assert lines[0].split()[:3] == ["NODE", "HOST", "UP"]
+    assert lines[0].split()[:3] == ["node", "host", "up"]
     rows = {line.split()[0]: line for line in lines[1:4]}
     assert set(rows) == {"n1", "n2", "gone-node-with-a-long-name"}
     refused = rows["gone-node-with-a-long-name"]
@@ -109,7 +109,7 @@ def test_off_a_terminal_rows_are_whole_whatever_the_width(cluster: Cluster, home
     listed = run_ava("ps", env=narrow)
     assert listed.returncode == 0
     header, row = listed.stdout.splitlines()
-    assert header.split() == ["RUN", "STATE", "NODES", "ATTEMPTS", "STARTED", "TOOK", "LAST_CAUSE"]
+    assert header.split() == ["run", "state", "nodes", "attempts", "started", "took", "last", "cause"]
     run = last_run(home)
     assert row.startswith(run["id"] + " ") and " failed " in row
     assert row.endswith(run["attempts"][-1]["cause"])  # the whole cause, on the run's line

@@ -66,8 +66,8 @@ def test_format_option_chooses_table_or_plain_rows_wherever_output_goes(tmp_path
     table = run_ava("--format", "table", "ps", env=env)
     assert table.returncode == 0 and "━" in table.stdout
     plain = run_ava("ps", "--format=plain", env=env)
-    assert plain.returncode == 0 and plain.stdout.split() == ["RUN", "STATE", "NODES", "ATTEMPTS", "STARTED",
-                                                              "TOOK", "LAST_CAUSE"]
+    assert plain.returncode == 0 and plain.stdout.split() == ["run", "state", "nodes", "attempts", "started",
+                                                              "took", "last", "cause"]
     bad = run_ava("--format", "fancy", "ps", env=env)
     assert bad.returncode == 2 and "--format fancy" in bad.stderr
 
