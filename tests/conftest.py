@@ -13,6 +13,7 @@ import pytest
 
 from tests.cluster import Cluster, clean_stale, have_sshd
 from tests.leak_check import nothing_left_on_the_cluster  # noqa: F401  (autouse, after each cluster test)
+from tests.vm_fixtures import vm  # noqa: F401  (the session's systemd + cgroup v2 node)
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
