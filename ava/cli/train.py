@@ -505,6 +505,7 @@ def stop(
     from ava.supervisor import STOP_FILE
 
     run_id = runs.resolve_id(run)
+    asked = time.time()
     (runs.runs_dir() / run_id / STOP_FILE).touch()
     try:
         record = runs.load(run_id)
@@ -515,10 +516,10 @@ def stop(
 
         console.warn(f"{damaged.message}; stopping {run_id} on every node of the inventory")
         return _stop_on(run_id, list(load_inventory().nodes.values()), json_out=json_out)
-    return _stop_run(record, by="`ava stop`", json_out=json_out)
+    return _stop_run(record, by="`ava stop`", json_out=json_out, asked=asked)
 
 
-def _stop_run(record, *, by: str, json_out: bool = False) -> int:  # type: ignore[no-untyped-def]
+def _stop_run(record, *, by: str, json_out: bool = False, asked: float | None = None) -> int:  # type: ignore[no-untyped-def]
     """Stop the run on every node it used, wait for its supervisor to go, record it stopped."""
     from ava import runs
 
@@ -526,14 +527,21 @@ def _stop_run(record, *, by: str, json_out: bool = False) -> int:  # type: ignor
     names = sorted({n for a in record.attempts for n in a.nodes} | set(record.nodes))
     chosen = [inventory.nodes[n] for n in names if n in inventory.nodes]
 
+    asked = time.time() if asked is None else asked
+
     def settle() -> None:
         if record.supervisor_pid != os.getpid():
             _wait_supervisor_gone(record.id)
         latest = runs.load(record.id)
-        if not latest.final:
-            current = latest.current()
-            if current is not None and current.state in ("starting", "running"):
-                current.state, current.ended, current.kind, current.cause = "stopped", time.time(), "stopped", f"stopped by {by}"
+        current = latest.current()
+        # A stop that lands while an attempt is still launching can be recorded by the
+        # supervisor as a launch failure: a run that ended after the stop was asked for was
+        # stopped, whatever its supervisor made of the processes vanishing.
+        ended_by_stop = latest.state == "failed" and latest.ended is not None and latest.ended >= asked
+        if not latest.final or ended_by_stop:
+            if current is not None and (current.state in ("starting", "running") or ended_by_stop):
+                why = f"stopped by {by}" + (f" ({current.cause})" if ended_by_stop and current.cause else "")
+                current.state, current.ended, current.kind, current.cause = "stopped", time.time(), "stopped", why
             latest.state, latest.ended, latest.exit_code = "stopped", time.time(), 1
             latest.save()
 
