@@ -238,6 +238,12 @@ class Supervisor:
                     last_wait = held
                 self._sleep(5.0)
             except AvaError as failure:
+                if self.stop_requested():
+                    # `ava stop` during the launch: its teardown is what made the launch fail.
+                    current.state, current.ended, current.kind = "stopped", time.time(), "stopped"
+                    current.cause = "stopped by `ava stop` during the launch"
+                    self._finish("stopped", 1)
+                    return None
                 self._fail_launch(current, failure)
                 if isinstance(failure, ConnectError) and number > 1:
                     # A node lost while restarting: count it lost and try to recover once more.
