@@ -491,11 +491,13 @@ def current_user() -> str:
 
 def spawn_background(record: RunRecord, inventory_path: Path) -> int:
     """Start a detached supervisor for the run; its output goes to the run's supervisor.log."""
+    from ava.onefile import child_env, python_module  # the one-file ava starts itself again
+
     log = open(record.dir / "supervisor.log", "ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "ava.supervisor", record.id, str(inventory_path)],
+        [*python_module("ava.supervisor"), record.id, str(inventory_path)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        env={**os.environ, "AVA_HOME": str(record.dir.parent.parent)},
+        env={**os.environ, "AVA_HOME": str(record.dir.parent.parent), **child_env("ava.supervisor")},
     )
     log.close()
     return process.pid

@@ -76,8 +76,18 @@ def _version(value: bool) -> None:
     if value:
         from ava import __version__
 
-        sys.stdout.write(f"ava {__version__}\n")
+        sys.stdout.write(f"ava {__version__}{_build_note()}\n")
         raise typer.Exit(EXIT_OK)
+
+
+def _build_note() -> str:
+    """Which build the one-file ava is (ava/_build.py is written into that file only, by ava.build)."""
+    try:
+        from ava._build import BUILD  # type: ignore[import-not-found]
+    except ImportError:
+        return ""
+    return (f" (one file, commit {BUILD['commit']}, built {BUILD['date']}, "
+            f"CPython {BUILD['pythons']}, {BUILD['platform']})")
 
 
 @app.callback(invoke_without_command=True)
