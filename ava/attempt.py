@@ -14,13 +14,14 @@ from typing import Any, Callable
 
 from ava import sync
 from ava.config import Node, Recipe
+from ava.decide import liveness_scale
 from ava.errors import AvaError, CommandError
 from ava.launch import NodeLaunch, Route
 from ava.nodes import FACTS_SOURCE
 from ava.transport import connect, run_all, shell_path
 
 BUSY_EXIT = 4  # the agent's exit code when the leases it needs are held by another run
-STATUS_TIMEOUT = 4.0  # a status poll slower than this counts as the node not answering
+STATUS_TIMEOUT = 4.0 * liveness_scale()  # a status poll slower than this counts as the node not answering
 
 
 class LeaseBusy(AvaError):
