@@ -20,6 +20,7 @@ Everything it makes (namespaces, links, sshd processes, /etc edits, files) is re
 `Cluster.down()`, which the pytest fixture calls even when a test fails.
 
 By hand, for benchmarks:  python -m tests.cluster up 3   (prints the inventory; Ctrl-C tears down)
+With the systemd + cgroup v2 VM node of tests/vm.py too:  python -m tests.cluster up 3 --vm
 """
 
 from __future__ import annotations
@@ -533,14 +534,22 @@ def running_cluster(size: int) -> Iterator[Cluster]:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 1 or argv[0] not in ("up", "clean"):
-        print("usage: python -m tests.cluster up N | clean", file=sys.stderr)
+        print("usage: python -m tests.cluster up N [--vm] | clean", file=sys.stderr)
         return 2
     if argv[0] == "clean":
         clean_stale()
         return 0
+    with_vm = "--vm" in argv  # also the systemd + cgroup v2 node of tests/vm.py
+    argv = [a for a in argv if a != "--vm"]
     size = int(argv[1]) if len(argv) > 1 else 3
-    with running_cluster(size) as cluster:
+    with running_cluster(size) as cluster, contextlib.ExitStack() as extra:
         print(f"inventory: {cluster.inventory()}", flush=True)
+        if with_vm:
+            from tests.vm import USER, running_vm
+
+            vm = extra.enter_context(running_vm())
+            print(f"VM node (root): {vm.inventory(vm.root / 'ava.toml')}", flush=True)
+            print(f"VM node ({USER}): {vm.inventory(vm.root / 'ava-user.toml', user=USER)}", flush=True)
         print("Ctrl-C tears the cluster down.", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
