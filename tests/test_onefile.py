@@ -155,3 +155,36 @@ def test_the_one_file_trains_and_stops_on_the_cluster_with_only_a_system_python(
     loaded = "".join(r.read_text() for r in reports)
     assert "\nparamiko\t" in loaded and "\ncryptography\t" in loaded
     assert foreign_modules(user, python) == {}
+
+
+def wheel(path: Path, files: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_unpacking_wheels_of_two_pythons_keeps_the_older_abi3_module_and_refuses_a_differing_source(
+    tmp_path: Path,
+) -> None:
+    from ava.build import BuildError, unpack
+
+    site = tmp_path / "site"
+    old = {"pkg/__init__.py": b"x = 1\n", "pkg/_rust.abi3.so": b"cp37", "pkg-1.dist-info/WHEEL": b"cp37-abi3",
+           "pkg-1.data/purelib/pkg/extra.py": b"", "pkg-1.data/scripts/tool": b"#!/bin/sh\n"}
+    unpack(wheel(tmp_path / "pkg-1-cp37-abi3-any.whl", old), site)
+    unpack(wheel(tmp_path / "pkg-1-cp311-abi3-any.whl", {**old, "pkg/_rust.abi3.so": b"cp311",
+                                                         "pkg-1.dist-info/WHEEL": b"cp311-abi3"}), site)
+    assert (site / "pkg" / "_rust.abi3.so").read_bytes() == b"cp37"
+    assert (site / "pkg" / "extra.py").exists() and not (site / "pkg-1.data").exists()
+    with pytest.raises(BuildError, match="pkg/__init__.py: differs"):
+        unpack(wheel(tmp_path / "pkg-1-cp312-cp312-any.whl", {"pkg/__init__.py": b"x = 2\n"}), site)
+
+
+def test_outside_the_one_file_ava_starts_its_modules_with_this_interpreter() -> None:
+    from ava.onefile import child_env, python_module
+
+    assert python_module("ava.supervisor") == [sys.executable, "-m", "ava.supervisor"]
+    assert child_env("ava.supervisor") == {}
