@@ -57,7 +57,9 @@ def _isolate() -> None:
         parts = path.split(os.sep)
         if "site-packages" in parts or "dist-packages" in parts:
             return False
-        return path == stdlib or path.startswith(stdlib + os.sep) or (path.endswith(".zip") and path.startswith(sys.base_prefix))
+        if path.endswith(".zip"):  # the stdlib as a zip (python311.zip), where there is one
+            return path.startswith(sys.base_prefix)
+        return path == stdlib or path.startswith(stdlib + os.sep)
 
     sys.path[:] = [entry for entry in sys.path if own(entry)]
 

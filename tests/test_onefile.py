@@ -35,7 +35,8 @@ def bare_python3() -> Path:
     if python is None:
         pytest.fail(f"no python3 on {SYSTEM_PATH}: the one file needs the system's python3")
     for module in DEPENDENCIES:
-        found = subprocess.run([python, "-c", f"import {module}"], capture_output=True, env={"PATH": SYSTEM_PATH}, cwd="/")
+        found = subprocess.run([python, "-c", f"import {module}"], capture_output=True, env={"PATH": SYSTEM_PATH},
+                               cwd="/")
         if found.returncode == 0:
             pytest.fail(f"{python} can import {module}: not a bare system python3, so the test would prove nothing")
     return Path(python)
