@@ -264,6 +264,11 @@ class Supervisor:
         cachenodes.prefetch(nodes, self.recipe, pythons=prepared.pythons, report=self.sink.event)
         self.record.code_tree = prepared.code_tree
         current.code_sent_bytes = sum(stats.sent_bytes for stats in prepared.code_stats.values())
+        sent = {name: stats for name, stats in prepared.code_stats.items() if stats.sent_files}
+        if sent:
+            files = sum(stats.sent_files for stats in sent.values())
+            self.sink.event(f"code: sent {files} file{'s' if files != 1 else ''}, {current.code_sent_bytes:,} bytes"
+                            f" to {', '.join(sorted(sent))}")
         launches, master, port = plan_attempt(self.recipe, nodes, self.record.id, current.number,
                                               prepared.code_tree, prepared.runtime_tree, prepared.pythons)
         current.master_port = port
@@ -420,10 +425,15 @@ class Supervisor:
     def _teardown(self, nodes: list[Node], unreachable: dict[str, float]) -> None:
         self._unreached.update(unreachable)
         reachable = [n for n in nodes if n.name not in unreachable]
+        started = time.monotonic()
         outcomes = nodes_ops.stop(reachable, self.record.id)
         for name, outcome in outcomes.items():
             if isinstance(outcome, AvaError):
                 self.sink.event(f"teardown on {name} failed: {outcome.message}")
+        took = time.monotonic() - started
+        clean = sorted(name for name, outcome in outcomes.items() if not isinstance(outcome, AvaError))
+        if clean and took >= 1.0:  # a quick teardown of a finished job is not news
+            self.sink.event(f"teardown: nothing of the attempt left on {', '.join(clean)} ({took:.1f}s)")
 
     def _end_attempt(self, current: Attempt, verdict: Verdict) -> None:
         current.ended = time.time()
