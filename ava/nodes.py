@@ -26,6 +26,7 @@ class NodeReport:
     mem_free: int | None = None
     disk_free: int | None = None
     run_dirs: dict[str, int] | None = None  # {"count", "bytes"}: the runs' own directories
+    agent: str | None = None  # this ava's agent build is there: current | older (replaced at the next launch) | none
     python: str | None = None
     torch: str | None = None
     gpus: list[dict[str, Any]] = field(default_factory=list)
@@ -69,5 +70,16 @@ def probe(nodes: list[Node], *, host_keys: str | None = None) -> list[NodeReport
             reports.append(NodeReport(node.name, host, reachable=False, error=outcome.message))
             continue
         known = {k: v for k, v in outcome.items() if k in NodeReport.__dataclass_fields__}
-        reports.append(NodeReport(name=node.name, host=host, reachable=True, **known))
+        reports.append(NodeReport(name=node.name, host=host, reachable=True, agent=agent_state(outcome.get("agents")),
+                                  **known))
     return reports
+
+
+def agent_state(found: Any) -> str:
+    """Whether the node has this ava's agent build (named by its hash), an older one, or none."""
+    from ava.sync import agent_bundle
+
+    names = list(found or [])
+    if f"agent-{agent_bundle()[1][:16]}.pyz" in names:
+        return "current"
+    return "older" if names else "none"

@@ -153,6 +153,16 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def agents(workdir: str) -> list[str]:
+    """The agent builds ava has placed here (agent-<hash>.pyz), newest first."""
+    folder = os.path.join(os.path.expanduser(workdir), "agent")
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith("agent-") and n.endswith(".pyz")]
+    except OSError:
+        return []
+    return sorted(names, key=lambda n: os.path.getmtime(os.path.join(folder, n)), reverse=True)
+
+
 def gather(workdir: str) -> dict[str, object]:
     mode = cgroup_mode()
     mem_total, mem_free = memory()
@@ -168,6 +178,7 @@ def gather(workdir: str) -> dict[str, object]:
         "mem_free": mem_free,
         "disk_free": disk_free(workdir),
         "run_dirs": run_dirs(workdir),
+        "agents": agents(workdir),
         "gpus": gpus(),
         "cgroup": mode,
         "isolation": isolation_backend(mode),

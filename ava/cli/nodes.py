@@ -32,7 +32,7 @@ def nodes(
         rows = []
         for r in reports:
             if not r.reachable:
-                rows.append([r.name, r.host, "no", "-", "-", "-", "-", "-", "-", "-", r.error or ""])
+                rows.append([r.name, r.host, "no", "-", "-", "-", "-", "-", "-", "-", "-", r.error or ""])
                 continue
             gpus = ", ".join(f"{g['index']}:{g['name']}" for g in r.gpus) or "none"
             held = f"{len(r.leases)} run{'s' if len(r.leases) != 1 else ''}" if r.leases else ""
@@ -40,11 +40,12 @@ def nodes(
                 held += " (draining)"  # a teardown left processes: their GPUs stay leased
             rows.append([
                 r.name, r.host, "yes", str(r.cpus), f"{console.size(r.mem_free)}/{console.size(r.mem_total)}",
-                console.size(r.disk_free), _run_dirs(r.run_dirs), r.torch or "-", gpus, r.isolation or "-", held,
+                console.size(r.disk_free), _run_dirs(r.run_dirs), r.torch or "-", r.agent or "-", gpus,
+                r.isolation or "-", held,
             ])
         console.table(
-            ["node", "host", "up", "cpus", "mem free/total", "disk free", "run dirs", "torch", "gpus", "isolation",
-             "held by"],
+            ["node", "host", "up", "cpus", "mem free/total", "disk free", "run dirs", "torch", "agent", "gpus",
+             "isolation", "held by"],
             rows,
         )
         # Who holds what, one line per holder: run ids are what `ava stop` takes, so they are
