@@ -27,6 +27,8 @@ LOST_AFTER = 6.0 * liveness_scale()
 # A heartbeat older than this, on the node's own clock, means its agent is stuck.
 STALE_AFTER = 10.0 * liveness_scale()
 MAX_BACKOFF = 60.0
+# How long a failure waits for a node still running whose rank raised earlier to end too.
+SETTLE_AFTER = 10.0
 # Start-up (imports, rendezvous, loading a checkpoint) reports no progress yet: until an attempt
 # has progressed, a hang needs this long at least, however short hang_timeout is.
 STARTUP_GRACE = 60.0
@@ -99,6 +101,13 @@ def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
         # answering is the cause, not the ranks that lost it.
         return Verdict("failed", "node-lost", f"node {', '.join(silent)} stopped answering", node=silent[0], lost=silent)
     if failed:
+        first = _first_failure(failed[0])
+        earlier = [v for v in views if v.state in ("starting", "running")
+                   and any(t < first for t in v.rank_fail_times.values())]
+        if earlier and (failed[0].heartbeat_age or 0.0) < SETTLE_AFTER:
+            # A rank on a node still winding down raised before this failure: that node's
+            # torchrun ends within moments, and its rank is the cause.
+            return RUNNING
         return _failure(failed[0])
     if views and all(v.state == "succeeded" for v in views):
         return Verdict("succeeded", exit_code=0)

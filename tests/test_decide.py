@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from ava.config import Failover
-from ava.decide import (LOST_AFTER, MAX_BACKOFF, STALE_AFTER, STARTUP_GRACE, NodeView, Observation, Plan, Verdict, judge, recover,
+from ava.decide import (LOST_AFTER, MAX_BACKOFF, RUNNING, SETTLE_AFTER, STALE_AFTER, STARTUP_GRACE, NodeView, Observation,
+                        Plan, Verdict, judge, recover,
                         startup_signature)
 
 HANG = 60.0
@@ -213,3 +214,18 @@ def test_the_timings_the_readme_promises_are_the_ones_decide_uses() -> None:
         found = re.search(pattern, readme)
         assert found, f"README.md no longer says /{pattern}/: update this test with it"
         assert used[name] == float(found.group(1)), f"README.md says {found.group(0)!r}, ava.decide.{name} = {used[name]}"
+
+
+def test_a_failure_waits_for_a_running_node_whose_rank_raised_earlier() -> None:
+    # n1's rank 0 died of the lost connection and n1 is final; n2's rank 1 raised first, but
+    # n2's torchrun is still winding down: wait for it rather than blame rank 0.
+    n1 = NodeView("n1", state="failed", reason="exit", rank_exit_codes={"0": 1}, rank_fail_times={"0": 100.4},
+                  heartbeat_age=1.0)
+    n2 = NodeView("n2", state="running", rank_fail_times={"1": 100.0})
+    assert observe(n1, n2) == RUNNING
+    # Once n2 is final its rank is named; and a node that never ends is not waited for forever.
+    n2_done = NodeView("n2", state="failed", reason="exit", rank_exit_codes={"1": 1}, rank_fail_times={"1": 100.0})
+    assert observe(n1, n2_done).rank == 1
+    n1_old = NodeView("n1", state="failed", reason="exit", rank_exit_codes={"0": 1}, rank_fail_times={"0": 100.4},
+                      heartbeat_age=SETTLE_AFTER + 1)
+    assert observe(n1_old, n2).node == "n1"

@@ -312,6 +312,9 @@ class Monitor:
                 self._terminate(job)
                 break
             if time.monotonic() - last >= HEARTBEAT:
+                # While running: the ranks that raised, so the supervisor can tell that a failure
+                # here came before one another node already reported.
+                self.st["rank_fail_times"] = ranks.raised()
                 self._save()
                 last = time.monotonic()
             ranks.scan()

@@ -120,6 +120,11 @@ class RankWatch:
                 os.close(fd)
         self._live.clear()
 
+    def raised(self) -> dict[str, float]:
+        """Ranks whose uncaught exception reached the top so far: failures for certain, known
+        while the job still runs (exits are not: their codes come at the end)."""
+        return _raised(self.errors)
+
     def failures(self) -> dict[str, float]:
         found = dict(self.exits)
         for rank, raised in _raised(self.errors).items():
