@@ -217,11 +217,14 @@ LOG_START = "ava-logs-start"
 
 
 def follow_logs(node: Node, run_id: str, attempt: int, on_line: Callable[[str], None], *,
-                offset: int = 0, follow: bool = True) -> int:
-    """Stream the attempt's output on one node, line by line; returns the bytes read."""
+                offset: int = 0, follow: bool = True, timestamps: bool = False) -> int:
+    """Stream the attempt's output on one node, line by line; returns the bytes read. With
+    `timestamps` each line comes as `<unix time> <line>` (the time is not counted in the bytes)."""
     args = ["logs", node.workdir, run_id, "--attempt", str(attempt), "--offset", str(offset)]
     if follow:
         args.append("--follow")
+    if timestamps:
+        args.append("--timestamps")
     seen, started = 0, False
 
     def line(_stream: str, text: str) -> None:
@@ -231,7 +234,7 @@ def follow_logs(node: Node, run_id: str, attempt: int, on_line: Callable[[str], 
         if not started:  # what the node's shell printed before the command (a noisy ~/.bashrc)
             started = text == LOG_START
             return
-        seen += len(text.encode()) + 1
+        seen += len((text.split(" ", 1)[-1] if timestamps else text).encode()) + 1
         on_line(text)
 
     connect(node).run(f"echo {LOG_START}; {agent_command(node, *args)}", on_line=line)

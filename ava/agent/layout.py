@@ -15,6 +15,7 @@ from typing import Any
 
 STATUS = "status.json"
 OUTPUT = "output.log"
+OUTPUT_TIMES = "output.times"  # "<size> <unix time>" lines: when output.log grew, for logs --timestamps
 PROGRESS = "progress"
 SPEC = "spec.json"
 STOP = "stop.json"

@@ -149,6 +149,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     path = adir / layout.OUTPUT
     out = sys.stdout.buffer
     offset = args.offset
+    stamps = OutputTimes(adir) if args.timestamps else None
     f = None
     try:
         while True:
@@ -158,7 +159,17 @@ def cmd_logs(args: argparse.Namespace) -> int:
             if f is not None:
                 f.seek(offset)
                 data = f.read(1 << 20)
-            if data:
+            if data and stamps is not None:
+                # Whole lines only, each after the time output.log reached its end.
+                end = data.rfind(b"\n") + 1 if args.follow or len(data) == 1 << 20 else len(data)
+                if end == 0:
+                    data = b""
+                else:
+                    out.write(stamps.stamp(data[:end], offset))
+                    out.flush()
+                    offset += end
+                    continue
+            elif data:
                 out.write(data)
                 out.flush()
                 offset += len(data)
@@ -172,6 +183,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 # Drained after the final state: nothing more can come.
                 if f is None or not f.read(1):
                     return EXIT_OK
+                if stamps is not None:
+                    f.seek(offset)
+                    rest = f.read()
+                    if b"\n" not in rest:  # a last line without its newline: nothing more comes
+                        out.write(stamps.stamp(rest, offset))
+                        out.flush()
+                        return EXIT_OK
                 continue
             time.sleep(0.2)
     except BrokenPipeError:
@@ -179,6 +197,44 @@ def cmd_logs(args: argparse.Namespace) -> int:
     finally:
         if f is not None:
             f.close()
+
+
+class OutputTimes:
+    """Dates lines of output.log from output.times (see the monitor's _note_output)."""
+
+    def __init__(self, adir: Path) -> None:
+        self.path = adir / layout.OUTPUT_TIMES
+        self.notes: list[tuple[int, float]] = []
+
+    def _when(self, end: int) -> float:
+        for _ in range(2):
+            for size, when in self.notes:
+                if size >= end:
+                    return when
+            self._reload()
+        return time.time()  # written since the monitor's last note (a tick ago at most)
+
+    def _reload(self) -> None:
+        try:
+            text = self.path.read_text(encoding="ascii")
+        except OSError:
+            return
+        notes = []
+        for line in text.splitlines():
+            size, _, when = line.partition(" ")
+            try:
+                notes.append((int(size), float(when)))
+            except ValueError:
+                continue
+        self.notes = notes
+
+    def stamp(self, data: bytes, offset: int) -> bytes:
+        """Each line of DATA (read at OFFSET) as `<unix time> <line>`."""
+        out = []
+        for line in data.splitlines(keepends=True):
+            offset += len(line)
+            out.append(f"{self._when(offset):.3f} ".encode() + line)
+        return b"".join(out)
 
 
 def cmd_leases(args: argparse.Namespace) -> int:
@@ -221,6 +277,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--attempt", type=int, required=True)
     s.add_argument("--offset", type=int, default=0)
     s.add_argument("--follow", action="store_true")
+    s.add_argument("--timestamps", action="store_true", help="prefix each line with the unix time it was written")
     s.set_defaults(func=cmd_logs)
     s = sub.add_parser("leases", help="the GPU/CPU ledger, dead holders reclaimed")
     s.add_argument("workdir")

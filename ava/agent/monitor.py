@@ -111,6 +111,7 @@ class Monitor:
         self.dir = attempt_dir
         self.gpus = gpus
         self.stop_grace: float | None = None
+        self._noted = 0  # output.log's size at the last note in output.times
         me = os.getpid()
         self.st: dict[str, Any] = {
             "run": spec.run,
@@ -319,6 +320,7 @@ class Monitor:
                 last = time.monotonic()
             ranks.scan()
             ranks.wait(TICK)
+            self._note_output()
         # Orphaned workers (torchrun killed, a rank that double-forked) die with the fence.
         oom = oom or fence.oom_happened()
         if oom:
@@ -341,6 +343,7 @@ class Monitor:
             self.st["left_pids"] = remaining
         ranks.close()
         self.st["rank_fail_times"] = ranks.failures()
+        self._note_output()
         rc = job.returncode
         self.st["exit_code"] = rc
         if oom:
@@ -355,6 +358,18 @@ class Monitor:
         self.st["rank_exit_codes"] = status.parse_rank_exit_codes(status.tail(self.dir / layout.OUTPUT))
         self._finish("failed", "exit")
         return 1
+
+    def _note_output(self) -> None:
+        """Note when output.log grew (each tick): `logs --timestamps` dates a line by the first
+        note at or past its end. The job writes the log directly, so this is as close as it gets."""
+        try:
+            size = os.stat(self.dir / layout.OUTPUT).st_size
+            if size > self._noted:
+                with open(self.dir / layout.OUTPUT_TIMES, "a", encoding="ascii") as f:
+                    f.write(f"{size} {time.time():.3f}\n")
+                self._noted = size
+        except OSError:
+            pass  # a full disk: the log matters more than its dates
 
     def _terminate(self, job: subprocess.Popen[bytes]) -> None:
         """SIGTERM the job's process group and give it the grace to exit on its own."""

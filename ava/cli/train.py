@@ -386,6 +386,8 @@ def logs(
                                        help="Only the last N lines of each node, of the latest attempt."),
     since: Optional[str] = typer.Option(None, "--since", metavar="DURATION",
                                         help="Only attempts running within this long (e.g. 10m, 2h)."),
+    timestamps: bool = typer.Option(False, "--timestamps", "-t",
+                                    help="Each line with the time (UTC) the node's log got it."),
 ) -> int:
     """The run's output, each line prefixed by node/rank; every attempt, in order."""
     from collections import deque
@@ -411,10 +413,11 @@ def logs(
     failures = 0
 
     def emit(name: str, text: str) -> None:
+        stamp, text = _stamped(text) if timestamps else ("", text)
         match = RANK_LINE.match(text)
         line_rank, body = (match.group(1), match.group(2)) if match else ("-", text)
         if rank is None or line_rank == str(rank):
-            prefixer.line(f"{name}/{line_rank}", body, key=name)
+            prefixer.line(f"{name}/{line_rank}", stamp + body, key=name)
 
     def report(outcomes) -> None:  # type: ignore[no-untyped-def]
         nonlocal failures
@@ -441,19 +444,21 @@ def logs(
 
             if tail is None:
                 def read(n):  # type: ignore[no-untyped-def]
-                    return ops.follow_logs(n, record.id, past.number, lambda text: emit(n.name, text), follow=live)
+                    return ops.follow_logs(n, record.id, past.number, lambda text: emit(n.name, text), follow=live,
+                                          timestamps=timestamps)
 
                 report(run_all(chosen, read))
             else:
                 kept: dict[str, deque[str]] = {n.name: deque(maxlen=tail) for n in chosen}
 
                 def keep(name: str, text: str) -> None:
-                    match = RANK_LINE.match(text)
+                    match = RANK_LINE.match(_stamped(text)[1] if timestamps else text)
                     if rank is None or (match is not None and match.group(1) == str(rank)):
                         kept[name].append(text)
 
                 def read_tail(n):  # type: ignore[no-untyped-def]
-                    return ops.follow_logs(n, record.id, past.number, lambda text: keep(n.name, text), follow=False)
+                    return ops.follow_logs(n, record.id, past.number, lambda text: keep(n.name, text), follow=False,
+                                          timestamps=timestamps)
 
                 offsets = run_all(chosen, read_tail)
                 report(offsets)
@@ -465,7 +470,7 @@ def logs(
 
                     def read_on(n):  # type: ignore[no-untyped-def]
                         return ops.follow_logs(n, record.id, past.number, lambda text: emit(n.name, text),
-                                               offset=offsets[n.name], follow=True)
+                                               offset=offsets[n.name], follow=True, timestamps=timestamps)
 
                     report(run_all(ready, read_on))
             if past.cause:
@@ -481,6 +486,16 @@ def logs(
             break
         time.sleep(1.0)
     return EXIT_INFRA if failures else EXIT_OK
+
+
+def _stamped(text: str) -> tuple[str, str]:
+    """`<unix time> <line>` (agent logs --timestamps) as an RFC 3339 UTC prefix and the line."""
+    when, _, line = text.partition(" ")
+    try:
+        seconds = float(when)
+    except ValueError:
+        return "", text
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1000):03d}Z ", line
 
 
 def load_inventory_for(record):  # type: ignore[no-untyped-def]
