@@ -423,6 +423,7 @@ def main(argv: list[str]) -> int:
         print(f"booted in {vm.boot_seconds:.0f}s", flush=True)
         print(f"inventory: {vm.inventory(vm.root / 'ava.toml')}", flush=True)
         print(f"as {USER}: {vm.inventory(vm.root / 'ava-user.toml', user=USER)}", flush=True)
+        print("an emulated node answers slowly: export AVA_LIVENESS_SCALE=5 for ava commands aimed at it", flush=True)
         print("Ctrl-C stops the VM.", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()

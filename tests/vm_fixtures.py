@@ -18,6 +18,10 @@ import pytest
 from tests.vm import VM, build, clean_stale, missing_tools
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# For every `ava` command aimed at the guest: its emulated CPUs answer a status poll in 1-9 s
+# (the agent's start, ~30x slower than on the hardware it stands for), so the times that judge
+# a node alive (4 s to answer, lost after 6 s, heartbeat stale after 10 s) are stretched 5x.
+VM_ENV = {"AVA_LIVENESS_SCALE": "5"}
 
 # Run in the guest by its own python3: every live process of the run (the env marker every
 # job process carries), every cgroup whose name holds the run id with the files the tests
