@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ava.agent.doctor_facts import reach
 from tests.conftest import run_ava
 from tests.test_isolation_cluster import detach, hog_recipe, leases, ps, sets, stop, wait_for
 from tests.vm import VM
@@ -301,6 +303,9 @@ def test_a_non_root_user_trains_in_a_systemd_user_scope_and_doctor_says_so(vm: V
     checks = {c["check"]: c for c in json.loads(doctor.stdout)["checks"]}
     assert checks["isolation"]["status"] == "pass", checks["isolation"]
     assert checks["isolation"]["detail"] == "systemd (cgroup v2)", checks["isolation"]
+    # The inventory's port is a forwarded one: the master (this very node) is reached as the
+    # rendezvous reaches it, on its own address.
+    assert checks["reaches master"]["status"] == "pass", checks["reaches master"]
 
     done = run_ava("train", "tests/data/recipes/echo", "--set", "resources.memory=512MiB", inventory=inventory,
                    env=home, timeout=SLOW)
@@ -314,3 +319,12 @@ def test_a_non_root_user_trains_in_a_systemd_user_scope_and_doctor_says_so(vm: V
     # status.json was read from /home/ubuntu/.ava: the agent ran as ubuntu, the limit was set.
     assert seen.status["memory_limit"] == 512 << 20 and seen.status["state"] == "succeeded"
     assert seen.procs == [] and seen.cgroups == {}
+
+
+def test_the_master_reaches_its_own_address_whatever_port_its_ssh_is_forwarded_from() -> None:
+    """`ava doctor` on the master probes its own address with a listener of its own: the
+    inventory's SSH port (here: one nothing listens on) may be a forwarded one."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        unused = closed.getsockname()[1]
+    assert reach("127.0.0.1", unused, 2)["ok"] is True

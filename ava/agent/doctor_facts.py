@@ -9,6 +9,7 @@ name lookups take. Every probe is bounded in time: a doctor that hangs is worse 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -201,8 +202,18 @@ def reach(master: str | None, port: int | None, timeout: float) -> dict[str, obj
         return {"ok": None}
     started = time.monotonic()
     try:
-        with socket.create_connection((master, port), timeout=timeout):
-            pass
+        # On the master itself its SSH port may be a forwarded one that means nothing here (a
+        # rented box, a VM): where the address is this node's own, listen on it and connect, as
+        # the rendezvous will. Elsewhere, the master's SSH port is a port known to listen.
+        target = (master, port)
+        with contextlib.ExitStack() as stack:
+            try:
+                own = stack.enter_context(socket.create_server((master, 0)))
+                target = own.getsockname()[:2]
+            except OSError:
+                pass
+            with socket.create_connection(target, timeout=timeout):
+                pass
     except OSError as error:
         reason = "timed out" if isinstance(error, (socket.timeout, TimeoutError)) else (error.strerror or str(error))
         return {"ok": False, "error": reason, "seconds": round(time.monotonic() - started, 3)}
