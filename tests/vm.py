@@ -277,8 +277,9 @@ class VM:
                 "-device", "virtio-net-pci,netdev=net0",
                 "-display", "none", "-serial", f"file:{self.console}", "-monitor", "none", "-no-reboot",
             ]
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                            stderr=open(self.root / "qemu.log", "wb"), preexec_fn=_die_with_parent)
+            with open(self.root / "qemu.log", "wb") as log:
+                self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                stderr=log, preexec_fn=_die_with_parent)
             (OWNERS / str(self.process.pid)).write_text(str(os.getpid()))
             self._wait_ssh(timeout)
             self.boot_seconds = time.monotonic() - started
