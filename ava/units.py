@@ -1,0 +1,86 @@
+"""Sizes and durations as inventories and recipes write them, and values shown as TOML writes
+them: one grammar for every key that takes a size or a duration (ava.config reads through here).
+
+Sizes: a whole number of bytes, or a number and a unit, case-sensitive: B, KB, MB, GB, TB (x1000),
+KiB, MiB, GiB, TiB (x1024). Durations: seconds as a number, or parts of ms, s, m, h, d ("1h30m").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from decimal import Decimal
+from typing import Any
+
+from ava.errors import ConfigError
+
+
+def show(value: Any) -> str:
+    """A value as the user wrote it in TOML, cut short."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    elif isinstance(value, dict):
+        return "a table"
+    elif isinstance(value, list):
+        text = "[" + ", ".join(show(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_SIZE_UNITS = {"": 1, "B": 1} | {
+    f"{p}{i}B": (1024 if i else 1000) ** (n + 1) for n, p in enumerate("KMGT") for i in ("", "i")
+}
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_size(text: str | int, *, source: str, key: str) -> int:
+    """Bytes from 512, "512", "8MiB", "200MB", "1.5 GiB"; units are case-sensitive."""
+    expected = 'expected a size like "8GiB" or a whole number of bytes'
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise ConfigError(source, key, f"{expected}, got {show(text)}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(source, key, f"must not be negative, got {text}")
+        return text
+    match = _SIZE_RE.match(text)
+    if not match:
+        if text.strip().startswith("-"):
+            raise ConfigError(source, key, f"must not be negative, got {show(text)}")
+        raise ConfigError(source, key, f"{expected}, got {show(text)}")
+    number, unit = match.groups()
+    if unit not in _SIZE_UNITS:
+        spelled = {u.lower(): u for u in _SIZE_UNITS if u}
+        hint = (
+            f'did you mean "{spelled[unit.lower()]}"?'
+            if unit.lower() in spelled
+            else "use B, KB, MB, GB, TB (x1000) or KiB, MiB, GiB, TiB (x1024)"
+        )
+        raise ConfigError(source, key, f'unknown size unit "{unit}" in {show(text)}; {hint}')
+    return int(Decimal(number) * _SIZE_UNITS[unit])
+
+
+def parse_duration(text: str | int | float, *, source: str, key: str) -> float:
+    """Seconds from 90, 1.5, "90", "90s", "10m", "2h", "1h30m", "500ms", "1d"."""
+    expected = 'expected a duration like "90s", "10m", "2h" or a number of seconds'
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ConfigError(source, key, f"{expected}, got {show(text)}")
+    if isinstance(text, (int, float)):
+        if not math.isfinite(text):
+            raise ConfigError(source, key, f"{expected}, got {show(text)}")
+        if text < 0:
+            raise ConfigError(source, key, f"must not be negative, got {show(text)}")
+        return float(text)
+    spec = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", spec):
+        return float(spec)
+    if not _DURATION_RE.match(spec):
+        if spec.startswith("-"):
+            raise ConfigError(source, key, f"must not be negative, got {show(text)}")
+        raise ConfigError(source, key, f"{expected}, got {show(text)}")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART_RE.findall(spec))
