@@ -212,7 +212,7 @@ def _recipe_for(record, recipe):  # type: ignore[no-untyped-def]
 
 
 def _supervise(supervisor, record, inventory_path: Path, *, stop_on_interrupt: bool = False) -> int:  # type: ignore[no-untyped-def]
-    from ava import console
+    from ava import console, runs
     from ava.supervisor import spawn_background
 
     started = time.time()
@@ -234,7 +234,7 @@ def _supervise(supervisor, record, inventory_path: Path, *, stop_on_interrupt: b
                 signal.signal(sig, signal.SIG_IGN)
             _say(f"\nava: {signal.Signals(received[0]).name if received else 'interrupted'}: "
                  f"stopping {record.id} on every node (--stop-on-interrupt)")
-            code = _stop_run(runs_load(record.id), by="--stop-on-interrupt")
+            code = _stop_run(runs.load(record.id), by="--stop-on-interrupt")
             return EXIT_INTERRUPTED if code == EXIT_OK else code
     finally:
         for sig, handler in previous.items():
@@ -259,12 +259,6 @@ def _say(text: str) -> None:
         console.info(text)
     except OSError:
         pass  # after SIGHUP the terminal may be gone
-
-
-def runs_load(run_id: str):  # type: ignore[no-untyped-def]
-    from ava import runs
-
-    return runs.load(run_id)
 
 
 def _summary(outcome, elapsed: float) -> None:  # type: ignore[no-untyped-def]
@@ -596,15 +590,9 @@ def _wait_supervisor_gone(run_id: str, timeout: float = 20.0) -> None:
 
 
 def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from ava.agent.procs import alive  # stdlib only: the agent's own check (a zombie is not alive)
+
+    return alive(pid)
 
 
 @app.command(epilog=epilog("ava attach \"$RUN\""))
