@@ -41,7 +41,7 @@ import fsspec  # noqa: E402
 
 from ava.cache import AvaCacheFileSystem  # noqa: E402
 from ava.cache.store import BlockStore, ObjectId  # noqa: E402
-from tests.s3server import moto_server, s3_proxy  # noqa: E402
+from tests.support.s3server import moto_server, s3_proxy  # noqa: E402
 
 MiB = 1 << 20
 BUCKET = "ava-bench"

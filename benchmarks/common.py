@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.cluster import Cluster, clean_stale  # noqa: E402
+from tests.support.cluster import Cluster, clean_stale  # noqa: E402
 
 
 def median(values: Sequence[float]) -> float:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.cluster import Cluster, clean_stale  # noqa: E402
+from tests.support.cluster import Cluster, clean_stale  # noqa: E402
 from tests.conftest import run_ava  # noqa: E402
-from tests.test_failover import STEPS, LiveRun, run_id_of  # noqa: E402
+from tests.cluster.test_failover import STEPS, LiveRun, run_id_of  # noqa: E402
 from tests.conftest import processes_of  # noqa: E402
 
 MAIN = ["n1", "n2", "n3"]

@@ -43,7 +43,7 @@ if __package__ in (None, ""):
 from benchmarks.common import (  # noqa: E402
     REPO, Line, Stamped, clean_env, kill_processes_with, median, ratio, seconds, spread, table, test_cluster,
 )
-from tests.cluster import Cluster, TestNode  # noqa: E402
+from tests.support.cluster import Cluster, TestNode  # noqa: E402
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 TRACE = "AVA-TRACE"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.cluster import running_cluster  # noqa: E402
+from tests.support.cluster import running_cluster  # noqa: E402
 from tests.conftest import run_ava  # noqa: E402
 
 TARGET = 1.5

@@ -11,9 +11,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.cluster import Cluster, clean_stale, have_sshd
-from tests.leak_check import nothing_left_on_the_cluster  # noqa: F401  (autouse, after each cluster test)
-from tests.vm_fixtures import vm  # noqa: F401  (the session's systemd + cgroup v2 node)
+from tests.support.cluster import Cluster, clean_stale, have_sshd
+from tests.support.leak_check import nothing_left_on_the_cluster  # noqa: F401  (autouse, after each cluster test)
+from tests.support.vm_fixtures import vm  # noqa: F401  (the session's systemd + cgroup v2 node)
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -21,7 +21,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        # The systemd + cgroup v2 guest (tests/vm_fixtures.py) is a cluster node too.
+        # The systemd + cgroup v2 guest (tests/support/vm_fixtures.py) is a cluster node too.
         if {"cluster", "vm"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
 
