@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ava import sync
 from ava.config import Node, Recipe
@@ -62,11 +63,14 @@ def fail_on_errors(outcomes: dict[str, Any], what: str) -> None:
     if errors:
         name, first = errors[0]
         more = f" (and {len(errors) - 1} more nodes)" if len(errors) > 1 else ""
-        raise type(first)(f"{what}: {first.message}{more}", tail=first.tail) if isinstance(first, CommandError) else first
+        raise (
+            type(first)(f"{what}: {first.message}{more}", tail=first.tail) if isinstance(first, CommandError) else first
+        )
 
 
-def prepare(nodes: list[Node], code_root: Path, manifest: sync.Manifest, *, recipe: Recipe,
-            inventory_dir: Path) -> Prepared:
+def prepare(
+    nodes: list[Node], code_root: Path, manifest: sync.Manifest, *, recipe: Recipe, inventory_dir: Path
+) -> Prepared:
     """Provision what is missing on every node (agent, runtime, cache config, cgroup parent,
     the run's venv), then put the run's code there. Costs one check per node when all is there."""
     from ava import provision
@@ -76,9 +80,7 @@ def prepare(nodes: list[Node], code_root: Path, manifest: sync.Manifest, *, reci
     outcomes = run_all(nodes, lambda node: sync.ship_tree(node, manifest, code_root))
     fail_on_errors(outcomes, "sending the code")
     prepared.code_stats = {name: o for name, o in outcomes.items() if isinstance(o, sync.SyncStats)}
-    prepared.pythons = {
-        node.name: provision.venv_python(node, recipe=recipe, root=inventory_dir) for node in nodes
-    }
+    prepared.pythons = {node.name: provision.venv_python(node, recipe=recipe, root=inventory_dir) for node in nodes}
     return prepared
 
 
@@ -101,7 +103,8 @@ def routes(nodes: list[Node], master: str) -> tuple[dict[str, Route], int]:
     fail_on_errors(outcomes, "finding routes to the master")
     found = {
         name: Route(str(f["address"]), str(f["interface"]), str(f.get("home") or "/"), int(f.get("cpus") or 1))
-        for name, f in outcomes.items() if isinstance(f, dict)
+        for name, f in outcomes.items()
+        if isinstance(f, dict)
     }
     first = outcomes[nodes[0].name]
     assert isinstance(first, dict)
@@ -119,7 +122,9 @@ def start_one(launch: NodeLaunch) -> dict[str, Any]:
     if result.exited == BUSY_EXIT:
         raise LeaseBusy(node.name, list(payload.get("holders", [])))
     if not result.ok:
-        raise CommandError(f"{node.name}: the agent could not start the attempt (exit {result.exited})", tail=result.tail())
+        raise CommandError(
+            f"{node.name}: the agent could not start the attempt (exit {result.exited})", tail=result.tail()
+        )
     return payload
 
 
@@ -146,8 +151,17 @@ def wait_for_store(launch: NodeLaunch, address: str, port: int, timeout: float =
         "    time.sleep(0.05)\n"
         "print('timeout'); sys.exit(1)\n"
     )
-    command = " ".join([shell_path(node.python), "-c", shlex.quote(probe), shlex.quote(address), str(port),
-                        shell_path(status), str(timeout)])
+    command = " ".join(
+        [
+            shell_path(node.python),
+            "-c",
+            shlex.quote(probe),
+            shlex.quote(address),
+            str(port),
+            shell_path(status),
+            str(timeout),
+        ]
+    )
     result = connect(node).run(command, timeout=timeout + 30)
     if not result.ok:
         state = result.stdout.strip() or "unknown"
@@ -166,7 +180,9 @@ def start(launches: list[NodeLaunch], master_address: str, port: int) -> None:
         start_one(launches[0])
         wait_for_store(launches[0], master_address, port)
         tried += [l.node for l in launches[1:]]
-        outcomes = run_all([l.node for l in launches[1:]], lambda node: start_one(next(l for l in launches if l.node is node)))
+        outcomes = run_all(
+            [l.node for l in launches[1:]], lambda node: start_one(next(l for l in launches if l.node is node))
+        )
         busy = [o for o in outcomes.values() if isinstance(o, LeaseBusy)]
         if busy:
             raise busy[0]
@@ -201,8 +217,9 @@ def stop(nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, di
     """Verified teardown of the run on every node: its processes gone, cgroups removed, leases freed."""
 
     def one(node: Node) -> dict[str, Any]:
-        result = connect(node).run(agent_command(node, "stop", node.workdir, run_id, "--grace", f"{grace:g}"),
-                                   timeout=grace + 60)
+        result = connect(node).run(
+            agent_command(node, "stop", node.workdir, run_id, "--grace", f"{grace:g}"), timeout=grace + 60
+        )
         payload = _last_json(result.stdout)
         if not result.ok or payload.get("remaining_pids"):
             raise CommandError(f"{node.name}: stop left processes {payload.get('remaining_pids')}", tail=result.tail())
@@ -216,8 +233,16 @@ def stop(nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, di
 LOG_START = "ava-logs-start"
 
 
-def follow_logs(node: Node, run_id: str, attempt: int, on_line: Callable[[str], None], *,
-                offset: int = 0, follow: bool = True, timestamps: bool = False) -> int:
+def follow_logs(
+    node: Node,
+    run_id: str,
+    attempt: int,
+    on_line: Callable[[str], None],
+    *,
+    offset: int = 0,
+    follow: bool = True,
+    timestamps: bool = False,
+) -> int:
     """Stream the attempt's output on one node, line by line; returns the bytes read. With
     `timestamps` each line comes as `<unix time> <line>` (the time is not counted in the bytes)."""
     args = ["logs", node.workdir, run_id, "--attempt", str(attempt), "--offset", str(offset)]

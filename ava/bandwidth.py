@@ -104,15 +104,22 @@ def measure(
 
     def one(node: Node) -> dict[str, Any]:
         args = {
-            "rank": ranks[node.name], "world": len(nodes), "master": address, "port": port,
-            "backend": backend, "sizes": list(sizes or (GPU_SIZES if gpu else CPU_SIZES)),
-            "pair_bytes": PAIR_BYTES, "timeout": timeout / 2,
+            "rank": ranks[node.name],
+            "world": len(nodes),
+            "master": address,
+            "port": port,
+            "backend": backend,
+            "sizes": list(sizes or (GPU_SIZES if gpu else CPU_SIZES)),
+            "pair_bytes": PAIR_BYTES,
+            "timeout": timeout / 2,
             "interface": (interfaces or {}).get(node.name),
         }
         command = f"{shell_path(node.python)} -c {source} {shlex.quote(json.dumps(args))}"
         result = connect(node).run(command, timeout=timeout)
         if not result.ok:
-            raise CommandError(f"{node.name}: the all-reduce benchmark failed (exit {result.exited})", tail=result.tail())
+            raise CommandError(
+                f"{node.name}: the all-reduce benchmark failed (exit {result.exited})", tail=result.tail()
+            )
         return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
     outcomes = run_all(nodes, one)

@@ -29,9 +29,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 from ava.onefile import INTERPRETER_FLAGS
 
@@ -44,13 +44,13 @@ class BuildError(Exception):
     """A step of the build failed; the message says which and what to do."""
 
 
-def platforms(arch: str) -> List[str]:
+def platforms(arch: str) -> list[str]:
     """Every manylinux tag a glibc-GLIBC machine runs (pip does not widen manylinux_2_X itself)."""
     tags = [f"manylinux_{GLIBC[0]}_{minor}_{arch}" for minor in range(GLIBC[1], 16, -1)]
     return tags + [f"manylinux2014_{arch}"]
 
 
-def dependencies() -> List[str]:
+def dependencies() -> list[str]:
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -60,7 +60,7 @@ def dependencies() -> List[str]:
         return list(tomllib.load(f)["project"]["dependencies"])
 
 
-def interpreter_for(version: str) -> Optional[str]:
+def interpreter_for(version: str) -> str | None:
     """A python of exactly this version here (PATH, then pyenv's versions), or None."""
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     if version == here:
@@ -86,17 +86,32 @@ def _run(argv: Sequence[str], what: str) -> None:
         raise BuildError(f"{what} failed (exit {done.returncode}):\n{tail}")
 
 
-def download_dependencies(version: str, arch: str, wheelhouse: Path, pins: Optional[Path]) -> None:
+def download_dependencies(version: str, arch: str, wheelhouse: Path, pins: Path | None) -> None:
     """The wheels of ava's dependencies for CPython VERSION on ARCH, into WHEELHOUSE."""
     python = interpreter_for(version)
     here = sys.version_info[:2]
     wanted = tuple(int(p) for p in version.split("."))
     if python is None and wanted < here:
-        raise BuildError(f"Python {version}: no python{version} here to resolve its dependencies with "
-                         f"(pip reads markers such as python_version < '3.11' from the interpreter that runs it); "
-                         f"install one (pyenv install {version}) or leave {version} out of --pythons")
-    argv = [python or sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-            "--only-binary=:all:", "--implementation", "cp", "--python-version", version, "--dest", str(wheelhouse)]
+        raise BuildError(
+            f"Python {version}: no python{version} here to resolve its dependencies with "
+            f"(pip reads markers such as python_version < '3.11' from the interpreter that runs it); "
+            f"install one (pyenv install {version}) or leave {version} out of --pythons"
+        )
+    argv = [
+        python or sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--only-binary=:all:",
+        "--implementation",
+        "cp",
+        "--python-version",
+        version,
+        "--dest",
+        str(wheelhouse),
+    ]
     for tag in platforms(arch):
         argv += ["--platform", tag]
     if pins is not None:
@@ -129,8 +144,10 @@ def unpack(wheel: Path, site: Path) -> None:
             if dest.exists():
                 kept = parts[0].endswith(".dist-info") or rel.endswith(".abi3.so") or dest.read_bytes() == data
                 if not kept:
-                    raise BuildError(f"{rel}: differs between the wheels of {wheel.name.split('-')[0]} for two "
-                                     f"Python versions; the builds must agree")
+                    raise BuildError(
+                        f"{rel}: differs between the wheels of {wheel.name.split('-')[0]} for two "
+                        f"Python versions; the builds must agree"
+                    )
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)
@@ -148,12 +165,15 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def build_info(pythons: Sequence[str], arch: str) -> Dict[str, str]:
+def build_info(pythons: Sequence[str], arch: str) -> dict[str, str]:
     from ava import __version__
 
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch
-            else datetime.datetime.now(datetime.timezone.utc))
+    when = (
+        datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
+        if epoch
+        else datetime.datetime.now(datetime.timezone.utc)
+    )
     return {
         "version": __version__,
         "commit": git_commit(),
@@ -163,7 +183,7 @@ def build_info(pythons: Sequence[str], arch: str) -> Dict[str, str]:
     }
 
 
-def stage_ava(staging: Path, info: Dict[str, str]) -> Path:
+def stage_ava(staging: Path, info: dict[str, str]) -> Path:
     """A copy of the checkout's package with its build record (ava/_build.py) added."""
     source = staging / "src"
     source.mkdir()
@@ -171,12 +191,12 @@ def stage_ava(staging: Path, info: Dict[str, str]) -> Path:
         shutil.copy2(REPO / name, source / name)
     shutil.copytree(REPO / "ava", source / "ava", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (source / "ava" / "_build.py").write_text(
-        '"""Written by `python -m ava.build` into the one file only: which build this is."""\n\n'
-        f"BUILD = {info!r}\n")
+        f'"""Written by `python -m ava.build` into the one file only: which build this is."""\n\nBUILD = {info!r}\n'
+    )
     return source
 
 
-def build(out: Path, arch: str = "x86_64", pythons: Sequence[str] = PYTHONS) -> Dict[str, str]:
+def build(out: Path, arch: str = "x86_64", pythons: Sequence[str] = PYTHONS) -> dict[str, str]:
     """Build the file at OUT; returns its build record."""
     try:
         import shiv  # noqa: F401
@@ -203,24 +223,54 @@ def build(out: Path, arch: str = "x86_64", pythons: Sequence[str] = PYTHONS) -> 
                     unpack(wheel, site)
                     unpacked.add(wheel.name)
         source = stage_ava(staging, info)
-        _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-              "--no-deps", "--target", str(site), str(source)], "installing ava into the bundle")
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-compile",
+                "--no-deps",
+                "--target",
+                str(site),
+                str(source),
+            ],
+            "installing ava into the bundle",
+        )
         shutil.rmtree(site / "bin", ignore_errors=True)  # ava's own console script
         out.parent.mkdir(parents=True, exist_ok=True)
-        _run([sys.executable, "-m", "shiv", "--site-packages", str(site), "--entry-point", "ava.onefile:start",
-              "--output-file", str(out), "--python", f"/usr/bin/env -S python3 {INTERPRETER_FLAGS}",
-              "--reproducible", "--compressed"], "shiv")
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "shiv",
+                "--site-packages",
+                str(site),
+                "--entry-point",
+                "ava.onefile:start",
+                "--output-file",
+                str(out),
+                "--python",
+                f"/usr/bin/env -S python3 {INTERPRETER_FLAGS}",
+                "--reproducible",
+                "--compressed",
+            ],
+            "shiv",
+        )
     info["size"] = str(out.stat().st_size)
     info["sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
     return info
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ava.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "dist" / "ava", help="where to write the file")
     parser.add_argument("--arch", choices=("x86_64", "aarch64"), default="x86_64")
-    parser.add_argument("--pythons", default=",".join(PYTHONS),
-                        help="CPython versions whose wheels the file carries (comma-separated)")
+    parser.add_argument(
+        "--pythons", default=",".join(PYTHONS), help="CPython versions whose wheels the file carries (comma-separated)"
+    )
     options = parser.parse_args(argv)
     pythons = [v.strip() for v in options.pythons.split(",") if v.strip()]
     if not all(re.fullmatch(r"3\.\d+", v) for v in pythons):
@@ -231,8 +281,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"ava.build: {failure}\n")
         return 1
     size = int(info["size"]) / 2**20
-    print(f"{options.out}: {size:.1f} MiB, ava {info['version']} ({info['commit']}, {info['date']}), "
-          f"CPython {info['pythons']}, {info['platform']}")
+    print(
+        f"{options.out}: {size:.1f} MiB, ava {info['version']} ({info['commit']}, {info['date']}), "
+        f"CPython {info['pythons']}, {info['platform']}"
+    )
     return 0
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import secrets
 import shlex
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ava import sync
 from ava.config import Node, Recipe
@@ -96,8 +97,14 @@ class Warmed:
 
 def module_command(node: Node, python: str, env_file: str | None, *args: str) -> str:
     """Shell text that runs `python -m ava.cache ARGS` from the runtime tree on NODE."""
-    words = [shell_path(python), "-c", shlex.quote(LAUNCHER), shell_path(sync.runtime_path(node)),
-             shell_path(env_file) if env_file else "-", *map(shell_path, args)]
+    words = [
+        shell_path(python),
+        "-c",
+        shlex.quote(LAUNCHER),
+        shell_path(sync.runtime_path(node)),
+        shell_path(env_file) if env_file else "-",
+        *map(shell_path, args),
+    ]
     command = " ".join(words)
     if env_file:
         # The launcher deletes the file at once; this covers a python that never started.
@@ -117,9 +124,14 @@ def _records(stdout: str) -> list[dict[str, Any]]:
     return found
 
 
-def _run_module(node: Node, python: str | None, *args: str, env: Mapping[str, str] | None = None,
-                timeout: float | None = ADMIN_TIMEOUT,
-                on_record: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, list[dict[str, Any]], str]:
+def _run_module(
+    node: Node,
+    python: str | None,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = ADMIN_TIMEOUT,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[int, list[dict[str, Any]], str]:
     """(exit status, JSON records, tail of the output) of the module CLI on NODE."""
     transport = connect(node)
     env_file = None
@@ -157,9 +169,16 @@ def status_one(node: Node, python: str | None = None) -> CacheStatus:
     if code != 0 or not records or "bytes" not in records[-1]:
         raise CommandError(f"{node.name}: cache status failed (exit {code})", tail=tail)
     r = records[-1]
-    return CacheStatus(node.name, str(r.get("dir", node.cache_dir)), int(r["bytes"]), int(r["blocks"]),
-                       int(r.get("hits", 0)), int(r.get("misses", 0)), int(r.get("fetched_bytes", 0)),
-                       node.cache_size)
+    return CacheStatus(
+        node.name,
+        str(r.get("dir", node.cache_dir)),
+        int(r["bytes"]),
+        int(r["blocks"]),
+        int(r.get("hits", 0)),
+        int(r.get("misses", 0)),
+        int(r.get("fetched_bytes", 0)),
+        node.cache_size,
+    )
 
 
 def clear_one(node: Node, python: str | None = None) -> Cleared:
@@ -170,24 +189,43 @@ def clear_one(node: Node, python: str | None = None) -> Cleared:
     return Cleared(node.name, str(r.get("dir", node.cache_dir)), int(r["freed_bytes"]), int(r["blocks"]))
 
 
-def warm_one(node: Node, urls: list[str], *, python: str | None = None, env: Mapping[str, str] | None = None,
-             on_progress: ProgressCallback | None = None) -> Warmed:
+def warm_one(
+    node: Node,
+    urls: list[str],
+    *,
+    python: str | None = None,
+    env: Mapping[str, str] | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> Warmed:
     """Fetch every block of the objects matching URLS (URLs or globs) into NODE's cache."""
 
     def record(r: dict[str, Any]) -> None:
         if on_progress is not None and "done_bytes" in r and not r.get("summary"):
             on_progress(node.name, int(r["done_bytes"]), int(r.get("total_bytes") or 0))
 
-    args = ["warm", *_cache_args(node), "--size-limit", str(node.cache_size), "--block-size", str(BLOCK_SIZE),
-            "--", *urls]
+    args = [
+        "warm",
+        *_cache_args(node),
+        "--size-limit",
+        str(node.cache_size),
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--",
+        *urls,
+    ]
     code, records, tail = _run_module(node, python, *args, env=env, timeout=None, on_record=record)
     summary = next((r for r in reversed(records) if r.get("summary")), None)
     if summary is None:
         error = next((r["error"] for r in reversed(records) if r.get("error")), None) or _exception_line(tail)
-        raise WarmFailed(f"{node.name}: cache warm failed: {error or f'exit {code}'}",
-                         tail="" if error else tail)
-    warmed = Warmed(node.name, int(summary["objects"]), int(summary["total_bytes"]), int(summary["bytes"]),
-                    int(summary["blocks"]), list(summary.get("failed") or []))
+        raise WarmFailed(f"{node.name}: cache warm failed: {error or f'exit {code}'}", tail="" if error else tail)
+    warmed = Warmed(
+        node.name,
+        int(summary["objects"]),
+        int(summary["total_bytes"]),
+        int(summary["bytes"]),
+        int(summary["blocks"]),
+        list(summary.get("failed") or []),
+    )
     if warmed.failed:
         first = warmed.failed[0]
         more = f" (and {len(warmed.failed) - 1} more)" if len(warmed.failed) > 1 else ""
@@ -207,12 +245,19 @@ def clear(nodes: list[Node], *, pythons: Mapping[str, str] | None = None) -> dic
     return run_all(nodes, lambda node: clear_one(node, (pythons or {}).get(node.name)))
 
 
-def warm(nodes: list[Node], urls: list[str], *, env: Mapping[str, str] | None = None,
-         pythons: Mapping[str, str] | None = None,
-         on_progress: ProgressCallback | None = None) -> dict[str, Warmed | AvaError]:
+def warm(
+    nodes: list[Node],
+    urls: list[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    pythons: Mapping[str, str] | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> dict[str, Warmed | AvaError]:
     """Every node warms at once, each from the remote store itself."""
-    return run_all(nodes, lambda node: warm_one(node, urls, python=(pythons or {}).get(node.name), env=env,
-                                                on_progress=on_progress))
+    return run_all(
+        nodes,
+        lambda node: warm_one(node, urls, python=(pythons or {}).get(node.name), env=env, on_progress=on_progress),
+    )
 
 
 def exit_code(outcomes: Mapping[str, Any]) -> int:
@@ -223,8 +268,13 @@ def exit_code(outcomes: Mapping[str, Any]) -> int:
     return EXIT_JOB_FAILED if errors else EXIT_OK
 
 
-def prefetch(nodes: list[Node], recipe: Recipe, *, pythons: Mapping[str, str] | None = None,
-             report: Callable[[str], None] | None = None) -> None:
+def prefetch(
+    nodes: list[Node],
+    recipe: Recipe,
+    *,
+    pythons: Mapping[str, str] | None = None,
+    report: Callable[[str], None] | None = None,
+) -> None:
     """Warm the recipe's `[data] prefetch` on NODES with the recipe's environment (its AWS_*
     values reach the nodes in a 0600 file). Raises the first node's error if any node failed."""
     urls = list(recipe.data.prefetch)

@@ -52,12 +52,12 @@ from ava import env
 
 __all__ = [
     "CheckpointError",
-    "save",
-    "load_latest",
-    "latest_step",
     "committed_steps",
-    "save_sharded",
+    "latest_step",
+    "load_latest",
     "load_sharded",
+    "save",
+    "save_sharded",
     "wait",
 ]
 
@@ -348,8 +348,7 @@ def _read_state(store: _Store, step: int, map_location: Any, weights_only: bool)
         raise _OtherFormat(f"format {marker.get('format')!r}, not a save() checkpoint")
     files = marker.get("files")
     want = files.get(STATE_FILE) if isinstance(files, dict) else None
-    if not (isinstance(want, dict) and isinstance(want.get("size"), int)
-            and isinstance(want.get("crc32"), int)):
+    if not (isinstance(want, dict) and isinstance(want.get("size"), int) and isinstance(want.get("crc32"), int)):
         raise _Unreadable(f"commit marker: no size and crc32 for {STATE_FILE}")
     try:
         path = f"{store.step_dir(step)}/{STATE_FILE}"
@@ -366,8 +365,9 @@ def _read_state(store: _Store, step: int, map_location: Any, weights_only: bool)
     except (OSError, KeyError, TypeError) as e:
         raise _Unreadable(str(e)) from e
     if (size, crc) != (want["size"], want["crc32"]):
-        raise _Unreadable(f"{STATE_FILE} is {size} bytes crc32 {crc:08x}, committed "
-                          f"{want['size']} bytes crc32 {want['crc32']:08x}")
+        raise _Unreadable(
+            f"{STATE_FILE} is {size} bytes crc32 {crc:08x}, committed {want['size']} bytes crc32 {want['crc32']:08x}"
+        )
     # The bytes are those committed: a failure from here on is a real error, not corruption.
     return torch.load(source, map_location=map_location, weights_only=weights_only)
 
@@ -399,8 +399,7 @@ def load_latest(
         except _OtherFormat:
             state, ok = None, False
         except _Unreadable as e:
-            log.warning("ava.ckpt: %s: step %d is unreadable (%s); trying the previous checkpoint",
-                        store.url, step, e)
+            log.warning("ava.ckpt: %s: step %d is unreadable (%s); trying the previous checkpoint", store.url, step, e)
             state, ok = None, False
         if agree:
             ok = _all_ranks(ok)
@@ -522,23 +521,32 @@ def save_sharded(
 
     def commit() -> int:
         if rank0:
-            marker = {"step": step, "format": "dcp", "time": time.time(),
-                      "seconds": round(time.time() - started, 3),
-                      "world_size": dist.get_world_size(process_group) if _distributed() else 1}
+            marker = {
+                "step": step,
+                "format": "dcp",
+                "time": time.time(),
+                "seconds": round(time.time() - started, 3),
+                "world_size": dist.get_world_size(process_group) if _distributed() else 1,
+            }
             store.put_atomic(store.marker(step), json.dumps(marker).encode())
             _prune(store, step, keep)
         return step
 
     if not async_:
         with _single_process_quiet():
-            dcp.save(state, storage_writer=_dcp_io(store, step, write=True),
-                     process_group=process_group, no_dist=not _initialized())
+            dcp.save(
+                state,
+                storage_writer=_dcp_io(store, step, write=True),
+                process_group=process_group,
+                no_dist=not _initialized(),
+            )
         commit()
         _barrier(process_group)  # every rank sees the commit once save_sharded returns
         return None
     group = _checkpoint_group(process_group)
-    persisted = dcp.async_save(state, storage_writer=_dcp_io(store, step, write=True),
-                               process_group=group, no_dist=not _initialized())
+    persisted = dcp.async_save(
+        state, storage_writer=_dcp_io(store, step, write=True), process_group=group, no_dist=not _initialized()
+    )
     upload = getattr(persisted, "upload_completion", persisted)
 
     def finish() -> int:
@@ -561,13 +569,12 @@ def _dcp_problem(store: _Store, step: int) -> str | None:
             need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
         path = store.step_dir(step)
         store.fs.invalidate_cache(path)
-        sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"]
-                 for e in store.fs.ls(path, detail=True)}
+        sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in store.fs.ls(path, detail=True)}
     except _OtherFormat:
         raise
     except _Unreadable as e:
         return str(e)
-    except Exception as e:  # noqa: BLE001 - unpickling a damaged .metadata raises anything
+    except Exception as e:
         return f"{type(e).__name__}: {e}"
     for name, size in need.items():
         if sizes.get(name, -1) < size:
@@ -601,13 +608,18 @@ def load_sharded(
             if problem is None:
                 chosen = step
                 break
-            log.warning("ava.ckpt: %s: step %d is unreadable (%s); trying the previous checkpoint",
-                        store.url, step, problem)
+            log.warning(
+                "ava.ckpt: %s: step %d is unreadable (%s); trying the previous checkpoint", store.url, step, problem
+            )
     if _distributed(process_group):
         chosen = _from_rank0(chosen, process_group)
     if chosen is None:
         return None
     with _single_process_quiet():
-        dcp.load(state, storage_reader=_dcp_io(store, chosen, write=False),
-                 process_group=process_group, no_dist=not _initialized())
+        dcp.load(
+            state,
+            storage_reader=_dcp_io(store, chosen, write=False),
+            process_group=process_group,
+            no_dist=not _initialized(),
+        )
     return chosen

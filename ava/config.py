@@ -48,8 +48,20 @@ _IFACE_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
 # Set by torchrun or by ava's placement for every rank; a recipe may not override them.
 RESERVED_ENV = frozenset(
-    "RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE ROLE_RANK"
-    " ROLE_WORLD_SIZE ROLE_NAME MASTER_ADDR MASTER_PORT CUDA_VISIBLE_DEVICES".split()
+    [
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
+        "ROLE_RANK",
+        "ROLE_WORLD_SIZE",
+        "ROLE_NAME",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CUDA_VISIBLE_DEVICES",
+    ]
 )
 
 TRANSPORTS = ("ssh", "local")
@@ -112,9 +124,7 @@ class Inventory:
         for name in names:
             if name not in self.nodes:
                 known = ", ".join(self.nodes)
-                raise ConfigError(
-                    str(self.path), _key("nodes", name), f"no such node (known: {known})"
-                )
+                raise ConfigError(str(self.path), _key("nodes", name), f"no such node (known: {known})")
             if any(node.name == name for node in chosen):
                 raise ConfigError(str(self.path), _key("nodes", name), "node named twice")
             chosen.append(self.nodes[name])
@@ -201,9 +211,7 @@ def _key(*parts: str | int) -> str:
 def _unknown(source: str, key: str, known: Sequence[str]) -> ConfigError:
     name = key.rsplit(".", 1)[-1]
     # A key the typo starts ("gpus" for gpus_per_node) beats the closest spelling ("cpus").
-    close = [k for k in known if k.startswith(name)][:1] or difflib.get_close_matches(
-        name, known, 1
-    )
+    close = [k for k in known if k.startswith(name)][:1] or difflib.get_close_matches(name, known, 1)
     hint = f'did you mean "{close[0]}"?' if close else "known keys: " + ", ".join(sorted(known))
     return ConfigError(source, key, f"unknown key; {hint}")
 
@@ -231,13 +239,11 @@ class _Fields:
 
     def _typed(self, name: str, types: tuple[type, ...], what: str) -> Any:
         value = self.values[name]
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             raise self.fail(name, f"expected {what}, got {_show(value)}")
         return value
 
-    def text(
-        self, name: str, default: Any, *, pattern: re.Pattern[str] | None = None, rule: str = ""
-    ) -> Any:
+    def text(self, name: str, default: Any, *, pattern: re.Pattern[str] | None = None, rule: str = "") -> Any:
         if name not in self.values:
             return default
         value = self._typed(name, (str,), "a string")
@@ -299,7 +305,7 @@ class _Fields:
             return default
         values = self._typed(name, (list,), what)
         for index, item in enumerate(values):
-            if isinstance(item, bool) and kind is not bool or not isinstance(item, kind):
+            if (isinstance(item, bool) and kind is not bool) or not isinstance(item, kind):
                 raise self.fail(name, f"expected {each}, got {_show(item)}", index)
         return tuple(values)
 
@@ -308,9 +314,7 @@ class _Fields:
         values = self.items(name, default, str, "a list of strings", "a string")
         for index, value in enumerate(values):
             if not _WORD_RE.match(value):
-                raise self.fail(
-                    name, f"not a valid {what}: {_show(value)} (no spaces or quotes)", index
-                )
+                raise self.fail(name, f"not a valid {what}: {_show(value)} (no spaces or quotes)", index)
             if value in values[:index]:
                 raise self.fail(name, f"{_show(value)} is listed twice", index)
         return values
@@ -321,9 +325,7 @@ class _Fields:
         value = self.values[name]
         if isinstance(value, str):
             return Requirements(file=self.text(name, None))
-        packages = self.items(
-            name, (), str, "a requirements file path or a list of pip requirements", "a string"
-        )
+        packages = self.items(name, (), str, "a requirements file path or a list of pip requirements", "a string")
         for index, package in enumerate(packages):
             # Options belong in a requirements file, where pip reads them as such.
             if not package.strip() or package.lstrip().startswith("-") or "\n" in package:
@@ -379,8 +381,25 @@ def _read(path: Path, source: str) -> str:
 # The inventory
 
 _NODE_KEYS = tuple(
-    "transport host user port identity workdir python cache_dir cache_size interface host_keys"
-    " known_hosts connect_timeout gpus labels requirements ledger".split()
+    [
+        "transport",
+        "host",
+        "user",
+        "port",
+        "identity",
+        "workdir",
+        "python",
+        "cache_dir",
+        "cache_size",
+        "interface",
+        "host_keys",
+        "known_hosts",
+        "connect_timeout",
+        "gpus",
+        "labels",
+        "requirements",
+        "ledger",
+    ]
 )
 # `host` names one node, so it has no default.
 _DEFAULT_KEYS = tuple(k for k in _NODE_KEYS if k != "host")
@@ -406,8 +425,7 @@ def find_inventory(explicit: str | None) -> Path:
         raise ConfigError(
             str(path),
             "",
-            f"no inventory ({how}); create it and {_ADD_NODES}, "
-            "or pass --inventory PATH or set $AVA_INVENTORY",
+            f"no inventory ({how}); create it and {_ADD_NODES}, or pass --inventory PATH or set $AVA_INVENTORY",
         )
     return path
 
@@ -447,20 +465,16 @@ def _parse_node(source: str, name: str, table: Any, defaults: Mapping[str, Any])
     d = _NODE_DEFAULTS
 
     transport = f.choice("transport", d.transport, TRANSPORTS)
-    host = f.text(
-        "host", None, pattern=_WORD_RE, rule="expected a host name or address (no spaces, no user@)"
-    )
+    host = f.text("host", None, pattern=_WORD_RE, rule="expected a host name or address (no spaces, no user@)")
     if transport == "ssh" and host is None:
         raise f.fail(
             "host",
-            'missing; an ssh node needs host = "NAME-OR-ADDRESS" '
-            '(or transport = "local" for this computer)',
+            'missing; an ssh node needs host = "NAME-OR-ADDRESS" (or transport = "local" for this computer)',
         )
     if transport == "local" and host is not None:
         raise f.fail(
             "host",
-            "a local node runs on this computer and takes no host; "
-            'remove it or use transport = "ssh"',
+            'a local node runs on this computer and takes no host; remove it or use transport = "ssh"',
         )
     return Node(
         name=name,
@@ -510,15 +524,19 @@ _RECIPE_TABLES: dict[str, tuple[str, ...] | None] = {
     "env": None,
     "data": ("prefetch",),
     "checkpoint": ("dir", "keep"),
-    "failover": ("max_restarts", "on_node_loss", "hang_timeout", "fatal_exit_codes", "backoff",
-                 "stop_repeated_startup_failure"),
+    "failover": (
+        "max_restarts",
+        "on_node_loss",
+        "hang_timeout",
+        "fatal_exit_codes",
+        "backoff",
+        "stop_repeated_startup_failure",
+    ),
 }
 _RECIPE_KEYS = ("name", "description", *_RECIPE_TABLES)
 # A `--set` value for these keys (and env.*) is text as written, so "3e-4" stays "3e-4"; for the
 # others it is a TOML value when it parses (4, true, ["a"]) and text otherwise ("2:4", "8GiB").
-_TEXT_KEYS = frozenset(
-    {"name", "description", "run.script", "run.module", "checkpoint.dir", "failover.on_node_loss"}
-)
+_TEXT_KEYS = frozenset({"name", "description", "run.script", "run.module", "checkpoint.dir", "failover.on_node_loss"})
 
 
 def _toml_value(text: str) -> tuple[bool, Any]:
@@ -535,9 +553,7 @@ def apply_override(raw: dict, assignment: str, source: str) -> None:
     dotted, eq, text = assignment.partition("=")
     dotted = dotted.strip()
     if not eq or not dotted:
-        raise ConfigError(
-            source, f"--set {assignment}", "expected KEY=VALUE like resources.nodes=4"
-        )
+        raise ConfigError(source, f"--set {assignment}", "expected KEY=VALUE like resources.nodes=4")
     section, *rest = dotted.split(".")
     if section not in _RECIPE_KEYS:
         raise _unknown(source, f"--set {section}", _RECIPE_KEYS)
@@ -628,14 +644,15 @@ def _parse_run(source: str, table: dict) -> RunSpec:
         hint = 'give exactly one: script = "train.py" or module = "pkg.train"'
         raise ConfigError(source, "run", f"{problem}; {hint}")
     # The code is shipped from the recipe's directory, so the script must lie inside it.
-    if script is not None and (
-        Path(script).is_absolute() or ".." in Path(script).parts or script.startswith("~")
-    ):
+    if script is not None and (Path(script).is_absolute() or ".." in Path(script).parts or script.startswith("~")):
         raise f.fail("script", f"must be a path inside the recipe's directory, got {_show(script)}")
     # torchrun would parse a leading "-" as its own option (e.g. --rdzv-endpoint=...).
     if script is not None and script.startswith("-"):
-        raise f.fail("script", f'must not begin with "-" (torchrun would read it as an option), '
-                               f'got {_show(script)}; write "./{script}" for such a file name')
+        raise f.fail(
+            "script",
+            f'must not begin with "-" (torchrun would read it as an option), '
+            f'got {_show(script)}; write "./{script}" for such a file name',
+        )
     return RunSpec(
         script=script,
         module=module,
@@ -727,9 +744,7 @@ def _parse_checkpoint(source: str, table: dict) -> Checkpoint:
 def _parse_failover(source: str, table: dict) -> Failover:
     f = _fields(source, table, _RECIPE_TABLES["failover"] or (), "failover")
     d = Failover()
-    codes = f.items(
-        "fatal_exit_codes", d.fatal_exit_codes, int, "a list of exit codes", "an integer"
-    )
+    codes = f.items("fatal_exit_codes", d.fatal_exit_codes, int, "a list of exit codes", "an integer")
     for index, code in enumerate(codes):
         if not 0 < code < 256:
             raise f.fail("fatal_exit_codes", f"an exit code is 1-255, got {code}", index)

@@ -29,8 +29,17 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 _print_lock = threading.Lock()
 
 NODE_COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta"]
-_ANSI = {"cyan": "36", "magenta": "35", "green": "32", "yellow": "33", "blue": "34", "bright_red": "91",
-         "bright_cyan": "96", "bright_magenta": "95"}
+_ANSI = {
+    "cyan": "36",
+    "magenta": "35",
+    "green": "32",
+    "yellow": "33",
+    "blue": "34",
+    "bright_red": "91",
+    "bright_cyan": "96",
+    "bright_magenta": "95",
+}
+
 
 class PipeClosed(BrokenPipeError):
     """stdout's reader went away (`ava logs RUN | head`): the command ends quietly, exit 0."""

@@ -39,8 +39,13 @@ def cache_enabled(env: dict[str, str] | None = None) -> bool:
     return bool(env.get("AVA_CACHE_DIR")) and env.get("AVA_CACHE", "").lower() not in ("0", "off")
 
 
-def open(url: str, mode: str = "rb", *, cache: bool | None = None,  # noqa: A001 - mirrors open()
-         **storage_options: Any) -> IO[Any]:
+def open(
+    url: str,
+    mode: str = "rb",
+    *,
+    cache: bool | None = None,
+    **storage_options: Any,
+) -> IO[Any]:
     """Open `url` (any fsspec URL or local path); reads of remote objects go through the cache.
 
     cache: None = use the node cache when the job has one; True/False to force.

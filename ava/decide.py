@@ -76,10 +76,15 @@ RUNNING = Verdict("running")
 def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
     views = observation.nodes
     lost = tuple(
-        v.name for v in views
+        v.name
+        for v in views
         if (not v.reachable and v.unreachable_for >= LOST_AFTER)
-        or (v.reachable and v.state in ("starting", "running") and v.heartbeat_age is not None
-            and v.heartbeat_age > STALE_AFTER)
+        or (
+            v.reachable
+            and v.state in ("starting", "running")
+            and v.heartbeat_age is not None
+            and v.heartbeat_age > STALE_AFTER
+        )
     )
     if lost:
         return Verdict("failed", "node-lost", f"node {', '.join(lost)} stopped answering", node=lost[0], lost=lost)
@@ -87,8 +92,12 @@ def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
     missing = tuple(v.name for v in views if v.state == "missing")
     if missing:
         # Its launch was cut short (the CLI killed mid-start): a new attempt, not a lost node.
-        return Verdict("failed", "interrupted", f"attempt never started on {', '.join(missing)} (its launch was cut short)",
-                       node=missing[0])
+        return Verdict(
+            "failed",
+            "interrupted",
+            f"attempt never started on {', '.join(missing)} (its launch was cut short)",
+            node=missing[0],
+        )
 
     failed = sorted((v for v in views if v.state == "failed"), key=_first_failure)
     silent = tuple(v.name for v in views if not v.reachable)
@@ -99,11 +108,16 @@ def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
     if failed and silent:
         # Ranks die in their collectives soon after a peer node does: the node that stopped
         # answering is the cause, not the ranks that lost it.
-        return Verdict("failed", "node-lost", f"node {', '.join(silent)} stopped answering", node=silent[0], lost=silent)
+        return Verdict(
+            "failed", "node-lost", f"node {', '.join(silent)} stopped answering", node=silent[0], lost=silent
+        )
     if failed:
         first = _first_failure(failed[0])
-        earlier = [v for v in views if v.state in ("starting", "running")
-                   and any(t < first for t in v.rank_fail_times.values())]
+        earlier = [
+            v
+            for v in views
+            if v.state in ("starting", "running") and any(t < first for t in v.rank_fail_times.values())
+        ]
         if earlier and (failed[0].heartbeat_age or 0.0) < SETTLE_AFTER:
             # A rank on a node still winding down raised before this failure: that node's
             # torchrun ends within moments, and its rank is the cause.
@@ -133,8 +147,9 @@ def _failure(view: NodeView) -> Verdict:
     if codes:
         rank = _first_rank(view, codes)
         code = codes[rank]
-        return Verdict("failed", "crash", f"rank {rank} on {view.name} exited {code}", node=view.name,
-                       rank=rank, exit_code=code)
+        return Verdict(
+            "failed", "crash", f"rank {rank} on {view.name} exited {code}", node=view.name, rank=rank, exit_code=code
+        )
     code = view.exit_code
     return Verdict("failed", "crash", f"torchrun on {view.name} exited {code}", node=view.name, exit_code=code)
 
@@ -195,18 +210,23 @@ def recover(
         # Nothing of the job failed: its launch was cut short. Start it again, free of charge.
         return Plan(True, verdict.cause or "interrupted", current, 0.0)
     if repeated is not None and failover.stop_repeated_startup_failure:
-        return Plan(False, f"the same start-up failure twice; not retrying: {repeated}"
-                           " (failover.stop_repeated_startup_failure = false retries it)")
+        return Plan(
+            False,
+            f"the same start-up failure twice; not retrying: {repeated}"
+            " (failover.stop_repeated_startup_failure = false retries it)",
+        )
     if verdict.kind == "crash" and verdict.exit_code in failover.fatal_exit_codes:
         return Plan(False, f"exit code {verdict.exit_code} is in failover.fatal_exit_codes: no retry can fix it")
     if restarts_used >= failover.max_restarts:
-        return Plan(False, f"restart budget exhausted ({restarts_used} of failover.max_restarts = {failover.max_restarts} used)")
+        return Plan(
+            False, f"restart budget exhausted ({restarts_used} of failover.max_restarts = {failover.max_restarts} used)"
+        )
     nodes = current
     if verdict.kind == "node-lost":
         survivors = tuple(n for n in current if n not in verdict.lost)
         missing = len(current) - len(survivors)
         if failover.on_node_loss == "fail":
-            return Plan(False, f"{verdict.cause}; failover.on_node_loss = \"fail\"")
+            return Plan(False, f'{verdict.cause}; failover.on_node_loss = "fail"')
         if failover.on_node_loss == "replace" and len(spares) >= missing:
             nodes = survivors + spares[:missing]
         elif len(survivors) >= nodes_min and failover.on_node_loss in ("shrink", "replace"):
@@ -214,7 +234,7 @@ def recover(
             nodes = survivors
         else:
             return Plan(False, f"{verdict.cause}; no healthy spare and resources.nodes needs at least {nodes_min}")
-    backoff = min(MAX_BACKOFF, failover.backoff * (2 ** restarts_used))
+    backoff = min(MAX_BACKOFF, failover.backoff * (2**restarts_used))
     return Plan(True, verdict.cause or "failed", nodes, backoff)
 
 

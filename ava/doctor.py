@@ -102,14 +102,17 @@ def clock_offset(node: Node, samples: int = 2) -> float:
 def observe_one(node: Node, master: Node, *, host_keys: str | None = None) -> Observation:
     result = connect(node, host_keys=host_keys).run(probe_command(node, master), timeout=90)
     if not result.ok:
-        raise CommandError(f"{node.name}: the preflight probe failed with {node.python} (exit {result.exited})",
-                           tail=result.tail())
+        raise CommandError(
+            f"{node.name}: the preflight probe failed with {node.python} (exit {result.exited})", tail=result.tail()
+        )
     lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
     try:
         facts, probe = json.loads(lines[-2]), json.loads(lines[-1])
     except (ValueError, IndexError) as error:
         raise CommandError(f"{node.name}: the preflight probe printed no JSON", tail=result.tail()) from error
-    return Observation(node, facts=facts, probe=probe, clock_offset=clock_offset(node), sftp=sftp_offered(node, host_keys))
+    return Observation(
+        node, facts=facts, probe=probe, clock_offset=clock_offset(node), sftp=sftp_offered(node, host_keys)
+    )
 
 
 def sftp_offered(node: Node, host_keys: str | None = None) -> bool | None:
@@ -173,12 +176,22 @@ def check_ledgers(up: list[Observation]) -> list[Check]:
     checks = []
     for host, group in by_host.items():
         holding = {o.node.workdir: o for o in group if o.facts.get("leases")}
-        if len(holding) > 1 and (None in {o.node.ledger for o in holding.values()}
-                                 or len({o.node.ledger for o in holding.values()}) > 1):
-            names = ", ".join(f"{o.node.name} ({o.node.workdir})" for o in sorted(holding.values(), key=lambda o: o.node.name))
-            checks.append(Check("ledger", None, WARN, f"{host}: several workdirs hold GPU leases in separate "
-                                f"ledgers: {names}", 'set one node-wide ledger = "/var/lib/ava/leases" for '
-                                "them in ava.toml (group-writable; see README)"))
+        if len(holding) > 1 and (
+            None in {o.node.ledger for o in holding.values()} or len({o.node.ledger for o in holding.values()}) > 1
+        ):
+            names = ", ".join(
+                f"{o.node.name} ({o.node.workdir})" for o in sorted(holding.values(), key=lambda o: o.node.name)
+            )
+            checks.append(
+                Check(
+                    "ledger",
+                    None,
+                    WARN,
+                    f"{host}: several workdirs hold GPU leases in separate ledgers: {names}",
+                    'set one node-wide ledger = "/var/lib/ava/leases" for '
+                    "them in ava.toml (group-writable; see README)",
+                )
+            )
     return checks
 
 
@@ -189,15 +202,21 @@ def check_ssh(o: Observation) -> Check:
         return Check("ssh", node.name, PASS, how)
     message = o.error.message
     if not isinstance(o.error, ConnectError):
-        return Check("ssh", node.name, FAIL, message,
-                     f"check that python = {node.python!r} runs on the node (set it in the inventory), "
-                     "then rerun `ava doctor`")
+        return Check(
+            "ssh",
+            node.name,
+            FAIL,
+            message,
+            f"check that python = {node.python!r} runs on the node (set it in the inventory), then rerun `ava doctor`",
+        )
     reason = o.error.reason
     if "unknown host key" in reason:
-        fix = "trust the node's key once with `ava nodes --accept-new` (or host_keys = \"accept-new\")"
+        fix = 'trust the node\'s key once with `ava nodes --accept-new` (or host_keys = "accept-new")'
     elif "host key changed" in reason:
-        fix = (f"if {node.name} was reinstalled, remove its old key (ssh-keygen -R {node.host} -f {node.known_hosts}) "
-               "and accept the new one; otherwise someone may be intercepting the connection")
+        fix = (
+            f"if {node.name} was reinstalled, remove its old key (ssh-keygen -R {node.host} -f {node.known_hosts}) "
+            "and accept the new one; otherwise someone may be intercepting the connection"
+        )
     elif "authentication" in reason:
         fix = f"check user and identity for {node.name} in the inventory, or load the key into ssh-agent"
     elif "refused" in reason:
@@ -212,9 +231,14 @@ def check_ssh(o: Observation) -> Check:
 def check_sftp(o: Observation) -> Check:
     if o.sftp:
         return Check("sftp", o.node.name, PASS, "the SSH server offers SFTP")
-    return Check("sftp", o.node.name, WARN, "no SFTP subsystem: files stream over the exec channel",
-                 "the SSH server offers no SFTP subsystem; ava streams files over the exec channel "
-                 "(add `Subsystem sftp internal-sftp` to the node's sshd_config to use SFTP)")
+    return Check(
+        "sftp",
+        o.node.name,
+        WARN,
+        "no SFTP subsystem: files stream over the exec channel",
+        "the SSH server offers no SFTP subsystem; ava streams files over the exec channel "
+        "(add `Subsystem sftp internal-sftp` to the node's sshd_config to use SFTP)",
+    )
 
 
 def _versions(o: Observation) -> dict[str, str | None]:
@@ -224,15 +248,20 @@ def _versions(o: Observation) -> dict[str, str | None]:
 def check_python(o: Observation) -> Check:
     v = _versions(o)
     if not v.get("torch"):
-        return Check("torch", o.node.name, FAIL, f"torch is not installed for {o.facts.get('python_path') or o.node.python}",
-                     "install torch into that interpreter, or point python in the inventory at one that has it")
+        return Check(
+            "torch",
+            o.node.name,
+            FAIL,
+            f"torch is not installed for {o.facts.get('python_path') or o.node.python}",
+            "install torch into that interpreter, or point python in the inventory at one that has it",
+        )
     built = f"CUDA {v['cuda']}" if v.get("cuda") else "CPU build"
     nccl = f", NCCL {v['nccl']}" if v.get("nccl") else ""
     return Check("torch", o.node.name, PASS, f"Python {v.get('python')}, torch {v['torch']} ({built}{nccl})")
 
 
 def _groups(values: dict[str, Any]) -> str:
-    """"2.3.0 on n1, n3; 2.4.1 on n2" from {node: value}."""
+    """ "2.3.0 on n1, n3; 2.4.1 on n2" from {node: value}."""
     by_value: dict[str, list[str]] = defaultdict(list)
     for name, value in values.items():
         by_value[str(value) if value is not None else "none"].append(name)
@@ -247,9 +276,16 @@ def check_versions_alike(up: list[Observation]) -> list[Check]:
         values = {o.node.name: _versions(o).get(key) for o in up}
         if len(set(values.values())) > 1:
             majority = statistics.mode(values.values())
-            checks.append(Check(f"{key} alike", None, FAIL, f"{key} differs: {_groups(values)}",
-                                f"install the same {key} on every node of a run"
-                                + (f" ({key} {majority} on the others)" if majority else "")))
+            checks.append(
+                Check(
+                    f"{key} alike",
+                    None,
+                    FAIL,
+                    f"{key} differs: {_groups(values)}",
+                    f"install the same {key} on every node of a run"
+                    + (f" ({key} {majority} on the others)" if majority else ""),
+                )
+            )
         else:
             only = next(iter(values.values()))
             checks.append(Check(f"{key} alike", None, PASS, f"{key} {only or 'absent'} on all {len(up)} nodes"))
@@ -268,21 +304,41 @@ def check_gpus(o: Observation) -> Check:
     wanted = o.node.gpus
     missing = [i for i in wanted if i not in indices]
     if missing:
-        why = "" if found else f" ({'nvidia-smi not found' if o.probe.get('gpu_health', {}).get('nvidia_smi') == 'missing' else 'nvidia-smi lists none'})"
-        return Check("gpus", o.node.name, FAIL,
-                     f"the inventory names GPUs {list(wanted)} but the node shows {shown}{why}",
-                     f"correct gpus for {o.node.name} in the inventory, or install the NVIDIA driver and check the GPUs")
+        why = (
+            ""
+            if found
+            else f" ({'nvidia-smi not found' if o.probe.get('gpu_health', {}).get('nvidia_smi') == 'missing' else 'nvidia-smi lists none'})"
+        )
+        return Check(
+            "gpus",
+            o.node.name,
+            FAIL,
+            f"the inventory names GPUs {list(wanted)} but the node shows {shown}{why}",
+            f"correct gpus for {o.node.name} in the inventory, or install the NVIDIA driver and check the GPUs",
+        )
     if len(models) > 1:
-        return Check("gpus", o.node.name, WARN, f"mixed models on one node: {shown}",
-                     "list only alike GPUs for this node (gpus = [indices]) so ranks run at one speed")
+        return Check(
+            "gpus",
+            o.node.name,
+            WARN,
+            f"mixed models on one node: {shown}",
+            "list only alike GPUs for this node (gpus = [indices]) so ranks run at one speed",
+        )
     return Check("gpus", o.node.name, PASS, shown + (f" (inventory: {len(wanted)})" if wanted else ""))
 
 
 def check_gpu_models_alike(up: list[Observation]) -> list[Check]:
     models = {o.node.name: ",".join(sorted({str(g.get("name")) for g in _gpus(o)})) for o in up if _gpus(o)}
     if len(set(models.values())) > 1:
-        return [Check("gpu models alike", None, WARN, f"GPU models differ: {_groups(models)}",
-                      "a run goes at the pace of its slowest GPU; use labels to keep runs on alike nodes")]
+        return [
+            Check(
+                "gpu models alike",
+                None,
+                WARN,
+                f"GPU models differ: {_groups(models)}",
+                "a run goes at the pace of its slowest GPU; use labels to keep runs on alike nodes",
+            )
+        ]
     return []
 
 
@@ -291,8 +347,13 @@ def check_gpu_health(o: Observation) -> Check:
     if health.get("nvidia_smi") == "missing":
         return Check("gpu health", o.node.name, PASS, "no nvidia-smi (CPU node)")
     if health.get("nvidia_smi") != "ok":
-        return Check("gpu health", o.node.name, FAIL, f"nvidia-smi failed: {health.get('nvidia_smi')}",
-                     "run nvidia-smi on the node; reload the driver or reboot the node")
+        return Check(
+            "gpu health",
+            o.node.name,
+            FAIL,
+            f"nvidia-smi failed: {health.get('nvidia_smi')}",
+            "run nvidia-smi on the node; reload the driver or reboot the node",
+        )
     problems, warnings = [], []
     for gpu in health.get("gpus") or []:
         label = f"GPU {gpu.get('index')}"
@@ -314,11 +375,21 @@ def check_gpu_health(o: Observation) -> Check:
     log = "" if xid.get("readable") else "; kernel log not readable, Xid errors unchecked"
     count = len(health.get("gpus") or [])
     if problems:
-        return Check("gpu health", o.node.name, FAIL, "; ".join(problems + warnings) + log,
-                     f"drain {o.node.name}: reset the GPU (nvidia-smi -r) or reboot, and replace it if errors return")
+        return Check(
+            "gpu health",
+            o.node.name,
+            FAIL,
+            "; ".join(problems + warnings) + log,
+            f"drain {o.node.name}: reset the GPU (nvidia-smi -r) or reboot, and replace it if errors return",
+        )
     if warnings:
-        return Check("gpu health", o.node.name, WARN, "; ".join(warnings) + log,
-                     f"reboot {o.node.name} when idle to retire pages; watch the kernel log for more Xids")
+        return Check(
+            "gpu health",
+            o.node.name,
+            WARN,
+            "; ".join(warnings) + log,
+            f"reboot {o.node.name} when idle to retire pages; watch the kernel log for more Xids",
+        )
     return Check("gpu health", o.node.name, PASS, f"{count} GPUs: no ECC errors, no pending retirement{log}")
 
 
@@ -352,8 +423,15 @@ def check_disk(o: Observation) -> list[Check]:
     free = work.get("free")
     where = f"{_size(free)} free for the workdir ({work.get('path')})"
     if free is None:
-        checks.append(Check("disk", name, FAIL, f"cannot read free space at {o.node.workdir}: {work.get('error')}",
-                            "create the workdir or point workdir at a writable disk"))
+        checks.append(
+            Check(
+                "disk",
+                name,
+                FAIL,
+                f"cannot read free space at {o.node.workdir}: {work.get('error')}",
+                "create the workdir or point workdir at a writable disk",
+            )
+        )
     elif free < WORKDIR_FAIL:
         checks.append(Check("disk", name, FAIL, where, "free space on that disk or point workdir at a larger one"))
     elif free < WORKDIR_WARN:
@@ -364,13 +442,29 @@ def check_disk(o: Observation) -> list[Check]:
     room = (cache_free or 0) + (cache.get("used") or 0)
     detail = f"{_size(cache_free)} free for the cache ({cache.get('path')}), cache_size {_size(o.node.cache_size)}"
     if cache_free is None:
-        checks.append(Check("cache disk", name, FAIL, f"cannot read free space at {o.node.cache_dir}",
-                            "create cache_dir or point it at a writable local disk"))
+        checks.append(
+            Check(
+                "cache disk",
+                name,
+                FAIL,
+                f"cannot read free space at {o.node.cache_dir}",
+                "create cache_dir or point it at a writable local disk",
+            )
+        )
     elif cache_free < WORKDIR_FAIL:
-        checks.append(Check("cache disk", name, FAIL, detail, "free space there or point cache_dir at a larger local disk"))
+        checks.append(
+            Check("cache disk", name, FAIL, detail, "free space there or point cache_dir at a larger local disk")
+        )
     elif room < o.node.cache_size:
-        checks.append(Check("cache disk", name, WARN, detail,
-                            f"lower cache_size to at most {_size(room * 0.9)} or free space: a full disk fails runs"))
+        checks.append(
+            Check(
+                "cache disk",
+                name,
+                WARN,
+                detail,
+                f"lower cache_size to at most {_size(room * 0.9)} or free space: a full disk fails runs",
+            )
+        )
     else:
         checks.append(Check("cache disk", name, PASS, detail))
     return checks
@@ -385,26 +479,48 @@ def check_clock(up: list[Observation]) -> list[Check]:
     for name, offset in offsets.items():
         off = offset - middle
         if abs(off) > SKEW_WARN:
-            checks.append(Check("clock", name, WARN, f"{abs(off):.1f} s {'ahead of' if off > 0 else 'behind'} the other nodes",
-                                f"run an NTP client (chrony, systemd-timesyncd) on {name}: logs and timeouts compare clocks"))
+            checks.append(
+                Check(
+                    "clock",
+                    name,
+                    WARN,
+                    f"{abs(off):.1f} s {'ahead of' if off > 0 else 'behind'} the other nodes",
+                    f"run an NTP client (chrony, systemd-timesyncd) on {name}: logs and timeouts compare clocks",
+                )
+            )
     skew = max(offsets.values()) - min(offsets.values())
     status = WARN if skew > SKEW_WARN else PASS
-    checks.append(Check("clock skew", None, status, f"{skew:.3f} s between the nodes' clocks",
-                        "synchronise every node's clock with NTP" if status == WARN else ""))
+    checks.append(
+        Check(
+            "clock skew",
+            None,
+            status,
+            f"{skew:.3f} s between the nodes' clocks",
+            "synchronise every node's clock with NTP" if status == WARN else "",
+        )
+    )
     return checks
 
 
 def check_interface(o: Observation, master: Node | None) -> Check:
     iface = o.probe.get("interface") or {}
     if iface.get("error") or not iface.get("name"):
-        fix = (f"set interface for {o.node.name} in the inventory to the NIC that reaches {master.name if master else 'the master'}"
-               if o.node.interface == "auto" else f"correct interface = {o.node.interface!r} (see `ip addr` on the node)")
+        fix = (
+            f"set interface for {o.node.name} in the inventory to the NIC that reaches {master.name if master else 'the master'}"
+            if o.node.interface == "auto"
+            else f"correct interface = {o.node.interface!r} (see `ip addr` on the node)"
+        )
         return Check("interface", o.node.name, FAIL, str(iface.get("error") or "no interface found"), fix)
     chosen = "named in the inventory" if o.node.interface != "auto" else "routes to the master"
     detail = f"{iface['name']} ({iface.get('address')}), {chosen}"
     if iface["name"] == "lo" and master is not None and master.transport != "local":
-        return Check("interface", o.node.name, WARN, detail + ": loopback",
-                     "the master's address is this node's loopback; use an address other nodes can reach as its host")
+        return Check(
+            "interface",
+            o.node.name,
+            WARN,
+            detail + ": loopback",
+            "the master's address is this node's loopback; use an address other nodes can reach as its host",
+        )
     return Check("interface", o.node.name, PASS, detail)
 
 
@@ -414,11 +530,17 @@ def check_master_reach(o: Observation, master: Node | None) -> Check:
         return Check("reaches master", o.node.name, PASS, "all nodes are this computer")
     address, port = master_endpoint(master)
     if reach["ok"]:
-        return Check("reaches master", o.node.name, PASS, f"{address}:{port} answers in {reach.get('seconds', 0) * 1000:.0f} ms")
-    return Check("reaches master", o.node.name, FAIL,
-                 f"cannot reach the master {master.name} at {address}:{port}: {reach.get('error')}",
-                 f"check routes and firewalls between {o.node.name} and {master.name}: the rendezvous and "
-                 "NCCL/Gloo traffic go there")
+        return Check(
+            "reaches master", o.node.name, PASS, f"{address}:{port} answers in {reach.get('seconds', 0) * 1000:.0f} ms"
+        )
+    return Check(
+        "reaches master",
+        o.node.name,
+        FAIL,
+        f"cannot reach the master {master.name} at {address}:{port}: {reach.get('error')}",
+        f"check routes and firewalls between {o.node.name} and {master.name}: the rendezvous and "
+        "NCCL/Gloo traffic go there",
+    )
 
 
 def check_lookups(o: Observation) -> Check:
@@ -426,8 +548,10 @@ def check_lookups(o: Observation) -> Check:
     stalled = [l for l in lookups if l.get("stalled")]
     slow = [l for l in lookups if not l.get("stalled") and (l.get("seconds") or 0) > LOOKUP_SLOW]
     failed = [l for l in lookups if not l.get("stalled") and l.get("error") and l.get("kind") in ("forward", "master")]
-    fix = ("add the node's names to /etc/hosts on every node, or fix the resolvers in /etc/resolv.conf "
-           "(a nameserver that does not answer stalls every rendezvous)")
+    fix = (
+        "add the node's names to /etc/hosts on every node, or fix the resolvers in /etc/resolv.conf "
+        "(a nameserver that does not answer stalls every rendezvous)"
+    )
     if stalled:
         names = ", ".join(f"{l['kind']} {l['name']}" for l in stalled)
         return Check("name lookups", o.node.name, FAIL, f"stalled over {LOOKUP_TIMEOUT:g} s: {names}", fix)
@@ -442,12 +566,21 @@ def check_lookups(o: Observation) -> Check:
 def check_isolation(o: Observation) -> Check:
     backend = o.facts.get("isolation") or "none"
     if backend == "none":
-        return Check("isolation", o.node.name, WARN,
-                     "no cgroups: runs are tracked by process group only, memory and CPU limits not enforced",
-                     "mount cgroups on the node (cgroup v2 with systemd is best) so that runs are fenced")
+        return Check(
+            "isolation",
+            o.node.name,
+            WARN,
+            "no cgroups: runs are tracked by process group only, memory and CPU limits not enforced",
+            "mount cgroups on the node (cgroup v2 with systemd is best) so that runs are fenced",
+        )
     if backend == "v1" and o.probe.get("euid") != 0:
-        return Check("isolation", o.node.name, WARN, "cgroup v1 needs root, and ava does not run as root here",
-                     "run as root on this node, or move it to cgroup v2 with systemd")
+        return Check(
+            "isolation",
+            o.node.name,
+            WARN,
+            "cgroup v1 needs root, and ava does not run as root here",
+            "run as root on this node, or move it to cgroup v2 with systemd",
+        )
     return Check("isolation", o.node.name, PASS, f"{backend} (cgroup {o.facts.get('cgroup')})")
 
 

@@ -15,18 +15,18 @@ import time
 import warnings
 
 __all__ = [
-    "rank",
-    "local_rank",
-    "world_size",
-    "local_world_size",
-    "run_id",
+    "PROGRESS_MIN_INTERVAL_S",
     "attempt",
-    "node",
+    "cache_dir",
     "checkpoint_dir",
     "checkpoint_keep",
-    "cache_dir",
+    "local_rank",
+    "local_world_size",
+    "node",
     "progress",
-    "PROGRESS_MIN_INTERVAL_S",
+    "rank",
+    "run_id",
+    "world_size",
 ]
 
 # progress() writes at most this often, so calling it every step costs a clock read.

@@ -64,24 +64,37 @@ def checkpoint_dir(recipe: Recipe, run_id: str) -> str | None:
     return recipe.checkpoint.dir.replace("{name}", recipe.name).replace("{run}", run_id)
 
 
-def torchrun_argv(recipe: Recipe, launch: Launch, *, nnodes: int, route: Route, is_master: bool, python: str) -> list[str]:
+def torchrun_argv(
+    recipe: Recipe, launch: Launch, *, nnodes: int, route: Route, is_master: bool, python: str
+) -> list[str]:
     argv = [
-        python, "-m", "torch.distributed.run",
-        "--nnodes", str(nnodes),
-        "--nproc-per-node", str(recipe.procs()),
-        "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"{_bracket(launch.master_address)}:{launch.master_port}",
-        "--rdzv-id", launch.run_id,
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(nnodes),
+        "--nproc-per-node",
+        str(recipe.procs()),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{_bracket(launch.master_address)}:{launch.master_port}",
+        "--rdzv-id",
+        launch.run_id,
     ]
     if is_master:
         # torch's own "am I the host?" check fails when hostnames resolve to 127.0.0.1.
         argv += ["--rdzv-conf", "is_host=true"]
     argv += [
-        "--local-addr", route.address,
+        "--local-addr",
+        route.address,
         # ava supervises and restarts; torchrun must not retry on its own.
-        "--max-restarts", "0",
-        "--monitor-interval", "1",
-        "--tee", "3",
+        "--max-restarts",
+        "0",
+        "--monitor-interval",
+        "1",
+        "--tee",
+        "3",
     ]
     if recipe.run.module:
         argv += ["--module", recipe.run.module]
@@ -101,17 +114,19 @@ def environment(recipe: Recipe, launch: Launch, node: Node, route: Route) -> dic
     env = dict(recipe.env)
     # The node's cache as WORKDIR/cache.json describes it, for ava.data and `avacache::` URLs.
     env.update(job_env(route.expand(node.cache_dir), node.cache_size, block_size=BLOCK_SIZE))
-    env.update({
-        "AVA_RUN_ID": launch.run_id,
-        "AVA_ATTEMPT": str(launch.attempt),
-        "AVA_NODE": node.name,
-        # Gloo and NCCL bind the interface that reaches the master; left alone, Gloo may pick
-        # 127.0.0.1 from the hostname and the job hangs.
-        "GLOO_SOCKET_IFNAME": route.interface,
-        "NCCL_SOCKET_IFNAME": route.interface,
-        "PYTHONUNBUFFERED": "1",
-        "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": RANK_PREFIX_TEMPLATE,
-    })
+    env.update(
+        {
+            "AVA_RUN_ID": launch.run_id,
+            "AVA_ATTEMPT": str(launch.attempt),
+            "AVA_NODE": node.name,
+            # Gloo and NCCL bind the interface that reaches the master; left alone, Gloo may pick
+            # 127.0.0.1 from the hostname and the job hangs.
+            "GLOO_SOCKET_IFNAME": route.interface,
+            "NCCL_SOCKET_IFNAME": route.interface,
+            "PYTHONUNBUFFERED": "1",
+            "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": RANK_PREFIX_TEMPLATE,
+        }
+    )
     ckpt = checkpoint_dir(recipe, launch.run_id)
     if ckpt is not None:
         env["AVA_CHECKPOINT_DIR"] = ckpt if "://" in ckpt else route.expand(ckpt)

@@ -70,8 +70,9 @@ def probe(nodes: list[Node], *, host_keys: str | None = None) -> list[NodeReport
             reports.append(NodeReport(node.name, host, reachable=False, error=outcome.message))
             continue
         known = {k: v for k, v in outcome.items() if k in NodeReport.__dataclass_fields__}
-        reports.append(NodeReport(name=node.name, host=host, reachable=True, agent=agent_state(outcome.get("agents")),
-                                  **known))
+        reports.append(
+            NodeReport(name=node.name, host=host, reachable=True, agent=agent_state(outcome.get("agents")), **known)
+        )
     return reports
 
 

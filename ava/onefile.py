@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional
 
 # The shebang's flags: no site-packages (a system python3 may carry an old cryptography) and no
 # PYTHONPATH/PYTHONHOME from the caller's environment.
@@ -23,10 +22,10 @@ MODULES_ENV = "AVA_ONEFILE_MODULES"
 # Set only for a child the file starts of itself (see python_module): the module it runs.
 MODULE_ENV = "AVA_ONEFILE_MODULE"
 
-_file: Optional[str] = None
+_file: str | None = None
 
 
-def python_module(module: str) -> List[str]:
+def python_module(module: str) -> list[str]:
     """The argv that runs `python -m MODULE` of this same ava in a new process: the installed
     package's interpreter, or, inside the one file, the system python3 on the file."""
     if _file is None:
@@ -71,9 +70,11 @@ def _check_python() -> None:
 
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     if here not in BUILD["pythons"].split(","):
-        sys.stderr.write(f"ava: this file carries its dependencies for CPython {BUILD['pythons']}, and "
-                         f"{sys.executable} is {here}: run it as `python3.X {_file} ...` with one of those, "
-                         "or install ava with pip\n")
+        sys.stderr.write(
+            f"ava: this file carries its dependencies for CPython {BUILD['pythons']}, and "
+            f"{sys.executable} is {here}: run it as `python3.X {_file} ...` with one of those, "
+            "or install ava with pip\n"
+        )
         sys.exit(2)
 
 

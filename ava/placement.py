@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ava.config import Inventory, Node, Recipe
 from ava.errors import AvaError, UsageError
@@ -63,9 +63,7 @@ def place(
     chosen = eligible[:want]
     local = [n for n in chosen if n.transport == "local"]
     if local and len(chosen) > 1:
-        raise UsageError(
-            f"node {local[0].name} is the embedded local node and cannot share a run with other nodes"
-        )
+        raise UsageError(f"node {local[0].name} is the embedded local node and cannot share a run with other nodes")
     return Placement(tuple(chosen), tuple(eligible[want:]))
 
 
@@ -81,5 +79,7 @@ def checkpoint_reach_warning(recipe: Recipe, placement: Placement) -> str | None
     if where is not None and "://" in where and not where.startswith("file://"):
         return None
     what = "checkpoint.dir is not set" if where is None else f"checkpoint.dir {where} is a path on each node's own disk"
-    return (f"{what}: a node brought in after a failure will not see checkpoints written on another node's "
-            "disk; set it to an fsspec URL every node reaches (s3://…) or a shared mount")
+    return (
+        f"{what}: a node brought in after a failure will not see checkpoints written on another node's "
+        "disk; set it to an fsspec URL every node reaches (s3://…) or a shared mount"
+    )

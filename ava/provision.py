@@ -24,9 +24,10 @@ import json
 import re
 import secrets
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ava import sync
 from ava.config import Node, Requirements
@@ -132,10 +133,13 @@ def _check_inside(path: Path, source: Source, written: str) -> None:
     root = source.root.resolve()
     resolved = path.resolve()
     if resolved != root and root not in resolved.parents:
-        raise ConfigError(source.confined, "run.requirements",
-                          f"{written} resolves to {resolved}, outside the recipe's folder; a recipe "
-                          "sends only its own files (put it in the recipe's folder, or name it in the "
-                          "inventory's requirements)")
+        raise ConfigError(
+            source.confined,
+            "run.requirements",
+            f"{written} resolves to {resolved}, outside the recipe's folder; a recipe "
+            "sends only its own files (put it in the recipe's folder, or name it in the "
+            "inventory's requirements)",
+        )
 
 
 def _digest(data: bytes) -> str:
@@ -205,8 +209,9 @@ def venv_dir(node: Node, env: Environment) -> str:
     return f"{node.workdir.rstrip('/')}/venvs/{env.hash}"
 
 
-def venv_python(node: Node, requirements: Requirements | None = None, *, recipe: Recipe | None = None,
-                root: Path | None = None) -> str:
+def venv_python(
+    node: Node, requirements: Requirements | None = None, *, recipe: Recipe | None = None, root: Path | None = None
+) -> str:
     """The interpreter a run uses on NODE: the venv for these requirements, else node.python.
 
     Pass `requirements` (a file relative to `root`), or `recipe` for the node's and the recipe's
@@ -239,9 +244,17 @@ class Wanted:
 
     def paths(self) -> list[str]:
         """Every path the facts test, in a fixed order."""
-        cgroups = [f"{CGROUP_ROOT}/{c}" for c in V1_CONTROLLERS] + [f"{CGROUP_ROOT}/{c}/{CGROUP_PARENT}" for c in V1_CONTROLLERS]
-        return [*self.layout, self.agent, self.runtime, *([self.ready] if self.ready else []),
-                f"{CGROUP_ROOT}/{CGROUP_PARENT}", *cgroups]
+        cgroups = [f"{CGROUP_ROOT}/{c}" for c in V1_CONTROLLERS] + [
+            f"{CGROUP_ROOT}/{c}/{CGROUP_PARENT}" for c in V1_CONTROLLERS
+        ]
+        return [
+            *self.layout,
+            self.agent,
+            self.runtime,
+            *([self.ready] if self.ready else []),
+            f"{CGROUP_ROOT}/{CGROUP_PARENT}",
+            *cgroups,
+        ]
 
 
 def wanted(node: Node, env: Environment | None) -> Wanted:
@@ -271,17 +284,19 @@ def facts_command(want: Wanted) -> str:
     """One shell command printing key=value lines, then the current cache.json."""
     paths = " ".join(shell_path(p) for p in want.paths())
     cache_json = shell_path(f"{want.node.workdir.rstrip('/')}/cache.json")
-    return "; ".join([
-        f"printf 'present='; for p in {paths}; do if [ -e \"$p\" ]; then printf 1; else printf 0; fi; done; echo",
-        f"printf 'python=%s\\n' \"$(command -v {shell_path(want.node.python)})\"",
-        "printf 'uv=%s\\n' \"$(command -v uv)\"",
-        f"if [ -e {CGROUP_ROOT}/cgroup.controllers ]; then echo cgroup=v2; w={CGROUP_ROOT}; "
-        f"elif [ -d {CGROUP_ROOT}/memory ]; then echo cgroup=v1; w={CGROUP_ROOT}/memory; else echo cgroup=none; w=/nonexistent; fi",
-        "if [ -w \"$w\" ]; then echo cgroup_writable=1; else echo cgroup_writable=0; fi",
-        "if [ \"$(cat /proc/1/comm 2>/dev/null)\" = systemd ] && command -v systemd-run >/dev/null; then echo systemd=1; else echo systemd=0; fi",
-        "echo cache=",
-        f"cat {cache_json} 2>/dev/null; true",
-    ])
+    return "; ".join(
+        [
+            f"printf 'present='; for p in {paths}; do if [ -e \"$p\" ]; then printf 1; else printf 0; fi; done; echo",
+            f"printf 'python=%s\\n' \"$(command -v {shell_path(want.node.python)})\"",
+            "printf 'uv=%s\\n' \"$(command -v uv)\"",
+            f"if [ -e {CGROUP_ROOT}/cgroup.controllers ]; then echo cgroup=v2; w={CGROUP_ROOT}; "
+            f"elif [ -d {CGROUP_ROOT}/memory ]; then echo cgroup=v1; w={CGROUP_ROOT}/memory; else echo cgroup=none; w=/nonexistent; fi",
+            'if [ -w "$w" ]; then echo cgroup_writable=1; else echo cgroup_writable=0; fi',
+            'if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] && command -v systemd-run >/dev/null; then echo systemd=1; else echo systemd=0; fi',
+            "echo cache=",
+            f"cat {cache_json} 2>/dev/null; true",
+        ]
+    )
 
 
 def parse_facts(want: Wanted, stdout: str) -> Facts:
@@ -340,7 +355,9 @@ def cgroup_parents(facts: Facts) -> tuple[list[str], str | None]:
     if facts.cgroup == "v2":
         parents = [f"{CGROUP_ROOT}/{CGROUP_PARENT}"]
     else:
-        parents = [f"{CGROUP_ROOT}/{c}/{CGROUP_PARENT}" for c in V1_CONTROLLERS if facts.present.get(f"{CGROUP_ROOT}/{c}")]
+        parents = [
+            f"{CGROUP_ROOT}/{c}/{CGROUP_PARENT}" for c in V1_CONTROLLERS if facts.present.get(f"{CGROUP_ROOT}/{c}")
+        ]
     return [p for p in parents if not facts.present.get(p)], None
 
 
@@ -348,8 +365,10 @@ def plan(want: Wanted, facts: Facts) -> Plan:
     """The steps still needed on one node; none when everything is in place."""
     node = want.node
     if not facts.python:
-        raise CommandError(f"{node.name}: no {node.python} on the node; install Python 3.10+ or set python "
-                           "for this node in the inventory")
+        raise CommandError(
+            f"{node.name}: no {node.python} on the node; install Python 3.10+ or set python "
+            "for this node in the inventory"
+        )
     steps: list[Step] = []
     missing = [p for p in want.layout if not facts.present[p]]
     if missing:
@@ -367,8 +386,14 @@ def plan(want: Wanted, facts: Facts) -> Plan:
     if want.env is not None and want.ready and not facts.present[want.ready]:
         tool = "uv" if facts.uv else "pip"
         count = len([l for l in want.env.text.splitlines() if l and not l.startswith("-")])
-        steps.append(Step("venv", f"make the environment {venv_dir(node, want.env)} with {tool} "
-                                  f"({count} requirement{'s' if count != 1 else ''})", (venv_dir(node, want.env),)))
+        steps.append(
+            Step(
+                "venv",
+                f"make the environment {venv_dir(node, want.env)} with {tool} "
+                f"({count} requirement{'s' if count != 1 else ''})",
+                (venv_dir(node, want.env),),
+            )
+        )
     return Plan(node.name, tuple(steps), (note,) if note else (), want, facts)
 
 
@@ -383,7 +408,9 @@ def plan_node(node: Node, *, recipe: Recipe | None = None, base: Path | None = N
     return plan(want, parse_facts(want, result.stdout))
 
 
-def plan_all(nodes: list[Node], *, recipe: Recipe | None = None, base: Path | None = None) -> dict[str, Plan | AvaError]:
+def plan_all(
+    nodes: list[Node], *, recipe: Recipe | None = None, base: Path | None = None
+) -> dict[str, Plan | AvaError]:
     return run_all(nodes, lambda node: plan_node(node, recipe=recipe, base=base))
 
 
@@ -425,17 +452,32 @@ def _make_venv(node: Node, want: Wanted, facts: Facts) -> None:
     else:
         # System site-packages: the venv sees the node's torch, and the node's pip runs inside it.
         create = f"{python} -m venv --without-pip --system-site-packages {q}"
-        install = (f"{q}/bin/python -m pip install --no-input --disable-pip-version-check --quiet "
-                   f"-r {shell_path(staged)}")
-    build = " && ".join([
-        # Under the lock, a venv without .ava-ready is one whose provisioner died: start it over.
-        f"rm -rf {q}", create, f"{python} -c {shlex.quote(_SEE_NODE_SITE)} {q}", install,
-        f"cp {shell_path(staged)} {shell_path(folder + '/requirements.txt')}",
-        f"printf '%s\\n' {env.hash} > {shell_path(folder + '/' + READY)}",
-    ])
+        install = (
+            f"{q}/bin/python -m pip install --no-input --disable-pip-version-check --quiet -r {shell_path(staged)}"
+        )
+    build = " && ".join(
+        [
+            # Under the lock, a venv without .ava-ready is one whose provisioner died: start it over.
+            f"rm -rf {q}",
+            create,
+            f"{python} -c {shlex.quote(_SEE_NODE_SITE)} {q}",
+            install,
+            f"cp {shell_path(staged)} {shell_path(folder + '/requirements.txt')}",
+            f"printf '%s\\n' {env.hash} > {shell_path(folder + '/' + READY)}",
+        ]
+    )
     script = shlex.quote(sync.TREESYNC_SOURCE.read_text(encoding="utf-8"))
-    locked = " ".join([python, "-c", script, "locked", shell_path(folder + ".lock"),
-                       shell_path(f"{folder}/{READY}"), shlex.quote(build)])
+    locked = " ".join(
+        [
+            python,
+            "-c",
+            script,
+            "locked",
+            shell_path(folder + ".lock"),
+            shell_path(f"{folder}/{READY}"),
+            shlex.quote(build),
+        ]
+    )
     try:
         _run(node, locked, "making the environment")
     finally:
@@ -496,13 +538,16 @@ def apply(plan_: Plan, node: Node, on_step: StepCallback | None = None) -> PlanR
     return PlanResult(node.name, plan_, tuple(done))
 
 
-def apply_all(nodes: list[Node], plans: dict[str, Plan], on_step: StepCallback | None = None) -> dict[str, PlanResult | AvaError]:
+def apply_all(
+    nodes: list[Node], plans: dict[str, Plan], on_step: StepCallback | None = None
+) -> dict[str, PlanResult | AvaError]:
     chosen = [n for n in nodes if n.name in plans]
     return run_all(chosen, lambda node: apply(plans[node.name], node, on_step))
 
 
-def ensure(nodes: list[Node], *, recipe: Recipe | None = None, base: Path | None = None,
-           on_step: StepCallback | None = None) -> dict[str, PlanResult | AvaError]:
+def ensure(
+    nodes: list[Node], *, recipe: Recipe | None = None, base: Path | None = None, on_step: StepCallback | None = None
+) -> dict[str, PlanResult | AvaError]:
     """Make every node ready for a run of RECIPE: one facts round trip each, and the missing
     steps only. `ava train` calls this before launching."""
 

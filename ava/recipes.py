@@ -16,8 +16,9 @@ import contextlib
 import posixpath
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ava.errors import UsageError
 
@@ -91,15 +92,20 @@ def _listing(fs: Any, base: str) -> dict[str, str] | None:
             continue
         if not key.startswith(root + "/"):
             raise UsageError(f"{key}: a key outside the recipe's directory {root}; refusing to fetch it")
-        files[_safe_name(key[len(root) + 1:], key)] = key
+        files[_safe_name(key[len(root) + 1 :], key)] = key
     return files
 
 
 def _safe_name(name: str, key: str) -> str:
     """`name` as a relative path that stays inside the copy, or a UsageError naming the key."""
     parts = name.split("/")
-    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in name \
-            or posixpath.normpath(name) != name:
+    if (
+        not name
+        or name.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or "\0" in name
+        or posixpath.normpath(name) != name
+    ):
         raise UsageError(f"{key}: the key is not a plain relative path under the recipe; refusing to fetch it")
     return name
 

@@ -252,9 +252,14 @@ def _problem(data: Any, run_id: str) -> str | None:
     if not isinstance(attempts, list):
         return "attempts: expected a list"
     for index, attempt in enumerate(attempts):
-        if not (isinstance(attempt, dict) and isinstance(attempt.get("number"), int) and _names(attempt.get("nodes"))
-                and _number(attempt.get("started")) and isinstance(attempt.get("state", ""), str)
-                and (attempt.get("ended") is None or _number(attempt.get("ended")))):
+        if not (
+            isinstance(attempt, dict)
+            and isinstance(attempt.get("number"), int)
+            and _names(attempt.get("nodes"))
+            and _number(attempt.get("started"))
+            and isinstance(attempt.get("state", ""), str)
+            and (attempt.get("ended") is None or _number(attempt.get("ended")))
+        ):
             return f"attempts[{index}]: not an attempt"
     return None
 
@@ -287,8 +292,7 @@ def run_ids() -> list[str]:
     """Every run id that has a record here, damaged or not, sorted."""
     if not runs_dir().is_dir():
         return []
-    return sorted(p.name for p in runs_dir().iterdir()
-                  if not p.name.startswith(".") and (p / "record.json").exists())
+    return sorted(p.name for p in runs_dir().iterdir() if not p.name.startswith(".") and (p / "record.json").exists())
 
 
 def resolve_id(prefix: str) -> str:
@@ -302,8 +306,9 @@ def resolve_id(prefix: str) -> str:
     if not prefix.strip():
         raise UsageError(f"an empty run id names no run; give an id or a unique prefix of one (recent: {shown})")
     if set(prefix) & _PATTERN_CHARACTERS or prefix.startswith("."):
-        raise UsageError(f"run id {prefix!r} holds a wildcard or path character; run ids are matched as plain text "
-                         f"(recent: {shown})")
+        raise UsageError(
+            f"run id {prefix!r} holds a wildcard or path character; run ids are matched as plain text (recent: {shown})"
+        )
     if prefix in known:
         return prefix
     matches = [name for name in known if name.startswith(prefix)]

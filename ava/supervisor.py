@@ -83,8 +83,10 @@ def hold_supervision(record: RunRecord, role: str, wait: float) -> int:
             if time.monotonic() >= deadline:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 os.close(fd)
-                raise Supervised(f"run {record.id} is supervised by {holder}, which did not let go within {wait:g}s "
-                                 "(it may be inside a launch); try again once it has") from None
+                raise Supervised(
+                    f"run {record.id} is supervised by {holder}, which did not let go within {wait:g}s "
+                    "(it may be inside a launch); try again once it has"
+                ) from None
             time.sleep(0.1)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{role} (pid {os.getpid()})\n".encode(), 0)
@@ -95,8 +97,15 @@ def master_address(node: Node) -> str:
     return "127.0.0.1" if node.transport == "local" else str(node.host)
 
 
-def plan_attempt(recipe: Recipe, nodes: list[Node], run_id: str, number: int, code_tree: str,
-                 runtime_tree: str, pythons: dict[str, str]) -> tuple[list[NodeLaunch], str, int]:
+def plan_attempt(
+    recipe: Recipe,
+    nodes: list[Node],
+    run_id: str,
+    number: int,
+    code_tree: str,
+    runtime_tree: str,
+    pythons: dict[str, str],
+) -> tuple[list[NodeLaunch], str, int]:
     """What each node runs for this attempt (asks the nodes their routes and the master a free
     port); a launch and `ava train --dry-run` both come through here."""
     master = master_address(nodes[0])
@@ -139,8 +148,17 @@ def recipe_of(record: RunRecord) -> Recipe:
 
 
 class Supervisor:
-    def __init__(self, record: RunRecord, recipe: Recipe, inventory: Inventory, sink: LogSink, *,
-                 wait_for_leases: bool = False, role: str = "ava train", lock_wait: float = 15.0) -> None:
+    def __init__(
+        self,
+        record: RunRecord,
+        recipe: Recipe,
+        inventory: Inventory,
+        sink: LogSink,
+        *,
+        wait_for_leases: bool = False,
+        role: str = "ava train",
+        lock_wait: float = 15.0,
+    ) -> None:
         self.record, self.recipe, self.inventory, self.sink = record, recipe, inventory, sink
         self.wait_for_leases = wait_for_leases
         self.role, self.lock_wait = role, lock_wait
@@ -259,18 +277,28 @@ class Supervisor:
         return current
 
     def _launch(self, nodes: list[Node], current: Attempt) -> None:
-        prepared = nodes_ops.prepare(nodes, self.code_root, self.manifest, recipe=self.recipe,
-                                     inventory_dir=self.inventory.path.resolve().parent)
+        prepared = nodes_ops.prepare(
+            nodes, self.code_root, self.manifest, recipe=self.recipe, inventory_dir=self.inventory.path.resolve().parent
+        )
         cachenodes.prefetch(nodes, self.recipe, pythons=prepared.pythons, report=self.sink.event)
         self.record.code_tree = prepared.code_tree
         current.code_sent_bytes = sum(stats.sent_bytes for stats in prepared.code_stats.values())
         sent = {name: stats for name, stats in prepared.code_stats.items() if stats.sent_files}
         if sent:
             files = sum(stats.sent_files for stats in sent.values())
-            self.sink.event(f"code: sent {files} file{'s' if files != 1 else ''}, {current.code_sent_bytes:,} bytes"
-                            f" to {', '.join(sorted(sent))}")
-        launches, master, port = plan_attempt(self.recipe, nodes, self.record.id, current.number,
-                                              prepared.code_tree, prepared.runtime_tree, prepared.pythons)
+            self.sink.event(
+                f"code: sent {files} file{'s' if files != 1 else ''}, {current.code_sent_bytes:,} bytes"
+                f" to {', '.join(sorted(sent))}"
+            )
+        launches, master, port = plan_attempt(
+            self.recipe,
+            nodes,
+            self.record.id,
+            current.number,
+            prepared.code_tree,
+            prepared.runtime_tree,
+            prepared.pythons,
+        )
         current.master_port = port
         nodes_ops.start(launches, master, port)
 
@@ -288,18 +316,30 @@ class Supervisor:
         # Attempts whose launch was cut short (kind "interrupted") cost the budget nothing.
         used = sum(1 for a in record.attempts[:-1] if a.kind != "interrupted")
         spares = self._spares(current.nodes)
-        decision = recover(verdict, failover=self.recipe.failover, restarts_used=used,
-                           current=tuple(current.nodes), spares=tuple(spares),
-                           nodes_min=self.recipe.resources.nodes_min, repeated=self._repeated(current, verdict))
+        decision = recover(
+            verdict,
+            failover=self.recipe.failover,
+            restarts_used=used,
+            current=tuple(current.nodes),
+            spares=tuple(spares),
+            nodes_min=self.recipe.resources.nodes_min,
+            repeated=self._repeated(current, verdict),
+        )
         if not decision.restart:
-            self.sink.event(f"run failed: {verdict.cause}; {decision.reason}" if decision.reason != verdict.cause else f"run failed: {verdict.cause}")
+            self.sink.event(
+                f"run failed: {verdict.cause}; {decision.reason}"
+                if decision.reason != verdict.cause
+                else f"run failed: {verdict.cause}"
+            )
             self._finish("failed", 1)
             return None
         if verdict.kind == "interrupted":
             self.sink.event(f"attempt {current.number}: {verdict.cause}; starting it again (no restart counted)")
         else:
-            self.sink.event(f"attempt {current.number} failed: {verdict.cause}; restarting in {decision.backoff:g}s"
-                            f" on {', '.join(decision.nodes)} (restart {used + 1} of {self.recipe.failover.max_restarts})")
+            self.sink.event(
+                f"attempt {current.number} failed: {verdict.cause}; restarting in {decision.backoff:g}s"
+                f" on {', '.join(decision.nodes)} (restart {used + 1} of {self.recipe.failover.max_restarts})"
+            )
         self._sleep(decision.backoff)
         if self.stop_requested():
             self._finish("stopped", 1)
@@ -333,9 +373,12 @@ class Supervisor:
         from ava.placement import why_ineligible
 
         return [
-            n.name for n in self.inventory.nodes.values()
-            if n.name not in current and n.name not in self.record.lost_nodes
-            and n.transport != "local" and why_ineligible(n, self.recipe) is None
+            n.name
+            for n in self.inventory.nodes.values()
+            if n.name not in current
+            and n.name not in self.record.lost_nodes
+            and n.transport != "local"
+            and why_ineligible(n, self.recipe) is None
         ]
 
     def _finish(self, state: str, code: int) -> None:
@@ -349,8 +392,9 @@ class Supervisor:
     def _watch(self, current: Attempt) -> Verdict:
         nodes = [self.inventory.nodes[n] for n in current.nodes]
         done = threading.Event()
-        followers = [threading.Thread(target=self._follow, args=(node, current.number, done), daemon=True)
-                     for node in nodes]
+        followers = [
+            threading.Thread(target=self._follow, args=(node, current.number, done), daemon=True) for node in nodes
+        ]
         for follower in followers:
             follower.start()
         unreachable_since: dict[str, float] = {}
@@ -365,7 +409,10 @@ class Supervisor:
                 asked = time.time()
                 for node in nodes:
                     if node.name not in pending:
-                        pending[node.name] = (pool.submit(nodes_ops.status_of, node, self.record.id, current.number), asked)
+                        pending[node.name] = (
+                            pool.submit(nodes_ops.status_of, node, self.record.id, current.number),
+                            asked,
+                        )
                 concurrent.futures.wait([f for f, _ in pending.values()], timeout=STATUS_WAIT)
                 now = time.time()
                 views = []
@@ -395,8 +442,9 @@ class Supervisor:
                         views.append(_view(node.name, found))
                 if any(v.progressed for v in views) or now - current.started >= STARTUP_GRACE:
                     current.progressed = True
-                verdict = judge(Observation(tuple(views), now - current.started),
-                                hang_timeout=self.recipe.failover.hang_timeout)
+                verdict = judge(
+                    Observation(tuple(views), now - current.started), hang_timeout=self.recipe.failover.hang_timeout
+                )
                 if verdict.outcome != "running":
                     return verdict
                 if self.stop_requested():
@@ -419,8 +467,10 @@ class Supervisor:
                 self._unreached.discard(name)
         if self._unreached:
             names = ", ".join(sorted(self._unreached))
-            self.sink.event(f"could not reach {names} to stop the run there; processes may remain: "
-                            f"`ava stop {self.record.id}` once it answers")
+            self.sink.event(
+                f"could not reach {names} to stop the run there; processes may remain: "
+                f"`ava stop {self.record.id}` once it answers"
+            )
 
     def _teardown(self, nodes: list[Node], unreachable: dict[str, float]) -> None:
         self._unreached.update(unreachable)
@@ -447,8 +497,10 @@ class Supervisor:
     def _follow(self, node: Node, number: int, done: threading.Event) -> None:
         offset = 0
         while not done.is_set() and not self._leave.is_set():
+
             def on_line(text: str) -> None:
                 self._line(node.name, text)
+
             try:
                 offset += nodes_ops.follow_logs(node, self.record.id, number, on_line, offset=offset)
                 return
@@ -506,7 +558,10 @@ def spawn_background(record: RunRecord, inventory_path: Path) -> int:
     log = open(record.dir / "supervisor.log", "ab")
     process = subprocess.Popen(
         [*python_module("ava.supervisor"), record.id, str(inventory_path)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
         env={**os.environ, "AVA_HOME": str(record.dir.parent.parent), **child_env("ava.supervisor")},
     )
     log.close()
@@ -533,8 +588,14 @@ def _background_main(argv: list[str]) -> int:
     os.umask(0o077)  # as the CLI: what the run's records gain stays the user's own
     record = runs.load(argv[0])
     inventory = load_inventory(argv[1])
-    supervisor = Supervisor(record, recipe_of(record), inventory, FileSink(record.dir / "output.log"),
-                            role="a background supervisor", lock_wait=60.0)
+    supervisor = Supervisor(
+        record,
+        recipe_of(record),
+        inventory,
+        FileSink(record.dir / "output.log"),
+        role="a background supervisor",
+        lock_wait=60.0,
+    )
     # SIGHUP too: a background supervisor outlives the terminal that started it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.leave())

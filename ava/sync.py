@@ -140,8 +140,12 @@ def _check_link(root: Path, path: Path) -> None:
         return
     target = path.resolve()
     if target != root and root not in target.parents:
-        raise ConfigError(str(path), "", f"a symlink to {target}, outside {root}; ava does not ship files from "
-                                         "outside a recipe's folder (copy the file in, or list the link in .avaignore)")
+        raise ConfigError(
+            str(path),
+            "",
+            f"a symlink to {target}, outside {root}; ava does not ship files from "
+            "outside a recipe's folder (copy the file in, or list the link in .avaignore)",
+        )
 
 
 @lru_cache(maxsize=1)

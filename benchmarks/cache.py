@@ -31,8 +31,8 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -47,8 +47,7 @@ MiB = 1 << 20
 BUCKET = "ava-bench"
 
 
-def median_time(fn: Callable[[], object], runs: int, setup: Callable[[], None] | None = None
-                ) -> float:
+def median_time(fn: Callable[[], object], runs: int, setup: Callable[[], None] | None = None) -> float:
     times = []
     for _ in range(runs):
         if setup is not None:
@@ -73,8 +72,10 @@ def row(name: str, seconds: float, size: int, ref: float | None = None, note: st
         out["ratio"] = round(ref / seconds, 3)
     if note:
         out["vs"] = note
-    print(f"  {name:<44} {seconds * 1000:9.1f} ms {rate:9.1f} MiB/s"
-          + (f"   {ref / seconds:5.2f}x {note}" if ref is not None else ""))
+    print(
+        f"  {name:<44} {seconds * 1000:9.1f} ms {rate:9.1f} MiB/s"
+        + (f"   {ref / seconds:5.2f}x {note}" if ref is not None else "")
+    )
     return out
 
 
@@ -93,7 +94,7 @@ def bench_warm(cfs: AvaCacheFileSystem, url: str, local: str, size: int, runs: i
 
 def bench_cold(remote, url: str, size: int, runs: int, work: Path, block: int) -> list:
     print("cold read (nothing cached) vs direct s3fs and fsspec's caches")
-    path = url[len("s3://"):]
+    path = url[len("s3://") :]
     cases: dict[str, Callable[[], object]] = {}
     cases["s3fs open().read()"] = lambda: remote.open(path, "rb").read()
 
@@ -111,23 +112,26 @@ def bench_cold(remote, url: str, size: int, runs: int, work: Path, block: int) -
         store.mkdir(parents=True)
 
     def fsspec_cache(kind: str) -> Callable[[], object]:
-        return lambda: fsspec.filesystem(kind, fs=remote, cache_storage=str(store),
-                                         skip_instance_cache=True).open(path, "rb").read()
+        return lambda: (
+            fsspec.filesystem(kind, fs=remote, cache_storage=str(store), skip_instance_cache=True)
+            .open(path, "rb")
+            .read()
+        )
 
     cases["fsspec blockcache read()"] = fsspec_cache("blockcache")
     cases["fsspec simplecache read()"] = fsspec_cache("simplecache")
 
     def ava(reader: Callable) -> Callable[[], object]:
-        return lambda: reader(AvaCacheFileSystem(fs=remote, cache_dir=str(store), block_size=block,
-                                                 skip_instance_cache=True).open(url))
+        return lambda: reader(
+            AvaCacheFileSystem(fs=remote, cache_dir=str(store), block_size=block, skip_instance_cache=True).open(url)
+        )
 
     cases["avacache cold read()"] = ava(lambda f: f.read())
     cases["avacache cold 1 MiB reads (readahead)"] = ava(read_chunks)
     times = {name: median_time(fn, runs, setup=fresh) for name, fn in cases.items()}
     best_name = min(("s3fs open().read()", tuned_name), key=lambda n: times[n])
     best = times[best_name]
-    out = [row(name, t, size, best, f"best direct s3fs ({best_name})")
-           for name, t in times.items()]
+    out = [row(name, t, size, best, f"best direct s3fs ({best_name})") for name, t in times.items()]
     print(f"  same requests as the cache ({tuned_name}):")
     for name in ("avacache cold read()", "avacache cold 1 MiB reads (readahead)"):
         print(f"    {name:<42} {times[tuned_name] / times[name]:5.2f}x")
@@ -160,17 +164,28 @@ def bench_dedup(s3, proxy, url: str, data_sha: str, size: int, work: Path) -> li
         shutil.rmtree(cache, ignore_errors=True)
         proxy.reset()
         start_at = time.time() + 5.0
-        procs = [subprocess.Popen([sys.executable, "-c", READER, kind, url, str(cache),
-                                   str(start_at)], env=env, stdout=subprocess.PIPE, text=True)
-                 for _ in range(8)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", READER, kind, url, str(cache), str(start_at)],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(8)
+        ]
         digests = [p.communicate(timeout=600)[0].strip() for p in procs]
         elapsed = time.time() - start_at
         fetched = proxy.stats()["get_bytes"]
         ok = sum(d == data_sha for d in digests)
-        print(f"  {kind:<12} fetched {fetched / size:5.2f}x the object   exact reads {ok}/8"
-              f"   wall {elapsed:5.1f} s")
-        out.append({"case": f"8 readers {kind}", "fetched_over_size": round(fetched / size, 3),
-                    "exact_reads": ok, "wall_s": round(elapsed, 2)})
+        print(f"  {kind:<12} fetched {fetched / size:5.2f}x the object   exact reads {ok}/8   wall {elapsed:5.1f} s")
+        out.append(
+            {
+                "case": f"8 readers {kind}",
+                "fetched_over_size": round(fetched / size, 3),
+                "exact_reads": ok,
+                "wall_s": round(elapsed, 2),
+            }
+        )
     return out
 
 
@@ -207,13 +222,21 @@ def bench_bookkeeping(work: Path, nblocks: int, samples: int = 2000) -> list:
     med, p99 = statistics.median(times), times[int(0.99 * len(times))]
     print(f"  miss: median {med * 1000:.3f} ms, p99 {p99 * 1000:.3f} ms   (target <= 2 ms)")
     print(f"  hit (open + pin + header check): median {statistics.median(hits) * 1000:.3f} ms")
-    print(f"  eviction scan of {nblocks + samples} blocks: {scan:.2f} s "
-          f"(once per (high-low) x size of misses); set-up {fill:.1f} s")
+    print(
+        f"  eviction scan of {nblocks + samples} blocks: {scan:.2f} s "
+        f"(once per (high-low) x size of misses); set-up {fill:.1f} s"
+    )
     shutil.rmtree(root, ignore_errors=True)
-    return [{"case": "miss bookkeeping", "blocks_cached": nblocks,
-             "median_ms": round(med * 1000, 3), "p99_ms": round(p99 * 1000, 3),
-             "hit_median_ms": round(statistics.median(hits) * 1000, 3),
-             "scan_s": round(scan, 3)}]
+    return [
+        {
+            "case": "miss bookkeeping",
+            "blocks_cached": nblocks,
+            "median_ms": round(med * 1000, 3),
+            "p99_ms": round(p99 * 1000, 3),
+            "hit_median_ms": round(statistics.median(hits) * 1000, 3),
+            "scan_s": round(scan, 3),
+        }
+    ]
 
 
 def main() -> int:
@@ -233,8 +256,11 @@ def main() -> int:
     data = os.urandom(size)
     sha = hashlib.sha256(data).hexdigest()
     rows: list = []
-    with tempfile.TemporaryDirectory(prefix="ava-bench-") as tmp, \
-            moto_server(process=True) as s3, s3_proxy(s3.url) as proxy:
+    with (
+        tempfile.TemporaryDirectory(prefix="ava-bench-") as tmp,
+        moto_server(process=True) as s3,
+        s3_proxy(s3.url) as proxy,
+    ):
         work = Path(tmp)
         remote = s3fs.S3FileSystem(**s3.s3fs_kwargs(skip_instance_cache=True))
         remote.mkdir(BUCKET)
@@ -242,10 +268,8 @@ def main() -> int:
         url = f"s3://{BUCKET}/obj.bin"
         local = work / "local.bin"
         local.write_bytes(data)
-        print(f"object {args.size_mib} MiB, {args.runs} runs each, medians; "
-              f"{os.cpu_count()} CPUs; cache under {tmp}")
-        warm_fs = AvaCacheFileSystem(fs=remote, cache_dir=str(work / "warm"),
-                                     skip_instance_cache=True)
+        print(f"object {args.size_mib} MiB, {args.runs} runs each, medians; {os.cpu_count()} CPUs; cache under {tmp}")
+        warm_fs = AvaCacheFileSystem(fs=remote, cache_dir=str(work / "warm"), skip_instance_cache=True)
         rows += bench_warm(warm_fs, url, str(local), size, args.runs)
         rows += bench_cold(remote, url, size, args.runs, work, args.block_mib * MiB)
         rows += bench_dedup(s3, proxy, url, sha, size, work)

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -68,8 +68,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def timed(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 120,
-          check: bool = True) -> float:
+def timed(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 120, check: bool = True) -> float:
     """Wall time of one whole command, start to exit."""
     started = time.perf_counter()
     done = subprocess.run(list(argv), capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
@@ -136,8 +135,17 @@ class Stamped:
 
     def spawn(self, source: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> None:
         # A session of its own, so that a stuck trial is ended as one group.
-        process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                   text=True, env=env, cwd=REPO, start_new_session=True, bufsize=1)
+        process = subprocess.Popen(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+            bufsize=1,
+        )
         self.processes[source] = process
         for stream, pipe in (("out", process.stdout), ("err", process.stderr)):
             reader = threading.Thread(target=self._read, args=(source, stream, pipe), daemon=True)
@@ -158,8 +166,10 @@ class Stamped:
         with self._changed:
             while not predicate(self.lines):
                 left = deadline - time.monotonic()
-                if left <= 0 or (all(p.poll() is not None for p in self.processes.values())
-                                 and not any(r.is_alive() for r in self._readers)):
+                if left <= 0 or (
+                    all(p.poll() is not None for p in self.processes.values())
+                    and not any(r.is_alive() for r in self._readers)
+                ):
                     return predicate(self.lines)
                 self._changed.wait(min(left, 0.2))
             return True

@@ -24,10 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.cluster import Cluster, clean_stale  # noqa: E402
-from tests.conftest import run_ava  # noqa: E402
-from tests.cluster.test_failover import STEPS, LiveRun, run_id_of  # noqa: E402
-from tests.conftest import processes_of  # noqa: E402
+from tests.cluster.test_failover import STEPS, LiveRun, run_id_of
+from tests.conftest import (
+    processes_of,
+    run_ava,
+)
+from tests.support.cluster import Cluster, clean_stale
 
 MAIN = ["n1", "n2", "n3"]
 STEP_TIME = 0.2
@@ -46,8 +48,16 @@ def worker_pid(run_id: str, rank: str) -> int | None:
 
 
 def one_trial(cluster: Cluster, fault: str, home: dict[str, str]) -> tuple[float, float]:
-    args = ["train", str(STEPS), "--set", f'run.args=["--steps", "400", "--ckpt-every", "10", "--step-time", "{STEP_TIME}"]',
-            "--set", "checkpoint.dir=/tmp/ava-bench-ckpt/{run}", "--set", "failover.backoff=0s"]
+    args = [
+        "train",
+        str(STEPS),
+        "--set",
+        f'run.args=["--steps", "400", "--ckpt-every", "10", "--step-time", "{STEP_TIME}"]',
+        "--set",
+        "checkpoint.dir=/tmp/ava-bench-ckpt/{run}",
+        "--set",
+        "failover.backoff=0s",
+    ]
     # A local checkpoint dir per node works here because every test node shares this disk.
     run = LiveRun(args, cluster.inventory(MAIN + ["n4"]), home)
     run_id = None
@@ -85,9 +95,18 @@ def one_trial(cluster: Cluster, fault: str, home: dict[str, str]) -> tuple[float
 
 
 def goodput(cluster: Cluster, home: dict[str, str], every: float, steps: int) -> tuple[float, float]:
-    args = ["train", str(STEPS), "--set", f'run.args=["--steps", "{steps}", "--ckpt-every", "10", "--step-time", "{STEP_TIME}"]',
-            "--set", "checkpoint.dir=/tmp/ava-bench-ckpt/{run}", "--set", "failover.backoff=0s",
-            "--set", "failover.max_restarts=50"]
+    args = [
+        "train",
+        str(STEPS),
+        "--set",
+        f'run.args=["--steps", "{steps}", "--ckpt-every", "10", "--step-time", "{STEP_TIME}"]',
+        "--set",
+        "checkpoint.dir=/tmp/ava-bench-ckpt/{run}",
+        "--set",
+        "failover.backoff=0s",
+        "--set",
+        "failover.max_restarts=50",
+    ]
     started = time.monotonic()
     run = LiveRun(args, cluster.inventory(MAIN), home)
     try:
@@ -130,7 +149,9 @@ def main() -> int:
         faulty_wall, faulty_ratio = goodput(cluster, home, options.goodput_every, options.goodput_steps)
         print(f"\neffective training time ratio ({options.goodput_steps} steps of {STEP_TIME}s, productive/wall):")
         print(f"  no faults:                          {clean_ratio:.2f}  (wall {clean_wall:.0f}s)")
-        print(f"  a rank crash every {options.goodput_every:.0f}s:             {faulty_ratio:.2f}  (wall {faulty_wall:.0f}s)")
+        print(
+            f"  a rank crash every {options.goodput_every:.0f}s:             {faulty_ratio:.2f}  (wall {faulty_wall:.0f}s)"
+        )
         print(f"  faulted / unfaulted:                {faulty_ratio / clean_ratio:.2f}")
     finally:
         cluster.down()

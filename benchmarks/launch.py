@@ -33,17 +33,28 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
-    REPO, Line, Stamped, clean_env, kill_processes_with, median, ratio, seconds, spread, table, test_cluster,
+from benchmarks.common import (
+    REPO,
+    Line,
+    Stamped,
+    clean_env,
+    kill_processes_with,
+    median,
+    ratio,
+    seconds,
+    spread,
+    table,
+    test_cluster,
 )
-from tests.support.cluster import Cluster, TestNode  # noqa: E402
+from tests.support.cluster import Cluster, TestNode
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 TRACE = "AVA-TRACE"
@@ -127,8 +138,11 @@ class Bench:
             run_line = next((l.text for l in run.lines if l.text.startswith("ava: run ")), "")
             if run_line:
                 stamped = Stamped()
-                stamped.spawn("stop", [sys.executable, "-m", "ava", "--inventory", str(inventory), "stop",
-                                       run_line.split()[2]], env=clean_env(AVA_HOME=str(self.home)))
+                stamped.spawn(
+                    "stop",
+                    [sys.executable, "-m", "ava", "--inventory", str(inventory), "stop", run_line.split()[2]],
+                    env=clean_env(AVA_HOME=str(self.home)),
+                )
                 stamped.finish(60)
         trial.marks = {
             "run record": run.first(lambda l: l.text.startswith("ava: run ")),
@@ -145,9 +159,22 @@ class Bench:
     # -- torchrun over ssh, by hand ---------------------------------------------------------
 
     def ssh(self, node: TestNode) -> list[str]:
-        return ["ssh", "-i", str(self.cluster.key), "-o", f"UserKnownHostsFile={self.cluster.known_hosts}",
-                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
-                "-p", str(node.port), f"{_user()}@{node.address}"]
+        return [
+            "ssh",
+            "-i",
+            str(self.cluster.key),
+            "-o",
+            f"UserKnownHostsFile={self.cluster.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-p",
+            str(node.port),
+            f"{_user()}@{node.address}",
+        ]
 
     def script_dir(self, node: TestNode) -> Path:
         return node.dir / "bench"
@@ -163,13 +190,28 @@ class Bench:
                 raise SystemExit(f"copying echo.py to {node.name} failed: {done.stderr}")
 
     def torchrun(self, node: TestNode, master: TestNode, size: int, port: int, rdzv_id: str) -> list[str]:
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(size), "--nproc-per-node", "1",
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{master.address}:{port}", "--rdzv-id", rdzv_id]
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(size),
+            "--nproc-per-node",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"{master.address}:{port}",
+            "--rdzv-id",
+            rdzv_id,
+        ]
         if node is master:
             argv += ["--rdzv-conf", "is_host=1"]
         argv += ["--local-addr", node.address, "echo.py"]
         interface = "eth0" if node.namespace else "lo"
-        remote = f"cd {shlex.quote(str(self.script_dir(node)))} && GLOO_SOCKET_IFNAME={interface} exec {shlex.join(argv)}"
+        remote = (
+            f"cd {shlex.quote(str(self.script_dir(node)))} && GLOO_SOCKET_IFNAME={interface} exec {shlex.join(argv)}"
+        )
         return [*self.ssh(node), remote]
 
     def by_hand(self, size: int, *, master_first: bool) -> Trial:
@@ -192,8 +234,12 @@ class Bench:
         trial = self._collect("master-first" if master_first else "all-at-once", size, run)
         if trial.exit is None:
             kill_processes_with(rdzv_id)
-        trial.marks = {"store up": store_up, "first ECHO": run.first(lambda l: echo_rank(l) is not None),
-                       "all ranks": trial.ranks, "exit": trial.exit}
+        trial.marks = {
+            "store up": store_up,
+            "first ECHO": run.first(lambda l: echo_rank(l) is not None),
+            "all ranks": trial.ranks,
+            "exit": trial.exit,
+        }
         return trial
 
     def _collect(self, method: str, size: int, run: Stamped) -> Trial:
@@ -203,8 +249,11 @@ class Bench:
         ended = max(run.ended.values()) if clean and run.ended else None
         failed = any(p.returncode != 0 for p in run.processes.values())
         if ranks is None or failed:
-            print(f"  {method} on {size} node(s): no clean run (ranks={seconds(ranks)}); its output:\n"
-                  + _indent(run.text()[-3000:]), flush=True)
+            print(
+                f"  {method} on {size} node(s): no clean run (ranks={seconds(ranks)}); its output:\n"
+                + _indent(run.text()[-3000:]),
+                flush=True,
+            )
         return Trial(method, size, ranks, ended if not failed else None, cpu=run.cpu)
 
 
@@ -321,19 +370,47 @@ def report(trials: list[Trial], cold: list[Trial], traced: list[Trial], sizes: l
             exits = pick(method, size, "exit")
             cpu = [t.cpu for t in trials if t.method == method and t.size == size and t.cpu is not None]
             runs = len([t for t in trials if t.method == method and t.size == size])
-            rows.append([str(size), method, seconds(median(ranks)), f"{len(ranks)}/{runs}", spread(ranks),
-                         seconds(median(exits)), seconds(median(cpu))])
+            rows.append(
+                [
+                    str(size),
+                    method,
+                    seconds(median(ranks)),
+                    f"{len(ranks)}/{runs}",
+                    spread(ranks),
+                    seconds(median(exits)),
+                    seconds(median(cpu)),
+                ]
+            )
     for trial in cold:
-        rows.append([str(trial.size), "ava, cold (first)", seconds(trial.ranks), f"{int(trial.ranks is not None)}/1",
-                     spread([trial.ranks] if trial.ranks else []), seconds(trial.exit), seconds(trial.cpu)])
-    table(["nodes", "launcher", "all ranks (median)", "ok", "samples", "exit (median)", "launcher CPU"], rows,
-          title="Start to every rank running (first ECHO line of each rank in the launcher's output)")
+        rows.append(
+            [
+                str(trial.size),
+                "ava, cold (first)",
+                seconds(trial.ranks),
+                f"{int(trial.ranks is not None)}/1",
+                spread([trial.ranks] if trial.ranks else []),
+                seconds(trial.exit),
+                seconds(trial.cpu),
+            ]
+        )
+    table(
+        ["nodes", "launcher", "all ranks (median)", "ok", "samples", "exit (median)", "launcher CPU"],
+        rows,
+        title="Start to every rank running (first ECHO line of each rank in the launcher's output)",
+    )
 
     rows = []
     for size in sizes:
         ava = median(pick("ava", size))
-        rows.append([str(size), ratio(ava, median(pick("master-first", size))), f"<= {TARGET_VS_MASTER_FIRST}",
-                     ratio(ava, median(pick("all-at-once", size))), f"<= {TARGET_VS_ALL_AT_ONCE}"])
+        rows.append(
+            [
+                str(size),
+                ratio(ava, median(pick("master-first", size))),
+                f"<= {TARGET_VS_MASTER_FIRST}",
+                ratio(ava, median(pick("all-at-once", size))),
+                f"<= {TARGET_VS_ALL_AT_ONCE}",
+            ]
+        )
     table(["nodes", "ava/master-first", "target", "ava/all-at-once", "target"], rows, title="Ratios of the medians")
 
     marks = ["run record", "attempt 1 starting", "store up", "first node output", "first ECHO", "all ranks", "exit"]
@@ -341,8 +418,11 @@ def report(trials: list[Trial], cold: list[Trial], traced: list[Trial], sizes: l
     for size in sizes:
         for method in ("ava", "master-first"):
             rows.append([str(size), method] + [seconds(median(pick(method, size, m))) for m in marks])
-    table(["nodes", "launcher"] + marks, rows,
-          title="Over time (medians, seconds since the launcher started; '-': not in that launcher's output)")
+    table(
+        ["nodes", "launcher"] + marks,
+        rows,
+        title="Over time (medians, seconds since the launcher started; '-': not in that launcher's output)",
+    )
 
     for size in sizes:
         runs = [t for t in traced if t.size == size and t.ranks is not None]
@@ -352,10 +432,20 @@ def report(trials: list[Trial], cold: list[Trial], traced: list[Trial], sizes: l
         for trial in runs:
             for label, begin, end in traced_steps(trial):
                 steps.setdefault(label, []).append((begin, end))
-        rows = [[label, f"{median([b for b, _ in spans]):.3f}", f"{median([e for _, e in spans]):.3f}",
-                 f"{median([e - b for b, e in spans]):.3f}"] for label, spans in steps.items()]
-        table(["step", "from", "to", "took (s)"], rows,
-              title=f"Where ava's time goes on {size} node(s), warm: medians of {len(runs)} traced `ava train`")
+        rows = [
+            [
+                label,
+                f"{median([b for b, _ in spans]):.3f}",
+                f"{median([e for _, e in spans]):.3f}",
+                f"{median([e - b for b, e in spans]):.3f}",
+            ]
+            for label, spans in steps.items()
+        ]
+        table(
+            ["step", "from", "to", "took (s)"],
+            rows,
+            title=f"Where ava's time goes on {size} node(s), warm: medians of {len(runs)} traced `ava train`",
+        )
 
 
 def traced_steps(trial: Trial) -> list[tuple[str, float, float]]:
@@ -369,8 +459,11 @@ def traced_steps(trial: Trial) -> list[tuple[str, float, float]]:
         ("agent start on the master", m.get("routes end"), m.get("master started")),
         ("wait for the master's store to listen", m.get("master started"), m.get("store listening")),
         ("agent start on the others (parallel)", m.get("store listening"), m.get("others started")),
-        ("torchrun up, rendezvous, ranks print (log follow)",
-         m.get("others started") or m.get("store listening") or m.get("master started"), trial.ranks),
+        (
+            "torchrun up, rendezvous, ranks print (log follow)",
+            m.get("others started") or m.get("store listening") or m.get("master started"),
+            trial.ranks,
+        ),
         ("after every rank ran: poll, teardown, exit", None, trial.exit),
     ]
     found = []
@@ -400,9 +493,12 @@ def main() -> int:
         shutil.copytree(ECHO, recipe)
         bench = Bench(cluster, Path(scratch), recipe, Path(scratch) / "home")
         bench.copy_script()
-        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores;"
-              f" cluster of {len(cluster.nodes)} nodes up ({'namespaces' if cluster.use_namespaces else 'loopback'});"
-              f" {options.trials} trials x {len(sizes)} sizes x {len(METHODS)} launchers", flush=True)
+        print(
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores;"
+            f" cluster of {len(cluster.nodes)} nodes up ({'namespaces' if cluster.use_namespaces else 'loopback'});"
+            f" {options.trials} trials x {len(sizes)} sizes x {len(METHODS)} launchers",
+            flush=True,
+        )
         # Cold: the largest on the new cluster's workdirs (which it leaves warm for every later
         # launch), each smaller one on workdirs of its own that nothing used yet.
         for size in sorted(sizes, reverse=True):
@@ -413,13 +509,16 @@ def main() -> int:
             "master-first": lambda n: bench.by_hand(n, master_first=True),
         }
         for number in range(options.trials):
-            order = METHODS[number % 3:] + METHODS[:number % 3]
+            order = METHODS[number % 3 :] + METHODS[: number % 3]
             for size in sizes:
                 for method in order:
                     trial = runners[method](size)
                     trials.append(trial)
-                    print(f"  trial {number + 1} {method:12} {size} node(s): all ranks {seconds(trial.ranks)},"
-                          f" exit {seconds(trial.exit)}  (load average {os.getloadavg()[0]:.1f})", flush=True)
+                    print(
+                        f"  trial {number + 1} {method:12} {size} node(s): all ranks {seconds(trial.ranks)},"
+                        f" exit {seconds(trial.exit)}  (load average {os.getloadavg()[0]:.1f})",
+                        flush=True,
+                    )
         for size in sizes:
             for _ in range(options.traced):
                 traced.append(bench.ava(size, traced=True))

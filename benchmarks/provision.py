@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.cluster import running_cluster  # noqa: E402
-from tests.conftest import run_ava  # noqa: E402
+from tests.conftest import run_ava
+from tests.support.cluster import running_cluster
 
 TARGET = 1.5
 
@@ -48,8 +48,12 @@ def main(repeats: int) -> int:
             nodes.append(timed("nodes", inventory=inventory))
     ratio = statistics.median(again) / statistics.median(nodes)
     print(f"first provision (3 fresh nodes):  {first:6.3f} s")
-    print(f"second provision, median of {repeats}:  {statistics.median(again):6.3f} s  {sorted(round(t, 3) for t in again)}")
-    print(f"ava nodes, median of {repeats}:         {statistics.median(nodes):6.3f} s  {sorted(round(t, 3) for t in nodes)}")
+    print(
+        f"second provision, median of {repeats}:  {statistics.median(again):6.3f} s  {sorted(round(t, 3) for t in again)}"
+    )
+    print(
+        f"ava nodes, median of {repeats}:         {statistics.median(nodes):6.3f} s  {sorted(round(t, 3) for t in nodes)}"
+    )
     print(f"ratio provision/nodes:            {ratio:6.2f}  (target <= {TARGET})")
     return 0 if ratio <= TARGET else 1
 

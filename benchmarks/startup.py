@@ -29,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, clean_env, median, ratio, seconds, spread, table, test_cluster, timed  # noqa: E402
+from benchmarks.common import REPO, clean_env, median, ratio, seconds, spread, table, test_cluster, timed
 
 HELP_TARGET = 0.25
 ONEFILE = REPO / "dist" / "ava"
@@ -70,9 +70,10 @@ def bench_help(runs: int, onefile: Path | None = None) -> None:
         timed(argv, env=env)
     for round_ in range(runs):
         names = list(commands)
-        names = names[round_ % len(names):] + names[:round_ % len(names)]
+        names = names[round_ % len(names) :] + names[: round_ % len(names)]
         for name in names:
             samples[name].append(timed(commands[name], env=env))
+
     def target(name: str) -> str:
         return "" if "floor" in name else f"<= {ONEFILE_TARGET if 'one file' in name else HELP_TARGET} s"
 
@@ -88,9 +89,11 @@ def bench_onefile_first_start(onefile: Path, runs: int = 3) -> None:
         with tempfile.TemporaryDirectory(prefix="ava-bench-shiv-") as root:
             samples.append(timed(onefile_argv(onefile, "--help"), env=clean_env(SHIV_ROOT=root)))
     size = onefile.stat().st_size / 2**20
-    table(["command", f"median of {runs}", "samples (s)"],
-          [[f"{onefile.name} --help, first start", seconds(median(samples)), spread(samples)]],
-          title=f"the one file ({onefile}, {size:.1f} MiB): its first start unpacks it once")
+    table(
+        ["command", f"median of {runs}", "samples (s)"],
+        [[f"{onefile.name} --help, first start", seconds(median(samples)), spread(samples)]],
+        title=f"the one file ({onefile}, {size:.1f} MiB): its first start unpacks it once",
+    )
 
 
 def bench_imports(runs: int = 3, top: int = 8) -> None:
@@ -99,8 +102,14 @@ def bench_imports(runs: int = 3, top: int = 8) -> None:
     depth: dict[str, int] = {}
     parent: dict[str, str] = {}
     for _ in range(runs):
-        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "ava", "--help"], capture_output=True,
-                              text=True, env=clean_env(), cwd=REPO, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "ava", "--help"],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            cwd=REPO,
+            timeout=60,
+        )
         waiting: list[str] = []  # importtime prints children before the module that imported them
         for line in done.stderr.splitlines():
             match = IMPORT_LINE.match(line)
@@ -112,24 +121,36 @@ def bench_imports(runs: int = 3, top: int = 8) -> None:
                 for child in [c for c in waiting if depth[c] == depth[name] + 1]:
                     parent[child] = name
                 waiting = [c for c in waiting if depth[c] <= depth[name]] + [name]
+
     def folded(name: str) -> bool:
         # A module that is nearly all of its importer's time says nothing new: one row for both.
         above = parent.get(name)
         return above is not None and median(cumulative[name]) >= FOLD * median(cumulative[above])
 
     slowest = [n for n in sorted(cumulative, key=lambda n: median(cumulative[n]), reverse=True) if not folded(n)][:top]
-    rows = [[name, parent.get(name, "(interpreter)"), f"{median(cumulative[name]) / 1000:.1f}",
-             f"{median(own[name]) / 1000:.1f}"] for name in slowest]
-    table(["module", "imported by", "cumulative ms", "self ms"], rows,
-          title=f"python -X importtime -m ava --help: the {top} slowest cumulative imports (median of {runs};"
-                f" one that is >= {FOLD:.0%} of its importer's time is folded into it)")
+    rows = [
+        [
+            name,
+            parent.get(name, "(interpreter)"),
+            f"{median(cumulative[name]) / 1000:.1f}",
+            f"{median(own[name]) / 1000:.1f}",
+        ]
+        for name in slowest
+    ]
+    table(
+        ["module", "imported by", "cumulative ms", "self ms"],
+        rows,
+        title=f"python -X importtime -m ava --help: the {top} slowest cumulative imports (median of {runs};"
+        f" one that is >= {FOLD:.0%} of its importer's time is folded into it)",
+    )
 
 
 def bench_nodes(runs: int) -> None:
     with test_cluster(max(NODE_COUNTS)) as cluster, tempfile.TemporaryDirectory(prefix="ava-bench-startup-") as scratch:
         names = [n.name for n in cluster.nodes]
-        inventories = {count: cluster.inventory(names[:count], path=Path(scratch) / f"ava-{count}.toml")
-                       for count in NODE_COUNTS}
+        inventories = {
+            count: cluster.inventory(names[:count], path=Path(scratch) / f"ava-{count}.toml") for count in NODE_COUNTS
+        }
         env = clean_env(AVA_HOME=str(Path(scratch) / "home"))
 
         def argv(count: int) -> list[str]:
@@ -139,19 +160,26 @@ def bench_nodes(runs: int) -> None:
             done = subprocess.run(argv(count), capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
             reached = [n for n in json.loads(done.stdout or "[]") if n.get("reachable")]
             if done.returncode != 0 or len(reached) != count:
-                raise SystemExit(f"ava nodes on {count} nodes: exit {done.returncode}, {len(reached)} reachable\n"
-                                 f"{done.stdout[-1500:]}{done.stderr[-1500:]}")
+                raise SystemExit(
+                    f"ava nodes on {count} nodes: exit {done.returncode}, {len(reached)} reachable\n"
+                    f"{done.stdout[-1500:]}{done.stderr[-1500:]}"
+                )
         samples: dict[int, list[float]] = {count: [] for count in NODE_COUNTS}
         for round_ in range(runs):
-            order = NODE_COUNTS[round_ % 3:] + NODE_COUNTS[:round_ % 3]
+            order = NODE_COUNTS[round_ % 3 :] + NODE_COUNTS[: round_ % 3]
             for count in order:
                 samples[count].append(timed(argv(count), env=env))
     base = median(samples[1])
-    rows = [[str(count), seconds(median(values)), spread(values), ratio(median(values), base)]
-            for count, values in samples.items()]
-    table(["nodes", f"median of {runs}", "samples (s)", "vs 1 node"], rows,
-          title=f"ava nodes --json on one {max(NODE_COUNTS)}-node test cluster"
-                f" ({'network namespaces' if cluster.use_namespaces else 'loopback addresses'})")
+    rows = [
+        [str(count), seconds(median(values)), spread(values), ratio(median(values), base)]
+        for count, values in samples.items()
+    ]
+    table(
+        ["nodes", f"median of {runs}", "samples (s)", "vs 1 node"],
+        rows,
+        title=f"ava nodes --json on one {max(NODE_COUNTS)}-node test cluster"
+        f" ({'network namespaces' if cluster.use_namespaces else 'loopback addresses'})",
+    )
     print(f"ratio 6-node/1-node: {ratio(median(samples[6]), base)}  (target <= {NODES_TARGET})")
 
 
@@ -159,8 +187,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7, help="runs of each --help command")
     parser.add_argument("--node-runs", type=int, default=5, help="runs of ava nodes per inventory")
-    parser.add_argument("--onefile", type=Path, default=ONEFILE,
-                        help="the one-file ava to time beside the others (python -m ava.build; default dist/ava)")
+    parser.add_argument(
+        "--onefile",
+        type=Path,
+        default=ONEFILE,
+        help="the one-file ava to time beside the others (python -m ava.build; default dist/ava)",
+    )
     options = parser.parse_args()
     onefile = options.onefile.resolve() if options.onefile.exists() else None
     began = time.monotonic()

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import clean_env, median, table, test_cluster  # noqa: E402
-from tests.conftest import run_ava  # noqa: E402
+from benchmarks.common import clean_env, median, table, test_cluster
+from tests.conftest import run_ava
 
 SHIPPED = ("ddp-minimal", "charlm")
 
@@ -72,13 +72,19 @@ def main() -> int:
                 failed_attempts += len(bad)
                 failed_runs += record["state"] != "succeeded"
                 for attempt in bad:
-                    print(f"{recipe} run {number} ({record['id']}) attempt {attempt['number']}: "
-                          f"{attempt['state']}: {attempt.get('cause')}", flush=True)
+                    print(
+                        f"{recipe} run {number} ({record['id']}) attempt {attempt['number']}: "
+                        f"{attempt['state']}: {attempt.get('cause')}",
+                        flush=True,
+                    )
                 print(f"{recipe}: {number}/{args.runs} done, {failed_attempts} failed attempts", flush=True)
             total_failed += failed_attempts
             rows.append([recipe, str(args.runs), str(failed_runs), str(failed_attempts), f"{median(took):.1f}"])
-    table(["recipe", "runs", "failed runs", "failed attempts", "median s/run"], rows,
-          title=f"shipped recipes through ava on {args.nodes} test node(s)")
+    table(
+        ["recipe", "runs", "failed runs", "failed attempts", "median s/run"],
+        rows,
+        title=f"shipped recipes through ava on {args.nodes} test node(s)",
+    )
     return 1 if total_failed else 0
 
 

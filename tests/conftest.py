@@ -6,14 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from tests.support.cluster import Cluster, clean_stale, have_sshd
-from tests.support.leak_check import nothing_left_on_the_cluster  # noqa: F401  (autouse, after each cluster test)
-from tests.support.vm_fixtures import vm  # noqa: F401  (the session's systemd + cgroup v2 node)
+from tests.support.leak_check import nothing_left_on_the_cluster
+from tests.support.vm_fixtures import vm
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -45,7 +45,9 @@ def needs_gpu(test: Callable[..., None]) -> Callable[..., None]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "hardware(kind): may skip under CI where the machine lacks KIND (see HARDWARE_ONLY)")
+    config.addinivalue_line(
+        "markers", "hardware(kind): may skip under CI where the machine lacks KIND (see HARDWARE_ONLY)"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -88,8 +90,13 @@ def cluster() -> Iterator[Cluster]:
         test_cluster.down()
 
 
-def run_ava(*args: str, inventory: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_ava(
+    *args: str,
+    inventory: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     """The real command line, in a fresh interpreter, as a user would run it."""
     full_env = dict(os.environ)
     full_env.pop("AVA_INVENTORY", None)
@@ -99,8 +106,9 @@ def run_ava(*args: str, inventory: Path | None = None, env: dict[str, str] | Non
     argv = [sys.executable, "-m", "ava"]
     if inventory is not None:
         argv += ["--inventory", str(inventory)]
-    return subprocess.run(argv + list(args), capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=cwd or REPO)
+    return subprocess.run(
+        argv + list(args), capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO
+    )
 
 
 def processes_of(run_id: str) -> list[int]:

@@ -164,9 +164,7 @@ class CgroupV1(Isolation):
         mem = self._dir("memory")
         if not mem:
             return False
-        fields = dict(
-            line.split(None, 1) for line in _read(mem / "memory.oom_control").splitlines() if " " in line
-        )
+        fields = dict(line.split(None, 1) for line in _read(mem / "memory.oom_control").splitlines() if " " in line)
         if "oom_kill" in fields:
             return int(fields["oom_kill"]) > 0 or fields.get("under_oom", "0").strip() == "1"
         # Kernels before 4.13 have no counter: hitting the limit is the best sign left.

@@ -80,7 +80,9 @@ def gpu_health() -> dict[str, object]:
         try:
             done = subprocess.run(
                 ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=20,
+                capture_output=True,
+                text=True,
+                timeout=20,
             )
         except (OSError, subprocess.SubprocessError) as error:
             return {"nvidia_smi": f"error: {error}", "gpus": []}
@@ -163,8 +165,10 @@ def interface_addresses() -> dict[str, list[str]]:
             for line in handle:
                 parts = line.split()
                 if len(parts) == 6:
-                    text = ":".join(parts[0][i:i + 4] for i in range(0, 32, 4))
-                    found.setdefault(parts[5], []).append(socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text)))
+                    text = ":".join(parts[0][i : i + 4] for i in range(0, 32, 4))
+                    found.setdefault(parts[5], []).append(
+                        socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
+                    )
     except OSError:
         pass
     return found
@@ -178,8 +182,11 @@ def pick_interface(master: str | None, wanted: str) -> dict[str, object]:
         if wanted not in addresses:
             return {"name": wanted, "address": None, "error": f"no interface {wanted} on this node"}
         held = addresses[wanted]
-        return {"name": wanted, "address": held[0] if held else None,
-                "error": None if held else f"interface {wanted} has no address"}
+        return {
+            "name": wanted,
+            "address": held[0] if held else None,
+            "error": None if held else f"interface {wanted} has no address",
+        }
     if not master:
         return {"name": None, "address": None, "error": "no master address"}
     family = socket.AF_INET6 if ":" in master else socket.AF_INET

@@ -107,7 +107,10 @@ def gpus() -> list[dict[str, object]]:
     try:
         out = subprocess.run(
             ["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=15, check=True,
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
@@ -116,13 +119,15 @@ def gpus() -> list[dict[str, object]]:
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != 5:
             continue
-        found.append({
-            "index": _int(parts[0]),
-            "name": parts[1],
-            "memory_total": _mib(parts[2]),
-            "memory_used": _mib(parts[3]),
-            "utilization": _int(parts[4]),
-        })
+        found.append(
+            {
+                "index": _int(parts[0]),
+                "name": parts[1],
+                "memory_total": _mib(parts[2]),
+                "memory_used": _mib(parts[3]),
+                "utilization": _int(parts[4]),
+            }
+        )
     return found
 
 
@@ -206,8 +211,12 @@ def route(master: str, interface: str, want_port: bool) -> dict[str, object]:
     A UDP connect sends nothing: it only asks the kernel which source address it would use.
     """
     result: dict[str, object] = {
-        "address": None, "interface": None, "port": None, "error": None,
-        "home": os.path.expanduser("~"), "cpus": cpu_count(),
+        "address": None,
+        "interface": None,
+        "port": None,
+        "error": None,
+        "home": os.path.expanduser("~"),
+        "cpus": cpu_count(),
     }
     try:
         target = socket.getaddrinfo(master, None, proto=socket.IPPROTO_TCP)[0]

@@ -183,17 +183,30 @@ def rebuild(workdirs: list[Path]) -> list[Lease]:
     found = []
     for work in workdirs:
         try:
-            attempts = [(run, n, status.read(layout.attempt_dir(work, run, n)))
-                        for run in layout.runs(work) for n in layout.attempts(work, run)]
+            attempts = [
+                (run, n, status.read(layout.attempt_dir(work, run, n)))
+                for run in layout.runs(work)
+                for n in layout.attempts(work, run)
+            ]
         except OSError:
             continue  # another user's workdir (runs/ is 0700): only its owner can rebuild from it
         for run, n, st in attempts:
             if not st or status.is_final(st) or not procs.alive(st.get("pid"), st.get("pid_start")):
                 continue
-            found.append(Lease(run=run, attempt=n, node=str(st.get("node", "")), user=str(st.get("user", "")),
-                               pid=int(st["pid"]), pid_start=st.get("pid_start"),
-                               started=float(st.get("started") or 0.0), gpus=list(st.get("gpus") or []),
-                               cpu_slots=int(st.get("cpu_slots") or 0), workdir=str(work)))
+            found.append(
+                Lease(
+                    run=run,
+                    attempt=n,
+                    node=str(st.get("node", "")),
+                    user=str(st.get("user", "")),
+                    pid=int(st["pid"]),
+                    pid_start=st.get("pid_start"),
+                    started=float(st.get("started") or 0.0),
+                    gpus=list(st.get("gpus") or []),
+                    cpu_slots=int(st.get("cpu_slots") or 0),
+                    workdir=str(work),
+                )
+            )
     return found
 
 
@@ -228,8 +241,9 @@ class Ledger:
             if not (optional and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
                 raise
 
-    def grant(self, want: Want, attempt: int, user: str, pid: int, gpus: list[int], slots: int,
-              workdir: Path | None = None) -> Lease:
+    def grant(
+        self, want: Want, attempt: int, user: str, pid: int, gpus: list[int], slots: int, workdir: Path | None = None
+    ) -> Lease:
         lease = Lease(
             run=want.run,
             attempt=attempt,

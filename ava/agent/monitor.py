@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import layout, leases, procs, status
-from .ranks import RankWatch
 from .isolation import MARKER, Isolation, IsolationError, fence_name, open_fence
+from .ranks import RankWatch
 from .spec import Spec
 from .teardown import end_fence, teardown
 

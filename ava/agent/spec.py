@@ -76,8 +76,9 @@ class Spec:
             cwd = os.path.expanduser(raw.get("cwd") or "~")
             tree = os.path.expanduser(raw.get("tree") or "")
             if tree and os.path.normpath(cwd) != os.path.normpath(rundir.path(workdir, run)):
-                raise SpecError(f"cwd: a run with a code tree runs in its run directory "
-                                f"{rundir.path(workdir, run)}, not {cwd}")
+                raise SpecError(
+                    f"cwd: a run with a code tree runs in its run directory {rundir.path(workdir, run)}, not {cwd}"
+                )
             return cls(
                 run=run,
                 attempt=int(raw["attempt"]),

@@ -35,7 +35,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from typing import Iterator
+from collections.abc import Iterator
 
 OBJECT_MODE = 0o444
 EXEC_MODE = 0o555
@@ -176,9 +176,11 @@ def _copy_checked(source: str, target: str, digest: str | None, workdir: str) ->
             sha.update(chunk)
             out.write(chunk)
     if digest is not None and sha.hexdigest() != digest:
-        raise TreeError(f"{source}: does not match its hash {digest[:16]}: the node's code store was changed in "
-                        f"place; remove {os.path.join(workdir, 'trees')} and {os.path.join(workdir, 'objects')}, "
-                        "then launch again")
+        raise TreeError(
+            f"{source}: does not match its hash {digest[:16]}: the node's code store was changed in "
+            f"place; remove {os.path.join(workdir, 'trees')} and {os.path.join(workdir, 'objects')}, "
+            "then launch again"
+        )
 
 
 def populate(tree_dir: str, dest: str) -> bool:
@@ -192,17 +194,27 @@ def populate(tree_dir: str, dest: str) -> bool:
         files = load_manifest(tree_dir + ".json")
     except FileNotFoundError:
         # A tree built before manifests were kept: copy what is there, unchecked.
-        files = [{"path": os.path.relpath(os.path.join(d, f), tree_dir), "sha256": None,
-                  "exec": os.access(os.path.join(d, f), os.X_OK)}
-                 for d, _, names in os.walk(tree_dir) for f in names]
+        files = [
+            {
+                "path": os.path.relpath(os.path.join(d, f), tree_dir),
+                "sha256": None,
+                "exec": os.access(os.path.join(d, f), os.X_OK),
+            }
+            for d, _, names in os.walk(tree_dir)
+            for f in names
+        ]
     temp = f"{dest}.copying-{os.getpid()}"
     _remove(temp)
     os.makedirs(temp)
     for entry in files:
         target = os.path.join(temp, entry["path"])
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        _copy_checked(os.path.join(tree_dir, entry["path"]), target, entry.get("sha256"),
-                      os.path.dirname(os.path.dirname(tree_dir.rstrip("/"))))
+        _copy_checked(
+            os.path.join(tree_dir, entry["path"]),
+            target,
+            entry.get("sha256"),
+            os.path.dirname(os.path.dirname(tree_dir.rstrip("/"))),
+        )
         os.chmod(target, 0o755 if entry.get("exec") else 0o644)
     try:
         os.rename(temp, dest)

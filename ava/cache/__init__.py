@@ -15,5 +15,13 @@ from ava.cache.store import BlockStore, ObjectId
 
 fsspec.register_implementation("avacache", AvaCacheFileSystem, clobber=True)
 
-__all__ = ["AvaCacheFile", "AvaCacheFileSystem", "BlockStore", "CacheSettings", "ObjectChanged",
-           "ObjectId", "job_env", "parse_size"]
+__all__ = [
+    "AvaCacheFile",
+    "AvaCacheFileSystem",
+    "BlockStore",
+    "CacheSettings",
+    "ObjectChanged",
+    "ObjectId",
+    "job_env",
+    "parse_size",
+]

@@ -79,9 +79,16 @@ def cmd_warm(args: argparse.Namespace) -> int:
             failed.append({"url": url, "error": str(e)})
         done = base + sizes[url]
     cfs.store.stats.flush()
-    _emit({"summary": True, "objects": len(urls), "done_bytes": done, "total_bytes": total,
-           "failed": failed, **{k: v for k, v in cfs.store.status().items()
-                                if k in ("dir", "bytes", "blocks", "size_limit")}})
+    _emit(
+        {
+            "summary": True,
+            "objects": len(urls),
+            "done_bytes": done,
+            "total_bytes": total,
+            "failed": failed,
+            **{k: v for k, v in cfs.store.status().items() if k in ("dir", "bytes", "blocks", "size_limit")},
+        }
+    )
     return 1 if failed else 0
 
 

@@ -18,8 +18,9 @@ import random
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 from fsspec.core import split_protocol
@@ -78,8 +79,7 @@ def _range_fetcher(fs: AbstractFileSystem, inner: str, etag: str) -> Callable[[i
             extra["VersionId"] = version
 
         async def _get(start: int, end: int) -> bytes:
-            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key,
-                                     Range=f"bytes={start}-{end - 1}", **extra)
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **extra)
             try:
                 return await resp["Body"].read()
             finally:
@@ -97,8 +97,7 @@ def _range_fetcher(fs: AbstractFileSystem, inner: str, etag: str) -> Callable[[i
     return lambda start, end: fs.cat_file(inner, start=start, end=end)
 
 
-def _with_retries(fetch: Callable[[int, int], bytes], url: str,
-                  attempts: int) -> Callable[[int, int], bytes]:
+def _with_retries(fetch: Callable[[int, int], bytes], url: str, attempts: int) -> Callable[[int, int], bytes]:
     """Retry failed and short fetches; after the last attempt raise, never return wrong bytes."""
 
     def fetch_checked(start: int, end: int) -> bytes:
@@ -110,14 +109,15 @@ def _with_retries(fetch: Callable[[int, int], bytes], url: str,
                 data = fetch(start, end)
             except (*_NOT_RETRIED, ObjectChanged):
                 raise
-            except Exception as e:  # noqa: BLE001 - any remote failure is retried the same way
+            except Exception as e:
                 last = e
                 continue
             if len(data) == end - start:
                 return data
             last = OSError(errno.EIO, f"short body: {len(data)} of {end - start} bytes")
-        raise OSError(errno.EIO, f"{url}: bytes {start}-{end} failed after {attempts} "
-                                 f"attempts: {type(last).__name__}: {last}") from last
+        raise OSError(
+            errno.EIO, f"{url}: bytes {start}-{end} failed after {attempts} attempts: {type(last).__name__}: {last}"
+        ) from last
 
     return fetch_checked
 
@@ -134,21 +134,39 @@ class AvaCacheFileSystem(ChainedFileSystem):
     protocol = "avacache"
     root_marker = ""
 
-    def __init__(self, target_protocol: str | None = None, target_options: dict | None = None,
-                 fs: AbstractFileSystem | None = None, cache_dir: str | None = None,
-                 cache_size: int | str | None = None, block_size: int | str | None = None,
-                 readahead: int | None = None, check_ttl: float | None = None,
-                 immutable: list[str] | str | None = None, retries: int | None = None,
-                 high_watermark: float | None = None, low_watermark: float | None = None,
-                 fsync: bool | None = None, fo: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        target_protocol: str | None = None,
+        target_options: dict | None = None,
+        fs: AbstractFileSystem | None = None,
+        cache_dir: str | None = None,
+        cache_size: int | str | None = None,
+        block_size: int | str | None = None,
+        readahead: int | None = None,
+        check_ttl: float | None = None,
+        immutable: list[str] | str | None = None,
+        retries: int | None = None,
+        high_watermark: float | None = None,
+        low_watermark: float | None = None,
+        fsync: bool | None = None,
+        fo: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = CacheSettings.resolve(
-            cache_dir=cache_dir, cache_size=cache_size, block_size=block_size,
-            readahead=readahead, check_ttl=check_ttl, immutable=immutable, retries=retries,
-            high_watermark=high_watermark, low_watermark=low_watermark, fsync=fsync)
+            cache_dir=cache_dir,
+            cache_size=cache_size,
+            block_size=block_size,
+            readahead=readahead,
+            check_ttl=check_ttl,
+            immutable=immutable,
+            retries=retries,
+            high_watermark=high_watermark,
+            low_watermark=low_watermark,
+            fsync=fsync,
+        )
         s = self.settings
-        self.store = BlockStore(s.cache_dir, s.cache_size, s.high_watermark, s.low_watermark,
-                                s.fsync)
+        self.store = BlockStore(s.cache_dir, s.cache_size, s.high_watermark, s.low_watermark, s.fsync)
         self.target_protocol = target_protocol or (_protocol_of(fs) if fs is not None else None)
         self.target_options = dict(target_options or {})
         self._target = fs
@@ -160,7 +178,7 @@ class AvaCacheFileSystem(ChainedFileSystem):
         path = str(path)
         for prefix in ("avacache::", "avacache://"):
             if path.startswith(prefix):
-                path = path[len(prefix):]
+                path = path[len(prefix) :]
         return path if "://" in path else path.rstrip("/")
 
     @property
@@ -176,12 +194,10 @@ class AvaCacheFileSystem(ChainedFileSystem):
         if proto is None:
             fs = self.target
             if fs is None:
-                raise ValueError(f"avacache: no remote for {path!r}; "
-                                 "use avacache::s3://bucket/key or a full URL")
+                raise ValueError(f"avacache: no remote for {path!r}; use avacache::s3://bucket/key or a full URL")
         else:
             fs = self.target
-            if fs is None or proto not in (fs.protocol if isinstance(fs.protocol, (tuple, list))
-                                           else (fs.protocol,)):
+            if fs is None or proto not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
                 fs = fsspec.filesystem(proto)
         inner = fs._strip_protocol(path)
         return fs, inner, f"{_protocol_of(fs)}://{inner}"
@@ -215,8 +231,15 @@ class AvaCacheFileSystem(ChainedFileSystem):
         self.store.forget_object(url)
 
     # -- fsspec API ----------------------------------------------------------------------------
-    def _open(self, path: str, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
-              cache_options: dict | None = None, **kwargs: Any) -> Any:
+    def _open(
+        self,
+        path: str,
+        mode: str = "rb",
+        block_size: Any = None,
+        autocommit: bool = True,
+        cache_options: dict | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if "r" not in mode or "+" in mode:
             fs, inner, _url = self._resolve(path)
             return fs.open(inner, mode, **kwargs)  # writes bypass the cache
@@ -258,15 +281,14 @@ class AvaCacheFile(AbstractBufferedFile):
 
     _KEEP_OPEN = 4  # block files kept open (and pinned) per file
 
-    def __init__(self, cfs: AvaCacheFileSystem, path: str, obj: ObjectId,
-                 remote: AbstractFileSystem, inner: str) -> None:
-        super().__init__(cfs, path, mode="rb", block_size=obj.block_size, cache_type="none",
-                         size=obj.size)
+    def __init__(
+        self, cfs: AvaCacheFileSystem, path: str, obj: ObjectId, remote: AbstractFileSystem, inner: str
+    ) -> None:
+        super().__init__(cfs, path, mode="rb", block_size=obj.block_size, cache_type="none", size=obj.size)
         self.obj, self.remote, self.inner = obj, remote, inner
         self.store = cfs.store
         self.readahead = cfs.settings.readahead
-        fetch = _with_retries(_range_fetcher(remote, inner, obj.etag), obj.url,
-                              cfs.settings.retries)
+        fetch = _with_retries(_range_fetcher(remote, inner, obj.etag), obj.url, cfs.settings.retries)
 
         def fetch_or_forget(start: int, end: int) -> bytes:
             try:
@@ -334,7 +356,7 @@ class AvaCacheFile(AbstractBufferedFile):
 
         def put(block: Block, lo: int, n: int) -> None:
             nonlocal pos
-            block.readinto(lo, view[pos:pos + n])
+            block.readinto(lo, view[pos : pos + n])
             pos += n
 
         self._copy(start, end, put)
@@ -350,7 +372,7 @@ class AvaCacheFile(AbstractBufferedFile):
 
         def put(block: Block, lo: int, n: int) -> None:
             nonlocal pos
-            block.readinto(lo, out[pos:pos + n])
+            block.readinto(lo, out[pos : pos + n])
             pos += n
 
         self._copy(self.loc, end, put)
@@ -461,14 +483,12 @@ def new_bytes(n: int) -> tuple[bytes, memoryview]:
 def _discard(fut: Future) -> None:
     """Drop a block future nobody will read: close its block (and unpin it) once it is done."""
     if not fut.cancel():
-        fut.add_done_callback(
-            lambda f: f.result().close() if not f.cancelled() and f.exception() is None else None)
+        fut.add_done_callback(lambda f: f.result().close() if not f.cancelled() and f.exception() is None else None)
 
 
-def _prefetch(store: BlockStore, obj: ObjectId, index: int,
-              fetch: Callable[[int, int], bytes]) -> None:
+def _prefetch(store: BlockStore, obj: ObjectId, index: int, fetch: Callable[[int, int], bytes]) -> None:
     """Download one block ahead of the reader and unpin it; the reader reopens it (cheap)."""
     try:
         store.get(obj, index, fetch).close()
-    except Exception as e:  # noqa: BLE001 - the reader's own fetch of the block will raise
+    except Exception as e:
         log.debug("readahead of %s block %d failed: %s", obj.url, index, e)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -24,10 +25,24 @@ DEFAULT_CHECK_TTL = 60.0  # seconds an object's ETag is trusted before a recheck
 DEFAULT_RETRIES = 3  # attempts per block fetch, on top of the remote client's own retries
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "t": 1000**4, "tb": 1000**4,
-    "ki": KiB, "kib": KiB, "mi": MiB, "mib": MiB, "gi": GiB, "gib": GiB, "ti": TiB, "tib": TiB,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": KiB,
+    "kib": KiB,
+    "mi": MiB,
+    "mib": MiB,
+    "gi": GiB,
+    "gib": GiB,
+    "ti": TiB,
+    "tib": TiB,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 
@@ -73,7 +88,7 @@ class CacheSettings:
     fsync: bool = False  # rename after write is enough for kill -9; fsync also survives power loss
 
     @classmethod
-    def resolve(cls, env: Mapping[str, str] | None = None, **given: Any) -> "CacheSettings":
+    def resolve(cls, env: Mapping[str, str] | None = None, **given: Any) -> CacheSettings:
         """Settings from explicit keyword values (None = not given), else env, else defaults."""
         env = os.environ if env is None else env
 
@@ -92,9 +107,7 @@ class CacheSettings:
             raise ValueError("cache watermarks must satisfy 0 < low <= high <= 1")
         fsync = pick("fsync", "AVA_CACHE_FSYNC", False)
         return cls(
-            cache_dir=os.path.abspath(
-                os.path.expanduser(str(pick("cache_dir", "AVA_CACHE_DIR", DEFAULT_DIR)))
-            ),
+            cache_dir=os.path.abspath(os.path.expanduser(str(pick("cache_dir", "AVA_CACHE_DIR", DEFAULT_DIR)))),
             cache_size=parse_size(pick("cache_size", "AVA_CACHE_SIZE", DEFAULT_SIZE)),
             block_size=block_size,
             readahead=max(0, int(pick("readahead", "AVA_CACHE_READAHEAD", DEFAULT_READAHEAD))),

@@ -27,8 +27,8 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 MAGIC = b"AVB1"
 _HEAD = struct.Struct("<4sI")  # magic, header JSON length
@@ -65,8 +65,7 @@ class ObjectId:
 class Block:
     """Readable bytes of one block, from its cache file (pinned by a shared flock) or memory."""
 
-    def __init__(self, index: int, length: int, fd: int = -1, base: int = 0,
-                 data: bytes | None = None) -> None:
+    def __init__(self, index: int, length: int, fd: int = -1, base: int = 0, data: bytes | None = None) -> None:
         self.index, self.length = index, length
         self._fd, self._base, self._data = fd, base, data
 
@@ -77,7 +76,7 @@ class Block:
     def read(self, offset: int, n: int) -> bytes:
         n = max(0, min(n, self.length - offset))
         if self._data is not None:
-            return self._data[offset:offset + n]
+            return self._data[offset : offset + n]
         out = os.pread(self._fd, n, self._base + offset)
         if len(out) != n:  # the file cannot shrink under a shared lock; this is a real fault
             raise OSError(errno.EIO, f"cache block read short ({len(out)} of {n} bytes)")
@@ -89,7 +88,7 @@ class Block:
         if offset + n > self.length:
             raise ValueError("read past the end of a block")
         if self._data is not None:
-            out[:] = self._data[offset:offset + n]
+            out[:] = self._data[offset : offset + n]
             return
         got = os.preadv(self._fd, [out], self._base + offset)
         while got < n:  # preadv may return early on signals; the file is complete
@@ -106,10 +105,19 @@ class Block:
 
 def _header(obj: ObjectId, index: int, data: bytes) -> bytes:
     start, end = obj.span(index)
-    meta = json.dumps({
-        "url": obj.url, "etag": obj.etag, "size": obj.size, "block_size": obj.block_size,
-        "index": index, "offset": start, "length": end - start, "crc32": zlib.crc32(data),
-    }, separators=(",", ":")).encode()
+    meta = json.dumps(
+        {
+            "url": obj.url,
+            "etag": obj.etag,
+            "size": obj.size,
+            "block_size": obj.block_size,
+            "index": index,
+            "offset": start,
+            "length": end - start,
+            "crc32": zlib.crc32(data),
+        },
+        separators=(",", ":"),
+    ).encode()
     return _HEAD.pack(MAGIC, len(meta)) + meta
 
 
@@ -123,7 +131,7 @@ def read_header(fd: int) -> tuple[dict, int]:
         raise ValueError("not an ava cache block")
     if _HEAD.size + n > len(head):
         head = os.pread(fd, _HEAD.size + n, 0)
-    return json.loads(head[_HEAD.size:_HEAD.size + n]), _HEAD.size + n
+    return json.loads(head[_HEAD.size : _HEAD.size + n]), _HEAD.size + n
 
 
 def verify_block_file(path: str) -> bool:
@@ -176,9 +184,9 @@ class _Stats:
         try:
             if not os.path.isdir(self.directory):
                 os.mkdir(self.directory)  # never re-creates a cache directory removed meanwhile
-            _atomic_write(path, json.dumps(
-                {"hits": self.hits, "misses": self.misses, "fetched_bytes": self.fetched}
-            ).encode())
+            _atomic_write(
+                path, json.dumps({"hits": self.hits, "misses": self.misses, "fetched_bytes": self.fetched}).encode()
+            )
         except OSError:
             pass  # counters are advisory; a full disk must not fail a read
 
@@ -242,8 +250,9 @@ def _pid_alive(pid: int) -> bool:
 class BlockStore:
     """Blocks of remote objects in one cache directory, shared by every process on the node."""
 
-    def __init__(self, root: str, size_limit: int | None, high: float = 0.9, low: float = 0.8,
-                 fsync: bool = False) -> None:
+    def __init__(
+        self, root: str, size_limit: int | None, high: float = 0.9, low: float = 0.8, fsync: bool = False
+    ) -> None:
         """`size_limit` None: a handle for status/clear that neither records nor enforces one."""
         self.root = root
         self.size_limit = size_limit
@@ -291,9 +300,13 @@ class BlockStore:
             fcntl.flock(fd, fcntl.LOCK_SH)
             meta, base = read_header(fd)
             start, end = obj.span(index)
-            if (meta.get("url") != obj.url or meta.get("etag") != obj.etag
-                    or meta.get("index") != index or meta.get("length") != end - start
-                    or os.fstat(fd).st_size != base + end - start):
+            if (
+                meta.get("url") != obj.url
+                or meta.get("etag") != obj.etag
+                or meta.get("index") != index
+                or meta.get("length") != end - start
+                or os.fstat(fd).st_size != base + end - start
+            ):
                 raise ValueError("block header does not match")
             if touch:  # LRU clock; explicit ns, since kernel file times are jiffy-coarse
                 now = time.time_ns()
@@ -343,8 +356,7 @@ class BlockStore:
             _unlink(path + ".lock")  # while still holding it: waiters then re-check the inode
             os.close(lock)
 
-    def _fetch_to_memory(self, obj: ObjectId, index: int,
-                         fetch: Callable[[int, int], bytes]) -> Block:
+    def _fetch_to_memory(self, obj: ObjectId, index: int, fetch: Callable[[int, int], bytes]) -> Block:
         start, end = obj.span(index)
         data = fetch(start, end)
         if len(data) != end - start:
@@ -357,8 +369,7 @@ class BlockStore:
         self._degraded_until = time.monotonic() + _DEGRADED_S
         if not self._warned:
             self._warned = True
-            log.warning("cache %s unusable (%s); reading directly from remote storage",
-                        self.root, err.strerror or err)
+            log.warning("cache %s unusable (%s); reading directly from remote storage", self.root, err.strerror or err)
 
     # -- locking -------------------------------------------------------------------------------
     @staticmethod
@@ -401,7 +412,7 @@ class BlockStore:
             pass
         _atomic_write(path, str(self.size_limit).encode())
 
-    def _locked_usage(self) -> "_UsageLock":
+    def _locked_usage(self) -> _UsageLock:
         return _UsageLock(self)
 
     # -- writes --------------------------------------------------------------------------------
@@ -557,8 +568,7 @@ class BlockStore:
         path = self._meta_path(url)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            _atomic_write(path, json.dumps(
-                {"url": url, "size": size, "etag": etag, "checked": time.time()}).encode())
+            _atomic_write(path, json.dumps({"url": url, "size": size, "etag": etag, "checked": time.time()}).encode())
         except OSError:
             pass  # only a HEAD saved; never fail a read over it
 
@@ -599,9 +609,15 @@ class BlockStore:
                 limit = int(f.read().strip())
         except (OSError, ValueError):
             pass
-        return {"dir": self.root, "bytes": total, "blocks": blocks, "hits": hits,
-                "misses": misses, "fetched_bytes": fetched, "size_limit": limit}
-
+        return {
+            "dir": self.root,
+            "bytes": total,
+            "blocks": blocks,
+            "hits": hits,
+            "misses": misses,
+            "fetched_bytes": fetched,
+            "size_limit": limit,
+        }
 
     def _compact_stats(self) -> None:
         """Fold counter files of long-gone processes into stats/archive.json."""
@@ -652,7 +668,7 @@ class _UsageLock:
         self._fd = -1
         self._rebuild = False
 
-    def __enter__(self) -> "_UsageLock":
+    def __enter__(self) -> _UsageLock:
         store = self.store
         if store._pid not in (-1, os.getpid()):  # forked: never share the parent's flock or mutex
             os.close(store._usage_fd)

@@ -12,10 +12,14 @@ import typer
 
 from ava.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, AvaError
 
-EXIT_CODES = ("Exit codes: 0 success, 1 the job failed, 2 usage or configuration error, "
-              "3 nodes unreachable or infrastructure failure, 130 interrupted.")
-ENV_VARS = ("Environment: AVA_INVENTORY (inventory file), AVA_HOME (run records and logs, default ~/.ava), "
-            "NO_COLOR / FORCE_COLOR (colour off / on).")
+EXIT_CODES = (
+    "Exit codes: 0 success, 1 the job failed, 2 usage or configuration error, "
+    "3 nodes unreachable or infrastructure failure, 130 interrupted."
+)
+ENV_VARS = (
+    "Environment: AVA_INVENTORY (inventory file), AVA_HOME (run records and logs, default ~/.ava), "
+    "NO_COLOR / FORCE_COLOR (colour off / on)."
+)
 
 
 def epilog(*examples: str) -> str:
@@ -27,8 +31,11 @@ def epilog(*examples: str) -> str:
 app = typer.Typer(
     name="ava",
     help="Turn a handful of GPU nodes you can SSH into into one training cluster.",
-    epilog=epilog("ava nodes", "ava train recipes/ddp-minimal --set resources.nodes=2",
-                  "RUN=$(ava train recipe.toml --detach) && ava wait $RUN; ava logs $RUN --tail 50"),
+    epilog=epilog(
+        "ava nodes",
+        "ava train recipes/ddp-minimal --set resources.nodes=2",
+        "RUN=$(ava train recipe.toml --detach) && ava wait $RUN; ava logs $RUN --tail 50",
+    ),
     no_args_is_help=False,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -52,7 +59,7 @@ def _plain_argument_help() -> None:
             name += "..."
         return name if self.required else f"[{name}]"
 
-    def type_label(self, ctx) -> Optional[str]:  # type: ignore[no-untyped-def]
+    def type_label(self, ctx) -> str | None:  # type: ignore[no-untyped-def]
         return None if self.metavar else argument.display_type(self, ctx)
 
     argument._usage_display_name = usage_name
@@ -63,9 +70,9 @@ _plain_argument_help()
 
 
 class State:
-    inventory: Optional[str] = None
+    inventory: str | None = None
     debug: bool = False
-    argv: List[str] = []
+    argv: list[str] = []
     output_format: str = "auto"
 
 
@@ -86,28 +93,41 @@ def _build_note() -> str:
         from ava._build import BUILD  # type: ignore[import-not-found]
     except ImportError:
         return ""
-    return (f" (one file, commit {BUILD['commit']}, built {BUILD['date']}, "
-            f"CPython {BUILD['pythons']}, {BUILD['platform']})")
+    return (
+        f" (one file, commit {BUILD['commit']}, built {BUILD['date']}, CPython {BUILD['pythons']}, {BUILD['platform']})"
+    )
 
 
 @app.callback(invoke_without_command=True)
 def _options(
     ctx: typer.Context,
-    inventory: Optional[str] = typer.Option(
-        None, "--inventory", "-i", metavar="PATH", envvar="AVA_INVENTORY", show_envvar=True,
+    inventory: str | None = typer.Option(
+        None,
+        "--inventory",
+        "-i",
+        metavar="PATH",
+        envvar="AVA_INVENTORY",
+        show_envvar=True,
         help="Inventory file (default: ./ava.toml in this directory or a parent, else ~/.config/ava/ava.toml).",
     ),
-    home: Optional[str] = typer.Option(
-        None, "--home", metavar="DIR", envvar="AVA_HOME", show_envvar=True,
+    home: str | None = typer.Option(
+        None,
+        "--home",
+        metavar="DIR",
+        envvar="AVA_HOME",
+        show_envvar=True,
         help="Where run records and logs are kept (default: ~/.ava).",
     ),
     output_format: str = typer.Option(
-        "auto", "--format", metavar="auto|table|plain",
+        "auto",
+        "--format",
+        metavar="auto|table|plain",
         help="Tables on a terminal, plain aligned rows elsewhere (auto); or always one of them.",
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
-                                 help="Print ava's version and exit."),
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_version, is_eager=True, help="Print ava's version and exit."
+    ),
 ) -> None:
     from ava.errors import UsageError
 
@@ -126,7 +146,7 @@ def _options(
         raise typer.Exit(EXIT_OK)
 
 
-def inventory_path() -> Optional[str]:
+def inventory_path() -> str | None:
     """--inventory, else $AVA_INVENTORY, else ava.toml here or in a parent directory, else
     ~/.config/ava/ava.toml ($XDG_CONFIG_HOME honoured); None when there is none anywhere."""
     if state.inventory:
@@ -152,10 +172,10 @@ GLOBAL_FLAGS = ("--debug",)
 GLOBAL_VALUED = ("--inventory", "-i", "--home", "--format")
 
 
-def hoist_global_options(args: List[str]) -> List[str]:
+def hoist_global_options(args: list[str]) -> list[str]:
     """Accept `ava nodes --inventory F` as well as `ava --inventory F nodes` (never past `--`)."""
-    front: List[str] = []
-    rest: List[str] = []
+    front: list[str] = []
+    rest: list[str] = []
     index = 0
     while index < len(args):
         word = args[index]
@@ -175,13 +195,13 @@ def hoist_global_options(args: List[str]) -> List[str]:
     return front + rest
 
 
-def app_commands() -> List[str]:
+def app_commands() -> list[str]:
     return [c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands] + [
         g.name or "" for g in app.registered_groups
     ]
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: the one error boundary. Every AvaError becomes one line and its exit code."""
     # Run records, logs and env.json may hold secrets: whatever ava creates is the user's alone.
     os.umask(0o077)
@@ -230,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     sys.exit(code)
 
 
-def _apply_format(args: List[str]) -> None:
+def _apply_format(args: list[str]) -> None:
     """--format reaches console before any command renders (console is imported lazily)."""
     chosen = None
     for index, word in enumerate(args):
@@ -253,9 +273,9 @@ def _stdout_gone() -> None:
 
 
 # Each command group registers itself on `app`; they import heavy libraries only when run.
-from ava.cli import nodes as _nodes  # noqa: E402,F401
+from ava.cli import cache as _cache  # noqa: E402,F401
 from ava.cli import doctor as _doctor  # noqa: E402,F401
+from ava.cli import nodes as _nodes  # noqa: E402,F401
 from ava.cli import provision as _provision  # noqa: E402,F401
 from ava.cli import train as _train  # noqa: E402,F401
-from ava.cli import cache as _cache  # noqa: E402,F401
 from ava.cli import wait as _wait  # noqa: E402,F401

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Any, List, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import typer
 
@@ -21,14 +22,18 @@ app.add_typer(cache_app, name="cache")
 NODES_HELP = "Comma-separated nodes (default: all in the inventory)."
 
 
-def _prepared(names: Optional[str]) -> tuple[list[str], list[Any], dict[str, Any], dict[str, str]]:
+def _prepared(names: str | None) -> tuple[list[str], list[Any], dict[str, Any], dict[str, str]]:
     """(the chosen nodes' names, those ready to run the cache module, errors of the others,
     each ready node's interpreter). Provisions what is missing, as `ava train` does."""
     from ava import provision
     from ava.errors import AvaError
 
     inventory = load_inventory()
-    chosen = inventory.select([n.strip() for n in names.split(",") if n.strip()]) if names else list(inventory.nodes.values())
+    chosen = (
+        inventory.select([n.strip() for n in names.split(",") if n.strip()])
+        if names
+        else list(inventory.nodes.values())
+    )
     base = inventory.path.resolve().parent
     from ava.cli.train import provision_visibly
 
@@ -65,7 +70,7 @@ def _report_errors(outcomes: Mapping[str, Any]) -> None:
             console.error(outcome)
 
 
-def _forwarded(patterns: List[str]) -> dict[str, str]:
+def _forwarded(patterns: list[str]) -> dict[str, str]:
     """Variables of this environment named by --env (globs allowed), for the nodes."""
     from ava.errors import UsageError
 
@@ -80,7 +85,7 @@ def _forwarded(patterns: List[str]) -> dict[str, str]:
 
 @cache_app.command("status", epilog=epilog("ava cache status", "ava cache status --nodes gpu1,gpu2 --json"))
 def status(
-    nodes: Optional[str] = typer.Option(None, "--nodes", metavar="A,B", help=NODES_HELP),
+    nodes: str | None = typer.Option(None, "--nodes", metavar="A,B", help=NODES_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
 ) -> int:
     """Per node: bytes used of the cache size, blocks, hits, misses, bytes fetched."""
@@ -96,8 +101,18 @@ def status(
             if isinstance(s, cachenodes.CacheStatus):
                 reads = s.hits + s.misses
                 ratio = f"{100 * s.hits / reads:.1f}%" if reads else "-"
-                rows.append([name, f"{console.size(s.bytes)}/{console.size(s.size_limit)}", str(s.blocks),
-                             str(s.hits), str(s.misses), ratio, console.size(s.fetched_bytes), s.dir])
+                rows.append(
+                    [
+                        name,
+                        f"{console.size(s.bytes)}/{console.size(s.size_limit)}",
+                        str(s.blocks),
+                        str(s.hits),
+                        str(s.misses),
+                        ratio,
+                        console.size(s.fetched_bytes),
+                        s.dir,
+                    ]
+                )
             else:
                 rows.append([name, "-", "-", "-", "-", "-", "-", "(see below)"])
         console.table(["node", "used/size", "blocks", "hits", "misses", "hit rate", "fetched", "dir"], rows)
@@ -105,15 +120,24 @@ def status(
     return cachenodes.exit_code(outcomes)
 
 
-@cache_app.command("warm", epilog=epilog("ava cache warm 's3://bucket/shards/train-*.tar'",
-                                          "ava cache warm s3://bucket/data.bin --env 'AWS_*' --nodes gpu1"))
+@cache_app.command(
+    "warm",
+    epilog=epilog(
+        "ava cache warm 's3://bucket/shards/train-*.tar'",
+        "ava cache warm s3://bucket/data.bin --env 'AWS_*' --nodes gpu1",
+    ),
+)
 def warm(
-    urls: List[str] = typer.Argument(..., metavar="URL|GLOB…", help="Objects to fetch, e.g. 's3://bucket/shards/*.tar'."),
-    nodes: Optional[str] = typer.Option(None, "--nodes", metavar="A,B", help=NODES_HELP),
-    env: List[str] = typer.Option(
-        [], "--env", metavar="NAME",
+    urls: list[str] = typer.Argument(
+        ..., metavar="URL|GLOB…", help="Objects to fetch, e.g. 's3://bucket/shards/*.tar'."
+    ),
+    nodes: str | None = typer.Option(None, "--nodes", metavar="A,B", help=NODES_HELP),
+    env: list[str] = typer.Option(
+        [],
+        "--env",
+        metavar="NAME",
         help="Forward this variable (or glob, e.g. 'AWS_*') from your environment to the nodes, in a "
-             "0600 file, never on a command line. By default the nodes' own environment (~/.aws) is used.",
+        "0600 file, never on a command line. By default the nodes' own environment (~/.aws) is used.",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list of per-node results."),
 ) -> int:
@@ -147,18 +171,23 @@ def warm(
         prefixer = console.Prefixer(list(outcomes))
         for name, w in outcomes.items():
             if isinstance(w, cachenodes.Warmed):
-                prefixer.line(name, f"warmed {w.objects} object{'s' if w.objects != 1 else ''} "
-                                    f"({console.size(w.total_bytes)}); cache holds {console.size(w.bytes)} in {w.blocks} blocks")
+                prefixer.line(
+                    name,
+                    f"warmed {w.objects} object{'s' if w.objects != 1 else ''} "
+                    f"({console.size(w.total_bytes)}); cache holds {console.size(w.bytes)} in {w.blocks} blocks",
+                )
         _report_errors(outcomes)
         if any(isinstance(w, cachenodes.WarmFailed) and "credentials" in w.message.lower() for w in outcomes.values()):
-            console.info("the nodes read with their own credentials (~/.aws, instance roles); "
-                         "to use yours, forward them: --env 'AWS_*'")
+            console.info(
+                "the nodes read with their own credentials (~/.aws, instance roles); "
+                "to use yours, forward them: --env 'AWS_*'"
+            )
     return cachenodes.exit_code(outcomes)
 
 
 @cache_app.command("clear", epilog=epilog("ava cache clear", "ava cache clear --nodes gpu2 --json"))
 def clear(
-    nodes: Optional[str] = typer.Option(None, "--nodes", metavar="A,B", help=NODES_HELP),
+    nodes: str | None = typer.Option(None, "--nodes", metavar="A,B", help=NODES_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list of per-node results."),
 ) -> int:
     """Remove every block, object record and counter from the nodes' caches."""

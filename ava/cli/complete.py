@@ -7,10 +7,9 @@ never reach a node; a failure completes nothing rather than printing an error in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
 
 
-def complete_runs(incomplete: str) -> List[str]:
+def complete_runs(incomplete: str) -> list[str]:
     """Run ids that start with what was typed, oldest first (as `ava ps` lists them)."""
     try:
         from ava import runs
@@ -20,7 +19,7 @@ def complete_runs(incomplete: str) -> List[str]:
         return []
 
 
-def complete_nodes(incomplete: str) -> List[str]:
+def complete_nodes(incomplete: str) -> list[str]:
     """The inventory's node names; after a comma (`--nodes a,b`), the next name of the list."""
     try:
         from ava.cli import load_inventory
@@ -33,12 +32,12 @@ def complete_nodes(incomplete: str) -> List[str]:
     return [head + name for name in names if name.startswith(last) and name not in done.split(",")]
 
 
-def complete_recipes(incomplete: str) -> List[str]:
+def complete_recipes(incomplete: str) -> list[str]:
     """Directories holding a recipe.toml, other directories (to descend) and .toml files."""
     try:
         typed = Path(incomplete) if incomplete else Path(".")
         base = typed if (not incomplete or incomplete.endswith("/")) else typed.parent
-        found: List[str] = []
+        found: list[str] = []
         for entry in sorted(base.iterdir()):
             shown = entry.name if str(base) == "." and not incomplete.startswith("./") else str(entry)
             if entry.name.startswith(".") or not shown.startswith(incomplete):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List
-
 import typer
 
 from ava.cli import app, epilog, load_inventory
@@ -13,7 +11,12 @@ from ava.errors import EXIT_INFRA, EXIT_OK
 
 @app.command(epilog=epilog("ava doctor", "ava doctor gpu1 gpu2 --bandwidth", "ava doctor --json | jq -r .status"))
 def doctor(
-    names: List[str] = typer.Argument(None, metavar="[NODE…]", autocompletion=complete_nodes, help="Nodes to check (default: all); the first is the master."),
+    names: list[str] = typer.Argument(
+        None,
+        metavar="[NODE…]",
+        autocompletion=complete_nodes,
+        help="Nodes to check (default: all); the first is the master.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON instead of a table."),
     bandwidth: bool = typer.Option(False, "--bandwidth", help="Also run an all-reduce benchmark across the nodes."),
 ) -> int:
@@ -32,29 +35,46 @@ def doctor(
         from ava.errors import AvaError
 
         if len(up) < 2:
-            checks.append(Check("bandwidth", None, FAIL, "needs at least two reachable nodes", "fix the failures above first"))
+            checks.append(
+                Check("bandwidth", None, FAIL, "needs at least two reachable nodes", "fix the failures above first")
+            )
         else:
             gpu = all(o.facts.get("gpus") and (o.probe.get("versions") or {}).get("cuda") for o in up)
             interfaces = {o.node.name: (o.probe.get("interface") or {}).get("name") for o in up}
             try:
                 measured = measure([o.node for o in up], gpu=gpu, interfaces=interfaces)
             except AvaError as failure:
-                checks.append(Check("bandwidth", None, FAIL, failure.message,
-                                    "fix the failures above; then check that the nodes reach each other on any port"))
+                checks.append(
+                    Check(
+                        "bandwidth",
+                        None,
+                        FAIL,
+                        failure.message,
+                        "fix the failures above; then check that the nodes reach each other on any port",
+                    )
+                )
             else:
                 for link in measured.links:
                     if link.slow:
-                        checks.append(Check("bandwidth", link.node, WARN,
-                                            f"link to {up[0].node.name} at {link.bandwidth / 1e9:.2f} GB/s, "
-                                            "under half of the other nodes'",
-                                            f"check {link.node}'s NIC, cable and interface setting"))
+                        checks.append(
+                            Check(
+                                "bandwidth",
+                                link.node,
+                                WARN,
+                                f"link to {up[0].node.name} at {link.bandwidth / 1e9:.2f} GB/s, "
+                                "under half of the other nodes'",
+                                f"check {link.node}'s NIC, cable and interface setting",
+                            )
+                        )
     status = worst(checks)
     if json_out:
-        console.print_json({
-            "status": status,
-            "checks": [c.to_json() for c in checks],
-            "bandwidth": measured.to_json() if measured else None,
-        })
+        console.print_json(
+            {
+                "status": status,
+                "checks": [c.to_json() for c in checks],
+                "bandwidth": measured.to_json() if measured else None,
+            }
+        )
     else:
         marks = {PASS: "pass", WARN: "WARN", FAIL: "FAIL"}
         rows = [[c.check, c.node or "all", marks[c.status], c.detail] for c in checks]
@@ -69,8 +89,16 @@ def doctor(
             console.out.print()
             console.table(
                 ["size", "count", "time (us)", "algbw (GB/s)", "busbw (GB/s)"],
-                [[console.size(r.size), str(r.count), f"{r.seconds * 1e6:.1f}", f"{r.algbw / 1e9:.3f}",
-                  f"{r.busbw / 1e9:.3f}"] for r in measured.rows],
+                [
+                    [
+                        console.size(r.size),
+                        str(r.count),
+                        f"{r.seconds * 1e6:.1f}",
+                        f"{r.algbw / 1e9:.3f}",
+                        f"{r.busbw / 1e9:.3f}",
+                    ]
+                    for r in measured.rows
+                ],
                 title=f"all-reduce, {measured.backend}, {len(measured.nodes)} nodes",
             )
             console.table(

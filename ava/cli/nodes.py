@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, List
+from typing import Any
 
 import typer
 
@@ -12,8 +12,13 @@ from ava.cli.complete import complete_nodes
 from ava.errors import EXIT_INFRA, EXIT_JOB_FAILED, EXIT_OK, UsageError
 
 
-@app.command(epilog=epilog("ava nodes", "ava nodes --json | jq -r '.[] | select(.reachable) | .name'",
-                           "ava nodes --accept-new   (first contact with new nodes)"))
+@app.command(
+    epilog=epilog(
+        "ava nodes",
+        "ava nodes --json | jq -r '.[] | select(.reachable) | .name'",
+        "ava nodes --accept-new   (first contact with new nodes)",
+    )
+)
 def nodes(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
     accept_new: bool = typer.Option(
@@ -38,14 +43,37 @@ def nodes(
             held = f"{len(r.leases)} run{'s' if len(r.leases) != 1 else ''}" if r.leases else ""
             if any(h.get("draining") for h in r.leases):
                 held += " (draining)"  # a teardown left processes: their GPUs stay leased
-            rows.append([
-                r.name, r.host, "yes", str(r.cpus), f"{console.size(r.mem_free)}/{console.size(r.mem_total)}",
-                console.size(r.disk_free), _run_dirs(r.run_dirs), r.torch or "-", r.agent or "-", gpus,
-                r.isolation or "-", held,
-            ])
+            rows.append(
+                [
+                    r.name,
+                    r.host,
+                    "yes",
+                    str(r.cpus),
+                    f"{console.size(r.mem_free)}/{console.size(r.mem_total)}",
+                    console.size(r.disk_free),
+                    _run_dirs(r.run_dirs),
+                    r.torch or "-",
+                    r.agent or "-",
+                    gpus,
+                    r.isolation or "-",
+                    held,
+                ]
+            )
         console.table(
-            ["node", "host", "up", "cpus", "mem free/total", "disk free", "run dirs", "torch", "agent", "gpus",
-             "isolation", "held by"],
+            [
+                "node",
+                "host",
+                "up",
+                "cpus",
+                "mem free/total",
+                "disk free",
+                "run dirs",
+                "torch",
+                "agent",
+                "gpus",
+                "isolation",
+                "held by",
+            ],
             rows,
         )
         # Who holds what, one line per holder: run ids are what `ava stop` takes, so they are
@@ -84,14 +112,22 @@ def _holding(holder: dict[str, Any]) -> str:
 @app.command(
     "exec",
     context_settings={"allow_interspersed_args": False},
-    epilog=epilog("ava exec -- nvidia-smi -L", "ava exec gpu1 gpu2 -- df -h /data",
-                  "ava exec --json -- uptime | jq '.[] | {node, exit_code}'"),
+    epilog=epilog(
+        "ava exec -- nvidia-smi -L",
+        "ava exec gpu1 gpu2 -- df -h /data",
+        "ava exec --json -- uptime | jq '.[] | {node, exit_code}'",
+    ),
 )
 def exec_(
-    words: List[str] = typer.Argument(..., metavar="[NODE…] -- CMD…", autocompletion=complete_nodes,
-                                      help="Nodes (default: all), then -- and the command."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON list (each node's exit code and output) "
-                                                         "instead of streaming lines."),
+    words: list[str] = typer.Argument(
+        ...,
+        metavar="[NODE…] -- CMD…",
+        autocompletion=complete_nodes,
+        help="Nodes (default: all), then -- and the command.",
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print one JSON list (each node's exit code and output) instead of streaming lines."
+    ),
 ) -> int:
     """Run one command on nodes in parallel; each output line prefixed by its node."""
     from ava import console
@@ -113,6 +149,7 @@ def exec_(
 
     def one(node):  # type: ignore[no-untyped-def]
         if json_out:
+
             def keep(stream: str, line: str) -> None:
                 captured[node.name].append({"stream": "stderr" if stream == "err" else "stdout", "line": line})
 
@@ -125,8 +162,15 @@ def exec_(
         for node in chosen:
             outcome = outcomes[node.name]
             failure = outcome.message if isinstance(outcome, Failure) else None
-            report.append({"node": node.name, "exit_code": None if failure else outcome.exited,
-                           "ok": failure is None and outcome.ok, "error": failure, "output": captured[node.name]})
+            report.append(
+                {
+                    "node": node.name,
+                    "exit_code": None if failure else outcome.exited,
+                    "ok": failure is None and outcome.ok,
+                    "error": failure,
+                    "output": captured[node.name],
+                }
+            )
         console.print_json(report)
         if any(r["error"] for r in report):
             return EXIT_INFRA
@@ -146,5 +190,3 @@ def exec_(
     if unreachable:
         return EXIT_INFRA
     return EXIT_JOB_FAILED if failed else EXIT_OK
-
-

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from typing import List
 
 import typer
 
@@ -12,11 +11,17 @@ from ava.cli.complete import complete_nodes
 from ava.errors import EXIT_INFRA, EXIT_OK
 
 
-@app.command(epilog=epilog("ava provision", "ava provision gpu1 gpu2 --dry-run",
-                           "ava provision --dry-run --json | jq '.[] | {node, steps: (.steps | length)}'"))
+@app.command(
+    epilog=epilog(
+        "ava provision",
+        "ava provision gpu1 gpu2 --dry-run",
+        "ava provision --dry-run --json | jq '.[] | {node, steps: (.steps | length)}'",
+    )
+)
 def provision(
-    names: List[str] = typer.Argument(None, metavar="[NODE…]", autocompletion=complete_nodes,
-                                      help="Nodes to set up (default: all)."),
+    names: list[str] = typer.Argument(
+        None, metavar="[NODE…]", autocompletion=complete_nodes, help="Nodes to set up (default: all)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan per node; change nothing."),
     json_out: bool = typer.Option(False, "--json", help="With --dry-run: the plan per node as a JSON list."),
 ) -> int:
@@ -41,12 +46,19 @@ def provision(
             from ava.errors import UsageError
 
             raise UsageError("ava provision --json needs --dry-run (it reports the plan)")
-        console.print_json([
-            {"node": n.name, "error": failed[n.name].message} if n.name in failed else
-            {"node": n.name, "error": None, "steps": [{"kind": s.kind, "description": s.description}
-                                                     for s in plans[n.name].steps],
-             "notes": list(plans[n.name].notes)}
-            for n in chosen])
+        console.print_json(
+            [
+                {"node": n.name, "error": failed[n.name].message}
+                if n.name in failed
+                else {
+                    "node": n.name,
+                    "error": None,
+                    "steps": [{"kind": s.kind, "description": s.description} for s in plans[n.name].steps],
+                    "notes": list(plans[n.name].notes),
+                }
+                for n in chosen
+            ]
+        )
         return EXIT_INFRA if failed else EXIT_OK
 
     for node in chosen:
@@ -79,7 +91,10 @@ def provision(
             transient=False,
             disable=not live,
         ) as progress:
-            tasks = {name: progress.add_task("waiting", total=len(p.steps), node=name.ljust(width)) for name, p in busy.items()}
+            tasks = {
+                name: progress.add_task("waiting", total=len(p.steps), node=name.ljust(width))
+                for name, p in busy.items()
+            }
 
             def on_step(name: str, step: Step, state: str) -> None:
                 with lock:

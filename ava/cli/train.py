@@ -8,7 +8,6 @@ import shlex
 import signal
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -43,7 +42,7 @@ class TerminalSink:
         self.copy.write(f"{time.strftime('%H:%M:%S')} ava: {text}\n")
 
 
-def _recipe(source: str, overrides: List[str]):  # type: ignore[no-untyped-def]
+def _recipe(source: str, overrides: list[str]):  # type: ignore[no-untyped-def]
     """The recipe (local path or URL) with the text it was parsed from, kept in the run's record."""
     from dataclasses import replace
 
@@ -69,19 +68,31 @@ def _recipe(source: str, overrides: List[str]):  # type: ignore[no-untyped-def]
 )
 def train(
     ctx: typer.Context,
-    recipe_path: str = typer.Argument(..., metavar="RECIPE", autocompletion=complete_recipes,
-                                      help="recipe.toml, its directory, or an fsspec URL. Words after -- are "
-                                           "appended to the recipe's run.args."),
-    overrides: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe key (repeatable)."),
-    detach: bool = typer.Option(False, "--detach", "-d", help="Print the run id and return; supervise in the background."),
+    recipe_path: str = typer.Argument(
+        ...,
+        metavar="RECIPE",
+        autocompletion=complete_recipes,
+        help="recipe.toml, its directory, or an fsspec URL. Words after -- are appended to the recipe's run.args.",
+    ),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe key (repeatable)."),
+    detach: bool = typer.Option(
+        False, "--detach", "-d", help="Print the run id and return; supervise in the background."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run on each node, start nothing."),
     json_out: bool = typer.Option(False, "--json", help="With --dry-run: the plan as one JSON object."),
-    nodes: Optional[str] = typer.Option(None, "--nodes", metavar="A,B", autocompletion=complete_nodes,
-                                        help="Only these nodes, in this order (the first is the master)."),
+    nodes: str | None = typer.Option(
+        None,
+        "--nodes",
+        metavar="A,B",
+        autocompletion=complete_nodes,
+        help="Only these nodes, in this order (the first is the master).",
+    ),
     wait: bool = typer.Option(False, "--wait", help="When nodes are busy with other runs, wait for them."),
     stop_on_interrupt: bool = typer.Option(
-        False, "--stop-on-interrupt",
-        help="On Ctrl-C, SIGTERM or SIGHUP stop the run on every node (default: detach; it keeps running)."),
+        False,
+        "--stop-on-interrupt",
+        help="On Ctrl-C, SIGTERM or SIGHUP stop the run on every node (default: detach; it keeps running).",
+    ),
 ) -> int:
     """Run a recipe on the inventory's nodes with torchrun; stream logs; fail over on faults."""
     from ava import runs
@@ -89,7 +100,9 @@ def train(
     from ava.supervisor import Supervisor, snapshot_code, spawn_background
 
     if detach and stop_on_interrupt:
-        raise UsageError("--stop-on-interrupt needs a run in the foreground; with --detach use `ava wait` and `ava stop`")
+        raise UsageError(
+            "--stop-on-interrupt needs a run in the foreground; with --detach use `ava wait` and `ava stop`"
+        )
     if json_out and not dry_run:
         raise UsageError("ava train --json needs --dry-run (a run's state as JSON: `ava ps RUN --json`)")
     script_args = _script_args(ctx)
@@ -104,8 +117,9 @@ def train(
         placement = place(recipe, inventory, only=only)
     except NotEnoughNodes as never:
         # Placement reads the inventory only: waiting or retrying will not change the answer.
-        raise UsageError(f"{never.message}; change the recipe's resources or the inventory "
-                         f"({inventory.path})") from None
+        raise UsageError(
+            f"{never.message}; change the recipe's resources or the inventory ({inventory.path})"
+        ) from None
     if (reach := checkpoint_reach_warning(recipe, placement)) is not None:
         from ava import console
 
@@ -125,8 +139,13 @@ def train(
         provision_visibly(list(placement.nodes), recipe, inventory.path.resolve().parent)
     # Environment values (secrets) stay out of record.json and recipe.toml: see runs.private_recipe.
     record = runs.RunRecord(
-        id=run_id, recipe=recipe.name, source=recipe.source, recipe_hash="", raw=runs.env_names_only(recipe.raw),
-        inventory=str(inventory.path.resolve()), nodes=placement.names,
+        id=run_id,
+        recipe=recipe.name,
+        source=recipe.source,
+        recipe_hash="",
+        raw=runs.env_names_only(recipe.raw),
+        inventory=str(inventory.path.resolve()),
+        nodes=placement.names,
         overrides=runs.overrides_without_env_values(list(overrides)),
     )
     record.dir.mkdir(parents=True, exist_ok=True)
@@ -145,8 +164,9 @@ def train(
         console.info(f"follow: ava logs {run_id} -f    wait: ava wait {run_id}    stop: ava stop {run_id}")
         return EXIT_OK
     console.info(f"ava: run {run_id} on {', '.join(placement.names)}")
-    sink = TerminalSink(placement.names + [s.name for s in placement.spares], record.dir / "output.log",
-                        order=list(inventory.nodes))
+    sink = TerminalSink(
+        placement.names + [s.name for s in placement.spares], record.dir / "output.log", order=list(inventory.nodes)
+    )
     supervisor = Supervisor(record, _recipe_for(record, recipe), inventory, sink, wait_for_leases=wait)
     return _supervise(supervisor, record, inventory.path.resolve(), stop_on_interrupt=stop_on_interrupt)
 
@@ -176,11 +196,12 @@ def provision_visibly(nodes, recipe, base: Path):  # type: ignore[no-untyped-def
 
 def _script_args(ctx: typer.Context) -> list[str]:
     """The words after `--`: appended to run.args. Extra words before `--` are a usage error."""
-    after = state.argv[state.argv.index("--") + 1:] if "--" in state.argv else []
+    after = state.argv[state.argv.index("--") + 1 :] if "--" in state.argv else []
     extra = list(ctx.args)
-    if extra != after[len(after) - len(extra):] or len(extra) > len(after):
-        raise UsageError(f"unexpected argument {extra[0]!r}; script arguments go after --: "
-                         "ava train RECIPE -- --lr 3e-4")
+    if extra != after[len(after) - len(extra) :] or len(extra) > len(after):
+        raise UsageError(
+            f"unexpected argument {extra[0]!r}; script arguments go after --: ava train RECIPE -- --lr 3e-4"
+        )
     return after
 
 
@@ -232,8 +253,10 @@ def _supervise(supervisor, record, inventory_path: Path, *, stop_on_interrupt: b
             # Signals again while stopping are ignored: half a stop would leave processes behind.
             for sig in previous:
                 signal.signal(sig, signal.SIG_IGN)
-            _say(f"\nava: {signal.Signals(received[0]).name if received else 'interrupted'}: "
-                 f"stopping {record.id} on every node (--stop-on-interrupt)")
+            _say(
+                f"\nava: {signal.Signals(received[0]).name if received else 'interrupted'}: "
+                f"stopping {record.id} on every node (--stop-on-interrupt)"
+            )
             code = _stop_run(runs.load(record.id), by="--stop-on-interrupt")
             return EXIT_INTERRUPTED if code == EXIT_OK else code
     finally:
@@ -244,7 +267,9 @@ def _supervise(supervisor, record, inventory_path: Path, *, stop_on_interrupt: b
         spawn_background(record, inventory_path)
         try:
             console.info(f"\nava: detached from {record.id}; it keeps running under a background supervisor.")
-            console.info(f"     reattach: ava attach {record.id}    logs: ava logs {record.id} -f    stop: ava stop {record.id}")
+            console.info(
+                f"     reattach: ava attach {record.id}    logs: ava logs {record.id} -f    stop: ava stop {record.id}"
+            )
         except OSError:
             pass  # after SIGHUP the terminal may be gone; the run is in good hands either way
         return EXIT_INTERRUPTED
@@ -267,13 +292,21 @@ def _summary(outcome, elapsed: float) -> None:  # type: ignore[no-untyped-def]
     record = outcome.record
     attempt = record.current()
     console.err.print()
-    console.err.print(f"run {record.id}: {record.state} after {console.duration(elapsed)} on {', '.join(record.nodes)}"
-                      f" ({len(record.attempts)} attempt{'s' if len(record.attempts) != 1 else ''})")
+    console.err.print(
+        f"run {record.id}: {record.state} after {console.duration(elapsed)} on {', '.join(record.nodes)}"
+        f" ({len(record.attempts)} attempt{'s' if len(record.attempts) != 1 else ''})"
+    )
     for past in record.attempts:
-        console.err.print(f"  attempt {past.number} on {', '.join(past.nodes)}: {past.state}"
-                          + (f" - {past.cause}" if past.cause else ""))
+        console.err.print(
+            f"  attempt {past.number} on {', '.join(past.nodes)}: {past.state}"
+            + (f" - {past.cause}" if past.cause else "")
+        )
     if record.state == "failed" and attempt is not None and attempt.failed_node:
-        where = f"{attempt.failed_node} rank {attempt.failed_rank}" if attempt.failed_rank is not None else attempt.failed_node
+        where = (
+            f"{attempt.failed_node} rank {attempt.failed_rank}"
+            if attempt.failed_rank is not None
+            else attempt.failed_node
+        )
         code = f" (exit {attempt.exit_code})" if attempt.exit_code is not None else ""
         console.err.print(f"ava: run {record.id} failed on {where}{code}:")
         for line in outcome.failing_lines()[-10:]:
@@ -292,25 +325,42 @@ def _dry_run(recipe, placement, run_id: str, inventory_dir: Path, *, json_out: b
     pythons = {n.name: provision.venv_python(n, recipe=recipe, root=inventory_dir) for n in nodes}
     launches, _, _ = plan_attempt(recipe, nodes, run_id, 1, manifest.tree, sync.runtime_manifest()[0].tree, pythons)
     if json_out:
-        console.print_json({
-            "run": run_id, "recipe": recipe.name, "code_tree": manifest.tree, "files": len(manifest.files),
-            "bytes": manifest.size, "spares": [s.name for s in placement.spares],
-            "nodes": [{"node": i.node.name, "address": i.node.address, "argv": list(i.argv), "spec": i.spec}
-                      for i in launches],
-        })
+        console.print_json(
+            {
+                "run": run_id,
+                "recipe": recipe.name,
+                "code_tree": manifest.tree,
+                "files": len(manifest.files),
+                "bytes": manifest.size,
+                "spares": [s.name for s in placement.spares],
+                "nodes": [
+                    {"node": i.node.name, "address": i.node.address, "argv": list(i.argv), "spec": i.spec}
+                    for i in launches
+                ],
+            }
+        )
         return EXIT_OK
     for item in launches:
         console.out.print(f"# node {item.node.name} ({item.node.address})", highlight=False, markup=False)
         console.out.print("argv: " + shlex.join(item.argv), highlight=False, markup=False)
         console.out.print("spec: " + json.dumps(item.spec, indent=2, sort_keys=True), highlight=False, markup=False)
-    console.info(f"dry run: nothing started; code tree {manifest.tree} ({len(manifest.files)} files, {manifest.size} bytes)")
+    console.info(
+        f"dry run: nothing started; code tree {manifest.tree} ({len(manifest.files)} files, {manifest.size} bytes)"
+    )
     return EXIT_OK
 
 
-@app.command(epilog=epilog("ava ps", "ava ps ddp-minimal-2026   (one run: its id or a unique prefix)",
-                            "ava ps \"$RUN\" --json | jq -r .state"))
+@app.command(
+    epilog=epilog(
+        "ava ps",
+        "ava ps ddp-minimal-2026   (one run: its id or a unique prefix)",
+        'ava ps "$RUN" --json | jq -r .state',
+    )
+)
 def ps(
-    run: Optional[str] = typer.Argument(None, metavar="[RUN]", autocompletion=complete_runs, help=RUN_HELP + " Default: every run."),
+    run: str | None = typer.Argument(
+        None, metavar="[RUN]", autocompletion=complete_runs, help=RUN_HELP + " Default: every run."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON: a list of runs, or one run's object."),
 ) -> int:
     """Runs, their state, nodes and attempts; or one run in full."""
@@ -335,8 +385,17 @@ def ps(
         last = r.current()
         why = last.cause if last and last.cause else ""
         took = (r.ended or time.time()) - r.started
-        rows.append([r.id, r.state, ",".join(r.nodes), str(len(r.attempts)), time.strftime("%m-%d %H:%M", time.localtime(r.started)),
-                     console.duration(took), why])
+        rows.append(
+            [
+                r.id,
+                r.state,
+                ",".join(r.nodes),
+                str(len(r.attempts)),
+                time.strftime("%m-%d %H:%M", time.localtime(r.started)),
+                console.duration(took),
+                why,
+            ]
+        )
     console.table(["run", "state", "nodes", "attempts", "started", "took", "last cause"], rows)
     return EXIT_OK
 
@@ -346,14 +405,26 @@ def _show_run(record) -> None:  # type: ignore[no-untyped-def]
     from ava import console
 
     took = (record.ended or time.time()) - record.started
-    rows = [["run", record.id], ["recipe", record.recipe], ["state", record.state],
-            ["exit code", "-" if record.exit_code is None else str(record.exit_code)],
-            ["nodes", ",".join(record.nodes)],
-            ["started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started))],
-            ["took", console.duration(took)]]
+    rows = [
+        ["run", record.id],
+        ["recipe", record.recipe],
+        ["state", record.state],
+        ["exit code", "-" if record.exit_code is None else str(record.exit_code)],
+        ["nodes", ",".join(record.nodes)],
+        ["started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started))],
+        ["took", console.duration(took)],
+    ]
     console.plain(["key", "value"], rows)
-    attempts = [[str(a.number), a.state, ",".join(a.nodes),
-                 console.duration((a.ended or time.time()) - a.started), a.cause or ""] for a in record.attempts]
+    attempts = [
+        [
+            str(a.number),
+            a.state,
+            ",".join(a.nodes),
+            console.duration((a.ended or time.time()) - a.started),
+            a.cause or "",
+        ]
+        for a in record.attempts
+    ]
     if attempts:
         console.write("\n")
         console.table(["attempt", "state", "nodes", "took", "cause"], attempts)
@@ -368,20 +439,29 @@ def _world(record) -> int:  # type: ignore[no-untyped-def]
     return widest * (per_node if isinstance(per_node, int) and per_node > 0 else 1)
 
 
-@app.command(epilog=epilog("ava logs \"$RUN\" -f", "ava logs \"$RUN\" --node gpu1 --rank 3 --tail 100",
-                           "ava logs \"$RUN\" --since 10m | grep -i error"))
+@app.command(
+    epilog=epilog(
+        'ava logs "$RUN" -f',
+        'ava logs "$RUN" --node gpu1 --rank 3 --tail 100',
+        'ava logs "$RUN" --since 10m | grep -i error',
+    )
+)
 def logs(
     run: str = typer.Argument(..., metavar="RUN", autocompletion=complete_runs, help=RUN_HELP),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep following until the run ends."),
-    node: Optional[str] = typer.Option(None, "--node", metavar="NODE", autocompletion=complete_nodes,
-                                       help="Only this node's lines."),
-    rank: Optional[int] = typer.Option(None, "--rank", metavar="R", help="Only this global rank's lines."),
-    tail: Optional[int] = typer.Option(None, "--tail", metavar="N",
-                                       help="Only the last N lines of each node, of the latest attempt."),
-    since: Optional[str] = typer.Option(None, "--since", metavar="DURATION",
-                                        help="Only attempts running within this long (e.g. 10m, 2h)."),
-    timestamps: bool = typer.Option(False, "--timestamps", "-t",
-                                    help="Each line with the time (UTC) the node's log got it."),
+    node: str | None = typer.Option(
+        None, "--node", metavar="NODE", autocompletion=complete_nodes, help="Only this node's lines."
+    ),
+    rank: int | None = typer.Option(None, "--rank", metavar="R", help="Only this global rank's lines."),
+    tail: int | None = typer.Option(
+        None, "--tail", metavar="N", help="Only the last N lines of each node, of the latest attempt."
+    ),
+    since: str | None = typer.Option(
+        None, "--since", metavar="DURATION", help="Only attempts running within this long (e.g. 10m, 2h)."
+    ),
+    timestamps: bool = typer.Option(
+        False, "--timestamps", "-t", help="Each line with the time (UTC) the node's log got it."
+    ),
 ) -> int:
     """The run's output, each line prefixed by node/rank; every attempt, in order."""
     from collections import deque
@@ -427,7 +507,8 @@ def logs(
             if past.number in printed:
                 continue
             skipped = (tail is not None and past.number != latest) or (
-                horizon is not None and past.ended is not None and past.ended < horizon)
+                horizon is not None and past.ended is not None and past.ended < horizon
+            )
             if skipped:
                 printed.add(past.number)
                 continue
@@ -437,9 +518,11 @@ def logs(
                 console.info(f"── attempt {past.number} on {', '.join(past.nodes)}")
 
             if tail is None:
+
                 def read(n):  # type: ignore[no-untyped-def]
-                    return ops.follow_logs(n, record.id, past.number, lambda text: emit(n.name, text), follow=live,
-                                          timestamps=timestamps)
+                    return ops.follow_logs(
+                        n, record.id, past.number, lambda text: emit(n.name, text), follow=live, timestamps=timestamps
+                    )
 
                 report(run_all(chosen, read))
             else:
@@ -451,8 +534,9 @@ def logs(
                         kept[name].append(text)
 
                 def read_tail(n):  # type: ignore[no-untyped-def]
-                    return ops.follow_logs(n, record.id, past.number, lambda text: keep(n.name, text), follow=False,
-                                          timestamps=timestamps)
+                    return ops.follow_logs(
+                        n, record.id, past.number, lambda text: keep(n.name, text), follow=False, timestamps=timestamps
+                    )
 
                 offsets = run_all(chosen, read_tail)
                 report(offsets)
@@ -463,8 +547,15 @@ def logs(
                     ready = [n for n in chosen if isinstance(offsets.get(n.name), int)]
 
                     def read_on(n):  # type: ignore[no-untyped-def]
-                        return ops.follow_logs(n, record.id, past.number, lambda text: emit(n.name, text),
-                                               offset=offsets[n.name], follow=True, timestamps=timestamps)
+                        return ops.follow_logs(
+                            n,
+                            record.id,
+                            past.number,
+                            lambda text: emit(n.name, text),
+                            offset=offsets[n.name],
+                            follow=True,
+                            timestamps=timestamps,
+                        )
 
                     report(run_all(ready, read_on))
             if past.cause:
@@ -504,7 +595,7 @@ def load_inventory_for(record):  # type: ignore[no-untyped-def]
     return load(record.inventory)
 
 
-@app.command(epilog=epilog("ava stop \"$RUN\"", "ava stop ddp-minimal-2026 --json"))
+@app.command(epilog=epilog('ava stop "$RUN"', "ava stop ddp-minimal-2026 --json"))
 def stop(
     run: str = typer.Argument(..., metavar="RUN", autocompletion=complete_runs, help=RUN_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object."),
@@ -595,9 +686,11 @@ def _alive(pid: int) -> bool:
     return alive(pid)
 
 
-@app.command(epilog=epilog("ava attach \"$RUN\""))
-def attach(run: str = typer.Argument(..., metavar="RUN", autocompletion=complete_runs, help=RUN_HELP),
-           wait: bool = typer.Option(False, "--wait", help="When nodes are busy, wait for them.")) -> int:
+@app.command(epilog=epilog('ava attach "$RUN"'))
+def attach(
+    run: str = typer.Argument(..., metavar="RUN", autocompletion=complete_runs, help=RUN_HELP),
+    wait: bool = typer.Option(False, "--wait", help="When nodes are busy, wait for them."),
+) -> int:
     """Follow a run and take over its supervision (failover) from a background supervisor."""
     from ava import runs
     from ava.supervisor import Supervisor, recipe_of

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import typer
 
@@ -24,16 +23,20 @@ class WaitTimedOut(AvaError):
     """--timeout passed; the run goes on (exit 3: nothing is known of the job's outcome yet)."""
 
 
-@app.command(epilog=epilog(
-    'RUN=$(ava train recipe.toml --detach) && ava wait "$RUN"',
-    'ava wait "$RUN" --timeout 2h || ava logs "$RUN" --tail 50',
-    'ava wait "$RUN" --json | jq .exit_code',
-))
+@app.command(
+    epilog=epilog(
+        'RUN=$(ava train recipe.toml --detach) && ava wait "$RUN"',
+        'ava wait "$RUN" --timeout 2h || ava logs "$RUN" --tail 50',
+        'ava wait "$RUN" --json | jq .exit_code',
+    )
+)
 def wait(
-    run: str = typer.Argument(..., metavar="RUN", autocompletion=complete_runs,
-                              help="A run id, or a prefix of exactly one (see `ava ps`)."),
-    timeout: Optional[str] = typer.Option(None, "--timeout", metavar="DURATION",
-                                          help="Give up after this long (e.g. 90s, 30m, 2h); the run goes on."),
+    run: str = typer.Argument(
+        ..., metavar="RUN", autocompletion=complete_runs, help="A run id, or a prefix of exactly one (see `ava ps`)."
+    ),
+    timeout: str | None = typer.Option(
+        None, "--timeout", metavar="DURATION", help="Give up after this long (e.g. 90s, 30m, 2h); the run goes on."
+    ),
     json_out: bool = typer.Option(False, "--json", help="When it ends, print the run as `ava ps RUN --json` does."),
 ) -> int:
     """Wait until the run ends: exit 0 if it succeeded, 1 if it failed or was stopped.
@@ -49,8 +52,8 @@ def wait(
     if limit is not None and limit <= 0:
         raise UsageError(f"--timeout {timeout}: expected a duration above zero")
     began = time.monotonic()
-    unsupervised_since: Optional[float] = None
-    last_seen: Optional[tuple[str, int]] = None
+    unsupervised_since: float | None = None
+    last_seen: tuple[str, int] | None = None
     while True:
         record = runs.load(record.id)
         if record.final:
@@ -66,13 +69,17 @@ def wait(
         elif unsupervised_since is None:
             unsupervised_since = now
         elif now - unsupervised_since > ORPHAN_GRACE:
-            raise RunOrphaned(f"run {record.id} is {record.state} but nothing supervises it; "
-                              f"`ava attach {record.id}` takes it over, `ava stop {record.id}` ends it")
+            raise RunOrphaned(
+                f"run {record.id} is {record.state} but nothing supervises it; "
+                f"`ava attach {record.id}` takes it over, `ava stop {record.id}` ends it"
+            )
         if limit is not None and now - began >= limit:
             from ava import console
 
-            raise WaitTimedOut(f"run {record.id} still {record.state} after {console.duration(limit)} "
-                               f"(--timeout); it goes on: `ava stop {record.id}` ends it")
+            raise WaitTimedOut(
+                f"run {record.id} still {record.state} after {console.duration(limit)} "
+                f"(--timeout); it goes on: `ava stop {record.id}` ends it"
+            )
         time.sleep(0.5)
     return _ended(record, json_out)
 

@@ -72,8 +72,8 @@ def plain_reason(error: BaseException) -> str:
     """Words a user can act on, for an error raised while connecting."""
     if isinstance(error, UnknownHostKey):
         return (
-            "unknown host key; refusing under host_keys = \"strict\" "
-            "(trust it with `ava nodes --accept-new` or host_keys = \"accept-new\")"
+            'unknown host key; refusing under host_keys = "strict" '
+            '(trust it with `ava nodes --accept-new` or host_keys = "accept-new")'
         )
     if isinstance(error, paramiko.BadHostKeyException):
         return "host key changed since last connection; refusing (see `ava doctor`)"
@@ -143,7 +143,9 @@ class SSHTransport:
                 except (OSError, paramiko.SSHException) as error:
                     # This node's connect fails naming the file; the other nodes still report.
                     why = getattr(error, "strerror", None) or str(error) or type(error).__name__
-                    raise ConnectError(node.name, self._address, f"cannot read known_hosts {known_hosts}: {why}") from error
+                    raise ConnectError(
+                        node.name, self._address, f"cannot read known_hosts {known_hosts}: {why}"
+                    ) from error
                 if self.host_keys == "accept-new":
                     client.set_missing_host_key_policy(_AcceptNewPolicy(known_hosts))
                 else:
@@ -160,7 +162,9 @@ class SSHTransport:
             except Exception as error:  # every way a connect fails ends up here, once
                 for hop in [connection, *_gateways(connection)]:
                     hop.close()
-                raise ConnectError(node.name, self._address, plain_reason(error) + _hop_note(error, node.host)) from error
+                raise ConnectError(
+                    node.name, self._address, plain_reason(error) + _hop_note(error, node.host)
+                ) from error
             self._connection = connection
             self._sftp_missing = False
             return connection
@@ -185,7 +189,13 @@ class SSHTransport:
             timer.start()
         try:
             result = connection.run(
-                command, hide=True, warn=True, pty=False, in_stream=False, out_stream=out, err_stream=err,
+                command,
+                hide=True,
+                warn=True,
+                pty=False,
+                in_stream=False,
+                out_stream=out,
+                err_stream=err,
             )
         except (paramiko.SSHException, EOFError, OSError) as error:
             self._drop()
@@ -359,7 +369,9 @@ def _clients(connection: Connection) -> list[paramiko.SSHClient]:
 
 def _hop_note(error: BaseException, host: str | None) -> str:
     """Name the ProxyJump hop when the refused key was the hop's, not the node's."""
-    hostname = getattr(error, "hostname", None) or (error.args[0] if isinstance(error, UnknownHostKey) and error.args else None)
+    hostname = getattr(error, "hostname", None) or (
+        error.args[0] if isinstance(error, UnknownHostKey) and error.args else None
+    )
     if isinstance(error, (UnknownHostKey, paramiko.BadHostKeyException)) and hostname:
         bare = hostname[1:].split("]")[0] if hostname.startswith("[") else hostname
         if bare != host:

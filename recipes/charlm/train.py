@@ -51,13 +51,18 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps in the whole run")
     p.add_argument("--ckpt-every", type=int, default=250, help="checkpoint every N steps (0: never)")
-    p.add_argument("--ckpt-dir", default=None,
-                   help="checkpoint directory or fsspec URL (default: $AVA_CHECKPOINT_DIR, "
-                        "else ./checkpoints/charlm)")
-    p.add_argument("--keep", type=int, default=None,
-                   help="checkpoints to keep (default: $AVA_CHECKPOINT_KEEP, else 3)")
-    p.add_argument("--exit-at-step", type=int, default=None,
-                   help="exit 1 after step K (and its checkpoint, if any): simulates a crash")
+    p.add_argument(
+        "--ckpt-dir",
+        default=None,
+        help="checkpoint directory or fsspec URL (default: $AVA_CHECKPOINT_DIR, else ./checkpoints/charlm)",
+    )
+    p.add_argument("--keep", type=int, default=None, help="checkpoints to keep (default: $AVA_CHECKPOINT_KEEP, else 3)")
+    p.add_argument(
+        "--exit-at-step",
+        type=int,
+        default=None,
+        help="exit 1 after step K (and its checkpoint, if any): simulates a crash",
+    )
     p.add_argument("--log-every", type=int, default=100, help="print the loss every N steps")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch", type=int, default=16, help="sequences per rank per step")
@@ -91,8 +96,7 @@ class Block(nn.Module):
 
 
 class CharTransformer(nn.Module):
-    def __init__(self, vocab: int, block: int, dim: int, layers: int, heads: int,
-                 dropout: float) -> None:
+    def __init__(self, vocab: int, block: int, dim: int, layers: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.block = block
         self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
@@ -104,13 +108,14 @@ class CharTransformer(nn.Module):
         return self.head(self.ln(self.blocks(self.tok(idx) + self.pos(pos))))
 
 
-def batch_for(data: torch.Tensor, seed: int, step: int, rank: int, size: int, block: int,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_for(
+    data: torch.Tensor, seed: int, step: int, rank: int, size: int, block: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch of (step, rank): a pure function of its arguments, so resuming replays it."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + rank) % (2**63))
     starts = torch.randint(len(data) - block - 1, (size,), generator=g)
-    x = torch.stack([data[s:s + block] for s in starts.tolist()])
-    y = torch.stack([data[s + 1:s + block + 1] for s in starts.tolist()])
+    x = torch.stack([data[s : s + block] for s in starts.tolist()])
+    y = torch.stack([data[s + 1 : s + block + 1] for s in starts.tolist()])
     return x.to(device), y.to(device)
 
 
@@ -147,15 +152,14 @@ def gather(obj: Any, device: torch.device) -> list[Any]:
     dist.all_gather(sizes, size)
     longest = max(int(s.item()) for s in sizes)
     mine = torch.zeros(longest, dtype=torch.uint8, device=device)
-    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     parts = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine)
-    return [pickle.loads(bytes(p.cpu().untyped_storage())[:int(n.item())]) for p, n in zip(parts, sizes)]
+    return [pickle.loads(bytes(p.cpu().untyped_storage())[: int(n.item())]) for p, n in zip(parts, sizes)]
 
 
 @torch.no_grad()
-def val_loss(model: nn.Module, val: torch.Tensor, args: argparse.Namespace,
-             device: torch.device) -> float:
+def val_loss(model: nn.Module, val: torch.Tensor, args: argparse.Namespace, device: torch.device) -> float:
     model.eval()
     losses = []
     for i in range(4):  # fixed batches: comparable across the run, no global RNG touched
@@ -171,7 +175,7 @@ def sample(model: CharTransformer, chars: list[str], device: torch.device, n: in
     g = torch.Generator(device=device).manual_seed(0)
     idx = torch.tensor([[chars.index("\n")]], device=device)
     for _ in range(n):
-        logits = model(idx[:, -model.block:])[:, -1] / 0.8
+        logits = model(idx[:, -model.block :])[:, -1] / 0.8
         idx = torch.cat([idx, torch.multinomial(logits.softmax(-1), 1, generator=g)], dim=1)
     return "".join(chars[i] for i in idx[0].tolist())
 
@@ -185,8 +189,9 @@ def say(line: str) -> None:
 def main() -> int:
     args = parse_args()
     if "RANK" not in os.environ:  # plain `python train.py`: a process group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
     if use_cuda:
@@ -206,8 +211,7 @@ def main() -> int:
     train, val = data[:split], data[split:]
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = CharTransformer(len(chars), args.block, args.dim, args.layers, args.heads,
-                            args.dropout).to(device)
+    model = CharTransformer(len(chars), args.block, args.dim, args.layers, args.heads, args.dropout).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
 
     start = 0
@@ -227,8 +231,7 @@ def main() -> int:
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         how = f"resumed from step {start}" if resumed is not None else "starting from scratch"
-        say(f"charlm: {params:,} parameters, {len(chars)} characters, {len(text):,} of text, "
-            f"world_size {world}, {how}")
+        say(f"charlm: {params:,} parameters, {len(chars)} characters, {len(text):,} of text, world_size {world}, {how}")
 
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     for step in range(start, args.steps):
@@ -245,18 +248,23 @@ def main() -> int:
 
         if rank == 0 and (done % args.log_every == 0 or done == args.steps):
             ms = (time.perf_counter() - window_start) * 1000 / window_steps
-            say(f"step {done}/{args.steps} loss {window_loss / window_steps:.3f} "
+            say(
+                f"step {done}/{args.steps} loss {window_loss / window_steps:.3f} "
                 f"val {val_loss(model, val, args, device):.3f} lr {lr_at(step, args):.2e} "
-                f"{ms:.0f} ms/step")
+                f"{ms:.0f} ms/step"
+            )
         if done % args.log_every == 0:
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
 
-        if ckpt is not None and args.ckpt_every and (done % args.ckpt_every == 0
-                                                     or done == args.steps):
-            rng = {"torch": gather(torch.get_rng_state(), device),
-                   "python": gather(random.getstate(), device)}
-            state = {"model": model.state_dict(), "optim": opt.state_dict(), "rng": rng,
-                     "step": done, "args": {k: str(v) for k, v in vars(args).items()}}
+        if ckpt is not None and args.ckpt_every and (done % args.ckpt_every == 0 or done == args.steps):
+            rng = {"torch": gather(torch.get_rng_state(), device), "python": gather(random.getstate(), device)}
+            state = {
+                "model": model.state_dict(),
+                "optim": opt.state_dict(),
+                "rng": rng,
+                "step": done,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            }
             ckpt.save(state, done, dir=ckpt_dir, keep=args.keep, async_=True)
             progress(done, force=True)
         if args.exit_at_step == done:

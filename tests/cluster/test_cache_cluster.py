@@ -9,13 +9,13 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, run_ava
+from tests.support.cluster import Cluster
 
 CACHEDATA = REPO / "tests" / "data" / "recipes" / "cachedata"
 THREE = ["n1", "n2", "n3"]
@@ -45,8 +45,12 @@ def s3(cluster: Cluster) -> Iterator[tuple[dict[str, str], dict[str, bytes]]]:
     for name, data in objects.items():
         fs.pipe(f"cachedata/{name}", data)
     # Dummy credentials of the test server; real ones belong in the node's environment.
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+    }
     try:
         yield env, objects
     finally:
@@ -80,8 +84,9 @@ def epochs(stdout: str) -> dict[tuple[int, str, str], tuple[int, int, str]]:
 
 def train_cachedata(cluster: Cluster, aws: dict[str, str], home: dict[str, str], *extra: str):  # type: ignore[no-untyped-def]
     settings = [arg for name, value in aws.items() for arg in ("--set", f"env.{name}={value}")]
-    return run_ava("train", str(CACHEDATA), *settings, *extra, inventory=cluster.inventory(THREE, s3fs=True),
-                   env=home, timeout=240)
+    return run_ava(
+        "train", str(CACHEDATA), *settings, *extra, inventory=cluster.inventory(THREE, s3fs=True), env=home, timeout=240
+    )
 
 
 def test_warm_fills_every_node_then_status_shows_it_and_clear_empties_it(cluster: Cluster, s3) -> None:  # type: ignore[no-untyped-def]
@@ -90,8 +95,7 @@ def test_warm_fills_every_node_then_status_shows_it_and_clear_empties_it(cluster
     clear(inventory)
     total = sum(len(d) for d in objects.values())
     # Credentials and endpoint are forwarded by name: they reach the nodes in a file, not argv.
-    done = run_ava("cache", "warm", "s3://cachedata/shards/train-*.bin", "--env", "AWS_*",
-                   inventory=inventory, env=aws)
+    done = run_ava("cache", "warm", "s3://cachedata/shards/train-*.bin", "--env", "AWS_*", inventory=inventory, env=aws)
     assert done.returncode == 0, done.stdout + done.stderr
     for name in THREE:
         assert re.search(rf"^{name} \| warmed 2 objects .*in 4 blocks$", done.stdout, re.M), done.stdout
@@ -116,8 +120,15 @@ def test_warm_fills_every_node_then_status_shows_it_and_clear_empties_it(cluster
 
 def test_warm_of_a_missing_object_fails_on_every_node_with_exit_1(cluster: Cluster, s3) -> None:  # type: ignore[no-untyped-def]
     aws, _objects = s3
-    done = run_ava("cache", "warm", "s3://cachedata/shards/nothing-*.bin", "--env", "AWS_*",
-                   inventory=cluster.inventory(THREE, s3fs=True), env=aws)
+    done = run_ava(
+        "cache",
+        "warm",
+        "s3://cachedata/shards/nothing-*.bin",
+        "--env",
+        "AWS_*",
+        inventory=cluster.inventory(THREE, s3fs=True),
+        env=aws,
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     errors = [l for l in done.stderr.splitlines() if l.startswith("ava: ")]
     assert sorted(l.split()[1] for l in errors) == ["n1:", "n2:", "n3:"]
@@ -137,7 +148,9 @@ def test_status_reports_reachable_nodes_and_exits_3_for_an_unreachable_one(clust
 
 
 def test_a_recipe_reading_through_avacache_fetches_nothing_in_epoch_2_and_prefetched_data_never(
-    cluster: Cluster, s3, ava_home: dict[str, str]  # type: ignore[no-untyped-def]
+    cluster: Cluster,
+    s3,
+    ava_home: dict[str, str],  # type: ignore[no-untyped-def]
 ) -> None:
     """One run on three nodes: train-0 is read cold (fetched once, in epoch 1); train-1 was
     prefetched by `[data] prefetch` before the job started (fetched in neither epoch)."""
@@ -162,15 +175,21 @@ def test_a_recipe_reading_through_avacache_fetches_nothing_in_epoch_2_and_prefet
         assert list((cluster.node(name).workdir / "tmp").glob("*")) == []
 
 
-def test_a_failing_prefetch_stops_the_launch_with_a_clear_error(cluster: Cluster, s3, ava_home: dict[str, str],  # type: ignore[no-untyped-def]
-                                                               tmp_path: Path) -> None:
+def test_a_failing_prefetch_stops_the_launch_with_a_clear_error(
+    cluster: Cluster,
+    s3,
+    ava_home: dict[str, str],  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
     aws, _objects = s3
     recipe = tmp_path / "cachedata"
     shutil.copytree(CACHEDATA, recipe)
     with (recipe / "recipe.toml").open("a") as f:
         f.write('[data]\nprefetch = ["s3://cachedata/missing.bin"]\n')
     settings = [arg for name, value in aws.items() for arg in ("--set", f"env.{name}={value}")]
-    done = run_ava("train", str(recipe), *settings, inventory=cluster.inventory(THREE, s3fs=True), env=ava_home, timeout=120)
+    done = run_ava(
+        "train", str(recipe), *settings, inventory=cluster.inventory(THREE, s3fs=True), env=ava_home, timeout=120
+    )
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     assert "prefetching recipe data: n" in done.stdout + done.stderr
     assert "s3://cachedata/missing.bin" in done.stdout + done.stderr
@@ -185,8 +204,9 @@ def test_the_module_command_names_the_env_file_but_never_a_value() -> None:
     from ava.config import Node
 
     node = Node(name="n1", host="10.0.0.1", workdir="~/.ava", cache_dir="/nvme/ava cache")
-    command = module_command(node, "python3", "~/.ava/tmp/cache-env-00.json", "warm", "--dir", node.cache_dir,
-                             "--", "s3://b/x; rm -rf /")
+    command = module_command(
+        node, "python3", "~/.ava/tmp/cache-env-00.json", "warm", "--dir", node.cache_dir, "--", "s3://b/x; rm -rf /"
+    )
     assert "'/nvme/ava cache'" in command and "'s3://b/x; rm -rf /'" in command
     assert command.endswith("; code=$?; rm -f ~/.ava/tmp/cache-env-00.json; exit $code")
     assert "AWS" not in command

@@ -9,8 +9,8 @@ import pytest
 
 from ava.config import parse_inventory, parse_recipe
 from ava.placement import checkpoint_reach_warning, place
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, run_ava
+from tests.support.cluster import Cluster
 
 INVENTORY = """
 [nodes.a]
@@ -51,8 +51,15 @@ def test_one_node_without_a_spare_is_not_warned_about() -> None:
 def test_train_says_it_once_before_the_start(cluster: Cluster, tmp_path: Path) -> None:
     recipe = tmp_path / "echo"
     shutil.copytree(REPO / "tests" / "data" / "recipes" / "echo", recipe)
-    done = run_ava("train", str(recipe), "--set", "resources.nodes=2", inventory=cluster.inventory(["n1", "n2"]),
-                   env={"AVA_HOME": str(tmp_path / "home")}, timeout=180)
+    done = run_ava(
+        "train",
+        str(recipe),
+        "--set",
+        "resources.nodes=2",
+        inventory=cluster.inventory(["n1", "n2"]),
+        env={"AVA_HOME": str(tmp_path / "home")},
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("will not see checkpoints written on another node's disk") == 1
     assert done.stderr.index("checkpoint.dir is not set") < done.stderr.index("attempt 1 starting")

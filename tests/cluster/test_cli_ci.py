@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, processes_of, run_ava
+from tests.support.cluster import Cluster
 from tests.support.terminal import plain_env, write_recipe
 
 TWO = ["n1", "n2"]
@@ -35,7 +35,8 @@ def detach(recipe: Path, inventory: Path, home: dict[str, str], *sets: str) -> s
 
 
 def test_wait_exits_with_the_runs_code_for_a_succeeding_and_a_failing_run(
-        cluster: Cluster, home: dict[str, str], tmp_path: Path) -> None:
+    cluster: Cluster, home: dict[str, str], tmp_path: Path
+) -> None:
     inventory = cluster.inventory(TWO)
     recipe = write_recipe(tmp_path / "spam", nodes=2, lines=2)
     good = detach(recipe, inventory, home)
@@ -78,9 +79,26 @@ def test_wait_timeout_leaves_the_run_going_and_exits_3(cluster: Cluster, home: d
 def test_stop_on_interrupt_stops_the_run_on_every_node(cluster: Cluster, home: dict[str, str], sig: int) -> None:
     inventory = cluster.inventory(TWO)
     process = subprocess.Popen(
-        [sys.executable, "-m", "ava", "--inventory", str(inventory), "train", str(REPO / "tests/data/recipes/echo"),
-         "--set", "resources.nodes=2", "--set", "env.ECHO_SLEEP=120", "--stop-on-interrupt"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=plain_env(home), cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "ava",
+            "--inventory",
+            str(inventory),
+            "train",
+            str(REPO / "tests/data/recipes/echo"),
+            "--set",
+            "resources.nodes=2",
+            "--set",
+            "env.ECHO_SLEEP=120",
+            "--stop-on-interrupt",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=plain_env(home),
+        cwd=REPO,
+    )
     try:
         deadline = time.monotonic() + 120
         run_id = None
@@ -131,14 +149,29 @@ def test_a_ci_script_with_detach_wait_ps_logs_stop(cluster: Cluster, home: dict[
     (recipe / "sleepy.py").write_text("import time\nprint('sleeping', flush=True)\ntime.sleep(300)\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "ava").write_text(f"#!/bin/sh\nexec {sys.executable} -m ava \"$@\"\n")
+    (bin_dir / "ava").write_text(f'#!/bin/sh\nexec {sys.executable} -m ava "$@"\n')
     (bin_dir / "ava").chmod(0o755)
     out = tmp_path / "out"
     out.mkdir()
-    env = plain_env({**home, "AVA_INVENTORY": str(inventory), "RECIPE": str(recipe), "OUT": str(out),
-                     "PATH": f"{bin_dir}:{plain_env()['PATH']}", "PYTHONPATH": str(REPO)})
-    done = subprocess.run(["bash", "-c", CI_SCRIPT], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=600)
+    env = plain_env(
+        {
+            **home,
+            "AVA_INVENTORY": str(inventory),
+            "RECIPE": str(recipe),
+            "OUT": str(out),
+            "PATH": f"{bin_dir}:{plain_env()['PATH']}",
+            "PYTHONPATH": str(REPO),
+        }
+    )
+    done = subprocess.run(
+        ["bash", "-c", CI_SCRIPT],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stdout.strip() == "all-done"
     assert int((out / "lines").read_text()) == 6  # 3 lines from each of 2 ranks, none cut
@@ -148,7 +181,8 @@ def test_a_ci_script_with_detach_wait_ps_logs_stop(cluster: Cluster, home: dict[
 
 
 def test_logs_filters_by_node_and_rank_tails_and_refuses_what_the_run_never_had(
-        cluster: Cluster, home: dict[str, str], tmp_path: Path) -> None:
+    cluster: Cluster, home: dict[str, str], tmp_path: Path
+) -> None:
     inventory = cluster.inventory(TWO)
     recipe = write_recipe(tmp_path / "spam", nodes=2, lines=5)
     done = run_ava("train", str(recipe), inventory=inventory, env=home, timeout=300)
@@ -164,13 +198,18 @@ def test_logs_filters_by_node_and_rank_tails_and_refuses_what_the_run_never_had(
     ranked = lines("--rank", "1")
     assert len(ranked) == 5 and all(line.startswith("n2/1 ") or line.startswith("n1/1 ") for line in ranked)
     assert [line.split("| ", 1)[1] for line in lines("--rank", "0", "--tail", "2")] == [
-        "line 3 of rank 0", "line 4 of rank 0"]
+        "line 3 of rank 0",
+        "line 4 of rank 0",
+    ]
     assert len(lines("--tail", "1")) == 2  # the last line of each node
     assert {line.split("/", 1)[0] for line in lines("--node", "n2")} == {"n2"}
     time.sleep(2)
     assert lines("--since", "1s") == []  # the only attempt ended before that
 
-    for options, words in ((["--node", "n9"], "no node n9"), (["--rank", "2"], "no rank 2"),
-                           (["--since", "soon"], "--since")):
+    for options, words in (
+        (["--node", "n9"], "no node n9"),
+        (["--rank", "2"], "no rank 2"),
+        (["--since", "soon"], "--since"),
+    ):
         refused = run_ava("logs", run_id, *options, inventory=inventory, env=home)
         assert refused.returncode == 2 and words in refused.stderr, refused.stderr

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, run_ava
+from tests.support.cluster import Cluster
 from tests.support.terminal import on_pty, plain_env, write_recipe
 
 TWO = ["n1", "n2"]
@@ -48,7 +48,8 @@ def last_run(home: dict[str, str]) -> dict:
 
 
 def test_node_prefixes_keep_their_colour_on_a_terminal_and_never_with_no_color(
-        cluster: Cluster, home: dict[str, str], tmp_path: Path) -> None:
+    cluster: Cluster, home: dict[str, str], tmp_path: Path
+) -> None:
     inventory = cluster.inventory(TWO)
     recipe = write_recipe(tmp_path / "spam", nodes=2, lines=4)
     code, shown, stderr = on_pty("--inventory", str(inventory), "train", str(recipe), env=home)
@@ -81,8 +82,9 @@ def test_node_prefixes_keep_their_colour_on_a_terminal_and_never_with_no_color(
     assert colours_of(forced.stdout) == trained, repr(forced.stdout[-1500:]) + forced.stderr[-1500:]
 
 
-def test_off_a_terminal_rows_are_whole_whatever_the_width(cluster: Cluster, home: dict[str, str],
-                                                         tmp_path: Path) -> None:
+def test_off_a_terminal_rows_are_whole_whatever_the_width(
+    cluster: Cluster, home: dict[str, str], tmp_path: Path
+) -> None:
     inventory = cluster.inventory(TWO)
     # A node that refuses connections: its error must stay whole, on its own row.
     with inventory.open("a") as toml:
@@ -123,7 +125,7 @@ def test_a_closed_pipe_ends_ava_quietly(cluster: Cluster, home: dict[str, str], 
     ava = f"{sys.executable} -m ava --inventory {inventory}"
 
     def piped(command: str) -> tuple[int, str, str]:
-        script = f"{command} | head -1; echo \"status=${{PIPESTATUS[0]}}\" >&2"
+        script = f'{command} | head -1; echo "status=${{PIPESTATUS[0]}}" >&2'
         done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
         return int(done.stderr.rsplit("status=", 1)[1]), done.stdout, done.stderr
 

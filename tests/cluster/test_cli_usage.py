@@ -12,8 +12,21 @@ from pathlib import Path
 from tests.conftest import REPO, run_ava
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
-COMMANDS = ["nodes", "exec", "provision", "doctor", "train", "ps", "logs", "wait", "stop", "attach",
-            "cache status", "cache warm", "cache clear"]
+COMMANDS = [
+    "nodes",
+    "exec",
+    "provision",
+    "doctor",
+    "train",
+    "ps",
+    "logs",
+    "wait",
+    "stop",
+    "attach",
+    "cache status",
+    "cache warm",
+    "cache clear",
+]
 LOCAL = '[nodes.local]\ntransport = "local"\n'
 
 
@@ -51,8 +64,9 @@ def test_shell_completion_script_and_run_id_completion(tmp_path: Path) -> None:
     for run_id in ("echo-20260101-000000-aaaa", "other-20260101-000000-bbbb"):
         (home / "runs" / run_id).mkdir(parents=True)
         (home / "runs" / run_id / "record.json").write_text("{}")
-    completed = run_ava(env={"AVA_HOME": str(home), "_AVA_COMPLETE": "complete_bash",
-                             "COMP_WORDS": "ava logs ec", "COMP_CWORD": "2"})
+    completed = run_ava(
+        env={"AVA_HOME": str(home), "_AVA_COMPLETE": "complete_bash", "COMP_WORDS": "ava logs ec", "COMP_CWORD": "2"}
+    )
     assert completed.returncode == 0, completed.stderr
     assert "echo-20260101-000000-aaaa" in completed.stdout and "other-" not in completed.stdout
     recipes = run_ava(env={"_AVA_COMPLETE": "complete_bash", "COMP_WORDS": "ava train recipes/", "COMP_CWORD": "2"})
@@ -66,15 +80,35 @@ def test_format_option_chooses_table_or_plain_rows_wherever_output_goes(tmp_path
     table = run_ava("--format", "table", "ps", env=env)
     assert table.returncode == 0 and "━" in table.stdout
     plain = run_ava("ps", "--format=plain", env=env)
-    assert plain.returncode == 0 and plain.stdout.split() == ["run", "state", "nodes", "attempts", "started",
-                                                              "took", "last", "cause"]
+    assert plain.returncode == 0 and plain.stdout.split() == [
+        "run",
+        "state",
+        "nodes",
+        "attempts",
+        "started",
+        "took",
+        "last",
+        "cause",
+    ]
     bad = run_ava("--format", "fancy", "ps", env=env)
     assert bad.returncode == 2 and "--format fancy" in bad.stderr
 
 
 def test_script_arguments_after_a_double_dash_are_appended_to_run_args(tmp_path: Path) -> None:
-    done = run_ava("train", str(ECHO), "--dry-run", "--json", "--set", 'run.args=["--steps", "5"]',
-                   "--", "--lr", "3e-4", "--name", "a b", env={"AVA_HOME": str(tmp_path)})
+    done = run_ava(
+        "train",
+        str(ECHO),
+        "--dry-run",
+        "--json",
+        "--set",
+        'run.args=["--steps", "5"]',
+        "--",
+        "--lr",
+        "3e-4",
+        "--name",
+        "a b",
+        env={"AVA_HOME": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
     assert plan["version"] == 1 and plan["recipe"] == "echo" and [n["node"] for n in plan["nodes"]] == ["local"]
@@ -125,8 +159,14 @@ def test_provision_dry_run_and_exec_print_json_with_a_version(tmp_path: Path) ->
     done = run_ava("exec", "--json", "--", "echo", "hello", env=env)
     assert done.returncode == 0, done.stderr
     (report,) = json.loads(done.stdout)
-    assert report == {"version": 1, "node": "local", "exit_code": 0, "ok": True, "error": None,
-                      "output": [{"stream": "stdout", "line": "hello"}]}
+    assert report == {
+        "version": 1,
+        "node": "local",
+        "exit_code": 0,
+        "ok": True,
+        "error": None,
+        "output": [{"stream": "stdout", "line": "hello"}],
+    }
     failing = run_ava("exec", "--json", "--", "exit 4", env=env)
     assert failing.returncode == 1 and json.loads(failing.stdout)[0]["exit_code"] == 4
     plan = run_ava("provision", "--dry-run", "--json", env={**env, "HOME": os.environ.get("HOME", "/root")})

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from ava.decide import NodeView, Observation, judge
-from tests.support.agent_helpers import Agent, agent, needs_cgroups  # noqa: F401  (agent is a fixture)
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, run_ava
+from tests.support.agent_helpers import Agent, agent, needs_cgroups
+from tests.support.cluster import Cluster
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -63,8 +63,13 @@ def test_a_heartbeat_that_hits_a_full_disk_ends_the_attempt_as_disk_full(agent: 
     with tmpfs(agent.work, "2m"):
         (agent.jobs / "fill.py").write_text(FILL)
         run = agent.new_run("full")
-        code, st = agent.start(agent.spec(run, ["python3", str(agent.jobs / "fill.py"), str(agent.work / "filler")],
-                                          gpus={"want": 1, "allowed": [4]}))
+        code, st = agent.start(
+            agent.spec(
+                run,
+                ["python3", str(agent.jobs / "fill.py"), str(agent.work / "filler")],
+                gpus={"want": 1, "allowed": [4]},
+            )
+        )
         assert code == 0, st
         final = agent.wait_final(run, timeout=30)
         assert final["state"] == "failed" and final["reason"] == "disk-full", final
@@ -80,8 +85,10 @@ def test_a_full_disk_on_a_node_is_reported_as_disk_full(cluster: Cluster, tmp_pa
     recipe = tmp_path / "fill"
     recipe.mkdir()
     (recipe / "fill.py").write_text(FILL.replace("sys.argv[1]", "'filler'"))
-    (recipe / "recipe.toml").write_text('name = "fill"\n[run]\nscript = "fill.py"\n[resources]\nnodes = 1\n'
-                                        'procs_per_node = 1\n[failover]\nmax_restarts = 0\n')
+    (recipe / "recipe.toml").write_text(
+        'name = "fill"\n[run]\nscript = "fill.py"\n[resources]\nnodes = 1\n'
+        "procs_per_node = 1\n[failover]\nmax_restarts = 0\n"
+    )
     from ava.config import load_inventory
 
     n3, inventory = cluster.node("n3"), cluster.inventory(["n3"])
@@ -101,8 +108,11 @@ def test_a_file_sent_to_a_full_disk_leaves_no_partial_file(cluster: Cluster, tmp
     from ava.errors import AvaError
     from ava.transport import close_all, connect
 
-    node = load_inventory(cluster.inventory(["n3"])).nodes["n3"] if name == "n3" else \
-        load_inventory(REPO / "ava.toml").nodes["local"]
+    node = (
+        load_inventory(cluster.inventory(["n3"])).nodes["n3"]
+        if name == "n3"
+        else load_inventory(REPO / "ava.toml").nodes["local"]
+    )
     sshd = cluster.node("n3").sshd if name == "n3" else None
     with tmpfs(tmp_path / "small", "1m", inside=sshd.pid if sshd else None) as small:
         try:

@@ -20,9 +20,9 @@ import pytest
 from ava.bandwidth import bus_bandwidth, slow_links
 from ava.config import Node
 from ava.doctor import FAIL, PASS, WARN, Observation, check_clock, check_versions_alike
+from tests.conftest import run_ava
 from tests.support import nodepy
 from tests.support.cluster import Cluster
-from tests.conftest import run_ava
 
 THREE = ["n1", "n2", "n3"]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs network namespaces (root)")
@@ -31,8 +31,13 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs network namespa
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def inventory(cluster: Cluster, tmp_path: Path, names: list[str], per_node: dict[str, dict[str, str]] | None = None,
-              **defaults: object) -> Path:
+def inventory(
+    cluster: Cluster,
+    tmp_path: Path,
+    names: list[str],
+    per_node: dict[str, dict[str, str]] | None = None,
+    **defaults: object,
+) -> Path:
     """The cluster's inventory for `names`, with some keys set on single nodes."""
     defaults.setdefault("cache_size", "1GiB")
     path = cluster.inventory(names, path=tmp_path / "ava.toml", **defaults)
@@ -52,7 +57,7 @@ def python_wrapper(folder: Path, *, env: dict[str, str] | None = None, prefix: s
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "python"
     exports = "".join(f"export {k}='{v}'\n" for k, v in (env or {}).items())
-    script.write_text(f"#!/bin/sh\n{exports}{prefix}exec {nodepy.node_python()} \"$@\"\n")
+    script.write_text(f'#!/bin/sh\n{exports}{prefix}exec {nodepy.node_python()} "$@"\n')
     script.chmod(0o755)
     return str(script)
 
@@ -85,8 +90,18 @@ def test_doctor_passes_three_healthy_nodes_and_prints_a_table(cluster: Cluster, 
     failing = [c for c in report["checks"] if c["status"] == FAIL]
     assert failing == []
     for name in THREE:
-        for check in ("ssh", "torch", "gpus", "gpu health", "disk", "cache disk", "interface", "reaches master",
-                      "name lookups", "isolation"):
+        for check in (
+            "ssh",
+            "torch",
+            "gpus",
+            "gpu health",
+            "disk",
+            "cache disk",
+            "interface",
+            "reaches master",
+            "name lookups",
+            "isolation",
+        ):
             assert find(report, check, name)["status"] in (PASS, WARN)
         if cluster.use_namespaces:
             assert find(report, "interface", name)["detail"].startswith(f"eth0 ({cluster.node(name).address})")
@@ -145,7 +160,7 @@ def test_another_torch_on_one_node_fails_versions_alike(cluster: Cluster, tmp_pa
 
 def test_a_missing_torch_fails_the_torch_check(cluster: Cluster, tmp_path: Path) -> None:
     # -S drops site-packages, where torch lives: an interpreter without torch, for real.
-    python = python_wrapper(tmp_path / "bin", prefix="set -- -S \"$@\"\n")
+    python = python_wrapper(tmp_path / "bin", prefix='set -- -S "$@"\n')
     code, report, _ = doctor(inventory(cluster, tmp_path, ["n1"], per_node={"n1": {"python": python}}))
     assert code == 3
     check = find(report, "torch", "n1")
@@ -162,7 +177,7 @@ def test_gpus_named_in_the_inventory_but_absent_fail(cluster: Cluster, tmp_path:
     assert find(report, "gpus", "n1")["status"] == PASS
 
 
-FAKE_SMI = r'''#!{python}
+FAKE_SMI = r"""#!{python}
 # A GPU node's nvidia-smi: answers --query-gpu for the fields asked, from a fixed table.
 import sys
 gpus = [
@@ -176,7 +191,7 @@ gpus = [
 fields = next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--query-gpu=")).split(",")
 for gpu in gpus:
     print(", ".join(gpu[f] for f in fields))
-'''
+"""
 FAKE_DMESG = """#!/bin/sh
 echo '[  12.000000] NVRM: Xid (PCI:0000:18:00): 79, pid=0, GPU has fallen off the bus.'
 """
@@ -203,9 +218,11 @@ def test_gpu_health_fails_on_ecc_errors_and_a_fatal_xid(cluster: Cluster, tmp_pa
 def test_a_tiny_workdir_disk_fails_and_an_oversized_cache_warns(cluster: Cluster, tmp_path: Path) -> None:
     work = cluster.node("n2").workdir
     # The node's python sees a 16 MiB tmpfs at its workdir, in its own mount namespace only.
-    prefix = f"exec unshare -m sh -c 'mount -t tmpfs -o size=16m ava-test {work} && exec \"$0\" \"$@\"' {nodepy.node_python()} \"$@\"\n"
+    prefix = f'exec unshare -m sh -c \'mount -t tmpfs -o size=16m ava-test {work} && exec "$0" "$@"\' {nodepy.node_python()} "$@"\n'
     python = python_wrapper(tmp_path / "bin", prefix=prefix)
-    path = inventory(cluster, tmp_path, ["n1", "n2"], per_node={"n2": {"python": python}, "n1": {"cache_size": "1000TiB"}})
+    path = inventory(
+        cluster, tmp_path, ["n1", "n2"], per_node={"n2": {"python": python}, "n1": {"cache_size": "1000TiB"}}
+    )
     code, report, _ = doctor(path)
     assert code == 3
     check = find(report, "disk", "n2")
@@ -236,7 +253,9 @@ def test_a_node_without_cgroups_warns_on_isolation(tmp_path: Path) -> None:
     path.write_text(local)
     code, report, _ = doctor(path)
     assert find(report, "isolation", "local")["status"] == PASS
-    prefix = f"exec unshare -m sh -c 'mount -t tmpfs ava-test /sys/fs/cgroup && exec \"$0\" \"$@\"' {sys.executable} \"$@\"\n"
+    prefix = (
+        f'exec unshare -m sh -c \'mount -t tmpfs ava-test /sys/fs/cgroup && exec "$0" "$@"\' {sys.executable} "$@"\n'
+    )
     path.write_text(local + f'python = "{python_wrapper(tmp_path / "bin", prefix=prefix)}"\n')
     code, report, _ = doctor(path)
     check = find(report, "isolation", "local")
@@ -319,8 +338,10 @@ def test_doctor_bandwidth_flags_a_node_with_a_slow_link(cluster: Cluster, tmp_pa
     assert namespace
     # n3 sends at 400 Mbit/s at most; the bridge gives the others well over a GB/s.
     shape = ["ip", "netns", "exec", namespace, "tc", "qdisc"]
-    subprocess.run([*shape, "add", "dev", "eth0", "root", "tbf", "rate", "400mbit", "burst", "256kb", "latency", "50ms"],
-                   check=True)
+    subprocess.run(
+        [*shape, "add", "dev", "eth0", "root", "tbf", "rate", "400mbit", "burst", "256kb", "latency", "50ms"],
+        check=True,
+    )
     try:
         code, report, _ = doctor(inventory(cluster, tmp_path, THREE), "--bandwidth")
     finally:

@@ -14,14 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from ava.decide import LOST_AFTER
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, processes_of, run_ava
+from tests.support.cluster import Cluster
 
 STEPS = REPO / "tests" / "data" / "recipes" / "steps"
 # The README's promise is LOST_AFTER (6 s without an answer); on top: the supervisor's 1 s poll and
@@ -58,9 +58,18 @@ def s3(cluster: Cluster) -> Iterator[str]:
 
 def s3_settings(url: str, run_name: str) -> list[str]:
     # Dummy credentials of the test server; real ones belong in the node's environment, not a recipe.
-    return ["--set", f"checkpoint.dir=s3://ckpt/{run_name}/{{run}}", "--set", "env.AWS_ACCESS_KEY_ID=testing",
-            "--set", "env.AWS_SECRET_ACCESS_KEY=testing", "--set", "env.AWS_DEFAULT_REGION=us-east-1",
-            "--set", f"env.AWS_ENDPOINT_URL={url}"]
+    return [
+        "--set",
+        f"checkpoint.dir=s3://ckpt/{run_name}/{{run}}",
+        "--set",
+        "env.AWS_ACCESS_KEY_ID=testing",
+        "--set",
+        "env.AWS_SECRET_ACCESS_KEY=testing",
+        "--set",
+        "env.AWS_DEFAULT_REGION=us-east-1",
+        "--set",
+        f"env.AWS_ENDPOINT_URL={url}",
+    ]
 
 
 def committed_steps(url: str, prefix: str) -> list[int]:
@@ -79,8 +88,12 @@ class LiveRun:
         self.started = time.monotonic()
         self.lines: list[tuple[float, str]] = []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ava", "--inventory", str(inventory), *args], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-m", "ava", "--inventory", str(inventory), *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -144,9 +157,16 @@ def home(tmp_path: Path) -> dict[str, str]:
 def reference_sha(cluster: Cluster, s3: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The weights of an unfaulted run on three nodes."""
     home = {"AVA_HOME": str(tmp_path_factory.mktemp("reference"))}
-    done = run_ava("train", str(STEPS), *s3_settings(s3, "reference"), "--set",
-                   'run.args=["--steps", "60", "--ckpt-every", "10", "--step-time", "0"]',
-                   inventory=cluster.inventory(MAIN, s3fs=True), env=home, timeout=300)
+    done = run_ava(
+        "train",
+        str(STEPS),
+        *s3_settings(s3, "reference"),
+        "--set",
+        'run.args=["--steps", "60", "--ckpt-every", "10", "--step-time", "0"]',
+        inventory=cluster.inventory(MAIN, s3fs=True),
+        env=home,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return final_sha(done.stdout)
 
@@ -194,7 +214,8 @@ def test_a_killed_node_is_replaced_by_a_spare_and_the_run_ends_as_if_unfaulted(
         cleanup(cluster, run_id, home)
     took = judged_at(cluster, run_id, ["n1", "n3"], line_at) - killed_at
     assert took <= LOST_AFTER + LOSS_MARGIN, (
-        f"the killed node was found lost {took:.1f}s after the kill (README: {LOST_AFTER:.0f}s without an answer)")
+        f"the killed node was found lost {took:.1f}s after the kill (README: {LOST_AFTER:.0f}s without an answer)"
+    )
     (record,) = ps(home)
     assert len(record["attempts"]) == 2, record["attempts"]
     first, second = record["attempts"]
@@ -220,7 +241,8 @@ def test_a_cut_link_is_a_node_loss_within_6_seconds_and_the_run_resumes(
         line_at, _ = run.wait_line(r"attempt 1 ended: node n3 stopped answering", timeout=60)
         took = judged_at(cluster, run_id, ["n1", "n2"], line_at) - cut_at
         assert took <= LOST_AFTER + LOSS_MARGIN, (
-            f"the cut node was found lost {took:.1f}s after the cut (README: {LOST_AFTER:.0f}s without an answer)")
+            f"the cut node was found lost {took:.1f}s after the cut (README: {LOST_AFTER:.0f}s without an answer)"
+        )
         assert run.finish() == 0, run.text()[-3000:]
     finally:
         run.kill()
@@ -235,8 +257,19 @@ def test_a_hung_rank_is_found_after_hang_timeout_and_the_run_resumes(
     cluster: Cluster, s3: str, home: dict[str, str], reference_sha: str
 ) -> None:
     args = '["--steps", "60", "--ckpt-every", "10", "--step-time", "0.05", "--hang-at", "15"]'
-    run = LiveRun(["train", str(STEPS), *s3_settings(s3, "hang"), "--set", f"run.args={args}",
-                   "--set", f"failover.hang_timeout={HANG_TIMEOUT:.0f}s"], cluster.inventory(MAIN, s3fs=True), home)
+    run = LiveRun(
+        [
+            "train",
+            str(STEPS),
+            *s3_settings(s3, "hang"),
+            "--set",
+            f"run.args={args}",
+            "--set",
+            f"failover.hang_timeout={HANG_TIMEOUT:.0f}s",
+        ],
+        cluster.inventory(MAIN, s3fs=True),
+        home,
+    )
     run_id = None
     try:
         run_id = run_id_of(run)
@@ -250,7 +283,8 @@ def test_a_hung_rank_is_found_after_hang_timeout_and_the_run_resumes(
     took = judged_at(cluster, run_id, MAIN, line_at) - hung_at
     # Not before hang_timeout (the line lags the report by a moment), and soon after it.
     assert HANG_TIMEOUT - 0.5 <= took <= HANG_TIMEOUT + HANG_MARGIN, (
-        f"the hang was declared {took:.1f}s after the last progress (hang_timeout {HANG_TIMEOUT:.0f}s)")
+        f"the hang was declared {took:.1f}s after the last progress (hang_timeout {HANG_TIMEOUT:.0f}s)"
+    )
     (record,) = ps(home)
     first = record["attempts"][0]
     assert first["kind"] == "hang" and "no training progress" in first["cause"]
@@ -263,13 +297,18 @@ def test_a_writer_killed_mid_save_resumes_from_the_previous_committed_checkpoint
     cluster: Cluster, s3: str, home: dict[str, str], reference_sha: str
 ) -> None:
     args = '["--steps", "60", "--ckpt-every", "10", "--step-time", "0.05", "--slow-save-at", "20"]'
-    run = LiveRun(["train", str(STEPS), *s3_settings(s3, "writer"), "--set", f"run.args={args}"],
-                  cluster.inventory(MAIN, s3fs=True), home)
+    run = LiveRun(
+        ["train", str(STEPS), *s3_settings(s3, "writer"), "--set", f"run.args={args}"],
+        cluster.inventory(MAIN, s3fs=True),
+        home,
+    )
     run_id = None
     try:
         run_id = run_id_of(run)
         run.wait_line(r"saving slowly")
-        writer = [pid for pid in processes_of(run_id) if _environ(pid).get("RANK") == "0" and "steps.py" in _cmdline(pid)]
+        writer = [
+            pid for pid in processes_of(run_id) if _environ(pid).get("RANK") == "0" and "steps.py" in _cmdline(pid)
+        ]
         assert len(writer) == 1
         os.kill(writer[0], signal.SIGKILL)
         assert run.finish() == 0, run.text()[-3000:]
@@ -281,11 +320,24 @@ def test_a_writer_killed_mid_save_resumes_from_the_previous_committed_checkpoint
 
 
 def test_an_exhausted_restart_budget_fails_listing_every_attempt(cluster: Cluster, home: dict[str, str]) -> None:
-    done = run_ava("train", str(ECHO), "--set", "resources.nodes=2", "--set", "env.ECHO_FAIL_RANK=0",
-                   "--set", "failover.max_restarts=2", "--set", "failover.backoff=0.5s",
-                   # The same start-up failure every time: spend the budget anyway.
-                   "--set", "failover.stop_repeated_startup_failure=false",
-                   inventory=cluster.inventory(["n1", "n2"]), env=home, timeout=300)
+    done = run_ava(
+        "train",
+        str(ECHO),
+        "--set",
+        "resources.nodes=2",
+        "--set",
+        "env.ECHO_FAIL_RANK=0",
+        "--set",
+        "failover.max_restarts=2",
+        "--set",
+        "failover.backoff=0.5s",
+        # The same start-up failure every time: spend the budget anyway.
+        "--set",
+        "failover.stop_repeated_startup_failure=false",
+        inventory=cluster.inventory(["n1", "n2"]),
+        env=home,
+        timeout=300,
+    )
     assert done.returncode == 1
     (record,) = ps(home)
     assert record["state"] == "failed" and len(record["attempts"]) == 3
@@ -296,16 +348,37 @@ def test_an_exhausted_restart_budget_fails_listing_every_attempt(cluster: Cluste
 
 
 def test_a_fatal_exit_code_fails_at_once(cluster: Cluster, home: dict[str, str]) -> None:
-    done = run_ava("train", str(ECHO), "--set", "env.ECHO_FAIL_RANK=0", "--set", "env.ECHO_EXIT=2",
-                   "--set", "failover.max_restarts=3", inventory=cluster.inventory(["n1"]), env=home)
+    done = run_ava(
+        "train",
+        str(ECHO),
+        "--set",
+        "env.ECHO_FAIL_RANK=0",
+        "--set",
+        "env.ECHO_EXIT=2",
+        "--set",
+        "failover.max_restarts=3",
+        inventory=cluster.inventory(["n1"]),
+        env=home,
+    )
     assert done.returncode == 1
     (record,) = ps(home)
     assert len(record["attempts"]) == 1 and "fatal_exit_codes" in done.stderr
 
 
 def test_shrink_goes_on_with_two_nodes_after_a_node_loss(cluster: Cluster, s3: str, home: dict[str, str]) -> None:
-    run = LiveRun(["train", str(STEPS), *s3_settings(s3, "shrink"), "--set", 'resources.nodes="2:3"',
-                   "--set", "failover.on_node_loss=shrink"], cluster.inventory(WITH_SPARE, s3fs=True), home)
+    run = LiveRun(
+        [
+            "train",
+            str(STEPS),
+            *s3_settings(s3, "shrink"),
+            "--set",
+            'resources.nodes="2:3"',
+            "--set",
+            "failover.on_node_loss=shrink",
+        ],
+        cluster.inventory(WITH_SPARE, s3fs=True),
+        home,
+    )
     run_id = None
     try:
         run_id = run_id_of(run)

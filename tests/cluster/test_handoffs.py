@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import Cluster
-from tests.conftest import REPO, processes_of, run_ava
 from tests.cluster.test_failover import LiveRun, run_id_of
+from tests.conftest import REPO, processes_of, run_ava
+from tests.support.cluster import Cluster
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 HOG = REPO / "tests" / "data" / "recipes" / "hog"
@@ -78,7 +78,9 @@ def test_a_second_supervisor_is_refused_while_the_first_still_holds_the_run(
     # Once it can, it leaves on the attach's SIGTERM, and a new attach takes over to the end.
     again = run_ava("attach", run_id, inventory=inventory, env=home, timeout=120)
     log = Path(home["AVA_HOME"]) / "runs" / run_id / "supervisor.log"
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:] + (log.read_text() if log.exists() else "")
+    assert again.returncode == 0, (
+        again.stdout[-2000:] + again.stderr[-2000:] + (log.read_text() if log.exists() else "")
+    )
     assert record(home, run_id)["state"] == "succeeded"
 
 
@@ -89,9 +91,19 @@ def test_attach_restarts_an_attempt_whose_launch_was_cut_short(
     until = tmp_path / "release"
     hog = tmp_path / "hog"
     shutil.copytree(HOG, hog)
-    holder = run_ava("train", str(hog), "--detach", "--set", "resources.procs_per_node=2",
-                     "--set", "env.HOG_SECONDS=120", "--set", f"env.HOG_UNTIL={until}",
-                     inventory=cluster.inventory(["n2"]), env=home)
+    holder = run_ava(
+        "train",
+        str(hog),
+        "--detach",
+        "--set",
+        "resources.procs_per_node=2",
+        "--set",
+        "env.HOG_SECONDS=120",
+        "--set",
+        f"env.HOG_UNTIL={until}",
+        inventory=cluster.inventory(["n2"]),
+        env=home,
+    )
     assert holder.returncode == 0, holder.stderr
     holder_id = holder.stdout.strip().splitlines()[-1]
     inventory = cluster.inventory(["n1", "n2"])

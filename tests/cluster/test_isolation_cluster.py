@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, processes_of, run_ava
+from tests.support.cluster import Cluster
 
 HOG = REPO / "tests" / "data" / "recipes" / "hog"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -41,6 +41,7 @@ pytestmark = pytest.mark.skipif(
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
 
 @pytest.fixture()
 def home(tmp_path: Path) -> dict[str, str]:
@@ -145,8 +146,7 @@ def session_sshds(cluster: Cluster, node: str) -> list[int]:
 def assert_nothing_left(run_id: str, inventory: Path, *, wait: float = 0.0) -> None:
     """No process, cgroup or lease of the run on any node (waiting up to WAIT seconds)."""
     if wait:
-        wait_for(lambda: not processes_of(run_id) and not cgroups_of(run_id), timeout=wait,
-                 what=f"{run_id} gone")
+        wait_for(lambda: not processes_of(run_id) and not cgroups_of(run_id), timeout=wait, what=f"{run_id} gone")
     assert processes_of(run_id) == []
     assert cgroup_tasks(run_id) == []
     assert cgroups_of(run_id) == []
@@ -156,6 +156,7 @@ def assert_nothing_left(run_id: str, inventory: Path, *, wait: float = 0.0) -> N
 
 def escapee(cluster: Cluster, node: str, run_id: str) -> int:
     """Wait until the job's double-forked, setsid'd child runs; its pid."""
+
     def find() -> int | None:
         for line in node_output(cluster, node, run_id).splitlines():
             if "escaped " in line:
@@ -179,7 +180,11 @@ class Attached:
         env.pop("AVA_INVENTORY", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ava", "--inventory", str(inventory), "train", *args],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -237,6 +242,7 @@ def run_id_of(home: dict[str, str], recipe: str = "hog", exclude: tuple[str, ...
 
 # -- memory -------------------------------------------------------------------------------------
 
+
 def test_memory_limit_kills_the_hog_as_out_of_memory_and_spares_its_neighbour(
     cluster: Cluster, home: dict[str, str], tmp_path: Path, cleanup: list[tuple[str, Path]]
 ) -> None:
@@ -245,8 +251,11 @@ def test_memory_limit_kills_the_hog_as_out_of_memory_and_spares_its_neighbour(
     neighbour = detach(hog_recipe(tmp_path), inventory, home, *sets(HOG_SECONDS=60, HOG_UNTIL=release))
     cleanup.append((neighbour, inventory))
     # Its job runs (torchrun started in its fence) before the hog is launched beside it.
-    wait_for(lambda: node_status(cluster, "n1", neighbour).get("state") == "running", timeout=60,
-             what="the neighbour running")
+    wait_for(
+        lambda: node_status(cluster, "n1", neighbour).get("state") == "running",
+        timeout=60,
+        what="the neighbour running",
+    )
 
     greedy = tmp_path / "greedy"
     greedy.mkdir()
@@ -277,12 +286,14 @@ def test_memory_limit_kills_the_hog_as_out_of_memory_and_spares_its_neighbour(
 
 # -- teardown: nothing of the run is left, however it ends --------------------------------------
 
+
 def test_stop_ends_every_process_on_every_node_even_a_setsid_escapee(
     cluster: Cluster, home: dict[str, str], tmp_path: Path, cleanup: list[tuple[str, Path]]
 ) -> None:
     inventory = cluster.inventory(["n1", "n2"])
-    run_id = detach(hog_recipe(tmp_path), inventory, home, "--set", "resources.nodes=2",
-                    *sets(HOG_MODE="escape", HOG_SECONDS=60))
+    run_id = detach(
+        hog_recipe(tmp_path), inventory, home, "--set", "resources.nodes=2", *sets(HOG_MODE="escape", HOG_SECONDS=60)
+    )
     cleanup.append((run_id, inventory))
     escaped = [escapee(cluster, node, run_id) for node in ("n1", "n2")]
     assert cgroup_tasks(run_id) and set(escaped) <= set(cgroup_tasks(run_id))
@@ -355,6 +366,7 @@ def test_stop_after_a_dropped_connection_leaves_nothing(
 
 # -- GPU leases -----------------------------------------------------------------------------------
 
+
 def test_runs_asking_for_the_same_gpus_never_overlap(
     cluster: Cluster, home: dict[str, str], tmp_path: Path, cleanup: list[tuple[str, Path]]
 ) -> None:
@@ -407,15 +419,25 @@ def test_runs_asking_for_the_same_gpus_never_overlap(
 
 # -- CPU limit ------------------------------------------------------------------------------------
 
+
 def test_cpu_limit_holds_two_spinning_ranks_near_one_core(
     cluster: Cluster, home: dict[str, str], tmp_path: Path, cleanup: list[tuple[str, Path]]
 ) -> None:
     inventory = cluster.inventory(["n1"])
-    run_id = detach(hog_recipe(tmp_path, cpus=1), inventory, home, "--set", "resources.procs_per_node=2",
-                    *sets(HOG_MODE="spin", HOG_SECONDS=30))
+    run_id = detach(
+        hog_recipe(tmp_path, cpus=1),
+        inventory,
+        home,
+        "--set",
+        "resources.procs_per_node=2",
+        *sets(HOG_MODE="spin", HOG_SECONDS=30),
+    )
     cleanup.append((run_id, inventory))
-    wait_for(lambda: all(f"ready {r}" in node_output(cluster, "n1", run_id) for r in (0, 1)), timeout=60,
-             what="both ranks spinning")
+    wait_for(
+        lambda: all(f"ready {r}" in node_output(cluster, "n1", run_id) for r in (0, 1)),
+        timeout=60,
+        what="both ranks spinning",
+    )
     (usage,) = CGROUP_ROOT.glob(f"cpuacct/ava/{run_id}.n1.a1/cpuacct.usage")
     before, at = int(usage.read_text()), time.monotonic()
     time.sleep(3)

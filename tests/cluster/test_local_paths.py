@@ -13,8 +13,8 @@ from ava import provision, sync
 from ava.config import Node, Requirements
 from ava.errors import ConfigError
 from ava.provision import Source, environment
-from tests.support.cluster import Cluster
 from tests.conftest import run_ava
+from tests.support.cluster import Cluster
 
 NODE = Node(name="a", host="h", workdir="~/.ava")
 SECRET = "aws_secret_access_key = do-not-ship\n"
@@ -113,7 +113,9 @@ def test_a_symlink_in_a_recipe_to_a_folder_outside_it_is_refused(layout: tuple[P
         sync.manifest_of(recipe)
 
 
-def test_a_symlink_inside_the_recipe_ships_its_target_and_an_ignored_one_is_left_alone(layout: tuple[Path, Path]) -> None:
+def test_a_symlink_inside_the_recipe_ships_its_target_and_an_ignored_one_is_left_alone(
+    layout: tuple[Path, Path],
+) -> None:
     recipe, home = layout
     (recipe / "alias.py").symlink_to(recipe / "train.py")
     (recipe / "secret.txt").symlink_to(home / ".aws" / "credentials")
@@ -124,7 +126,8 @@ def test_a_symlink_inside_the_recipe_ships_its_target_and_an_ignored_one_is_left
 
 
 def test_train_refuses_a_recipe_whose_symlink_leaves_it_and_records_nothing_of_it(
-        cluster: Cluster, layout: tuple[Path, Path], tmp_path: Path) -> None:
+    cluster: Cluster, layout: tuple[Path, Path], tmp_path: Path
+) -> None:
     recipe, home = layout
     (recipe / "notes.txt").symlink_to(home / ".aws" / "credentials")
     ava_home = tmp_path / "avahome"
@@ -137,11 +140,19 @@ def test_train_refuses_a_recipe_whose_symlink_leaves_it_and_records_nothing_of_i
 
 
 def test_train_refuses_a_recipe_requirement_naming_a_home_file_and_uploads_nothing(
-        cluster: Cluster, layout: tuple[Path, Path], tmp_path: Path) -> None:
+    cluster: Cluster, layout: tuple[Path, Path], tmp_path: Path
+) -> None:
     recipe, _ = layout
-    (recipe / "recipe.toml").write_text('name = "leak"\n[run]\nscript = "train.py"\nrequirements = ["~/.aws/credentials"]\n')
-    done = run_ava("train", str(recipe), inventory=cluster.inventory(["n1"]),
-                   env={"AVA_HOME": str(tmp_path / "avahome"), "HOME": os.environ["HOME"]}, timeout=180)
+    (recipe / "recipe.toml").write_text(
+        'name = "leak"\n[run]\nscript = "train.py"\nrequirements = ["~/.aws/credentials"]\n'
+    )
+    done = run_ava(
+        "train",
+        str(recipe),
+        inventory=cluster.inventory(["n1"]),
+        env={"AVA_HOME": str(tmp_path / "avahome"), "HOME": os.environ["HOME"]},
+        timeout=180,
+    )
     # Refused when the run's first attempt provisions its nodes (exit 2 would need the check
     # before the run is recorded, in the CLI); either way nothing leaves this computer.
     assert done.returncode == 2, done.stdout + done.stderr

@@ -9,8 +9,8 @@ import shutil
 import time
 from pathlib import Path
 
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, run_ava
+from tests.support.cluster import Cluster
 
 STAMPED = re.compile(r"^n1/(\S+)\s*\| (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z (.*)$")
 

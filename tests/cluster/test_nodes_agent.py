@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.support.cluster import Cluster
 from tests.conftest import run_ava
+from tests.support.cluster import Cluster
 
 
 def agent_of(cluster: Cluster, inventory: Path, name: str) -> str:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import Cluster
 from tests.conftest import run_ava
+from tests.support.cluster import Cluster
 
 THREE = ["n1", "n2", "n3"]
 
@@ -112,7 +112,9 @@ def test_changed_host_key_is_refused_under_both_policies_naming_the_node(cluster
     cluster.regenerate_host_key("n4")
     try:
         for policy in ("strict", "accept-new"):
-            done = run_ava("nodes", "--json", inventory=cluster.inventory(["n4"], known_hosts=str(known), host_keys=policy))
+            done = run_ava(
+                "nodes", "--json", inventory=cluster.inventory(["n4"], known_hosts=str(known), host_keys=policy)
+            )
             assert done.returncode == 3
             (report,) = json.loads(done.stdout)
             assert report["error"].startswith("n4 (") and "host key changed" in report["error"]
@@ -139,7 +141,7 @@ HOSTILE = [
     "echo $(echo sub) `echo tick`; echo after-semicolon && echo and",
     "cd / && echo /e* | tr ' ' '\\n' | sort | head -3",
     "printf '%s\\n' 'héllo wörld ☃ 日本' \"$((6*7))\"",
-    "for x in a b; do echo \"$x\"; done; false; echo status=$?",
+    'for x in a b; do echo "$x"; done; false; echo status=$?',
     "echo \"tab\there\" 'new\nline'",
 ]
 
@@ -152,9 +154,24 @@ def test_exec_reaches_the_shell_exactly_as_ssh_does(cluster: Cluster, command: s
     for name in THREE:
         node = cluster.node(name)
         ssh = subprocess.run(
-            ["ssh", "-i", str(cluster.key), "-p", str(node.port), "-o", f"UserKnownHostsFile={cluster.known_hosts}",
-             "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{_user()}@{node.address}", command],
-            capture_output=True, text=True, timeout=30,
+            [
+                "ssh",
+                "-i",
+                str(cluster.key),
+                "-p",
+                str(node.port),
+                "-o",
+                f"UserKnownHostsFile={cluster.known_hosts}",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "BatchMode=yes",
+                f"{_user()}@{node.address}",
+                command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert ssh.returncode == 0, ssh.stderr
         ours = [l.split(" | ", 1)[1] for l in done.stdout.splitlines() if l.startswith(f"{name} | ")]
@@ -172,7 +189,9 @@ def test_exec_words_are_joined_like_ssh_joins_them(cluster: Cluster) -> None:
 
 def test_exec_summarises_exit_codes_and_fails_when_any_node_fails(cluster: Cluster) -> None:
     inventory = cluster.inventory(THREE)
-    done = run_ava("exec", "--", 'test "$(hostname)" != ' + cluster.node("n2").hostname + " || exit 7", inventory=inventory)
+    done = run_ava(
+        "exec", "--", 'test "$(hostname)" != ' + cluster.node("n2").hostname + " || exit 7", inventory=inventory
+    )
     if not cluster.use_namespaces:
         pytest.skip("nodes share one hostname without namespaces")
     assert done.returncode == 1

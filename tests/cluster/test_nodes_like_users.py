@@ -11,18 +11,18 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+import tomllib
 
 from ava import attempt
 from ava.config import Node, load_inventory
 from ava.transport import close_all, connect
+from tests.conftest import REPO, run_ava
 from tests.support import nodepy
 from tests.support.cluster import DEFAULTS_NODE, NOISE_ERR, NOISE_OUT, NOISY_NODE, Cluster
-from tests.conftest import REPO, run_ava
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="node rc files and homes need mount namespaces (root)")
 
@@ -34,7 +34,7 @@ print(json.dumps({"prefix": sys.prefix, "found": [m for m in %s if importlib.uti
 """ % json.dumps(nodepy.FOREIGN)
 
 # What a training script on a node sees: where ava and `avacache::` come from, and its python.
-PROBE = '''
+PROBE = """
 import importlib.metadata, json, os, sys
 import fsspec, torch
 # Before any import of ava, as a script that only opens "avacache::s3://…" URLs: the entry point.
@@ -46,20 +46,23 @@ print("PROBE " + json.dumps({
     "cwd": os.getcwd(), "ava": ava.__file__, "avacache": sys.modules[avacache.__module__].__file__,
     "entry_point": [str(e.dist._path) for e in specs], "torch": torch.__version__,
 }), flush=True)
-'''
+"""
 
 
 def probe_recipe(folder: Path) -> Path:
     folder.mkdir()
     (folder / "probe.py").write_text(PROBE)
-    (folder / "recipe.toml").write_text('name = "probe"\n[run]\nscript = "probe.py"\n[resources]\nprocs_per_node = 1\n'
-                                        '[failover]\nmax_restarts = 0\n')
+    (folder / "recipe.toml").write_text(
+        'name = "probe"\n[run]\nscript = "probe.py"\n[resources]\nprocs_per_node = 1\n[failover]\nmax_restarts = 0\n'
+    )
     return folder
 
 
 @needs_root
 def test_every_node_runs_a_python_with_torch_and_nothing_of_avas(cluster: Cluster) -> None:
-    done = run_ava("exec", "--json", "--", f"python3 -c {shlex.quote(IMPORTS)}", inventory=cluster.inventory(), timeout=120)
+    done = run_ava(
+        "exec", "--json", "--", f"python3 -c {shlex.quote(IMPORTS)}", inventory=cluster.inventory(), timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {row["node"]: row for row in json.loads(done.stdout)}
     assert sorted(rows) == ["n1", "n2", "n3", "n4"]
@@ -71,7 +74,9 @@ def test_every_node_runs_a_python_with_torch_and_nothing_of_avas(cluster: Cluste
 
 
 @needs_root
-def test_the_defaults_node_names_no_python_or_workdir_and_the_noisy_node_prints_on_every_command(cluster: Cluster) -> None:
+def test_the_defaults_node_names_no_python_or_workdir_and_the_noisy_node_prints_on_every_command(
+    cluster: Cluster,
+) -> None:
     nodes = tomllib.loads(cluster.inventory().read_text())["nodes"]
     assert {"python", "workdir", "cache_dir"}.isdisjoint(nodes[DEFAULTS_NODE]), nodes[DEFAULTS_NODE]
     assert nodes["n1"]["python"] == cluster.python != os.path.realpath(os.sys.executable)
@@ -85,8 +90,15 @@ def test_the_defaults_node_names_no_python_or_workdir_and_the_noisy_node_prints_
 def test_a_script_finds_ava_and_avacache_only_in_what_ava_shipped(cluster: Cluster, tmp_path: Path) -> None:
     """On the plain node, the noisy one and the defaults one alike, in one three-node run."""
     recipe = probe_recipe(tmp_path / "probe")
-    done = run_ava("train", str(recipe), "--set", "resources.nodes=3", inventory=cluster.inventory(THREE),
-                   env={"AVA_HOME": str(tmp_path / "home")}, timeout=300)
+    done = run_ava(
+        "train",
+        str(recipe),
+        "--set",
+        "resources.nodes=3",
+        inventory=cluster.inventory(THREE),
+        env={"AVA_HOME": str(tmp_path / "home")},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     probes = {}
     for line in done.stdout.splitlines():
@@ -152,8 +164,13 @@ def test_log_lines_before_the_agents_output_are_dropped_and_not_counted_in_the_o
     class NoisyShell:
         def run(self, command: str, *, on_line: Callable[[str, str], None], **_: object) -> None:
             assert command.startswith(f"echo {attempt.LOG_START}; ")
-            for stream, text in [("out", NOISE_OUT), ("err", NOISE_ERR), ("out", attempt.LOG_START),
-                                 ("out", "[rank0]: step 1"), ("out", "")]:
+            for stream, text in [
+                ("out", NOISE_OUT),
+                ("err", NOISE_ERR),
+                ("out", attempt.LOG_START),
+                ("out", "[rank0]: step 1"),
+                ("out", ""),
+            ]:
                 on_line(stream, text)
 
     monkeypatch.setattr(attempt, "connect", lambda node: NoisyShell())

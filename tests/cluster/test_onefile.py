@@ -15,13 +15,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, processes_of
+from tests.support.cluster import Cluster
 
 DEPENDENCIES = ("paramiko", "fabric", "typer", "rich", "fsspec", "s3fs", "ava")
 SYSTEM_PATH = "/usr/bin:/bin"
@@ -35,8 +35,9 @@ def bare_python3() -> Path:
     if python is None:
         pytest.fail(f"no python3 on {SYSTEM_PATH}: the one file needs the system's python3")
     for module in DEPENDENCIES:
-        found = subprocess.run([python, "-c", f"import {module}"], capture_output=True, env={"PATH": SYSTEM_PATH},
-                               cwd="/")
+        found = subprocess.run(
+            [python, "-c", f"import {module}"], capture_output=True, env={"PATH": SYSTEM_PATH}, cwd="/"
+        )
         if found.returncode == 0:
             pytest.fail(f"{python} can import {module}: not a bare system python3, so the test would prove nothing")
     return Path(python)
@@ -49,8 +50,9 @@ def onefile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield Path(given).resolve()
         return
     out = tmp_path_factory.mktemp("build") / "ava"
-    done = subprocess.run([sys.executable, "-m", "ava.build", "--out", str(out)], capture_output=True, text=True,
-                          cwd=REPO, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "ava.build", "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=900
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     yield out
 
@@ -79,8 +81,9 @@ class FileUser:
         }
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.ava), *args], capture_output=True, text=True, env=self.env,
-                              cwd=self.dir, timeout=timeout)
+        return subprocess.run(
+            [str(self.ava), *args], capture_output=True, text=True, env=self.env, cwd=self.dir, timeout=timeout
+        )
 
     def ps(self) -> list[dict]:
         done = self.run("ps", "--json")
@@ -99,15 +102,24 @@ def wait_for(predicate, timeout: float = 60.0):  # type: ignore[no-untyped-def]
 
 def foreign_modules(user: FileUser, python: Path) -> dict[str, str]:
     """Every module any process of the file loaded from neither the stdlib nor the file's tree."""
-    stdlib = subprocess.run([str(python), "-S", "-c", "import os; print(os.path.dirname(os.__file__))"],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    stdlib = subprocess.run(
+        [str(python), "-S", "-c", "import os; print(os.path.dirname(os.__file__))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     own = str(user.shiv_root.resolve()) + os.sep
     foreign = {}
     for report in user.modules.iterdir():
         for line in report.read_text().splitlines():
             name, _, origin = line.partition("\t")
-            if not origin or origin in ("built-in", "frozen") or origin.startswith(own) \
-                    or origin == str(user.ava) or origin.startswith(str(user.ava) + os.sep):
+            if (
+                not origin
+                or origin in ("built-in", "frozen")
+                or origin.startswith(own)
+                or origin == str(user.ava)
+                or origin.startswith(str(user.ava) + os.sep)
+            ):
                 continue
             parts = origin.split(os.sep)
             if origin.startswith(stdlib + os.sep) and "site-packages" not in parts and "dist-packages" not in parts:
@@ -146,7 +158,7 @@ def test_the_one_file_trains_and_stops_on_the_cluster_with_only_a_system_python(
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     assert processes_of(run_id) == []
     wait_for(lambda: {r["id"]: r["state"] for r in user.ps()}[run_id] == "stopped", timeout=30)
-    supervisor = (tmp_path / "home" / "runs" / run_id / "supervisor.log")
+    supervisor = tmp_path / "home" / "runs" / run_id / "supervisor.log"
     assert supervisor.exists() and "Traceback" not in supervisor.read_text(), supervisor.read_text()[-2000:]
 
     reports = list(user.modules.iterdir())
@@ -173,11 +185,21 @@ def test_unpacking_wheels_of_two_pythons_keeps_the_older_abi3_module_and_refuses
     from ava.build import BuildError, unpack
 
     site = tmp_path / "site"
-    old = {"pkg/__init__.py": b"x = 1\n", "pkg/_rust.abi3.so": b"cp37", "pkg-1.dist-info/WHEEL": b"cp37-abi3",
-           "pkg-1.data/purelib/pkg/extra.py": b"", "pkg-1.data/scripts/tool": b"#!/bin/sh\n"}
+    old = {
+        "pkg/__init__.py": b"x = 1\n",
+        "pkg/_rust.abi3.so": b"cp37",
+        "pkg-1.dist-info/WHEEL": b"cp37-abi3",
+        "pkg-1.data/purelib/pkg/extra.py": b"",
+        "pkg-1.data/scripts/tool": b"#!/bin/sh\n",
+    }
     unpack(wheel(tmp_path / "pkg-1-cp37-abi3-any.whl", old), site)
-    unpack(wheel(tmp_path / "pkg-1-cp311-abi3-any.whl", {**old, "pkg/_rust.abi3.so": b"cp311",
-                                                         "pkg-1.dist-info/WHEEL": b"cp311-abi3"}), site)
+    unpack(
+        wheel(
+            tmp_path / "pkg-1-cp311-abi3-any.whl",
+            {**old, "pkg/_rust.abi3.so": b"cp311", "pkg-1.dist-info/WHEEL": b"cp311-abi3"},
+        ),
+        site,
+    )
     assert (site / "pkg" / "_rust.abi3.so").read_bytes() == b"cp37"
     assert (site / "pkg" / "extra.py").exists() and not (site / "pkg-1.data").exists()
     with pytest.raises(BuildError, match="pkg/__init__.py: differs"):

@@ -6,11 +6,13 @@ import re
 import shutil
 from pathlib import Path
 
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, run_ava
+from tests.support.cluster import Cluster
 
 
-def test_a_launch_says_what_code_it_sent_and_an_unchanged_relaunch_sends_nothing(cluster: Cluster, tmp_path: Path) -> None:
+def test_a_launch_says_what_code_it_sent_and_an_unchanged_relaunch_sends_nothing(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     recipe = tmp_path / "echo"
     shutil.copytree(REPO / "tests" / "data" / "recipes" / "echo", recipe)
     (recipe / "fresh.txt").write_text(f"unique to {tmp_path}\n")  # new content: never on the node yet

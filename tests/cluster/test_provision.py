@@ -19,8 +19,8 @@ from ava import provision, sync
 from ava.config import Node, Requirements, load_inventory
 from ava.provision import Facts, Wanted, environment, plan, plan_all
 from ava.transport import close_all
-from tests.support.cluster import Cluster
 from tests.conftest import run_ava
+from tests.support.cluster import Cluster
 
 THREE = ["n1", "n2", "n3"]
 
@@ -66,7 +66,9 @@ def tiny_wheel(folder: Path, version: str) -> Path:
 
 
 def version_in(python: str) -> str:
-    done = subprocess.run([python, "-c", "import avatiny; print(avatiny.VERSION)"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [python, "-c", "import avatiny; print(avatiny.VERSION)"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -88,7 +90,10 @@ def test_second_provision_of_three_fresh_nodes_changes_nothing(cluster: Cluster,
         assert Path(sync.agent_path(node)).is_file()
         assert Path(sync.runtime_path(node) + ".complete").exists()
         assert json.loads((work / "cache.json").read_text()) == {
-            "dir": node.cache_dir, "size": 2**30, "block_size": 8 * 2**20}
+            "dir": node.cache_dir,
+            "size": 2**30,
+            "block_size": 8 * 2**20,
+        }
     stamps = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file() and p.name != "ava.toml")
 
     second = run_ava("provision", inventory=path)
@@ -99,7 +104,9 @@ def test_second_provision_of_three_fresh_nodes_changes_nothing(cluster: Cluster,
         assert all(p.empty for p in plans.values()), plans  # type: ignore[union-attr]
     finally:
         close_all()
-    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file() and p.name != "ava.toml") == stamps
+    assert (
+        sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file() and p.name != "ava.toml") == stamps
+    )
 
 
 def test_dry_run_prints_the_plan_and_changes_nothing(cluster: Cluster, tmp_path: Path) -> None:
@@ -151,7 +158,10 @@ def test_requirements_install_once_and_a_changed_list_makes_a_new_venv(cluster: 
     for node in nodes:
         assert old[node.name].startswith(f"{node.workdir}/venvs/") and version_in(old[node.name]) == "1.0"
         # System site-packages: the node's torch is there without a second copy.
-        assert subprocess.run([old[node.name], "-c", "import importlib.util as u; assert u.find_spec('torch')"]).returncode == 0
+        assert (
+            subprocess.run([old[node.name], "-c", "import importlib.util as u; assert u.find_spec('torch')"]).returncode
+            == 0
+        )
     ready = {n.name: Path(old[n.name]).parent.parent / ".ava-ready" for n in nodes}
     stamps = {name: p.stat().st_mtime_ns for name, p in ready.items()}
 
@@ -193,8 +203,12 @@ def test_a_venv_another_provisioner_is_making_is_waited_for_not_removed(cluster:
     # The other provisioner holds the venv's lock, as the node-side helper takes it.
     with open(f"{folder}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        provisioner = subprocess.Popen([sys.executable, "-m", "ava", "--inventory", str(path), "provision"],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        provisioner = subprocess.Popen(
+            [sys.executable, "-m", "ava", "--inventory", str(path), "provision"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + 120
             # Up to the venv step: its requirements are staged beside the venv just before it.
@@ -234,11 +248,19 @@ def test_environment_hash_ignores_order_and_spacing_but_not_content(tmp_path: Pa
 
 def _want(env: provision.Environment | None = None) -> Wanted:
     node = Node(name="a", host="h", workdir="/w", cache_dir="/c")
-    return Wanted(node, ("/w", "/w/runs", "/c"), "/w/agent/agent-x.pyz", "/w/trees/t.complete",
-                  {"dir": "/c", "size": node.cache_size, "block_size": 8 * 2**20}, env)
+    return Wanted(
+        node,
+        ("/w", "/w/runs", "/c"),
+        "/w/agent/agent-x.pyz",
+        "/w/trees/t.complete",
+        {"dir": "/c", "size": node.cache_size, "block_size": 8 * 2**20},
+        env,
+    )
 
 
-def _facts(want: Wanted, *, present: set[str], cgroup: str = "v1", writable: bool = True, systemd: bool = False) -> Facts:
+def _facts(
+    want: Wanted, *, present: set[str], cgroup: str = "v1", writable: bool = True, systemd: bool = False
+) -> Facts:
     return Facts({p: p in present for p in want.paths()}, "/usr/bin/python3", "", cgroup, writable, systemd, want.cache)
 
 
@@ -262,5 +284,7 @@ def test_cgroup_parent_is_planned_only_where_the_node_allows_it(
     steps = [s for s in made.steps if s.kind == "cgroup"]
     assert (list(steps[0].paths) if steps else []) == parents
     assert bool(made.notes) == noted
-    done = plan(want, _facts(want, present=everything | set(parents), cgroup=cgroup, writable=writable, systemd=systemd))
+    done = plan(
+        want, _facts(want, present=everything | set(parents), cgroup=cgroup, writable=writable, systemd=systemd)
+    )
     assert done.empty

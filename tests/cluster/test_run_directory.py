@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from ava.agent import rundir, status
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, run_ava
+from tests.support.cluster import Cluster
 
 RECIPE = REPO / "tests" / "data" / "recipes" / "rundir"
 
@@ -54,7 +54,8 @@ def run_ids(home: dict[str, str]) -> list[str]:
 
 
 def test_a_second_run_sees_nothing_the_first_wrote_and_the_store_keeps_its_hashes(
-        cluster: Cluster, ava_home: dict[str, str], tmp_path: Path) -> None:
+    cluster: Cluster, ava_home: dict[str, str], tmp_path: Path
+) -> None:
     recipe = recipe_copy(tmp_path)
     _, (first,) = train(recipe, cluster, ava_home)
     _, (second,) = train(recipe, cluster, ava_home)
@@ -76,7 +77,8 @@ def test_a_second_run_sees_nothing_the_first_wrote_and_the_store_keeps_its_hashe
 
 
 def test_a_restarted_attempt_resumes_from_the_snapshot_in_its_run_directory(
-        cluster: Cluster, ava_home: dict[str, str], tmp_path: Path) -> None:
+    cluster: Cluster, ava_home: dict[str, str], tmp_path: Path
+) -> None:
     recipe = recipe_copy(tmp_path)
     stdout, seen = train(recipe, cluster, ava_home, "env.RUNDIR_CRASH_FIRST=1")
     assert "killing myself on purpose" in stdout
@@ -84,7 +86,9 @@ def test_a_restarted_attempt_resumes_from_the_snapshot_in_its_run_directory(
     assert seen[0]["cwd"] == seen[1]["cwd"]
 
 
-def test_a_module_recipe_imports_from_its_run_directory(cluster: Cluster, ava_home: dict[str, str], tmp_path: Path) -> None:
+def test_a_module_recipe_imports_from_its_run_directory(
+    cluster: Cluster, ava_home: dict[str, str], tmp_path: Path
+) -> None:
     recipe = recipe_copy(tmp_path, module=True)
     stdout, (seen,) = train(recipe, cluster, ava_home)
     (module,) = [l.split("MODULE ", 1)[1] for l in stdout.splitlines() if "| MODULE " in l]
@@ -92,7 +96,8 @@ def test_a_module_recipe_imports_from_its_run_directory(cluster: Cluster, ava_ho
 
 
 def test_dry_run_shows_the_run_directory_as_cwd_and_first_on_the_python_path(
-        cluster: Cluster, ava_home: dict[str, str], tmp_path: Path) -> None:
+    cluster: Cluster, ava_home: dict[str, str], tmp_path: Path
+) -> None:
     done = run_ava("train", str(recipe_copy(tmp_path)), "--dry-run", inventory=cluster.inventory(["n1"]), env=ava_home)
     assert done.returncode == 0, done.stderr
     spec = json.loads(done.stdout.split("spec: ", 1)[1].split("\n# node", 1)[0])
@@ -102,8 +107,9 @@ def test_dry_run_shows_the_run_directory_as_cwd_and_first_on_the_python_path(
     assert spec["env"]["PYTHONPATH"].split(":")[0] == spec["cwd"]
 
 
-def test_nodes_json_reports_the_disk_the_run_directories_use(cluster: Cluster, ava_home: dict[str, str],
-                                                            tmp_path: Path) -> None:
+def test_nodes_json_reports_the_disk_the_run_directories_use(
+    cluster: Cluster, ava_home: dict[str, str], tmp_path: Path
+) -> None:
     train(recipe_copy(tmp_path), cluster, ava_home)
     done = run_ava("nodes", "--json", inventory=cluster.inventory(["n1"]), env=ava_home)
     assert done.returncode == 0, done.stderr

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ava import runs
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, processes_of, run_ava
+from tests.support.cluster import Cluster
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 GOOD = "echo-20261201-120000-a3f1"
@@ -21,8 +21,17 @@ GOOD = "echo-20261201-120000-a3f1"
 
 def save_good(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AVA_HOME", str(home))
-    runs.RunRecord(id=GOOD, recipe="echo", source="x", recipe_hash="", raw={}, inventory="ava.toml",
-                   nodes=["n1"], state="succeeded", started=1000.0).save()
+    runs.RunRecord(
+        id=GOOD,
+        recipe="echo",
+        source="x",
+        recipe_hash="",
+        raw={},
+        inventory="ava.toml",
+        nodes=["n1"],
+        state="succeeded",
+        started=1000.0,
+    ).save()
 
 
 def damage(home: Path, run_id: str, content: str | None) -> Path:
@@ -58,8 +67,9 @@ def test_ps_skips_and_names_every_damaged_record(tmp_path: Path, monkeypatch: py
     assert [r["id"] for r in listed] == [GOOD]
 
 
-def test_logs_of_a_truncated_record_is_a_one_line_error_naming_the_file(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_logs_of_a_truncated_record_is_a_one_line_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home = tmp_path / "home"
     save_good(home, monkeypatch)
     record = home / "runs" / GOOD / "record.json"
@@ -86,8 +96,17 @@ def test_stop_works_on_a_run_whose_record_is_damaged(cluster: Cluster, tmp_path:
     recipe = tmp_path / "echo"
     shutil.copytree(ECHO, recipe)
     inventory = cluster.inventory(["n1", "n2"])
-    done = run_ava("train", str(recipe), "--detach", "--set", "resources.nodes=2", "--set", "env.ECHO_SLEEP=120",
-                   inventory=inventory, env=home)
+    done = run_ava(
+        "train",
+        str(recipe),
+        "--detach",
+        "--set",
+        "resources.nodes=2",
+        "--set",
+        "env.ECHO_SLEEP=120",
+        inventory=inventory,
+        env=home,
+    )
     assert done.returncode == 0, done.stderr
     run_id = done.stdout.strip().splitlines()[-1]
     record = tmp_path / "home" / "runs" / run_id / "record.json"

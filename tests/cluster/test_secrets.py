@@ -10,8 +10,8 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.support.cluster import Cluster
 from tests.conftest import run_ava
+from tests.support.cluster import Cluster
 
 SHOW = """\
 import hashlib, os
@@ -40,7 +40,8 @@ def readable_by_others(path: Path) -> bool:
     on the way to it searchable by them."""
     for read, search in ((0o040, 0o010), (0o004, 0o001)):
         if stat.S_IMODE(path.stat().st_mode) & read and all(
-                stat.S_IMODE(d.stat().st_mode) & search for d in path.parents):
+            stat.S_IMODE(d.stat().st_mode) & search for d in path.parents
+        ):
             return True
     return False
 
@@ -52,12 +53,21 @@ def test_env_values_are_only_in_the_0600_spec_and_env_json(cluster: Cluster, tmp
     (recipe / "show.py").write_text(SHOW)
     (recipe / "recipe.toml").write_text(
         'name = "secret"\n[run]\nscript = "show.py"\n[resources]\nnodes = 1\nprocs_per_node = 1\n'
-        f'[env]\nAVA_SECRET_A = "{secret_a}"\nOMP_NUM_THREADS = "1"\n[failover]\nmax_restarts = 0\n')
+        f'[env]\nAVA_SECRET_A = "{secret_a}"\nOMP_NUM_THREADS = "1"\n[failover]\nmax_restarts = 0\n'
+    )
     home = tmp_path / "home"
     env = {"AVA_HOME": str(home)}
     # Detached: the background supervisor rebuilds the recipe from the run's records.
-    done = run_ava("train", str(recipe), "--set", f"env.AVA_SECRET_B={secret_b}", "--detach",
-                   inventory=cluster.inventory(["n1"]), env=env, timeout=300)
+    done = run_ava(
+        "train",
+        str(recipe),
+        "--set",
+        f"env.AVA_SECRET_B={secret_b}",
+        "--detach",
+        inventory=cluster.inventory(["n1"]),
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     run_id = done.stdout.strip().splitlines()[-1]
     deadline = time.monotonic() + 120
@@ -95,21 +105,29 @@ def test_env_values_are_only_in_the_0600_spec_and_env_json(cluster: Cluster, tmp
     assert held and all(p.name.startswith("spec") and p.suffix == ".json" for p in held), held
 
 
-def test_the_recipe_kept_in_a_record_rebuilds_with_its_env_and_holds_no_value(
-        tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_recipe_kept_in_a_record_rebuilds_with_its_env_and_holds_no_value(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from ava import runs
     from ava.config import parse_recipe
     from ava.supervisor import recipe_of
 
     monkeypatch.setenv("AVA_HOME", str(tmp_path / "home"))
-    text = ('name = "r"\ndescription = "quote \\" and \\u00e9"\n[run]\nscript = "t.py"\nargs = ["--lr", "3e-4"]\n'
-            '[resources]\nnodes = "1:2"\nmemory = "1GiB"\n[env]\nTOKEN = "s3cr3t-value"\n'
-            '[failover]\nhang_timeout = "5m"\n')
+    text = (
+        'name = "r"\ndescription = "quote \\" and \\u00e9"\n[run]\nscript = "t.py"\nargs = ["--lr", "3e-4"]\n'
+        '[resources]\nnodes = "1:2"\nmemory = "1GiB"\n[env]\nTOKEN = "s3cr3t-value"\n'
+        '[failover]\nhang_timeout = "5m"\n'
+    )
     overrides = ["env.OTHER=an0ther-value", "resources.cpus=2"]
     recipe = parse_recipe(text, "recipe.toml", str(tmp_path), overrides)
-    record = runs.RunRecord(id="r-1", recipe="r", source="recipe.toml", recipe_hash="",
-                            raw=runs.env_names_only(recipe.raw), inventory="ava.toml", nodes=["n1"],
-                            overrides=runs.overrides_without_env_values(overrides))
+    record = runs.RunRecord(
+        id="r-1",
+        recipe="r",
+        source="recipe.toml",
+        recipe_hash="",
+        raw=runs.env_names_only(recipe.raw),
+        inventory="ava.toml",
+        nodes=["n1"],
+        overrides=runs.overrides_without_env_values(overrides),
+    )
     record.dir.mkdir(parents=True)
     runs.private_recipe(record, recipe.raw, dict(recipe.env))
     record.save()

@@ -11,8 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, processes_of, run_ava
+from tests.support.cluster import Cluster
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 
@@ -45,9 +45,25 @@ def test_a_start_that_failed_on_one_node_stops_every_node_tried(cluster: Cluster
     env = {**os.environ, **home, "COLUMNS": "200"}
     env.pop("AVA_INVENTORY", None)
     done = subprocess.run(
-        [sys.executable, "-c", LOST_REPLY, "--inventory", str(cluster.inventory(["n1", "n2", "n3"])),
-         "train", str(recipe), "--set", "resources.nodes=3", "--set", "env.ECHO_SLEEP=300"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+        [
+            sys.executable,
+            "-c",
+            LOST_REPLY,
+            "--inventory",
+            str(cluster.inventory(["n1", "n2", "n3"])),
+            "train",
+            str(recipe),
+            "--set",
+            "resources.nodes=3",
+            "--set",
+            "env.ECHO_SLEEP=300",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=REPO,
+    )
     assert done.returncode != 0, done.stdout[-2000:]
     assert "connection dropped" in done.stdout + done.stderr
     listed = run_ava("ps", "--json", env=home)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, processes_of, run_ava
+from tests.support.cluster import Cluster
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 THREE = ["n1", "n2", "n3"]
@@ -48,8 +48,17 @@ def echo_recipe(tmp_path: Path) -> Path:
 
 
 def test_ddp_minimal_runs_six_ranks_on_three_nodes(cluster: Cluster, ava_home: dict[str, str]) -> None:
-    done = run_ava("train", "recipes/ddp-minimal", "--set", "resources.nodes=3", "--set", "resources.procs_per_node=2",
-                   inventory=cluster.inventory(THREE), env=ava_home, timeout=300)
+    done = run_ava(
+        "train",
+        "recipes/ddp-minimal",
+        "--set",
+        "resources.nodes=3",
+        "--set",
+        "resources.procs_per_node=2",
+        inventory=cluster.inventory(THREE),
+        env=ava_home,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     lines = [l for l in done.stdout.splitlines() if "world_size" in l]
     ranks = sorted(int(l.split("| ", 1)[1].split()[1]) for l in lines)
@@ -61,11 +70,25 @@ def test_ddp_minimal_runs_six_ranks_on_three_nodes(cluster: Cluster, ava_home: d
     assert run["state"] == "succeeded" and run["exit_code"] == 0 and run["nodes"] == THREE
 
 
-def test_a_failing_rank_fails_the_run_naming_node_and_rank(cluster: Cluster, ava_home: dict[str, str], tmp_path: Path) -> None:
+def test_a_failing_rank_fails_the_run_naming_node_and_rank(
+    cluster: Cluster, ava_home: dict[str, str], tmp_path: Path
+) -> None:
     recipe = echo_recipe(tmp_path)
-    done = run_ava("train", str(recipe), "--set", "resources.nodes=3", "--set", "resources.procs_per_node=2",
-                   "--set", "env.ECHO_FAIL_RANK=3", "--set", "env.ECHO_COLLECTIVE=1",
-                   inventory=cluster.inventory(THREE), env=ava_home, timeout=300)
+    done = run_ava(
+        "train",
+        str(recipe),
+        "--set",
+        "resources.nodes=3",
+        "--set",
+        "resources.procs_per_node=2",
+        "--set",
+        "env.ECHO_FAIL_RANK=3",
+        "--set",
+        "env.ECHO_COLLECTIVE=1",
+        inventory=cluster.inventory(THREE),
+        env=ava_home,
+        timeout=300,
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     # Ranks 2 and 3 live on the second node in rendezvous order; find which node had rank 3.
     node = next(l.split("/")[0] for l in done.stdout.splitlines() if "/3 " in l.split("|")[0] + " ")
@@ -76,10 +99,21 @@ def test_a_failing_rank_fails_the_run_naming_node_and_rank(cluster: Cluster, ava
     assert run["attempts"][-1]["cause"] == f"rank 3 on {node} exited 1"
 
 
-def test_stop_leaves_no_process_of_the_run_on_any_node(cluster: Cluster, ava_home: dict[str, str], tmp_path: Path) -> None:
+def test_stop_leaves_no_process_of_the_run_on_any_node(
+    cluster: Cluster, ava_home: dict[str, str], tmp_path: Path
+) -> None:
     recipe = echo_recipe(tmp_path)
-    done = run_ava("train", str(recipe), "--detach", "--set", "resources.nodes=3", "--set", "env.ECHO_SLEEP=120",
-                   inventory=cluster.inventory(THREE), env=ava_home)
+    done = run_ava(
+        "train",
+        str(recipe),
+        "--detach",
+        "--set",
+        "resources.nodes=3",
+        "--set",
+        "env.ECHO_SLEEP=120",
+        inventory=cluster.inventory(THREE),
+        env=ava_home,
+    )
     assert done.returncode == 0, done.stderr
     run_id = done.stdout.strip().splitlines()[-1]
     wait_for(lambda: ps(ava_home)[0]["state"] == "running")
@@ -97,9 +131,24 @@ def test_killing_the_attached_cli_leaves_the_run_going_and_logs_follow_it(
     inventory = cluster.inventory(["n1", "n2"])
     env = {**os.environ, **ava_home, "COLUMNS": "200"}
     attached = subprocess.Popen(
-        [sys.executable, "-m", "ava", "--inventory", str(inventory), "train", str(recipe),
-         "--set", "resources.nodes=2", "--set", "env.ECHO_SLEEP=8"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ava",
+            "--inventory",
+            str(inventory),
+            "train",
+            str(recipe),
+            "--set",
+            "resources.nodes=2",
+            "--set",
+            "env.ECHO_SLEEP=8",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert attached.stdout is not None
@@ -138,20 +187,28 @@ def test_relaunching_unchanged_code_moves_no_code(cluster: Cluster, ava_home: di
 def hostile_values(pwned: Path) -> tuple[list[str], dict[str, str]]:
     """Arguments and env values that would create PWNED if a shell ever evaluated them."""
     args = ["it's", 'say "hi"', f"$(touch {pwned})", "a;b", "x\ny", "snow ☃ 日本", "--", "`id`", "*"]
-    env = {"AVA_T_QUOTE": "it's \"q\"", "AVA_T_SUB": f"$(touch {pwned}); `id`", "AVA_T_NL": "one\ntwo",
-           "AVA_T_UNI": "héllo ☃", "AVA_T_GLOB": "*"}
+    env = {
+        "AVA_T_QUOTE": 'it\'s "q"',
+        "AVA_T_SUB": f"$(touch {pwned}); `id`",
+        "AVA_T_NL": "one\ntwo",
+        "AVA_T_UNI": "héllo ☃",
+        "AVA_T_GLOB": "*",
+    }
     return args, env
 
 
-def test_hostile_recipe_values_reach_the_script_byte_exact(cluster: Cluster, ava_home: dict[str, str], tmp_path: Path) -> None:
+def test_hostile_recipe_values_reach_the_script_byte_exact(
+    cluster: Cluster, ava_home: dict[str, str], tmp_path: Path
+) -> None:
     pwned = tmp_path / "pwned"  # the nodes share this machine's filesystem
     hostile_args, hostile_env = hostile_values(pwned)
     recipe = echo_recipe(tmp_path)
     env_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in hostile_env.items())
     text = (recipe / "recipe.toml").read_text().replace("args = []", f"args = {json.dumps(hostile_args)}")
     (recipe / "recipe.toml").write_text(text + f"\n[env]\n{env_lines}\n")
-    done = run_ava("train", str(recipe), "--set", "resources.nodes=2", inventory=cluster.inventory(["n1", "n3"]),
-                   env=ava_home)
+    done = run_ava(
+        "train", str(recipe), "--set", "resources.nodes=2", inventory=cluster.inventory(["n1", "n3"]), env=ava_home
+    )
     assert done.returncode == 0, done.stderr
     payloads = [json.loads(l.split("ECHO ", 1)[1]) for l in done.stdout.splitlines() if "| ECHO " in l]
     assert len(payloads) == 2
@@ -171,8 +228,15 @@ def test_hostile_recipe_name_is_refused(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_each_nodes_torchrun_argv_and_starts_nothing(cluster: Cluster, ava_home: dict[str, str]) -> None:
-    done = run_ava("train", "recipes/ddp-minimal", "--dry-run", "--set", "resources.nodes=2",
-                   inventory=cluster.inventory(["n1", "n2"]), env=ava_home)
+    done = run_ava(
+        "train",
+        "recipes/ddp-minimal",
+        "--dry-run",
+        "--set",
+        "resources.nodes=2",
+        inventory=cluster.inventory(["n1", "n2"]),
+        env=ava_home,
+    )
     assert done.returncode == 0, done.stderr
     argvs = [l for l in done.stdout.splitlines() if l.startswith("argv: ")]
     assert len(argvs) == 2
@@ -194,8 +258,9 @@ def test_a_recipe_from_an_s3_url_brings_its_code(cluster: Cluster, ava_home: dic
         fs.mkdir(bucket)
         fs.put(str(ECHO) + "/", f"{bucket}/echo/", recursive=True)
         url = f"s3://{bucket}/echo/" if form == "directory" else f"s3://{bucket}/echo/recipe.toml"
-        done = run_ava("train", url, "--set", "env.AVA_T_FROM=s3", inventory=cluster.inventory(["n2"]),
-                       env={**ava_home, **s3.env})
+        done = run_ava(
+            "train", url, "--set", "env.AVA_T_FROM=s3", inventory=cluster.inventory(["n2"]), env={**ava_home, **s3.env}
+        )
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout.split("ECHO ", 1)[1].splitlines()[0])
     assert payload["env"] == {"AVA_T_FROM": "s3"}

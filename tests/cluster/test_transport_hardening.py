@@ -8,16 +8,16 @@ import re
 import stat
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from ava.config import load_inventory
 from ava.errors import CommandError
 from ava.transport import close_all, connect
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, run_ava
+from tests.support.cluster import Cluster
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 WARNING = "the SSH server offers no SFTP subsystem; ava streams files over the exec channel"
@@ -148,7 +148,9 @@ def other_key(tmp_path: Path) -> str:
     return " ".join(Path(f"{key}.pub").read_text().split()[:2])
 
 
-def test_a_proxyjump_bastion_whose_host_key_changed_is_refused_naming_the_node(cluster: Cluster, tmp_path: Path) -> None:
+def test_a_proxyjump_bastion_whose_host_key_changed_is_refused_naming_the_node(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     env = bastion_home(cluster, tmp_path)
     bastion = cluster.node("n1")
     # Through a bastion whose key is known, n2 is reached.
@@ -157,8 +159,9 @@ def test_a_proxyjump_bastion_whose_host_key_changed_is_refused_naming_the_node(c
     for policy in ("strict", "accept-new"):
         changed = known_hosts_where(cluster, tmp_path, "n1", key=other_key(tmp_path))
         before = changed.read_text()
-        done = run_ava("nodes", "--json", env=env,
-                       inventory=cluster.inventory(["n2"], known_hosts=str(changed), host_keys=policy))
+        done = run_ava(
+            "nodes", "--json", env=env, inventory=cluster.inventory(["n2"], known_hosts=str(changed), host_keys=policy)
+        )
         assert done.returncode == 3, done.stdout + done.stderr
         (report,) = json.loads(done.stdout)
         assert report["error"].startswith("n2 (") and "host key changed" in report["error"]
@@ -167,15 +170,20 @@ def test_a_proxyjump_bastion_whose_host_key_changed_is_refused_naming_the_node(c
 
 
 def test_an_unknown_proxyjump_bastion_is_refused_under_strict_and_recorded_under_accept_new(
-        cluster: Cluster, tmp_path: Path) -> None:
+    cluster: Cluster, tmp_path: Path
+) -> None:
     env = bastion_home(cluster, tmp_path)
     unknown = known_hosts_where(cluster, tmp_path, "n1", key=None)
     done = run_ava("nodes", "--json", env=env, inventory=cluster.inventory(["n2"], known_hosts=str(unknown)))
     assert done.returncode == 3, done.stdout + done.stderr
     (report,) = json.loads(done.stdout)
     assert "unknown host key" in report["error"] and "ProxyJump hop" in report["error"]
-    accepted = run_ava("nodes", "--json", env=env,
-                       inventory=cluster.inventory(["n2"], known_hosts=str(unknown), host_keys="accept-new"))
+    accepted = run_ava(
+        "nodes",
+        "--json",
+        env=env,
+        inventory=cluster.inventory(["n2"], known_hosts=str(unknown), host_keys="accept-new"),
+    )
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     bastion_key = Path(f"{cluster.node('n1').host_key}.pub").read_text().split()[1]
     assert bastion_key in unknown.read_text()

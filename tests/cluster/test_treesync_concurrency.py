@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from ava import sync
-from tests.support.cluster import Cluster
 from tests.conftest import REPO, processes_of, run_ava
+from tests.support.cluster import Cluster
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 
@@ -144,7 +144,8 @@ def test_objects_and_tree_files_are_read_only(tmp_path: Path) -> None:
 
 
 def test_eight_concurrent_detached_launches_of_one_recipe_all_start_and_run_identical_trees(
-        cluster: Cluster, tmp_path: Path) -> None:
+    cluster: Cluster, tmp_path: Path
+) -> None:
     recipe = tmp_path / "echo"
     shutil.copytree(ECHO, recipe)
     for i in range(1500):  # a tree big enough that concurrent builds overlap on each node
@@ -156,9 +157,27 @@ def test_eight_concurrent_detached_launches_of_one_recipe_all_start_and_run_iden
     home = {**os.environ, "AVA_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
     # Two runs per node: each node's two CPU slots, and two builders racing on its tree.
     launches = [
-        subprocess.Popen([sys.executable, "-m", "ava", "--inventory", str(inventory), "train", str(recipe), "--detach",
-                          "--nodes", names[i % 4], "--set", "env.ECHO_SLEEP=3"],
-                         cwd=REPO, env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ava",
+                "--inventory",
+                str(inventory),
+                "train",
+                str(recipe),
+                "--detach",
+                "--nodes",
+                names[i % 4],
+                "--set",
+                "env.ECHO_SLEEP=3",
+            ],
+            cwd=REPO,
+            env=home,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(8)
     ]
     outcomes = [(p.communicate(timeout=300), p.returncode) for p in launches]
@@ -184,12 +203,18 @@ def test_eight_concurrent_detached_launches_of_one_recipe_all_start_and_run_iden
         assert not [n for n in os.listdir(trees) if ".building-" in n or n.startswith(".manifest-")]
         for marker in trees.glob("*.complete"):  # every finished tree holds all its manifest's files
             listed = {f["path"] for f in json.loads(Path(f"{trees}/{marker.stem}.json").read_text())["files"]}
-            assert {p.relative_to(trees / marker.stem).as_posix() for p in (trees / marker.stem).rglob("*")
-                    if p.is_file() and "__pycache__" not in p.parts} == listed  # Python adds its caches
+            assert {
+                p.relative_to(trees / marker.stem).as_posix()
+                for p in (trees / marker.stem).rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts
+            } == listed  # Python adds its caches
     seen = []
     for run in run_ids:
-        (rundir,) = [cluster.node(n).workdir / "runs" / run / "work" for n in names
-                     if (cluster.node(n).workdir / "runs" / run / "work").exists()]
+        (rundir,) = [
+            cluster.node(n).workdir / "runs" / run / "work"
+            for n in names
+            if (cluster.node(n).workdir / "runs" / run / "work").exists()
+        ]
         seen.append({p.relative_to(rundir).as_posix(): p.read_bytes() for p in rundir.rglob("*") if p.is_file()})
         assert processes_of(run) == []
     assert all(files == seen[0] for files in seen)

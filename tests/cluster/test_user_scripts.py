@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import Cluster
-from tests.conftest import REPO, run_ava
 from tests.cluster.test_failover import LiveRun, run_id_of
+from tests.conftest import REPO, run_ava
+from tests.support.cluster import Cluster
 
 USERSTYLE = REPO / "tests" / "data" / "recipes" / "userstyle"
 NODES = ["n1", "n2"]
@@ -50,14 +50,18 @@ def rank_pid(run_id: str, rank: int) -> int | None:
     return None
 
 
-def crash_a_rank_mid_run(cluster: Cluster, tmp_path: Path, script: str, args: list[str], saved: str, *,
-                         nodes: int = 2) -> LiveRun:
+def crash_a_rank_mid_run(
+    cluster: Cluster, tmp_path: Path, script: str, args: list[str], saved: str, *, nodes: int = 2
+) -> LiveRun:
     """`ava train` of the script on NODES nodes (two ranks in all); once the line SAVED
     appears, SIGKILL rank 1; then wait for the run to end."""
     home = {"AVA_HOME": str(tmp_path / "home")}
     shape = ["--set", f"resources.nodes={nodes}", "--set", f"resources.procs_per_node={2 // nodes}"]
-    run = LiveRun(["train", str(USERSTYLE), "--set", f"run.script={script}", "--set", f"run.args={json.dumps(args)}",
-                   *shape], cluster.inventory(NODES[:nodes]), home)
+    run = LiveRun(
+        ["train", str(USERSTYLE), "--set", f"run.script={script}", "--set", f"run.args={json.dumps(args)}", *shape],
+        cluster.inventory(NODES[:nodes]),
+        home,
+    )
     try:
         run_id = run_id_of(run)
         run.wait_line(saved, timeout=180)
@@ -73,8 +77,13 @@ def crash_a_rank_mid_run(cluster: Cluster, tmp_path: Path, script: str, args: li
 
 
 def test_the_ddp_tutorial_resumes_from_the_snapshot_it_saved_next_to_itself(cluster: Cluster, tmp_path: Path) -> None:
-    run = crash_a_rank_mid_run(cluster, tmp_path, "ddp_tutorial.py", ["8", "1", "--batch_size", "32"],
-                               r"Epoch [1-9] \| Training snapshot saved at snapshot.pt")
+    run = crash_a_rank_mid_run(
+        cluster,
+        tmp_path,
+        "ddp_tutorial.py",
+        ["8", "1", "--batch_size", "32"],
+        r"Epoch [1-9] \| Training snapshot saved at snapshot.pt",
+    )
     text = run.text()
     first, second = text.split("attempt 2 starting", 1)
     assert "Loading snapshot" not in first  # a new run starts from scratch
@@ -83,17 +92,28 @@ def test_the_ddp_tutorial_resumes_from_the_snapshot_it_saved_next_to_itself(clus
     assert "Epoch 7 | Training snapshot saved" in second
 
 
-def test_a_dataloader_with_workers_and_a_sampler_resumes_from_relative_checkpoints(cluster: Cluster, tmp_path: Path) -> None:
-    run = crash_a_rank_mid_run(cluster, tmp_path, "workers.py", ["--epochs", "6", "--workers", "2"],
-                               r"epoch [1-4] loss \S+ saved checkpoint", nodes=1)
+def test_a_dataloader_with_workers_and_a_sampler_resumes_from_relative_checkpoints(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    run = crash_a_rank_mid_run(
+        cluster,
+        tmp_path,
+        "workers.py",
+        ["--epochs", "6", "--workers", "2"],
+        r"epoch [1-4] loss \S+ saved checkpoint",
+        nodes=1,
+    )
     second = run.text().split("attempt 2 starting", 1)[1]
     assert re.search(r"rank 0: resumed at epoch [2-5]", second), second[-3000:]
     assert "rank 0: done" in second and "rank 1: done" in second
 
 
-def test_a_script_reading_data_by_relative_paths_resumes_and_keeps_its_outputs(cluster: Cluster, tmp_path: Path) -> None:
-    run = crash_a_rank_mid_run(cluster, tmp_path, "relative_data.py", ["60"], r"step (1[05]|2[05]) weight \S+ saved",
-                               nodes=1)
+def test_a_script_reading_data_by_relative_paths_resumes_and_keeps_its_outputs(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    run = crash_a_rank_mid_run(
+        cluster, tmp_path, "relative_data.py", ["60"], r"step (1[05]|2[05]) weight \S+ saved", nodes=1
+    )
     second = run.text().split("attempt 2 starting", 1)[1]
     assert re.search(r"rank 0: resumed at step [1-5][05]", second), second[-3000:]
     assert "rank 0: done at step 60" in second

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from ava.agent.doctor_facts import reach
-from tests.conftest import run_ava
 from tests.cluster.test_isolation_cluster import detach, hog_recipe, leases, ps, sets, stop, wait_for
+from tests.conftest import run_ava
 from tests.support.vm import VM
 from tests.support.vm_fixtures import VM_ENV, look
 
@@ -60,8 +60,12 @@ def cleanup(home: dict[str, str], inventory: Path) -> Iterator[list[str]]:
 def assert_nothing_left(vm: VM, run_id: str, inventory: Path, *, wait: float = 0.0) -> None:
     """No process, cgroup (scope or plain directory) or lease of the run on the guest."""
     if wait:
-        wait_for(lambda: not (seen := look(vm, run_id)).procs and not seen.cgroups, timeout=wait, every=1,
-                 what=f"{run_id} gone from the VM")
+        wait_for(
+            lambda: not (seen := look(vm, run_id)).procs and not seen.cgroups,
+            timeout=wait,
+            every=1,
+            what=f"{run_id} gone from the VM",
+        )
     seen = look(vm, run_id)
     assert seen.procs == [], f"processes of {run_id} left: {seen.procs}"
     assert seen.cgroups == {}, f"cgroups of {run_id} left: {sorted(seen.cgroups)}"
@@ -80,6 +84,7 @@ def running(vm: VM, run_id: str, *lines: str) -> bool:
 
 # -- memory -------------------------------------------------------------------------------------
 
+
 def test_memory_limit_kills_the_hog_as_out_of_memory_and_spares_its_neighbour(
     vm: VM, backend: str, home: dict[str, str], inventory: Path, tmp_path: Path, cleanup: list[str]
 ) -> None:
@@ -92,8 +97,9 @@ def test_memory_limit_kills_the_hog_as_out_of_memory_and_spares_its_neighbour(
     greedy = tmp_path / "greedy"
     greedy.mkdir()
     recipe = hog_recipe(greedy, memory="200MiB")
-    done = run_ava("train", str(recipe), *sets(HOG_MODE="alloc", HOG_MIB=1024), inventory=inventory, env=home,
-                   timeout=SLOW)
+    done = run_ava(
+        "train", str(recipe), *sets(HOG_MODE="alloc", HOG_MIB=1024), inventory=inventory, env=home, timeout=SLOW
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert "out of memory on vm (limit 200MiB)" in output
@@ -112,16 +118,22 @@ def test_memory_limit_kills_the_hog_as_out_of_memory_and_spares_its_neighbour(
     events = dict(line.split() for line in (seen.fence()["memory.events"] or "").splitlines())
     assert events.get("oom_kill") == "0" and events.get("oom_group_kill", "0") == "0", events
     vm.ssh(f"touch {shlex.quote(release)}")
-    wait_for(lambda: ps(home)[neighbour]["state"] in ("succeeded", "failed"), timeout=120, every=1,
-             what="the neighbour ending")
+    wait_for(
+        lambda: ps(home)[neighbour]["state"] in ("succeeded", "failed"),
+        timeout=120,
+        every=1,
+        what="the neighbour ending",
+    )
     assert ps(home)[neighbour]["state"] == "succeeded"
     assert "done 0" in look(vm, neighbour).output
 
 
 # -- teardown -------------------------------------------------------------------------------------
 
+
 def escapee(vm: VM, run_id: str) -> int:
     """The job's double-forked, setsid'd grandchild, once it runs: its pid (checked in the guest)."""
+
     def find() -> int | None:
         lines = [l for l in look(vm, run_id).output.splitlines() if "escaped " in l]
         return int(lines[0].rsplit(" ", 1)[1]) if lines else None
@@ -162,14 +174,15 @@ def test_killing_the_agent_ends_the_run_and_leaves_nothing(
 
     assert_nothing_left(vm, run_id, inventory, wait=120)
     assert look(vm, run_id).status["reason"] == "agent-died"
-    run = wait_for(lambda: (r := ps(home)[run_id])["state"] != "running" and r, timeout=120, every=1,
-                   what="the run ending")
+    run = wait_for(
+        lambda: (r := ps(home)[run_id])["state"] != "running" and r, timeout=120, every=1, what="the run ending"
+    )
     assert run["state"] == "failed" and run["attempts"][-1]["cause"] == "the agent on vm died"
 
 
 # -- pids and CPU limits --------------------------------------------------------------------------
 
-FORKS = '''
+FORKS = """
 import errno, os, signal, time
 os.write(1, f"ready {os.environ['RANK']}\\n".encode())
 children, refused = [], None
@@ -186,7 +199,7 @@ for pid in children:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
 os.write(1, f"forked {len(children)} then refused: {refused}\\n".encode())
-'''
+"""
 
 
 def test_pids_limit_refuses_forks_past_it(
@@ -223,8 +236,14 @@ print((usage() - before) / 1e6 / (time.monotonic() - at))
 def test_cpu_limit_holds_two_spinning_ranks_near_one_core(
     vm: VM, backend: str, home: dict[str, str], inventory: Path, tmp_path: Path, cleanup: list[str]
 ) -> None:
-    run_id = detach(hog_recipe(tmp_path, cpus=1), inventory, home, "--set", "resources.procs_per_node=2",
-                    *sets(HOG_MODE="spin", HOG_SECONDS=120))
+    run_id = detach(
+        hog_recipe(tmp_path, cpus=1),
+        inventory,
+        home,
+        "--set",
+        "resources.procs_per_node=2",
+        *sets(HOG_MODE="spin", HOG_SECONDS=120),
+    )
     cleanup.append(run_id)
     wait_for(lambda: running(vm, run_id, "ready 0", "ready 1"), timeout=SLOW, every=1, what="both ranks spinning")
     seen = look(vm, run_id)
@@ -240,6 +259,7 @@ def test_cpu_limit_holds_two_spinning_ranks_near_one_core(
 
 
 # -- GPU leases -----------------------------------------------------------------------------------
+
 
 def test_a_run_asking_for_held_gpus_is_refused_until_they_are_released(
     vm: VM, backend: str, home: dict[str, str], tmp_path: Path, cleanup: list[str]
@@ -274,9 +294,7 @@ def test_a_run_asking_for_held_gpus_is_refused_until_they_are_released(
     assert_nothing_left(vm, first, inventory)
 
 
-def test_the_agent_picks_systemd_scopes_on_a_systemd_cgroup_v2_node(
-    vm: VM, tmp_path: Path
-) -> None:
+def test_the_agent_picks_systemd_scopes_on_a_systemd_cgroup_v2_node(vm: VM, tmp_path: Path) -> None:
     """What `auto` chooses there, and what `ava nodes` and `ava doctor` say of it (as root)."""
     inventory = vm.inventory(tmp_path / "ava.toml")
     nodes = run_ava("nodes", "--json", inventory=inventory, timeout=SLOW)
@@ -288,6 +306,7 @@ def test_the_agent_picks_systemd_scopes_on_a_systemd_cgroup_v2_node(
 
 
 # -- a non-root user (the README's `user = "ubuntu"`) ------------------------------------------------
+
 
 def test_a_non_root_user_trains_in_a_systemd_user_scope_and_doctor_says_so(vm: VM, tmp_path: Path) -> None:
     """Without root, a node with systemd fences runs in the user's own manager (user@1000.service,
@@ -307,8 +326,15 @@ def test_a_non_root_user_trains_in_a_systemd_user_scope_and_doctor_says_so(vm: V
     # rendezvous reaches it, on its own address.
     assert checks["reaches master"]["status"] == "pass", checks["reaches master"]
 
-    done = run_ava("train", "tests/data/recipes/echo", "--set", "resources.memory=512MiB", inventory=inventory,
-                   env=home, timeout=SLOW)
+    done = run_ava(
+        "train",
+        "tests/data/recipes/echo",
+        "--set",
+        "resources.memory=512MiB",
+        inventory=inventory,
+        env=home,
+        timeout=SLOW,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "done 0" in done.stdout + done.stderr
     (run,) = ps(home).values()

@@ -125,9 +125,7 @@ class Agent:
         return run
 
     def cli(self, *args: str, timeout: float = 90.0) -> tuple[int, Any]:
-        proc = subprocess.run(
-            [*self.prefix, *args], cwd=REPO, capture_output=True, timeout=timeout, check=False
-        )
+        proc = subprocess.run([*self.prefix, *args], cwd=REPO, capture_output=True, timeout=timeout, check=False)
         try:
             return proc.returncode, json.loads(proc.stdout)
         except ValueError:

@@ -3,7 +3,8 @@ and a plain s3fs client with the test module's BUCKET made."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 

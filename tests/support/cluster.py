@@ -30,17 +30,17 @@ import fcntl
 import itertools
 import os
 import re
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from tests.support import nodepy
 
@@ -223,16 +223,21 @@ class Cluster:
     def _write_bashrc(self, node: TestNode) -> None:
         """The node's ~/.bashrc (Debian's bash reads it for SSH commands too): the node venv first
         on PATH; on the noisy node, output on both streams and a conda-like bin before it."""
-        lines = ["# ava test node: its environment first on PATH, as users activate theirs",
-                 f"export PATH={shlex.quote(str(Path(self.python).parent))}:$PATH"]
+        lines = [
+            "# ava test node: its environment first on PATH, as users activate theirs",
+            f"export PATH={shlex.quote(str(Path(self.python).parent))}:$PATH",
+        ]
         if node.noisy:
             conda = node.dir / "conda" / "bin"
             conda.mkdir(parents=True)
             for name in ("python3", "python"):
-                (conda / name).write_text(f"#!/bin/sh\nexec {shlex.quote(self.python)} \"$@\"\n")
+                (conda / name).write_text(f'#!/bin/sh\nexec {shlex.quote(self.python)} "$@"\n')
                 (conda / name).chmod(0o755)
-            lines += [f"echo {shlex.quote(NOISE_OUT)}", f"echo {shlex.quote(NOISE_ERR)} >&2",
-                      f"export PATH={shlex.quote(str(conda))}:$PATH"]
+            lines += [
+                f"echo {shlex.quote(NOISE_OUT)}",
+                f"echo {shlex.quote(NOISE_ERR)} >&2",
+                f"export PATH={shlex.quote(str(conda))}:$PATH",
+            ]
         (node.dir / "bashrc").write_text("\n".join(lines) + "\n")
 
     def _sshd_config(self, node: TestNode) -> Path:
@@ -272,12 +277,27 @@ class Cluster:
             steps = [
                 f"mount --bind /etc/netns/{node.namespace}/resolv.conf /etc/resolv.conf",
                 f"{{ [ -e ~/.bashrc ] || touch ~/.bashrc; }} && mount --bind {shlex.quote(str(bashrc))} ~/.bashrc",
-                *([f"mkdir -p ~/.ava && mount --bind {shlex.quote(str(node.workdir))} ~/.ava"] if node.defaults else []),
+                *(
+                    [f"mkdir -p ~/.ava && mount --bind {shlex.quote(str(node.workdir))} ~/.ava"]
+                    if node.defaults
+                    else []
+                ),
                 f"hostname {node.hostname}",
                 "exec " + shlex.join(argv),
             ]
-            argv = ["nsenter", f"--net=/run/netns/{node.namespace}", "--",
-                    "unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", " && ".join(steps)]
+            argv = [
+                "nsenter",
+                f"--net=/run/netns/{node.namespace}",
+                "--",
+                "unshare",
+                "--uts",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                " && ".join(steps),
+            ]
         node.sshd = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
 
@@ -322,8 +342,9 @@ class Cluster:
 
     # -- inventories ------------------------------------------------------------------------
 
-    def inventory(self, names: list[str] | None = None, *, path: Path | None = None, s3fs: bool = False,
-                  **defaults: object) -> Path:
+    def inventory(
+        self, names: list[str] | None = None, *, path: Path | None = None, s3fs: bool = False, **defaults: object
+    ) -> Path:
         """Write an ava.toml for these nodes (all when None) and return its path.
 
         Nodes run the node venv; `s3fs=True` gives them its flavour with s3fs, for training
@@ -511,7 +532,7 @@ def clean_stale() -> None:
     for line in _sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
         parts = line.split(":")
         name = parts[1].strip().split("@")[0] if len(parts) > 1 else ""
-        if name.startswith(PREFIX) and is_stale(name[len(PREFIX):len(PREFIX) + 4]):
+        if name.startswith(PREFIX) and is_stale(name[len(PREFIX) : len(PREFIX) + 4]):
             _sh("ip", "link", "del", name, check=False)
     with _clusters_lock(), contextlib.suppress(OSError):
         lines = HOSTS_FILE.read_text().splitlines(keepends=True)

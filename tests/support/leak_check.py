@@ -33,8 +33,11 @@ class Leftovers:
     leases: frozenset[str]
 
     def minus(self, before: Leftovers) -> Leftovers:
-        return Leftovers({p: w for p, w in self.processes.items() if p not in before.processes},
-                         self.cgroups - before.cgroups, self.leases - before.leases)
+        return Leftovers(
+            {p: w for p, w in self.processes.items() if p not in before.processes},
+            self.cgroups - before.cgroups,
+            self.leases - before.leases,
+        )
 
     def __bool__(self) -> bool:
         return bool(self.processes or self.cgroups or self.leases)
@@ -60,7 +63,7 @@ def _processes(root: bytes, listeners: set[int]) -> dict[int, str]:
                     continue
         except OSError:
             continue
-        run = next((v[len(b"AVA_RUN_ID="):] for v in environ.split(b"\0") if v.startswith(b"AVA_RUN_ID=")), None)
+        run = next((v[len(b"AVA_RUN_ID=") :] for v in environ.split(b"\0") if v.startswith(b"AVA_RUN_ID=")), None)
         if (run is not None and root in environ) or root in cmdline:
             what = f"run {run.decode(errors='replace')}" if run else "agent"
             argv = cmdline.replace(b"\0", b" ")[:160].decode(errors="replace")
@@ -106,8 +109,7 @@ def _leases(cluster: Cluster) -> frozenset[str]:
 
 def snapshot(cluster: Cluster) -> Leftovers:
     listeners = {n.sshd.pid for n in cluster.nodes if n.sshd is not None}
-    return Leftovers(_processes(str(cluster.root).encode(), listeners), _cgroups(_run_ids(cluster)),
-                     _leases(cluster))
+    return Leftovers(_processes(str(cluster.root).encode(), listeners), _cgroups(_run_ids(cluster)), _leases(cluster))
 
 
 def silent_nodes(cluster: Cluster) -> list[str]:

@@ -40,8 +40,11 @@ FOREIGN = ("ava", "fabric", "paramiko", "invoke", "typer", "rich", "moto", "s3fs
 
 def clean_env() -> dict[str, str]:
     """This process's environment minus what would lead an interpreter to the test's packages."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV")
+    }
     env["PYTHONNOUSERSITE"] = "1"
     return env
 
@@ -56,16 +59,24 @@ def _torch_wheel() -> str:
 
 
 def _key(extras: tuple[str, ...]) -> str:
-    version = subprocess.run([BASE_PYTHON, "-c", "import sys; print(sys.version)"], capture_output=True,
-                             text=True, check=True, env=clean_env()).stdout
+    version = subprocess.run(
+        [BASE_PYTHON, "-c", "import sys; print(sys.version)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=clean_env(),
+    ).stdout
     code = [inspect.getsource(f) for f in (clean_env, _pip, _build)]
     inputs = [BASE_PYTHON, version, _torch_wheel(), *code, *extras, *([_key(())] if extras else [])]
     return hashlib.sha256("\0".join(inputs).encode()).hexdigest()[:16]
 
 
 def _pip(venv: Path, *args: str) -> None:
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-input", *args],
-                   check=True, env=clean_env())
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-input", *args],
+        check=True,
+        env=clean_env(),
+    )
 
 
 def _build(target: Path, extras: tuple[str, ...]) -> None:

@@ -27,9 +27,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 KEY_ID = "testing"
@@ -44,8 +45,9 @@ class S3Endpoint:
     url: str
     env: dict[str, str] = field(default_factory=dict)
 
-    def s3fs_kwargs(self, endpoint: str | None = None, retries: int | None = None,
-                    timeout: float | None = None, **extra: Any) -> dict[str, Any]:
+    def s3fs_kwargs(
+        self, endpoint: str | None = None, retries: int | None = None, timeout: float | None = None, **extra: Any
+    ) -> dict[str, Any]:
         """Keyword arguments for s3fs.S3FileSystem. `retries`/`timeout` shrink botocore's retry
         loop and socket timeouts so fault tests fail fast (s3fs's own loop is the instance
         attribute `retries`, not an argument: set it on the instance)."""
@@ -68,14 +70,19 @@ class S3Endpoint:
 
 
 def _env(url: str) -> dict[str, str]:
-    return {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
-            "AWS_DEFAULT_REGION": REGION, "FSSPEC_S3_ENDPOINT_URL": url}
+    return {
+        "AWS_ACCESS_KEY_ID": KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+        "FSSPEC_S3_ENDPOINT_URL": url,
+    }
 
 
 def _spawn(args: list[str]) -> tuple[subprocess.Popen, int]:
     """Start this script in a child process and read the port it prints."""
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("PORT "):
@@ -125,8 +132,9 @@ class Proxy:
 
     def _call(self, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + "/_proxy/" + path, data=data,
-                                     method="POST" if data is not None else "GET")
+        req = urllib.request.Request(
+            self.url + "/_proxy/" + path, data=data, method="POST" if data is not None else "GET"
+        )
         return json.loads(urllib.request.urlopen(req, timeout=10).read() or b"null")
 
     def stats(self) -> dict[str, int]:
@@ -206,7 +214,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _control(self, body: bytes) -> None:
         st = self.state
-        what = self.path[len("/_proxy/"):]
+        what = self.path[len("/_proxy/") :]
         with st.lock:
             if what == "reset":
                 st.get_bytes = st.gets = st.requests = st.faults_done = 0
@@ -214,8 +222,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 st.plan = []
             elif what == "faults":
                 st.plan = [dict(r) for r in json.loads(body or b"[]")]
-            out = json.dumps({"get_bytes": st.get_bytes, "gets": st.gets, "requests": st.requests,
-                              "faults": st.faults_done}).encode()
+            out = json.dumps(
+                {"get_bytes": st.get_bytes, "gets": st.gets, "requests": st.requests, "faults": st.faults_done}
+            ).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
@@ -272,14 +281,14 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         if fault and fault["kind"] == "short":
-            self.wfile.write(data[:len(data) // 2])
+            self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
             self._drop()
             return
         if fault and fault["kind"] == "slow":  # throttle the body to `rate` bytes/s
             step = 16384
             for i in range(0, len(data), step):
-                self.wfile.write(data[i:i + step])
+                self.wfile.write(data[i : i + step])
                 time.sleep(step / float(fault.get("rate", 1 << 20)))
         else:
             self.wfile.write(data)

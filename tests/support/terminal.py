@@ -23,14 +23,21 @@ def plain_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def on_pty(*args: str, env: dict[str, str] | None = None, timeout: float = 180,
-           columns: int = 200) -> tuple[int, str, str]:
+def on_pty(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 180, columns: int = 200
+) -> tuple[int, str, str]:
     """(exit code, what the terminal showed with \\r\\n made \\n, stderr) of `python -m ava ARGS`
     with stdin and stdout on a pty of `columns` columns; stderr stays a pipe, to be read apart."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-    process = subprocess.Popen([sys.executable, "-m", "ava", *args], stdin=slave, stdout=slave,
-                               stderr=subprocess.PIPE, env=plain_env(env), cwd=REPO)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ava", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=plain_env(env),
+        cwd=REPO,
+    )
     # The slave stays open here until the end: once its last holder closes it, Linux may drop
     # what the master had not read yet (EIO), losing a short command's whole output.
     shown = bytearray()
@@ -39,7 +46,9 @@ def on_pty(*args: str, env: dict[str, str] | None = None, timeout: float = 180,
         while True:
             if time.monotonic() > deadline:
                 process.kill()
-                raise AssertionError(f"ava {' '.join(args)} on a pty: no end after {timeout} s:\n{shown.decode()[-2000:]}")
+                raise AssertionError(
+                    f"ava {' '.join(args)} on a pty: no end after {timeout} s:\n{shown.decode()[-2000:]}"
+                )
             ended = process.poll() is not None
             ready, _, _ = select.select([master], [], [], 0.2)
             if ready:

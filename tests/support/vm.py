@@ -38,13 +38,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 SUITE = "bookworm"
-PACKAGES = ("systemd", "systemd-sysv", "openssh-server", "python3", "python3-venv", "linux-image-amd64",
-            "iproute2", "udev", "dbus", "libpam-systemd", "procps")
+PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "openssh-server",
+    "python3",
+    "python3-venv",
+    "linux-image-amd64",
+    "iproute2",
+    "udev",
+    "dbus",
+    "libpam-systemd",
+    "procps",
+)
 TORCH = "2.13.0"
 NODE_PYTHON = "/opt/nodepy/bin/python"
 USER = "ubuntu"
@@ -83,18 +94,28 @@ GUEST_FILES = {
     "etc/fstab": "/dev/vda / ext4 rw,relatime 0 1\n",
     "etc/systemd/network/50-dhcp.network": "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
     # Controllers stay enabled in the root cgroup whatever units run, for the plain v2 subtree.
-    "etc/systemd/system.conf.d/ava-accounting.conf":
-        "[Manager]\nDefaultMemoryAccounting=yes\nDefaultCPUAccounting=yes\nDefaultTasksAccounting=yes\n",
+    "etc/systemd/system.conf.d/ava-accounting.conf": "[Manager]\nDefaultMemoryAccounting=yes\nDefaultCPUAccounting=yes\nDefaultTasksAccounting=yes\n",
     "etc/ssh/sshd_config.d/ava.conf": "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\n"
-                                       "PermitRootLogin prohibit-password\nMaxSessions 200\nMaxStartups 200:30:400\n"
-                                       "UseDNS no\n",
+    "PermitRootLogin prohibit-password\nMaxSessions 200\nMaxStartups 200:30:400\n"
+    "UseDNS no\n",
 }
 
 
 def image_key() -> str:
     """Hash of everything the image is made from: the build code and its constants."""
-    parts = [SUITE, ",".join(PACKAGES), TORCH, NODE_PYTHON, USER, HOSTNAME, IMAGE_SIZE, repr(sorted(GUEST_FILES.items())),
-             inspect.getsource(_build_root), inspect.getsource(_install_torch), inspect.getsource(_make_disk)]
+    parts = [
+        SUITE,
+        ",".join(PACKAGES),
+        TORCH,
+        NODE_PYTHON,
+        USER,
+        HOSTNAME,
+        IMAGE_SIZE,
+        repr(sorted(GUEST_FILES.items())),
+        inspect.getsource(_build_root),
+        inspect.getsource(_install_torch),
+        inspect.getsource(_make_disk),
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -175,7 +196,18 @@ def _build_root(root: Path, out: Image) -> None:
     # One host key, generated here: the test's known_hosts line names exactly it.
     for old in (root / "etc/ssh").glob("ssh_host_*"):
         old.unlink()
-    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ava-test-vm", "-f", str(root / "etc/ssh/ssh_host_ed25519_key"))
+    _sh(
+        "ssh-keygen",
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-C",
+        "ava-test-vm",
+        "-f",
+        str(root / "etc/ssh/ssh_host_ed25519_key"),
+    )
     shutil.copy(root / "etc/ssh/ssh_host_ed25519_key.pub", out.host_key_pub)
     _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ava-test-vm-client", "-f", str(out.key))
     public = Path(f"{out.key}.pub").read_text()
@@ -188,8 +220,17 @@ def _build_root(root: Path, out: Image) -> None:
         _chroot(root, "chmod", "600", f"/{home}/.ssh/authorized_keys")
     _chroot(root, "systemctl", "enable", "systemd-networkd", "ssh")
     # A login prompt on the serial console is not needed, and a wait for the network only delays boot.
-    _chroot(root, "systemctl", "mask", "serial-getty@ttyS0.service", "systemd-networkd-wait-online.service",
-            "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer")
+    _chroot(
+        root,
+        "systemctl",
+        "mask",
+        "serial-getty@ttyS0.service",
+        "systemd-networkd-wait-online.service",
+        "apt-daily.timer",
+        "apt-daily-upgrade.timer",
+        "e2scrub_all.timer",
+        "fstrim.timer",
+    )
     for name in ("vmlinuz", "initrd.img"):
         shutil.copy(os.path.realpath(root / name), out.dir / name)
 
@@ -202,8 +243,17 @@ def _install_torch(root: Path) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     clean.update(PIP_CONFIG_FILE="/dev/null", PIP_DISABLE_PIP_VERSION_CHECK="1")
     _chroot(root, "python3", "-m", "venv", "/opt/nodepy", env=clean)
-    _chroot(root, "/opt/nodepy/bin/pip", "install", "-q", "--no-index", "--find-links", "/tmp/wh",
-            f"torch=={TORCH}", env=clean)
+    _chroot(
+        root,
+        "/opt/nodepy/bin/pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--find-links",
+        "/tmp/wh",
+        f"torch=={TORCH}",
+        env=clean,
+    )
     shutil.rmtree(wheels)
     _chroot(root, "/opt/nodepy/bin/python", "-c", "import torch", env=clean)
 
@@ -243,6 +293,7 @@ def _remove_old_images(keep: str) -> None:
 
 # -- a booted guest ---------------------------------------------------------------------------
 
+
 @dataclass
 class VM:
     image: Image
@@ -267,19 +318,41 @@ class VM:
             key = self.image.host_key_pub.read_text().split()[:2]
             self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {key[0]} {key[1]}\n")
             argv = [
-                "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(CPUS), "-m", str(MEMORY_MIB),
-                "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-cpu",
+                "max",
+                "-smp",
+                str(CPUS),
+                "-m",
+                str(MEMORY_MIB),
+                "-kernel",
+                str(self.image.kernel),
+                "-initrd",
+                str(self.image.initrd),
                 # mitigations=off: page-table isolation and retpolines cost most under emulation.
-                "-append", "root=/dev/vda rw console=ttyS0 quiet mitigations=off",
+                "-append",
+                "root=/dev/vda rw console=ttyS0 quiet mitigations=off",
                 # cache=unsafe: the guest's fsyncs (ledger, status files) stop at the throw-away overlay.
-                "-drive", f"file={self.image.disk},format=raw,if=virtio,snapshot=on,cache=unsafe",
-                "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:22",
-                "-device", "virtio-net-pci,netdev=net0",
-                "-display", "none", "-serial", f"file:{self.console}", "-monitor", "none", "-no-reboot",
+                "-drive",
+                f"file={self.image.disk},format=raw,if=virtio,snapshot=on,cache=unsafe",
+                "-netdev",
+                f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:22",
+                "-device",
+                "virtio-net-pci,netdev=net0",
+                "-display",
+                "none",
+                "-serial",
+                f"file:{self.console}",
+                "-monitor",
+                "none",
+                "-no-reboot",
             ]
             with open(self.root / "qemu.log", "wb") as log:
-                self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                stderr=log, preexec_fn=_die_with_parent)
+                self.process = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_die_with_parent
+                )
             (OWNERS / str(self.process.pid)).write_text(str(os.getpid()))
             self._wait_ssh(timeout)
             self.boot_seconds = time.monotonic() - started
@@ -320,16 +393,38 @@ class VM:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def ssh_argv(self, user: str = "root") -> list[str]:
-        return ["ssh", "-p", str(self.port), "-i", str(self.image.key), "-o", "BatchMode=yes",
-                "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
-                "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", f"{user}@127.0.0.1"]
+        return [
+            "ssh",
+            "-p",
+            str(self.port),
+            "-i",
+            str(self.image.key),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
+            f"{user}@127.0.0.1",
+        ]
 
-    def ssh(self, command: str, *, user: str = "root", check: bool = True, timeout: float = 120,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def ssh(
+        self, command: str, *, user: str = "root", check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """COMMAND run by a shell in the guest (a test's look inside; ava goes through its own transport)."""
         try:
-            done = subprocess.run(self.ssh_argv(user) + [command], capture_output=True, text=True,
-                                  timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL)
+            done = subprocess.run(
+                self.ssh_argv(user) + [command],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired as exc:
             if check:
                 raise RuntimeError(f"in the VM: {command!r} took over {timeout:g}s") from exc

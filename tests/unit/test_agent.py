@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-
 from ava.agent import build_zipapp
 from ava.agent.status import parse_rank_exit_codes
-from tests.support.agent_helpers import (  # noqa: F401  (agent is a fixture)
+from tests.support.agent_helpers import (
     REPO,
     Agent,
     agent,
@@ -44,7 +43,7 @@ def test_torchrun_job_runs_to_success_with_both_ranks_logged(agent: Agent) -> No
     run = agent.new_run("ok")
     rc, st = agent.start(agent.spec(run, torchrun("ranks.py"), env={"JOB_SLEEP": "1.5"}))
     assert rc == 0 and st["state"] == "running", st
-    assert STATUS_KEYS <= set(st)
+    assert set(st) >= STATUS_KEYS
     assert st["cgroup"]["backend"] in ("v1", "v2") and st["job_pid"] and st["pid"]
     final = agent.wait_final(run)
     assert (final["state"], final["reason"], final["exit_code"]) == ("succeeded", "exit", 0)
@@ -203,7 +202,7 @@ def test_env_values_reach_the_job_byte_exact(agent: Agent, tmp_path: Path) -> No
     run = agent.new_run("env")
     pwned = tmp_path / "pwned"  # what a value run through a shell would create
     env = {
-        "Q": "it's \"quoted\" `x`",
+        "Q": 'it\'s "quoted" `x`',
         "CMD": f"$(touch {pwned}); rm -rf nothing; echo $HOME",
         "NL": "line one\nline two\n",
         "UNI": "héllo ☃ 日本 \t tab",

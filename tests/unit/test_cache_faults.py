@@ -13,14 +13,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from ava.cache import AvaCacheFileSystem
 from ava.cache.store import read_header, verify_block_file
-from tests.support.cache_fixtures import direct, proxy, s3  # noqa: F401 (fixtures)
+from tests.support.cache_fixtures import direct, proxy, s3
 from tests.support.s3server import Proxy, S3Endpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,11 +44,9 @@ def cachefs(s3, proxy, cache_dir, **kw) -> AvaCacheFileSystem:
     import s3fs
 
     # s3fs and botocore try once and time out after 1 s; the cache adds its own retries
-    remote = s3fs.S3FileSystem(**s3.s3fs_kwargs(endpoint=proxy.url, retries=1, timeout=1.0,
-                                                skip_instance_cache=True))
+    remote = s3fs.S3FileSystem(**s3.s3fs_kwargs(endpoint=proxy.url, retries=1, timeout=1.0, skip_instance_cache=True))
     remote.retries = 1
-    return AvaCacheFileSystem(fs=remote, cache_dir=str(cache_dir), block_size=256 * KiB,
-                              skip_instance_cache=True, **kw)
+    return AvaCacheFileSystem(fs=remote, cache_dir=str(cache_dir), block_size=256 * KiB, skip_instance_cache=True, **kw)
 
 
 def files(root: Path, marker: str) -> list[str]:
@@ -60,8 +58,7 @@ def blocks(root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["error", "timeout", "short"])
-def test_persistent_fault_raises_after_retries_and_records_nothing(kind, s3, proxy, direct,
-                                                                   tmp_path):
+def test_persistent_fault_raises_after_retries_and_records_nothing(kind, s3, proxy, direct, tmp_path):
     data = content(1, 600 * KiB)
     direct.pipe(f"{BUCKET}/{kind}.bin", data)
     fs = cachefs(s3, proxy, tmp_path, retries=2, readahead=0)
@@ -84,8 +81,9 @@ def test_transient_fault_is_retried_into_exact_bytes(kind, s3, proxy, direct, tm
     proxy.set_faults([{"kind": kind, "count": 2}])
     assert fs.open(f"s3://{BUCKET}/t-{kind}.bin").read() == data
     assert proxy.stats()["faults"] == 2
-    assert all(verify_block_file(os.path.join(r, f)) for r, _d, fs_ in os.walk(tmp_path)
-               for f in fs_ if f.endswith(".blk"))
+    assert all(
+        verify_block_file(os.path.join(r, f)) for r, _d, fs_ in os.walk(tmp_path) for f in fs_ if f.endswith(".blk")
+    )
 
 
 # -- kill -9 ------------------------------------------------------------------------------------
@@ -142,8 +140,7 @@ ZYGOTE = textwrap.dedent("""
 """)
 
 
-def test_kill9_during_reads_leaves_no_corrupt_block_and_keeps_finished_ones(s3, proxy, direct,
-                                                                            tmp_path):
+def test_kill9_during_reads_leaves_no_corrupt_block_and_keeps_finished_ones(s3, proxy, direct, tmp_path):
     objects = []
     for k, size in enumerate((3 * MiB + 5, 2 * MiB)):
         url = f"s3://{BUCKET}/kill-{k}.bin"
@@ -153,9 +150,13 @@ def test_kill9_during_reads_leaves_no_corrupt_block_and_keeps_finished_ones(s3, 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_", "AVA_"))}
     env.update(s3.env, FSSPEC_S3_ENDPOINT_URL=proxy.url, PYTHONPATH=str(REPO))
     errors = tmp_path.parent / "reader-errors.txt"
-    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(tmp_path), repr(objects),
-                               str(errors)],
-                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    zygote = subprocess.Popen(
+        [sys.executable, "-c", ZYGOTE, str(tmp_path), repr(objects), str(errors)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     checker = cachefs(s3, proxy, tmp_path, readahead=0)
     rnd = random.Random(1234)
     killed_mid_download = reused_bytes = 0
@@ -178,9 +179,9 @@ def test_kill9_during_reads_leaves_no_corrupt_block_and_keeps_finished_ones(s3, 
             zygote.stdin.write(f"reap {pid}\n")
             zygote.stdin.flush()
             status = int(zygote.stdout.readline())
-            assert os.WIFSIGNALED(status), (
-                f"trial {trial}: reader " + ("saw corrupt bytes" if os.WEXITSTATUS(status) == 3
-                                             else "failed: " + errors.read_text()[-3000:]))
+            assert os.WIFSIGNALED(status), f"trial {trial}: reader " + (
+                "saw corrupt bytes" if os.WEXITSTATUS(status) == 3 else "failed: " + errors.read_text()[-3000:]
+            )
             # a lock file left behind is a download the kill interrupted
             killed_mid_download += bool(files(tmp_path, ".blk.lock") or files(tmp_path, ".tmp."))
             # every visible block is complete, verified and holds the right bytes
@@ -194,13 +195,16 @@ def test_kill9_during_reads_leaves_no_corrupt_block_and_keeps_finished_ones(s3, 
                     meta, base = read_header(fd)
                     got = os.pread(fd, meta["length"], base)
                     os.close(fd)
-                    want = expected[meta["url"]][meta["offset"]:meta["offset"] + meta["length"]]
+                    want = expected[meta["url"]][meta["offset"] : meta["offset"] + meta["length"]]
                     assert got == want, f"trial {trial}: wrong bytes in {name}"
             # a fresh reader gets exact bytes and fetches only the blocks that are missing
             url, _seed, size = objects[trial % len(objects)]
             obj = checker.object_id(url)[0]
-            present = sum(obj.span(i)[1] - obj.span(i)[0] for i in range(obj.nblocks)
-                          if os.path.exists(checker.store.block_path(obj, i)))
+            present = sum(
+                obj.span(i)[1] - obj.span(i)[0]
+                for i in range(obj.nblocks)
+                if os.path.exists(checker.store.block_path(obj, i))
+            )
             proxy.reset()  # also lifts the throttle
             with checker.open(url) as f:
                 assert f.read() == expected[url], f"trial {trial}: corrupt read after kill"
@@ -212,5 +216,7 @@ def test_kill9_during_reads_leaves_no_corrupt_block_and_keeps_finished_ones(s3, 
     # Without kills inside downloads the test would pass without exercising what it is for.
     assert killed_mid_download > 0, f"no kill of {KILL_TRIALS} landed inside a download"
     # Blocks a killed reader finished stay and are served to the next reader: none re-fetched.
-    assert reused_bytes > 0, (f"no block a killed reader finished was kept in {KILL_TRIALS} trials "
-                              f"({killed_mid_download} kills inside a download)")
+    assert reused_bytes > 0, (
+        f"no block a killed reader finished was kept in {KILL_TRIALS} trials "
+        f"({killed_mid_download} kills inside a download)"
+    )

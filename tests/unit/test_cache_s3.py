@@ -19,8 +19,8 @@ import fsspec
 import pytest
 
 from ava.cache import AvaCacheFileSystem
-from tests.support.cache_fixtures import direct, proxy, s3  # noqa: F401 (fixtures)
 from tests.support.agent_helpers import wait_for
+from tests.support.cache_fixtures import direct, proxy, s3
 from tests.support.s3server import Proxy, S3Endpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,10 +34,15 @@ def put(direct, key: str, data: bytes) -> str:
 
 
 def cachefs(s3: S3Endpoint, proxy: Proxy, cache_dir: Path, **kw) -> AvaCacheFileSystem:
-    opts = s3.s3fs_kwargs(endpoint=proxy.url, retries=kw.pop("s3_retries", None),
-                          timeout=kw.pop("timeout", None), skip_instance_cache=True)
-    return AvaCacheFileSystem(target_protocol="s3", target_options=opts,
-                              cache_dir=str(cache_dir), skip_instance_cache=True, **kw)
+    opts = s3.s3fs_kwargs(
+        endpoint=proxy.url,
+        retries=kw.pop("s3_retries", None),
+        timeout=kw.pop("timeout", None),
+        skip_instance_cache=True,
+    )
+    return AvaCacheFileSystem(
+        target_protocol="s3", target_options=opts, cache_dir=str(cache_dir), skip_instance_cache=True, **kw
+    )
 
 
 def child_env(s3: S3Endpoint, endpoint: str, **extra: str) -> dict[str, str]:
@@ -50,16 +55,15 @@ def test_chained_url_reads_exact_bytes_and_second_read_is_local(s3, proxy, direc
     data = os.urandom(3 * MiB + 123)
     url = put(direct, "chained.bin", data)
     proxy.reset()
-    opts = {"s3": s3.s3fs_kwargs(endpoint=proxy.url),
-            "avacache": {"cache_dir": str(tmp_path), "block_size": MiB}}
+    opts = {"s3": s3.s3fs_kwargs(endpoint=proxy.url), "avacache": {"cache_dir": str(tmp_path), "block_size": MiB}}
     with fsspec.open(f"avacache::{url}", "rb", **opts) as f:
         assert f.read() == data
     assert proxy.stats()["get_bytes"] == len(data)
     with fsspec.open(f"avacache::{url}", "rb", **opts) as f:
         f.seek(MiB + 5)
-        assert f.read(MiB) == data[MiB + 5:2 * MiB + 5]
+        assert f.read(MiB) == data[MiB + 5 : 2 * MiB + 5]
         f.seek(len(data) - MiB - 10)
-        assert f.read(5 * MiB) == data[-MiB - 10:]  # past the end, across a block boundary
+        assert f.read(5 * MiB) == data[-MiB - 10 :]  # past the end, across a block boundary
         assert f.read(10) == b""
     assert proxy.stats()["get_bytes"] == len(data)
 
@@ -79,8 +83,7 @@ def test_job_env_alone_configures_the_cache(s3, proxy, direct, tmp_path):
         print(a, b)
     """)
     env = child_env(s3, proxy.url, **job_env(str(tmp_path), "1GiB", "512KiB"))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     digest = hashlib.sha256(data).hexdigest()
     assert r.stdout.split() == [digest, digest]
@@ -104,18 +107,25 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_eight_cold_readers_get_exact_bytes_and_fetch_the_object_once(s3, proxy, direct,
-                                                                     tmp_path):
+def test_eight_cold_readers_get_exact_bytes_and_fetch_the_object_once(s3, proxy, direct, tmp_path):
     data = os.urandom(64 * MiB)
     url = put(direct, "shared-64m.bin", data)
     proxy.reset()
     env = child_env(s3, proxy.url)
     gate = tmp_path / "gate"  # opened once every reader has imported s3fs and made its fs
-    procs = [subprocess.Popen([sys.executable, "-c", READER, url, str(tmp_path / "cache"), str(gate)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(8)]
-    ready = wait_for(lambda: len(list(tmp_path.glob("gate.ready-*"))) == 8
-                     or any(p.poll() is not None for p in procs), timeout=120)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", READER, url, str(tmp_path / "cache"), str(gate)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    ready = wait_for(
+        lambda: len(list(tmp_path.glob("gate.ready-*"))) == 8 or any(p.poll() is not None for p in procs), timeout=120
+    )
     gate.touch()
     assert ready and len(list(tmp_path.glob("gate.ready-*"))) == 8, [p.poll() for p in procs]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -137,7 +147,7 @@ def test_random_reads_fetch_only_the_blocks_they_touch(s3, proxy, direct, tmp_pa
         for _ in range(10):
             off = rnd.randrange(len(data) - 4096)
             f.seek(off)
-            assert f.read(4096) == data[off:off + 4096]
+            assert f.read(4096) == data[off : off + 4096]
             touched.update({off // MiB, (off + 4095) // MiB})
     assert proxy.stats()["get_bytes"] == len(touched) * MiB
 
@@ -148,7 +158,7 @@ def test_sequential_reader_triggers_readahead(s3, proxy, direct, tmp_path):
     fs = cachefs(s3, proxy, tmp_path, block_size=MiB, readahead=4)
     with fs.open(url) as f:
         assert f.read(MiB) == data[:MiB]
-        assert f.read(MiB) == data[MiB:2 * MiB]
+        assert f.read(MiB) == data[MiB : 2 * MiB]
         deadline = time.time() + 20
         while fs.store.status()["blocks"] < 6 and time.time() < deadline:
             time.sleep(0.05)
@@ -201,14 +211,16 @@ def test_module_cli_warms_reports_and_clears(s3, proxy, direct, tmp_path):
     cache = str(tmp_path / "c")
 
     def cli(*args: str) -> list[dict]:
-        r = subprocess.run([sys.executable, "-m", "ava.cache", *args], env=env,
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "ava.cache", *args], env=env, capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0, r.stderr + r.stdout
         assert "testing" not in r.stdout + r.stderr  # no credentials in output
         return [json.loads(line) for line in r.stdout.splitlines()]
 
-    lines = cli("warm", "--dir", cache, "--size-limit", "1GiB", "--block-size", "256KiB",
-                f"s3://{BUCKET}/shards/train-*.tar")
+    lines = cli(
+        "warm", "--dir", cache, "--size-limit", "1GiB", "--block-size", "256KiB", f"s3://{BUCKET}/shards/train-*.tar"
+    )
     total = sum(len(d) for d in objs.values())
     assert lines[-1]["summary"] and lines[-1]["done_bytes"] == total
     assert all(line["total_bytes"] == total for line in lines)
@@ -222,9 +234,11 @@ def test_module_cli_warms_reports_and_clears(s3, proxy, direct, tmp_path):
 
 
 def test_user_side_modules_import_only_stdlib_and_fsspec():
-    code = ("import sys, ava.cache, ava.data; "
-            "print(sorted(m for m in ('s3fs', 'fabric', 'typer', 'rich', 'torch', 'botocore') "
-            "if m in sys.modules))")
+    code = (
+        "import sys, ava.cache, ava.data; "
+        "print(sorted(m for m in ('s3fs', 'fabric', 'typer', 'rich', 'torch', 'botocore') "
+        "if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

@@ -30,9 +30,9 @@ def payload(url: str, start: int, end: int) -> bytes:
     """Deterministic bytes of a fake object: a function of URL and offset only."""
     seed = hashlib.sha256(url.encode()).digest()
     reps = (end - start) // 32 + 2
-    base = (seed * reps)
+    base = seed * reps
     shift = start % 32
-    return base[shift:shift + end - start]
+    return base[shift : shift + end - start]
 
 
 def obj(name: str, size: int = 4 * BS) -> ObjectId:
@@ -44,6 +44,7 @@ def fetcher(o: ObjectId, log: list | None = None):
         if log is not None:
             log.append((o.url, start, end))
         return payload(o.url, start, end)
+
     return fetch
 
 
@@ -149,6 +150,7 @@ def test_size_bound_holds_under_a_workload_five_times_the_cache(tmp_path: Path) 
 
     def reader(seed: int) -> list[str]:
         import random
+
         rnd = random.Random(seed)
         wrong = []
         for _ in range(150):
@@ -216,8 +218,7 @@ def test_corrupt_or_foreign_block_file_is_a_miss(tmp_path: Path) -> None:
     b.close()
 
 
-def test_unwritable_cache_dir_reads_remote_with_one_warning(tmp_path: Path,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_unwritable_cache_dir_reads_remote_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")  # a file where the cache directory should be: ENOTDIR, even as root
     store = BlockStore(str(blocker / "cache"), 100 * BS)

@@ -60,8 +60,7 @@ def test_load_latest_of_an_empty_or_missing_directory_is_none(tmp_path: Path) ->
     assert ckpt.latest_step(tmp_path / "absent") is None
 
 
-def test_directory_defaults_to_ava_checkpoint_dir(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_directory_defaults_to_ava_checkpoint_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AVA_CHECKPOINT_DIR", str(tmp_path))
     ckpt.save(state_of(1.0), 1)
     assert ckpt.latest_step() == 1
@@ -78,12 +77,10 @@ def test_only_the_last_k_checkpoints_are_kept(tmp_path: Path) -> None:
     for step in range(1, 6):
         ckpt.save(state_of(step), step * 10, dir=tmp_path, keep=2)
     assert ckpt.committed_steps(tmp_path) == [40, 50]
-    assert names(tmp_path) == ["step-00000040", "step-00000040.COMMITTED",
-                               "step-00000050", "step-00000050.COMMITTED"]
+    assert names(tmp_path) == ["step-00000040", "step-00000040.COMMITTED", "step-00000050", "step-00000050.COMMITTED"]
 
 
-def test_keep_defaults_to_the_recipes_checkpoint_keep(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keep_defaults_to_the_recipes_checkpoint_keep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AVA_CHECKPOINT_KEEP", "1")
     for step in (1, 2, 3):
         ckpt.save(state_of(step), step, dir=tmp_path)
@@ -112,7 +109,8 @@ def test_next_save_removes_the_leftovers_of_a_dead_save(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["truncate", "append", "flip", "delete", "marker"])
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous(
-        tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
     ckpt.save(state_of(1.0), 1, dir=tmp_path)
     ckpt.save(state_of(2.0), 2, dir=tmp_path)
     f = tmp_path / "step-00000002" / "state.pt"
@@ -123,7 +121,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(
         f.write_bytes(data + b"\0")
     elif damage == "flip":  # same size, one bit changed inside the tensor data
         i = data.rfind(torch.full((4,), 2.0).numpy().tobytes())
-        f.write_bytes(data[:i] + bytes([data[i] ^ 1]) + data[i + 1:])
+        f.write_bytes(data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :])
     elif damage == "delete":
         f.unlink()
     else:
@@ -134,12 +132,22 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(
     assert "step 2 is unreadable" in caplog.text
 
 
-@pytest.mark.parametrize("marker", ["[]", '"x"', "null", "7", '{"format": "torch", "files": []}',
-                                    '{"format": "torch", "files": {"state.pt": 3}}',
-                                    '{"format": "torch", "files": {"state.pt": {"size": 1}}}',
-                                    '{"format": ["torch"]}'])
+@pytest.mark.parametrize(
+    "marker",
+    [
+        "[]",
+        '"x"',
+        "null",
+        "7",
+        '{"format": "torch", "files": []}',
+        '{"format": "torch", "files": {"state.pt": 3}}',
+        '{"format": "torch", "files": {"state.pt": {"size": 1}}}',
+        '{"format": ["torch"]}',
+    ],
+)
 def test_marker_of_the_wrong_shape_falls_back_to_the_previous(
-        tmp_path: Path, marker: str, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, marker: str, caplog: pytest.LogCaptureFixture
+) -> None:
     ckpt.save(state_of(1.0), 1, dir=tmp_path)
     ckpt.save(state_of(2.0), 2, dir=tmp_path)
     (tmp_path / "step-00000002.COMMITTED").write_text(marker)
@@ -346,8 +354,7 @@ S3_ROUND_TRIP = textwrap.dedent("""
 """)
 
 
-def test_s3_endpoint_can_come_from_aws_endpoint_url_s3(
-        s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_endpoint_can_come_from_aws_endpoint_url_s3(s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import s3fs
 
     # (AWS_ENDPOINT_URL itself is what every other S3 test here relies on.)
@@ -363,8 +370,7 @@ def test_s3_endpoint_can_come_from_fsspec_s3_endpoint_url(s3: Any, bucket: str) 
     # A fresh process, as on a node: fsspec reads FSSPEC_S3_ENDPOINT_URL only when imported.
     env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
     env["FSSPEC_S3_ENDPOINT_URL"] = s3.url
-    proc = run_python(S3_ROUND_TRIP, f"s3://{bucket}/ckpt", env=env,
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = run_python(S3_ROUND_TRIP, f"s3://{bucket}/ckpt", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.strip() == "3", err[-2000:]
 
@@ -429,18 +435,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(code: str, args: list[str], world: int = 2, extra_env: dict[str, str] | None = None,
-              timeout: float = 120) -> list[dict[str, Any]]:
+def run_ranks(
+    code: str, args: list[str], world: int = 2, extra_env: dict[str, str] | None = None, timeout: float = 120
+) -> list[dict[str, Any]]:
     """Start `world` real processes wired for env:// (as torchrun would) and collect RESULT lines."""
     port = free_port()
     procs = []
     try:
         for rank in range(world):
-            env = {**os.environ, **(extra_env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                   "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-            procs.append(run_python(code, *args, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT))
+            env = {
+                **os.environ,
+                **(extra_env or {}),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "LOCAL_WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            }
+            procs.append(run_python(code, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:
@@ -450,7 +464,7 @@ def run_ranks(code: str, args: list[str], world: int = 2, extra_env: dict[str, s
     for rank, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{output[-3000:]}"
         line = next(ln for ln in output.splitlines() if ln.startswith("RESULT "))
-        results.append(json.loads(line[len("RESULT "):]))
+        results.append(json.loads(line[len("RESULT ") :]))
     return results
 
 
@@ -469,8 +483,12 @@ def test_only_rank_0_writes_in_a_two_rank_job(two_rank_job: tuple[Path, list[dic
     assert r1["save_returned"] == "None" and r1["async_returned_none"]
     # Both ranks load what rank 0 wrote; there is one state file per step, rank 0's.
     assert r0["ddp_loaded"] == r1["ddp_loaded"] == [2, 0]
-    assert names(base / "ddp") == ["step-00000001", "step-00000001.COMMITTED",
-                                   "step-00000002", "step-00000002.COMMITTED"]
+    assert names(base / "ddp") == [
+        "step-00000001",
+        "step-00000001.COMMITTED",
+        "step-00000002",
+        "step-00000002.COMMITTED",
+    ]
     assert names(base / "ddp" / "step-00000002") == ["state.pt"]
 
 
@@ -489,8 +507,7 @@ def test_sharded_save_and_load_through_s3(two_rank_job: tuple[Path, list[dict[st
     assert r1["dcp_s3"] == [2, [8.0, 10.0, 12.0, 14.0], 2.0]
 
 
-def test_damaged_sharded_checkpoint_falls_back_on_every_rank(
-        two_rank_job: tuple[Path, list[dict[str, Any]]]) -> None:
+def test_damaged_sharded_checkpoint_falls_back_on_every_rank(two_rank_job: tuple[Path, list[dict[str, Any]]]) -> None:
     _, (r0, r1) = two_rank_job
     assert r0["dcp_fallback"] == [1, [0.0, 1.0, 2.0, 3.0]]
     assert r1["dcp_fallback"] == [1, [4.0, 5.0, 6.0, 7.0]]

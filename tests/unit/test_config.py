@@ -303,9 +303,7 @@ def test_bad_inventory_is_one_line_naming_file_and_key(path):
 
 def test_bad_inventory_files_are_read_with_their_path_in_the_message():
     path = DATA / "bad_inventories" / "port_not_an_integer.toml"
-    assert str(config_error(load_inventory, str(path))) == (
-        f'{path}: nodes.gpu1.port: expected an integer, got "22x"'
-    )
+    assert str(config_error(load_inventory, str(path))) == (f'{path}: nodes.gpu1.port: expected an integer, got "22x"')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,9 +500,7 @@ def test_script_that_torchrun_would_read_as_an_option_is_refused(tmp_path):
 
 def test_load_recipe_names_a_missing_script_or_file(tmp_path):
     (tmp_path / "recipe.toml").write_text('name = "r"\n[run]\nscript = "train.py"\n')
-    assert str(config_error(load_recipe, str(tmp_path))).endswith(
-        'run.script: no file "train.py" beside the recipe'
-    )
+    assert str(config_error(load_recipe, str(tmp_path))).endswith('run.script: no file "train.py" beside the recipe')
     assert "x: no such file" in str(config_error(load_recipe, str(tmp_path / "x")))
     (tmp_path / "x").mkdir()
     assert "no recipe.toml in this directory" in str(config_error(load_recipe, str(tmp_path / "x")))
@@ -528,9 +524,7 @@ def test_corpus_has_enough_distinct_mistakes():
 # ---------------------------------------------------------------------------------------------
 # Through the CLI: exit 2, one line on stderr naming the key, never a traceback
 
-cli_missing = pytest.mark.skipif(
-    importlib.util.find_spec("ava.cli") is None, reason="ava.cli is not written yet"
-)
+cli_missing = pytest.mark.skipif(importlib.util.find_spec("ava.cli") is None, reason="ava.cli is not written yet")
 
 
 def run_ava(*args: str) -> subprocess.CompletedProcess[str]:

@@ -8,9 +8,21 @@ from pathlib import Path
 import pytest
 
 from ava.config import Failover
-from ava.decide import (LOST_AFTER, MAX_BACKOFF, RUNNING, SETTLE_AFTER, STALE_AFTER, STARTUP_GRACE, NodeView, Observation,
-                        Plan, Verdict, judge, recover,
-                        startup_signature)
+from ava.decide import (
+    LOST_AFTER,
+    MAX_BACKOFF,
+    RUNNING,
+    SETTLE_AFTER,
+    STALE_AFTER,
+    STARTUP_GRACE,
+    NodeView,
+    Observation,
+    Plan,
+    Verdict,
+    judge,
+    recover,
+    startup_signature,
+)
 
 HANG = 60.0
 
@@ -27,28 +39,69 @@ JUDGE_CASES = [
     ("all running", [running("a"), running("b")], "running", None),
     ("all succeeded", [NodeView("a", state="succeeded"), NodeView("b", state="succeeded")], "succeeded", None),
     ("one succeeded, one running", [NodeView("a", state="succeeded"), running("b")], "running", None),
-    ("a rank exits non-zero", [running("a"), NodeView("b", state="failed", reason="exit", exit_code=1,
-                                                       rank_exit_codes={"3": 1, "2": 0})], "failed", "crash"),
-    ("out of memory", [NodeView("a", state="failed", reason="oom", memory_limit=200 * 2**20), running("b")], "failed", "oom"),
+    (
+        "a rank exits non-zero",
+        [running("a"), NodeView("b", state="failed", reason="exit", exit_code=1, rank_exit_codes={"3": 1, "2": 0})],
+        "failed",
+        "crash",
+    ),
+    (
+        "out of memory",
+        [NodeView("a", state="failed", reason="oom", memory_limit=200 * 2**20), running("b")],
+        "failed",
+        "oom",
+    ),
     ("agent died", [NodeView("a", state="failed", reason="agent-died"), running("b")], "failed", "agent-died"),
-    ("unreachable briefly", [running("a"), NodeView("b", reachable=False, unreachable_for=LOST_AFTER - 1, state=None)],
-     "running", None),
-    ("unreachable long enough", [running("a"), NodeView("b", reachable=False, unreachable_for=LOST_AFTER, state=None)],
-     "failed", "node-lost"),
-    ("ranks fail after their peer node went silent", [NodeView("a", state="failed", reason="exit", exit_code=1,
-                                                               rank_exit_codes={"0": 1}),
-                                                      NodeView("b", reachable=False, unreachable_for=0.5, state=None)],
-     "failed", "node-lost"),
-    ("a failure waits for a late answer", [NodeView("a", state="failed", reason="exit", exit_code=1,
-                                                    rank_exit_codes={"0": 1}),
-                                           NodeView("b", reachable=True, state=None)], "running", None),
+    (
+        "unreachable briefly",
+        [running("a"), NodeView("b", reachable=False, unreachable_for=LOST_AFTER - 1, state=None)],
+        "running",
+        None,
+    ),
+    (
+        "unreachable long enough",
+        [running("a"), NodeView("b", reachable=False, unreachable_for=LOST_AFTER, state=None)],
+        "failed",
+        "node-lost",
+    ),
+    (
+        "ranks fail after their peer node went silent",
+        [
+            NodeView("a", state="failed", reason="exit", exit_code=1, rank_exit_codes={"0": 1}),
+            NodeView("b", reachable=False, unreachable_for=0.5, state=None),
+        ],
+        "failed",
+        "node-lost",
+    ),
+    (
+        "a failure waits for a late answer",
+        [
+            NodeView("a", state="failed", reason="exit", exit_code=1, rank_exit_codes={"0": 1}),
+            NodeView("b", reachable=True, state=None),
+        ],
+        "running",
+        None,
+    ),
     ("stale heartbeat", [running("a"), running("b", heartbeat_age=STALE_AFTER + 1)], "failed", "node-lost"),
     ("stopped", [NodeView("a", state="stopped"), running("b")], "stopped", "stopped"),
-    ("no progress for hang_timeout", [NodeView("a", state="running", progress_age=HANG + 1, progressed=True),
-                                       NodeView("b", state="running", progress_age=HANG + 5, progressed=True)],
-     "failed", "hang"),
-    ("one node still progressing", [NodeView("a", state="running", progress_age=HANG + 1, progressed=True),
-                                     NodeView("b", state="running", progress_age=2.0, progressed=True)], "running", None),
+    (
+        "no progress for hang_timeout",
+        [
+            NodeView("a", state="running", progress_age=HANG + 1, progressed=True),
+            NodeView("b", state="running", progress_age=HANG + 5, progressed=True),
+        ],
+        "failed",
+        "hang",
+    ),
+    (
+        "one node still progressing",
+        [
+            NodeView("a", state="running", progress_age=HANG + 1, progressed=True),
+            NodeView("b", state="running", progress_age=2.0, progressed=True),
+        ],
+        "running",
+        None,
+    ),
 ]
 
 
@@ -94,10 +147,12 @@ CRASH = Verdict("failed", "crash", "rank 1 on a exited 1", node="a", rank=1, exi
 LOST_B = Verdict("failed", "node-lost", "node b stopped answering", node="b", lost=("b",))
 
 
-def plan(verdict: Verdict, *, policy: Failover = POLICY, used: int = 0, spares: tuple[str, ...] = ("d",),
-         nodes_min: int = 3) -> Plan:
-    return recover(verdict, failover=policy, restarts_used=used, current=("a", "b", "c"), spares=spares,
-                   nodes_min=nodes_min)
+def plan(
+    verdict: Verdict, *, policy: Failover = POLICY, used: int = 0, spares: tuple[str, ...] = ("d",), nodes_min: int = 3
+) -> Plan:
+    return recover(
+        verdict, failover=policy, restarts_used=used, current=("a", "b", "c"), spares=spares, nodes_min=nodes_min
+    )
 
 
 def test_a_crash_restarts_on_the_same_nodes_with_backoff() -> None:
@@ -147,17 +202,24 @@ def test_backoff_is_capped() -> None:
 
 def test_the_rank_that_exited_first_is_the_cause_not_the_peer_that_lost_it() -> None:
     # Rank 1 raised first; rank 0 died of the broken connection 0.3 s later, same code.
-    node = NodeView("local", state="failed", reason="exit", rank_exit_codes={"0": 1, "1": 1},
-                    rank_fail_times={"0": 100.3, "1": 100.0})
+    node = NodeView(
+        "local",
+        state="failed",
+        reason="exit",
+        rank_exit_codes={"0": 1, "1": 1},
+        rank_fail_times={"0": 100.3, "1": 100.0},
+    )
     verdict = observe(node)
     assert (verdict.rank, verdict.cause) == (1, "rank 1 on local exited 1")
 
 
 def test_across_nodes_the_earliest_rank_exit_names_the_node() -> None:
-    early = NodeView("b", state="failed", reason="exit", rank_exit_codes={"1": 1}, rank_fail_times={"1": 50.0},
-                     ended=52.0)
-    late = NodeView("a", state="failed", reason="exit", rank_exit_codes={"0": 1}, rank_fail_times={"0": 50.4},
-                    ended=51.0)
+    early = NodeView(
+        "b", state="failed", reason="exit", rank_exit_codes={"1": 1}, rank_fail_times={"1": 50.0}, ended=52.0
+    )
+    late = NodeView(
+        "a", state="failed", reason="exit", rank_exit_codes={"0": 1}, rank_fail_times={"0": 50.4}, ended=51.0
+    )
     verdict = observe(late, early)
     assert (verdict.node, verdict.rank) == ("b", 1)
 
@@ -181,13 +243,21 @@ def test_a_start_up_failure_signature_ignores_node_names_and_skips_retriable_kin
 
 
 def test_a_repeated_start_up_failure_is_not_retried_unless_the_recipe_says_so() -> None:
-    decision = recover(CRASH, failover=POLICY, restarts_used=1, current=("a",), spares=(), nodes_min=1,
-                       repeated="ModuleNotFoundError: No module named 'einops'")
+    decision = recover(
+        CRASH,
+        failover=POLICY,
+        restarts_used=1,
+        current=("a",),
+        spares=(),
+        nodes_min=1,
+        repeated="ModuleNotFoundError: No module named 'einops'",
+    )
     assert not decision.restart
     assert decision.reason.startswith("the same start-up failure twice; not retrying: ModuleNotFoundError")
     allowed = Failover(3, "replace", HANG, (2,), 2.0, stop_repeated_startup_failure=False)
-    assert recover(CRASH, failover=allowed, restarts_used=1, current=("a",), spares=(), nodes_min=1,
-                   repeated="x").restart
+    assert recover(
+        CRASH, failover=allowed, restarts_used=1, current=("a",), spares=(), nodes_min=1, repeated="x"
+    ).restart
 
 
 def test_an_attempt_missing_on_a_node_that_answers_is_interrupted_not_lost() -> None:
@@ -195,8 +265,14 @@ def test_an_attempt_missing_on_a_node_that_answers_is_interrupted_not_lost() -> 
     assert (verdict.kind, verdict.node, verdict.lost) == ("interrupted", "b", ())
     assert "never started on b" in (verdict.cause or "")
     # Restarted on the same nodes at once, whatever the budget says.
-    decision = recover(verdict, failover=Failover(0, "replace", HANG, (2,), 2.0), restarts_used=0,
-                       current=("a", "b"), spares=("c",), nodes_min=2)
+    decision = recover(
+        verdict,
+        failover=Failover(0, "replace", HANG, (2,), 2.0),
+        restarts_used=0,
+        current=("a", "b"),
+        spares=("c",),
+        nodes_min=2,
+    )
     assert decision == Plan(True, verdict.cause or "", ("a", "b"), 0.0)
 
 
@@ -208,24 +284,37 @@ def test_the_timings_the_readme_promises_are_the_ones_decide_uses() -> None:
         "STARTUP_GRACE": r"a hang is declared only after at least (\d+) s",
         "MAX_BACKOFF": r"backoff \* 2\^\(N-1\), at most (\d+) s",
     }
-    used = {"LOST_AFTER": LOST_AFTER, "STALE_AFTER": STALE_AFTER, "STARTUP_GRACE": STARTUP_GRACE,
-            "MAX_BACKOFF": MAX_BACKOFF}
+    used = {
+        "LOST_AFTER": LOST_AFTER,
+        "STALE_AFTER": STALE_AFTER,
+        "STARTUP_GRACE": STARTUP_GRACE,
+        "MAX_BACKOFF": MAX_BACKOFF,
+    }
     for name, pattern in promised.items():
         found = re.search(pattern, readme)
         assert found, f"README.md no longer says /{pattern}/: update this test with it"
-        assert used[name] == float(found.group(1)), f"README.md says {found.group(0)!r}, ava.decide.{name} = {used[name]}"
+        assert used[name] == float(found.group(1)), (
+            f"README.md says {found.group(0)!r}, ava.decide.{name} = {used[name]}"
+        )
 
 
 def test_a_failure_waits_for_a_running_node_whose_rank_raised_earlier() -> None:
     # n1's rank 0 died of the lost connection and n1 is final; n2's rank 1 raised first, but
     # n2's torchrun is still winding down: wait for it rather than blame rank 0.
-    n1 = NodeView("n1", state="failed", reason="exit", rank_exit_codes={"0": 1}, rank_fail_times={"0": 100.4},
-                  heartbeat_age=1.0)
+    n1 = NodeView(
+        "n1", state="failed", reason="exit", rank_exit_codes={"0": 1}, rank_fail_times={"0": 100.4}, heartbeat_age=1.0
+    )
     n2 = NodeView("n2", state="running", rank_fail_times={"1": 100.0})
     assert observe(n1, n2) == RUNNING
     # Once n2 is final its rank is named; and a node that never ends is not waited for forever.
     n2_done = NodeView("n2", state="failed", reason="exit", rank_exit_codes={"1": 1}, rank_fail_times={"1": 100.0})
     assert observe(n1, n2_done).rank == 1
-    n1_old = NodeView("n1", state="failed", reason="exit", rank_exit_codes={"0": 1}, rank_fail_times={"0": 100.4},
-                      heartbeat_age=SETTLE_AFTER + 1)
+    n1_old = NodeView(
+        "n1",
+        state="failed",
+        reason="exit",
+        rank_exit_codes={"0": 1},
+        rank_fail_times={"0": 100.4},
+        heartbeat_age=SETTLE_AFTER + 1,
+    )
     assert observe(n1_old, n2).node == "n1"

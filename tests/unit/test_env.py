@@ -12,8 +12,19 @@ import pytest
 
 from ava import env
 
-VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "AVA_RUN_ID", "AVA_ATTEMPT",
-             "AVA_NODE", "AVA_CHECKPOINT_DIR", "AVA_CACHE_DIR", "AVA_PROGRESS_FILE", "AVA_CHECKPOINT_KEEP")
+VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "AVA_RUN_ID",
+    "AVA_ATTEMPT",
+    "AVA_NODE",
+    "AVA_CHECKPOINT_DIR",
+    "AVA_CACHE_DIR",
+    "AVA_PROGRESS_FILE",
+    "AVA_CHECKPOINT_KEEP",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,10 +43,18 @@ def test_outside_any_launcher_the_script_is_rank_0_of_1() -> None:
 
 
 def test_values_come_from_torchrun_and_the_agent(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4",
-                        "AVA_RUN_ID": "charlm-20261123-101200-a3f1", "AVA_ATTEMPT": "2",
-                        "AVA_NODE": "gpu1", "AVA_CHECKPOINT_DIR": "s3://b/ckpt",
-                        "AVA_CACHE_DIR": "/nvme/cache", "AVA_CHECKPOINT_KEEP": "5"}.items():
+    for name, value in {
+        "RANK": "5",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "8",
+        "LOCAL_WORLD_SIZE": "4",
+        "AVA_RUN_ID": "charlm-20261123-101200-a3f1",
+        "AVA_ATTEMPT": "2",
+        "AVA_NODE": "gpu1",
+        "AVA_CHECKPOINT_DIR": "s3://b/ckpt",
+        "AVA_CACHE_DIR": "/nvme/cache",
+        "AVA_CHECKPOINT_KEEP": "5",
+    }.items():
         monkeypatch.setenv(name, value)
     assert (env.rank(), env.local_rank(), env.world_size(), env.local_world_size()) == (5, 1, 8, 4)
     assert env.run_id() == "charlm-20261123-101200-a3f1" and env.attempt() == 2
@@ -89,8 +108,7 @@ def test_progress_costs_little_per_call(tmp_path: Path, monkeypatch: pytest.Monk
     assert (time.perf_counter() - started) / 10_000 < 50e-6
 
 
-def test_progress_reader_never_sees_a_partial_line(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_reader_never_sees_a_partial_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "progress"
     monkeypatch.setenv("AVA_PROGRESS_FILE", str(target))
     env.progress(0)
@@ -112,8 +130,7 @@ def test_progress_reader_never_sees_a_partial_line(tmp_path: Path,
     assert seen and all(len(text.split()) == 2 for text in seen)
 
 
-def test_progress_failure_warns_once_and_never_raises(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_failure_warns_once_and_never_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AVA_PROGRESS_FILE", str(tmp_path / "missing-dir" / "progress"))
     with pytest.warns(UserWarning, match="progress heartbeat"):
         env.progress(1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ava.agent.cgroupv1 import NVIDIA_MAJOR
-from tests.support.agent_helpers import Agent, agent, needs_cgroups  # noqa: F401  (agent is a fixture)
+from tests.support.agent_helpers import Agent, agent, needs_cgroups
 
 OPEN = """
 import errno, json, os, sys, time

@@ -16,7 +16,7 @@ import pytest
 from ava.agent.cgroupv1 import CgroupV1, controller_mounts, device_denies
 from ava.agent.cgroupv2 import systemd_run_argv, unit_name
 from ava.agent.isolation import Limits, attach, fence_name, open_fence, probe
-from tests.support.agent_helpers import (  # noqa: F401  (agent is a fixture)
+from tests.support.agent_helpers import (
     Agent,
     agent,
     marker_pids,
@@ -49,7 +49,15 @@ def test_systemd_scope_argv_as_root_closes_devices_to_the_leased_gpus() -> None:
 
 def test_systemd_scope_argv_without_root_or_limits_sets_only_what_it_can() -> None:
     argv = systemd_run_argv("ava-x.scope", "ava.slice", Limits(), user_mode=True, device_allow=GPU_DEVICES)
-    assert argv == ["systemd-run", "--user", "--scope", "--quiet", "--collect", "--unit=ava-x.scope", "--slice=ava.slice"]
+    assert argv == [
+        "systemd-run",
+        "--user",
+        "--scope",
+        "--quiet",
+        "--collect",
+        "--unit=ava-x.scope",
+        "--slice=ava.slice",
+    ]
     no_gpus = systemd_run_argv("ava-x.scope", "ava.slice", Limits(cpus=0.25), user_mode=False, device_allow=None)
     assert no_gpus[-2:] == ["-p", "CPUQuota=25%"]
 
@@ -81,10 +89,13 @@ def test_fence_names_are_unique_per_run_node_and_attempt() -> None:
 
 def test_probe_names_the_backend_this_node_offers() -> None:
     # The node's facts read here by other means than the agent's: stat(1), /proc/mounts, pid 1.
-    fs_type = subprocess.run(["stat", "-fc", "%T", "/sys/fs/cgroup"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-    v1_memory = any(f[2] == "cgroup" and "memory" in f[3].split(",")
-                    for f in (line.split() for line in Path("/proc/mounts").read_text().splitlines()))
+    fs_type = subprocess.run(
+        ["stat", "-fc", "%T", "/sys/fs/cgroup"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    v1_memory = any(
+        f[2] == "cgroup" and "memory" in f[3].split(",")
+        for f in (line.split() for line in Path("/proc/mounts").read_text().splitlines())
+    )
     systemd_init = Path("/proc/1/comm").read_text().strip() == "systemd"
     root = os.geteuid() == 0
     may_scope = root or bool(os.environ.get("XDG_RUNTIME_DIR"))
@@ -96,7 +107,9 @@ def test_probe_names_the_backend_this_node_offers() -> None:
         want = "v1"
     else:
         want = "none"
-    assert probe() == want, f"/sys/fs/cgroup is {fs_type}, v1 memory controller: {v1_memory}, pid 1 systemd: {systemd_init}"
+    assert probe() == want, (
+        f"/sys/fs/cgroup is {fs_type}, v1 memory controller: {v1_memory}, pid 1 systemd: {systemd_init}"
+    )
 
 
 @pytest.fixture

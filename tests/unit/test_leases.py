@@ -13,7 +13,7 @@ import pytest
 from ava.agent import leases
 from ava.agent.leases import Busy, Lease, Want, pick
 from ava.agent.procs import start_time
-from tests.support.agent_helpers import REPO, Agent, agent, needs_cgroups, wait_for  # noqa: F401
+from tests.support.agent_helpers import REPO, Agent, agent, needs_cgroups, wait_for
 
 
 def held(run: str, gpus: list[int] = (), slots: int = 0, node: str = "n1") -> Lease:
@@ -77,7 +77,9 @@ def test_release_touches_only_the_named_attempt(tmp_path: Path) -> None:
 
 def dump_cuda_devices(out: Path) -> list[str]:
     """A job that writes the CUDA_VISIBLE_DEVICES it got, then waits to be stopped."""
-    code = f"import os, json, time; json.dump(os.environ['CUDA_VISIBLE_DEVICES'], open({str(out)!r}, 'w')); time.sleep(60)"
+    code = (
+        f"import os, json, time; json.dump(os.environ['CUDA_VISIBLE_DEVICES'], open({str(out)!r}, 'w')); time.sleep(60)"
+    )
     return [sys.executable, "-c", code]
 
 

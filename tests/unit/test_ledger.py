@@ -19,7 +19,7 @@ import pytest
 
 from ava.agent import layout
 from ava.agent.cgroupv1 import controller_mounts
-from tests.support.agent_helpers import Agent, agent, needs_cgroups, wait_for  # noqa: F401  (agent is a fixture)
+from tests.support.agent_helpers import Agent, agent, needs_cgroups, wait_for
 
 BUSY = 4
 
@@ -37,8 +37,12 @@ time.sleep(600)
 
 
 def sleeper(agent: Agent, run: str, gpu: int) -> dict:
-    return agent.spec(run, [sys.executable, str(agent.jobs / "ranks.py")], env={"JOB_SLEEP": "120"},
-                      gpus={"want": 1, "allowed": [gpu]})
+    return agent.spec(
+        run,
+        [sys.executable, str(agent.jobs / "ranks.py")],
+        env={"JOB_SLEEP": "120"},
+        gpus={"want": 1, "allowed": [gpu]},
+    )
 
 
 @pytest.fixture
@@ -68,8 +72,11 @@ def test_a_lease_stays_draining_while_teardown_left_processes_behind(agent: Agen
     (agent.jobs / "stuck.py").write_text(STUCK)
     run_a, run_b = agent.new_run("stuck"), agent.new_run("next")
     pidfile = agent.jobs / f"{run_a}.pid"
-    code, st = agent.start(agent.spec(run_a, [sys.executable, str(agent.jobs / "stuck.py"), str(pidfile)],
-                                      gpus={"want": 1, "allowed": [5]}))
+    code, st = agent.start(
+        agent.spec(
+            run_a, [sys.executable, str(agent.jobs / "stuck.py"), str(pidfile)], gpus={"want": 1, "allowed": [5]}
+        )
+    )
     assert code == 0, st
     assert wait_for(pidfile.exists)
     child = int(pidfile.read_text())
@@ -100,8 +107,7 @@ def test_an_unreadable_ledger_is_rebuilt_from_live_monitors_never_read_as_empty(
     assert code == 0 and st["gpus"] == [6], st
     ledger = agent.work / "leases.json"
     data = ledger.read_bytes()
-    ledger.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
-                        "wrong-shape": b'{"holders": 6}'}[damage])
+    ledger.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "wrong-shape": b'{"holders": 6}'}[damage])
     code, busy = agent.start(sleeper(agent, run_b, 6))
     assert code == BUSY and [h["run"] for h in busy["holders"]] == [run_a], busy
     assert [h["run"] for h in agent.leases()] == [run_a]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-TESTS = '''
+TESTS = """
 import pytest
 from tests.conftest import needs_gpu
 
@@ -27,16 +27,33 @@ def test_on_a_gpu():
 @pytest.mark.xfail(reason="known", strict=True)
 def test_expected_failure():
     assert False
-'''
+"""
 
 
 def run_pytest(tmp_path: Path, ci: str, gpu_absent: bool = True) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_skips.py").write_text(TESTS)
     env = {**os.environ, "CI": ci, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_skips.py")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "tests.conftest",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            os.devnull,
+            str(tmp_path / "test_skips.py"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
 
 

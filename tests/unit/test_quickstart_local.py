@@ -18,9 +18,18 @@ LOSS_LINE = re.compile(r"\| step (\d+)/(\d+) loss ([0-9.]+) val ([0-9.]+)")
 def test_quickstart_trains_charlm_on_the_local_node_and_the_loss_falls(tmp_path: Path) -> None:
     assert '[nodes.local]\ntransport = "local"' in (REPO / "ava.toml").read_text()
     args = '["--steps", "240", "--log-every", "40", "--ckpt-every", "120", "--sample", "0"]'
-    done = run_ava("train", "recipes/charlm", "--wait", "--set", f"run.args={args}",
-                   "--set", f"checkpoint.dir={tmp_path / 'ckpt'}/{{name}}/{{run}}",
-                   env={"AVA_HOME": str(tmp_path / "home")}, cwd=REPO, timeout=600)
+    done = run_ava(
+        "train",
+        "recipes/charlm",
+        "--wait",
+        "--set",
+        f"run.args={args}",
+        "--set",
+        f"checkpoint.dir={tmp_path / 'ckpt'}/{{name}}/{{run}}",
+        env={"AVA_HOME": str(tmp_path / "home")},
+        cwd=REPO,
+        timeout=600,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     steps = [(int(m[1]), float(m[3]), float(m[4])) for m in LOSS_LINE.finditer(done.stdout)]

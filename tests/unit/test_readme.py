@@ -14,8 +14,9 @@ def test_ci_runs_the_readme_quickstart_verbatim_in_a_fresh_venv() -> None:
     # The command itself makes the fresh venv (no --system-site-packages) and trains.
     assert command.startswith("python3 -m venv ") and "--system-site-packages" not in command
     assert "ava train recipes/charlm" in command
-    printed = subprocess.run([sys.executable, "-m", "tests.support.quickstart"], capture_output=True, text=True,
-                             cwd=REPO, check=True).stdout.strip()
+    printed = subprocess.run(
+        [sys.executable, "-m", "tests.support.quickstart"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout.strip()
     assert printed == command
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     # CI takes the command from the README at run time and runs it as it is.

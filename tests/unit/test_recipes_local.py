@@ -6,10 +6,10 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
@@ -20,9 +20,22 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 240) -> 
     for name in ("AVA_CHECKPOINT_DIR", "AVA_PROGRESS_FILE", "AVA_CHECKPOINT_KEEP"):
         env.pop(name, None)
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-         str(nproc), str(script), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            str(script),
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def final_hash(proc: subprocess.CompletedProcess[str]) -> str:
@@ -59,8 +72,7 @@ def launch(script: Path, *args: str, nproc: int) -> subprocess.Popen[str]:
     env["OMP_NUM_THREADS"] = "1"
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     argv = [sys.executable, *(launcher if nproc > 1 else []), str(script), *args]
-    return subprocess.Popen(argv, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(argv, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -78,8 +90,7 @@ def test_charlm_resumed_after_a_crash_ends_with_the_same_weights(tmp_path: Path,
     common = ["--steps", "12", "--ckpt-every", "4", "--log-every", "4", "--sample", "0"]
     # The uninterrupted run and the one that crashes are independent: run them side by side.
     straight = launch(script, *common, "--ckpt-dir", str(tmp_path / "a"), nproc=nproc)
-    crashing = launch(script, *common, "--ckpt-dir", str(tmp_path / "b"), "--exit-at-step", "10",
-                      nproc=nproc)
+    crashing = launch(script, *common, "--ckpt-dir", str(tmp_path / "b"), "--exit-at-step", "10", nproc=nproc)
     crashed, straight_done = finish(crashing), finish(straight)
     assert crashed.returncode != 0 and "exiting at step 10 on purpose" in crashed.stdout
     resumed = finish(launch(script, *common, "--ckpt-dir", str(tmp_path / "b"), nproc=nproc))

@@ -10,8 +10,8 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import fsspec
 import pytest
@@ -45,23 +45,29 @@ def store() -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
 
 
 @pytest.mark.parametrize("form", ["directory", "file"])
-def test_a_url_naming_recipe_toml_fetches_its_whole_directory(store: tuple[fsspec.AbstractFileSystem, str],
-                                                                temp_root: Path, form: str) -> None:
+def test_a_url_naming_recipe_toml_fetches_its_whole_directory(
+    store: tuple[fsspec.AbstractFileSystem, str], temp_root: Path, form: str
+) -> None:
     _fs, base = store
     url = f"memory://{base}/" if form == "directory" else f"memory://{base}/recipe.toml"
     with fetched(url) as local:
         folder = local if form == "directory" else local.parent
         assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
-            "data/corpus.txt", "echo.py", "recipe.toml"]
+            "data/corpus.txt",
+            "echo.py",
+            "recipe.toml",
+        ]
         assert (folder / "data" / "corpus.txt").read_bytes() == b"to be or not to be\n"
     assert list(temp_root.iterdir()) == []
 
 
-@pytest.mark.parametrize("key", ["../../escaped.txt", "sub/../../../../escaped.txt", "./escaped.txt",
-                                 "sub//escaped.txt", "sub/.."])
+@pytest.mark.parametrize(
+    "key", ["../../escaped.txt", "sub/../../../../escaped.txt", "./escaped.txt", "sub//escaped.txt", "sub/.."]
+)
 @pytest.mark.parametrize("form", ["directory", "file"])
 def test_hostile_keys_are_refused_naming_the_key_and_nothing_lands_outside(
-        store: tuple[fsspec.AbstractFileSystem, str], temp_root: Path, key: str, form: str) -> None:
+    store: tuple[fsspec.AbstractFileSystem, str], temp_root: Path, key: str, form: str
+) -> None:
     fs, base = store
     fs.pipe(f"{base}/{key}", b"escaped")
     url = f"memory://{base}/" if form == "directory" else f"memory://{base}/recipe.toml"

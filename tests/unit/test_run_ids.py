@@ -16,8 +16,17 @@ IDS = ["echo-20261201-120000-a3f1", "echo-20261201-120500-b7c2", "charlm-2026120
 def make_home(folder: Path, monkeypatch: pytest.MonkeyPatch, ids: list[str]) -> dict[str, str]:
     monkeypatch.setenv("AVA_HOME", str(folder))
     for number, run_id in enumerate(ids):
-        runs.RunRecord(id=run_id, recipe=run_id.split("-")[0], source="x", recipe_hash="", raw={},
-                       inventory="ava.toml", nodes=["n1"], started=1000.0 + number, state="succeeded").save()
+        runs.RunRecord(
+            id=run_id,
+            recipe=run_id.split("-")[0],
+            source="x",
+            recipe_hash="",
+            raw={},
+            inventory="ava.toml",
+            nodes=["n1"],
+            started=1000.0 + number,
+            state="succeeded",
+        ).save()
     return {"AVA_HOME": str(folder)}
 
 
@@ -48,8 +57,9 @@ def test_an_ambiguous_prefix_is_a_usage_error_listing_the_candidates(home: dict[
 
 
 @pytest.mark.parametrize("given", ["", "*"])
-def test_logs_and_stop_of_an_empty_or_wildcard_id_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          given: str) -> None:
+def test_logs_and_stop_of_an_empty_or_wildcard_id_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
     # One run only: a glob would have matched it alone and stopped it.
     home = make_home(tmp_path / "home", monkeypatch, IDS[:1])
     for command in ("logs", "stop"):

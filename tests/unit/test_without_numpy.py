@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.conftest import REPO
 
 # numpy made unimportable before torch loads: torch then runs as it does in a fresh venv.
-SCRIPT = r'''
+SCRIPT = r"""
 import sys
 sys.modules["numpy"] = None
 import os, torch, torch.distributed as dist
@@ -24,7 +24,7 @@ state, step = ckpt.load_latest(dir=directory)
 assert step == 7 and state["tag"] == "x" * 5000 and state["w"].tolist() == [0.0, 0.0, 0.0], state
 print(f"rank {rank} ok", flush=True)
 dist.destroy_process_group()
-'''
+"""
 
 
 def test_checkpoints_save_and_resume_in_a_job_without_numpy(tmp_path: Path) -> None:
@@ -32,9 +32,21 @@ def test_checkpoints_save_and_resume_in_a_job_without_numpy(tmp_path: Path) -> N
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), str(tmp_path / "ckpt")],
-        capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            str(tmp_path / "ckpt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "rank 0 ok" in done.stdout and "rank 1 ok" in done.stdout
@@ -50,10 +62,40 @@ def test_charlm_gathers_rng_states_without_numpy(tmp_path: Path) -> None:
         f"runpy.run_path({str(REPO / 'recipes/charlm/train.py')!r}, run_name='__main__')\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(runner),
-         "--steps", "4", "--ckpt-every", "2", "--ckpt-dir", str(tmp_path / "ckpt"), "--layers", "1",
-         "--dim", "32", "--heads", "2", "--block", "16", "--batch", "4", "--sample", "0", "--log-every", "2"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(runner),
+            "--steps",
+            "4",
+            "--ckpt-every",
+            "2",
+            "--ckpt-dir",
+            str(tmp_path / "ckpt"),
+            "--layers",
+            "1",
+            "--dim",
+            "32",
+            "--heads",
+            "2",
+            "--block",
+            "16",
+            "--batch",
+            "4",
+            "--sample",
+            "0",
+            "--log-every",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "final step 4 sha256" in done.stdout + done.stderr
