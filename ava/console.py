@@ -189,33 +189,3 @@ def plain(columns: list[str], rows: list[list[str]], *, title: str | None = None
         padded = [cell.ljust(widths[i]) if i < len(row) - 1 else cell for i, cell in enumerate(row)]
         lines.append("  ".join(padded))
     write("\n".join(lines) + "\n")
-
-
-def size(value: int | None) -> str:
-    if value is None:
-        return "-"
-    amount = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if amount < 1024 or unit == "TiB":
-            return f"{amount:.0f}{unit}" if unit == "B" else f"{amount:.1f}{unit}"
-        amount /= 1024
-    return str(value)
-
-
-def duration(seconds: float | None) -> str:
-    """`850ms`, `42s`, `9m50s`, `2h05m`, `3d04h`: readable, never `590.0s`."""
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    whole = int(round(seconds))
-    if whole < 60:
-        return f"{whole}s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"

@@ -20,6 +20,7 @@ from ava.config import Node
 from ava.errors import AvaError, CommandError, ConnectError
 from ava.nodes import facts_command
 from ava.transport import connect, run_all, shell_path
+from ava.units import format_duration, format_size
 
 PROBE_SOURCE = Path(__file__).with_name("agent") / "doctor_facts.py"
 
@@ -404,16 +405,6 @@ def _yes(value: Any) -> bool:
     return str(value).strip().lower() in ("yes", "1", "true")
 
 
-def _size(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
-
-
 def check_disk(o: Observation) -> list[Check]:
     disk = o.probe.get("disk") or {}
     work = disk.get("workdir") or {}
@@ -421,7 +412,7 @@ def check_disk(o: Observation) -> list[Check]:
     name = o.node.name
     checks = []
     free = work.get("free")
-    where = f"{_size(free)} free for the workdir ({work.get('path')})"
+    where = f"{format_size(free, unknown='?')} free for the workdir ({work.get('path')})"
     if free is None:
         checks.append(
             Check(
@@ -440,7 +431,7 @@ def check_disk(o: Observation) -> list[Check]:
         checks.append(Check("disk", name, PASS, where))
     cache_free = cache.get("free")
     room = (cache_free or 0) + (cache.get("used") or 0)
-    detail = f"{_size(cache_free)} free for the cache ({cache.get('path')}), cache_size {_size(o.node.cache_size)}"
+    detail = f"{format_size(cache_free, unknown='?')} free for the cache ({cache.get('path')}), cache_size {format_size(o.node.cache_size)}"
     if cache_free is None:
         checks.append(
             Check(
@@ -462,7 +453,7 @@ def check_disk(o: Observation) -> list[Check]:
                 name,
                 WARN,
                 detail,
-                f"lower cache_size to at most {_size(room * 0.9)} or free space: a full disk fails runs",
+                f"lower cache_size to at most {format_size(room * 0.9)} or free space: a full disk fails runs",
             )
         )
     else:
@@ -531,7 +522,10 @@ def check_master_reach(o: Observation, master: Node | None) -> Check:
     address, port = master_endpoint(master)
     if reach["ok"]:
         return Check(
-            "reaches master", o.node.name, PASS, f"{address}:{port} answers in {reach.get('seconds', 0) * 1000:.0f} ms"
+            "reaches master",
+            o.node.name,
+            PASS,
+            f"{address}:{port} answers in {format_duration(reach.get('seconds', 0))}",
         )
     return Check(
         "reaches master",
@@ -554,13 +548,13 @@ def check_lookups(o: Observation) -> Check:
     )
     if stalled:
         names = ", ".join(f"{l['kind']} {l['name']}" for l in stalled)
-        return Check("name lookups", o.node.name, FAIL, f"stalled over {LOOKUP_TIMEOUT:g} s: {names}", fix)
+        return Check("name lookups", o.node.name, FAIL, f"stalled over {format_duration(LOOKUP_TIMEOUT)}: {names}", fix)
     if slow or failed:
-        parts = [f"{l['kind']} {l['name']} took {l['seconds']:.1f} s" for l in slow]
+        parts = [f"{l['kind']} {l['name']} took {format_duration(l['seconds'])}" for l in slow]
         parts += [f"{l['kind']} {l['name']} failed ({l['error']})" for l in failed]
         return Check("name lookups", o.node.name, WARN, "; ".join(parts), fix)
     longest = max((l.get("seconds") or 0 for l in lookups), default=0)
-    return Check("name lookups", o.node.name, PASS, f"{len(lookups)} lookups, slowest {longest * 1000:.0f} ms")
+    return Check("name lookups", o.node.name, PASS, f"{len(lookups)} lookups, slowest {format_duration(longest)}")
 
 
 def check_isolation(o: Observation) -> Check:

@@ -47,11 +47,3 @@ class ConnectError(AvaError):
 
 class CommandError(AvaError):
     """A command on a node exited non-zero where ava needed it to succeed."""
-
-
-class NodeLost(AvaError):
-    """A node stopped answering during a run."""
-
-
-class JobFailed(AvaError):
-    exit_code = EXIT_JOB_FAILED

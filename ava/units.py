@@ -1,8 +1,20 @@
-"""Sizes and durations as inventories and recipes write them, and values shown as TOML writes
-them: one grammar for every key that takes a size or a duration (ava.config reads through here).
+"""Sizes and durations: the one grammar that reads them and the one way they are shown.
 
-Sizes: a whole number of bytes, or a number and a unit, case-sensitive: B, KB, MB, GB, TB (x1000),
-KiB, MiB, GiB, TiB (x1024). Durations: seconds as a number, or parts of ms, s, m, h, d ("1h30m").
+Every inventory or recipe key, command-line option (`--since`, `--timeout`) and message that takes
+or shows a size or a duration goes through here; nothing else parses or formats them.
+
+Reading (case rules):
+- sizes: a whole number of bytes (512, "512"), or a number and a unit spelled exactly as here:
+  B, KB, MB, GB, TB (powers of 1000) and KiB, MiB, GiB, TiB (powers of 1024): "100GiB", "1.5 GB".
+  Units are case-sensitive: "100gib" or "8mb" is refused, with the spelling meant ("GiB"), rather
+  than guessed, since "mb" could be megabits.
+- durations: seconds as a number (90, 1.5, "90"), or number+unit parts, largest first or not, from
+  ms, s, m, h, d: "90s", "10m", "1h30m", "500ms". Units are lower case: "10M" (minutes? months?) is
+  refused rather than guessed.
+Negative values are refused with their own message.
+
+Showing: `format_size` writes bytes in powers of 1024 ("512B", "16.0MiB", "1.2GiB");
+`format_duration` writes "850ms", "4.2s", "42s", "9m50s", "1h02m", "3d04h", never "590.0s".
 """
 
 from __future__ import annotations
@@ -84,3 +96,39 @@ def parse_duration(text: str | int | float, *, source: str, key: str) -> float:
             raise ConfigError(source, key, f"must not be negative, got {show(text)}")
         raise ConfigError(source, key, f"{expected}, got {show(text)}")
     return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART_RE.findall(spec))
+
+
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_size(value: float | None, *, unknown: str = "-") -> str:
+    """Bytes as "512B", "4.0KiB", "16.0MiB", "1.2GiB" (powers of 1024); `unknown` for None."""
+    if value is None:
+        return unknown
+    amount = float(value)
+    for unit in _BINARY_UNITS:
+        if abs(amount) < 1024 or unit == _BINARY_UNITS[-1]:
+            return f"{amount:.0f}{unit}" if unit == "B" else f"{amount:.1f}{unit}"
+        amount /= 1024
+    raise AssertionError("unreachable: the last unit takes any amount")
+
+
+def format_duration(seconds: float | None, *, unknown: str = "-") -> str:
+    """Seconds as "850ms", "4.2s", "42s", "9m50s", "1h02m", "3d04h"; `unknown` for None."""
+    if seconds is None:
+        return unknown
+    if round(seconds * 1000) < 1000:
+        return f"{seconds * 1000:.0f}ms"
+    if round(seconds, 1) < 10:
+        return f"{seconds:.1f}s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"

@@ -6,7 +6,6 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -70,10 +69,13 @@ _plain_argument_help()
 
 
 class State:
-    inventory: str | None = None
-    debug: bool = False
-    argv: list[str] = []
-    output_format: str = "auto"
+    """What the global options set, for the command that runs (one per process)."""
+
+    def __init__(self) -> None:
+        self.inventory: str | None = None
+        self.debug = False
+        self.argv: list[str] = []
+        self.output_format = "auto"
 
 
 state = State()

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from ava.cli import app, epilog, load_inventory
+from ava.units import format_size
 
 cache_app = typer.Typer(
     name="cache",
@@ -104,12 +105,12 @@ def status(
                 rows.append(
                     [
                         name,
-                        f"{console.size(s.bytes)}/{console.size(s.size_limit)}",
+                        f"{format_size(s.bytes)}/{format_size(s.size_limit)}",
                         str(s.blocks),
                         str(s.hits),
                         str(s.misses),
                         ratio,
-                        console.size(s.fetched_bytes),
+                        format_size(s.fetched_bytes),
                         s.dir,
                     ]
                 )
@@ -174,7 +175,7 @@ def warm(
                 prefixer.line(
                     name,
                     f"warmed {w.objects} object{'s' if w.objects != 1 else ''} "
-                    f"({console.size(w.total_bytes)}); cache holds {console.size(w.bytes)} in {w.blocks} blocks",
+                    f"({format_size(w.total_bytes)}); cache holds {format_size(w.bytes)} in {w.blocks} blocks",
                 )
         _report_errors(outcomes)
         if any(isinstance(w, cachenodes.WarmFailed) and "credentials" in w.message.lower() for w in outcomes.values()):
@@ -201,6 +202,6 @@ def clear(
         prefixer = console.Prefixer(list(outcomes))
         for name, c in outcomes.items():
             if isinstance(c, cachenodes.Cleared):
-                prefixer.line(name, f"freed {console.size(c.freed_bytes)} ({c.blocks} blocks) in {c.dir}")
+                prefixer.line(name, f"freed {format_size(c.freed_bytes)} ({c.blocks} blocks) in {c.dir}")
         _report_errors(outcomes)
     return cachenodes.exit_code(outcomes)

@@ -7,6 +7,7 @@ import typer
 from ava.cli import app, epilog, load_inventory
 from ava.cli.complete import complete_nodes
 from ava.errors import EXIT_INFRA, EXIT_OK
+from ava.units import format_size
 
 
 @app.command(epilog=epilog("ava doctor", "ava doctor gpu1 gpu2 --bandwidth", "ava doctor --json | jq -r .status"))
@@ -91,7 +92,7 @@ def doctor(
                 ["size", "count", "time (us)", "algbw (GB/s)", "busbw (GB/s)"],
                 [
                     [
-                        console.size(r.size),
+                        format_size(r.size),
                         str(r.count),
                         f"{r.seconds * 1e6:.1f}",
                         f"{r.algbw / 1e9:.3f}",

@@ -10,6 +10,7 @@ import typer
 from ava.cli import app, epilog, load_inventory, state
 from ava.cli.complete import complete_nodes
 from ava.errors import EXIT_INFRA, EXIT_JOB_FAILED, EXIT_OK, UsageError
+from ava.units import format_size
 
 
 @app.command(
@@ -49,8 +50,8 @@ def nodes(
                     r.host,
                     "yes",
                     str(r.cpus),
-                    f"{console.size(r.mem_free)}/{console.size(r.mem_total)}",
-                    console.size(r.disk_free),
+                    f"{format_size(r.mem_free)}/{format_size(r.mem_total)}",
+                    format_size(r.disk_free),
                     _run_dirs(r.run_dirs),
                     r.torch or "-",
                     r.agent or "-",
@@ -91,9 +92,8 @@ def _run_dirs(found: dict[str, int] | None) -> str:
     """`3 (1.2GiB)`: the run directories kept on the node (see README, Run directories)."""
     if not found:
         return "-"
-    from ava import console
 
-    return f"{found.get('count', 0)} ({console.size(found.get('bytes', 0))})"
+    return f"{found.get('count', 0)} ({format_size(found.get('bytes', 0))})"
 
 
 def _holding(holder: dict[str, Any]) -> str:

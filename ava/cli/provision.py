@@ -72,7 +72,7 @@ def provision(
             console.out.print(f"{label}  {step.kind:<8} {step.description}", markup=False)
         for note in plan.notes:
             console.out.print(f"{label}  note     {note}", markup=False)
-    for name, error in failed.items():
+    for error in failed.values():
         console.error(error)
     if dry_run:
         return EXIT_INFRA if failed else EXIT_OK

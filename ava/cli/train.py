@@ -14,6 +14,7 @@ import typer
 from ava.cli import app, epilog, load_inventory, state
 from ava.cli.complete import complete_nodes, complete_recipes, complete_runs
 from ava.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, AvaError, UsageError
+from ava.units import format_duration
 
 RUN_HELP = "A run id, or a prefix of exactly one (see `ava ps`)."
 
@@ -147,6 +148,7 @@ def train(
         inventory=str(inventory.path.resolve()),
         nodes=placement.names,
         overrides=runs.overrides_without_env_values(list(overrides)),
+        pool=only,
     )
     record.dir.mkdir(parents=True, exist_ok=True)
     runs.private_recipe(record, recipe.raw, dict(recipe.env))
@@ -186,7 +188,7 @@ def provision_visibly(nodes, recipe, base: Path):  # type: ignore[no-untyped-def
                 began[key] = time.monotonic()
                 console.info(f"ava: {name}: {step.kind}: {step.description} …")
             else:
-                took = console.duration(time.monotonic() - began.get(key, time.monotonic()))
+                took = format_duration(time.monotonic() - began.get(key, time.monotonic()))
                 console.info(f"ava: {name}: {step.kind} {state} ({took})")
         except OSError:
             pass
@@ -293,7 +295,7 @@ def _summary(outcome, elapsed: float) -> None:  # type: ignore[no-untyped-def]
     attempt = record.current()
     console.err.print()
     console.err.print(
-        f"run {record.id}: {record.state} after {console.duration(elapsed)} on {', '.join(record.nodes)}"
+        f"run {record.id}: {record.state} after {format_duration(elapsed)} on {', '.join(record.nodes)}"
         f" ({len(record.attempts)} attempt{'s' if len(record.attempts) != 1 else ''})"
     )
     for past in record.attempts:
@@ -334,7 +336,7 @@ def _dry_run(recipe, placement, run_id: str, inventory_dir: Path, *, json_out: b
                 "bytes": manifest.size,
                 "spares": [s.name for s in placement.spares],
                 "nodes": [
-                    {"node": i.node.name, "address": i.node.address, "argv": list(i.argv), "spec": i.spec}
+                    {"node": i.node.name, "address": i.node.address, "argv": list(i.argv), "spec": i.spec.to_json()}
                     for i in launches
                 ],
             }
@@ -343,7 +345,7 @@ def _dry_run(recipe, placement, run_id: str, inventory_dir: Path, *, json_out: b
     for item in launches:
         console.out.print(f"# node {item.node.name} ({item.node.address})", highlight=False, markup=False)
         console.out.print("argv: " + shlex.join(item.argv), highlight=False, markup=False)
-        console.out.print("spec: " + json.dumps(item.spec, indent=2, sort_keys=True), highlight=False, markup=False)
+        console.out.print("spec: " + json.dumps(item.spec.to_json(), indent=2, sort_keys=True), highlight=False, markup=False)
     console.info(
         f"dry run: nothing started; code tree {manifest.tree} ({len(manifest.files)} files, {manifest.size} bytes)"
     )
@@ -392,7 +394,7 @@ def ps(
                 ",".join(r.nodes),
                 str(len(r.attempts)),
                 time.strftime("%m-%d %H:%M", time.localtime(r.started)),
-                console.duration(took),
+                format_duration(took),
                 why,
             ]
         )
@@ -412,7 +414,7 @@ def _show_run(record) -> None:  # type: ignore[no-untyped-def]
         ["exit code", "-" if record.exit_code is None else str(record.exit_code)],
         ["nodes", ",".join(record.nodes)],
         ["started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started))],
-        ["took", console.duration(took)],
+        ["took", format_duration(took)],
     ]
     console.plain(["key", "value"], rows)
     attempts = [
@@ -420,7 +422,7 @@ def _show_run(record) -> None:  # type: ignore[no-untyped-def]
             str(a.number),
             a.state,
             ",".join(a.nodes),
-            console.duration((a.ended or time.time()) - a.started),
+            format_duration((a.ended or time.time()) - a.started),
             a.cause or "",
         ]
         for a in record.attempts

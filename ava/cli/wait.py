@@ -9,6 +9,7 @@ import typer
 from ava.cli import app, epilog
 from ava.cli.complete import complete_runs
 from ava.errors import EXIT_JOB_FAILED, EXIT_OK, AvaError, UsageError
+from ava.units import format_duration
 
 # A detached run's background supervisor records its pid a moment after `ava train --detach`
 # returns; only a run unsupervised for this long is taken as orphaned.
@@ -74,10 +75,8 @@ def wait(
                 f"`ava attach {record.id}` takes it over, `ava stop {record.id}` ends it"
             )
         if limit is not None and now - began >= limit:
-            from ava import console
-
             raise WaitTimedOut(
-                f"run {record.id} still {record.state} after {console.duration(limit)} "
+                f"run {record.id} still {record.state} after {format_duration(limit)} "
                 f"(--timeout); it goes on: `ava stop {record.id}` ends it"
             )
         time.sleep(0.5)
@@ -101,7 +100,7 @@ def _ended(record, json_out: bool) -> int:  # type: ignore[no-untyped-def]
 
     if json_out:
         console.print_json(record.summary())
-    took = console.duration((record.ended or time.time()) - record.started)
+    took = format_duration((record.ended or time.time()) - record.started)
     last = record.current()
     cause = f": {last.cause}" if record.state != "succeeded" and last is not None and last.cause else ""
     _say(f"ava: run {record.id} {record.state} after {took}{cause}")
