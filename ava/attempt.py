@@ -1,48 +1,49 @@
 """One attempt of a run on its nodes, through each node's agent: prepare, start, poll, stop, logs.
 
-The imperative half of a launch (ava.launch builds what runs; this makes it run). Every step
-fans out over the nodes in parallel and reports a result or an error for each.
+The one place that runs agent commands for a run.
+
+The imperative half of a launch (ava.launch builds what runs; this makes it run). Every call
+goes through a node's transport to the agent's command line (`ava/agent/main.py`) and comes back
+as a type of `ava.agent.protocol`, or an AvaError naming the node. Calls over several nodes fan
+out in parallel and report a result or an error for each. The supervisor takes an AgentClient as
+an argument, so its loop can be driven by a fake one in tests.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
-import shlex
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ava import sync
+from ava.agent import protocol
+from ava.agent.protocol import ExitCode, Holder, Status, StopReport
 from ava.config import Node, Recipe
-from ava.decide import liveness_scale
+from ava.decide import Answer, liveness_scale
 from ava.errors import AvaError, CommandError
 from ava.launch import NodeLaunch, Route
-from ava.nodes import FACTS_SOURCE
 from ava.transport import connect, run_all, shell_path
 
-BUSY_EXIT = 4  # the agent's exit code when the leases it needs are held by another run
 STATUS_TIMEOUT = 4.0 * liveness_scale()  # a status poll slower than this counts as the node not answering
+STORE_TIMEOUT = 120.0  # how long the workers' start waits for the master's rendezvous store
+# Printed before the log's bytes: lines ahead of it come from the node's shell start-up files
+# (conda's and pyenv's init print on every SSH command), not from the run, and count for no offset.
+LOG_START = "ava-logs-start"
 
 
 class LeaseBusy(AvaError):
-    def __init__(self, node: str, holders: list[dict[str, Any]]) -> None:
+    def __init__(self, node: str, holders: list[Holder]) -> None:
         self.node, self.holders = node, holders
-        held = "; ".join(describe_holder(h) for h in holders) or "another run"
+        held = "; ".join(h.describe() for h in holders) or "another run"
         super().__init__(f"{node} is busy: held by {held} (`ava train --wait` waits for it, or `ava stop` that run)")
 
 
 class AttemptMissing(AvaError):
     """The node's agent answered that it has no such attempt: reachable, never started there."""
-
-
-def describe_holder(holder: dict[str, Any]) -> str:
-    what = []
-    if holder.get("gpus"):
-        what.append("GPUs " + ",".join(str(g) for g in holder["gpus"]))
-    if holder.get("cpu_slots"):
-        what.append(f"{holder['cpu_slots']} CPU slots")
-    return f"run {holder.get('run')} of {holder.get('user')} ({', '.join(what) or 'leases'})"
 
 
 @dataclass
@@ -61,7 +62,7 @@ def agent_command(node: Node, *args: str) -> str:
 def fail_on_errors(outcomes: dict[str, Any], what: str) -> None:
     errors = [(name, o) for name, o in outcomes.items() if isinstance(o, AvaError)]
     if errors:
-        name, first = errors[0]
+        first = errors[0][1]
         more = f" (and {len(errors) - 1} more nodes)" if len(errors) > 1 else ""
         raise (
             type(first)(f"{what}: {first.message}{more}", tail=first.tail) if isinstance(first, CommandError) else first
@@ -86,13 +87,11 @@ def prepare(
 
 def routes(nodes: list[Node], master: str) -> tuple[dict[str, Route], int]:
     """Each node's route to the master, and a free port on the master for the rendezvous."""
-    source = shlex.quote(FACTS_SOURCE.read_text(encoding="utf-8"))
 
     def one(node: Node) -> dict[str, Any]:
-        want_port = node is nodes[0]
-        command = f"{shell_path(node.python)} -c {source} --route {shlex.quote(master)} {shlex.quote(node.interface)}"
-        result = connect(node).run(command + (" --port" if want_port else ""), timeout=30).check("route probe")
-        facts = json.loads(result.stdout.strip().splitlines()[-1])
+        args = ["route", master, node.interface, *(["--port"] if node is nodes[0] else [])]
+        result = connect(node).run(agent_command(node, *args), timeout=30).check("route probe")
+        facts = _last_json(result.stdout)
         if facts.get("error"):
             raise CommandError(f"{node.name}: {facts['error']}")
         if not facts.get("interface"):
@@ -111,63 +110,6 @@ def routes(nodes: list[Node], master: str) -> tuple[dict[str, Route], int]:
     return found, int(first["port"])
 
 
-def start_one(launch: NodeLaunch) -> dict[str, Any]:
-    node, spec = launch.node, launch.spec
-    spec_path = f"{node.workdir.rstrip('/')}/runs/{spec['run']}/spec-{spec['attempt']}.json"
-    transport = connect(node)
-    # The spec (environment included) travels as a file: values never appear on a command line.
-    transport.put(json.dumps(spec).encode(), spec_path, mode=0o600)
-    result = transport.run(agent_command(node, "start", spec_path), timeout=120)
-    payload = _last_json(result.stdout)
-    if result.exited == BUSY_EXIT:
-        raise LeaseBusy(node.name, list(payload.get("holders", [])))
-    if not result.ok:
-        raise CommandError(
-            f"{node.name}: the agent could not start the attempt (exit {result.exited})", tail=result.tail()
-        )
-    return payload
-
-
-def wait_for_store(launch: NodeLaunch, address: str, port: int, timeout: float = 120.0) -> None:
-    """Block until the master's rendezvous store accepts connections, or its attempt ended.
-
-    Workers started before the store listens back off for up to ~30 s; waiting here first
-    makes the whole start fast. One remote loop, not one SSH round trip per try.
-    """
-    node, spec = launch.node, launch.spec
-    status = f"{node.workdir.rstrip('/')}/runs/{spec['run']}/attempt-{spec['attempt']}/status.json"
-    probe = (
-        "import json,os,socket,sys,time\n"
-        "addr,port,status,limit=sys.argv[1],int(sys.argv[2]),os.path.expanduser(sys.argv[3]),float(sys.argv[4])\n"
-        "end=time.time()+limit\n"
-        "while time.time()<end:\n"
-        "    try:\n"
-        "        socket.create_connection((addr,port),timeout=1).close(); print('ready'); sys.exit(0)\n"
-        "    except OSError: pass\n"
-        "    try:\n"
-        "        st=json.load(open(status))\n"
-        "        if st.get('state') in ('succeeded','failed','stopped'): print(st['state']); sys.exit(1)\n"
-        "    except (OSError,ValueError): pass\n"
-        "    time.sleep(0.05)\n"
-        "print('timeout'); sys.exit(1)\n"
-    )
-    command = " ".join(
-        [
-            shell_path(node.python),
-            "-c",
-            shlex.quote(probe),
-            shlex.quote(address),
-            str(port),
-            shell_path(status),
-            str(timeout),
-        ]
-    )
-    result = connect(node).run(command, timeout=timeout + 30)
-    if not result.ok:
-        state = result.stdout.strip() or "unknown"
-        raise CommandError(f"{node.name}: the master's rendezvous never came up ({state})")
-
-
 def start(launches: list[NodeLaunch], master_address: str, port: int) -> None:
     """Master first; once its store listens, every other node at once. All or nothing.
 
@@ -179,58 +121,87 @@ def start(launches: list[NodeLaunch], master_address: str, port: int) -> None:
         tried.append(launches[0].node)
         start_one(launches[0])
         wait_for_store(launches[0], master_address, port)
-        tried += [l.node for l in launches[1:]]
-        outcomes = run_all(
-            [l.node for l in launches[1:]], lambda node: start_one(next(l for l in launches if l.node is node))
-        )
+        others = launches[1:]
+        tried += [launch.node for launch in others]
+        by_node = {launch.node.name: launch for launch in others}
+        outcomes = run_all([launch.node for launch in others], lambda node: start_one(by_node[node.name]))
         busy = [o for o in outcomes.values() if isinstance(o, LeaseBusy)]
         if busy:
             raise busy[0]
         fail_on_errors(outcomes, "starting the attempt")
     except BaseException:
-        stop(tried, launches[0].spec["run"])
+        stop(tried, launches[0].spec.run)
         raise
 
 
-def status_of(node: Node, run_id: str, attempt: int) -> dict[str, Any]:
+def start_one(launch: NodeLaunch) -> Status:
+    node, spec = launch.node, launch.spec
+    spec_path = f"{node.workdir.rstrip('/')}/runs/{spec.run}/spec-{spec.attempt}.json"
+    transport = connect(node)
+    # The spec (environment included) travels as a file: values never appear on a command line.
+    transport.put(json.dumps(spec.to_json()).encode(), spec_path, mode=0o600)
+    result = transport.run(agent_command(node, "start", spec_path), timeout=120)
+    payload = _last_json(result.stdout)
+    if result.exited == ExitCode.BUSY:
+        raise LeaseBusy(node.name, [Holder.from_json(h) for h in payload.get("holders", [])])
+    if result.exited == ExitCode.PROTOCOL:
+        raise CommandError(
+            f"{node.name}: its agent speaks another protocol ({payload.get('problem')}); "
+            "`ava provision` installs this version's agent"
+        )
+    if not result.ok:
+        raise CommandError(
+            f"{node.name}: the agent could not start the attempt (exit {result.exited})", tail=result.tail()
+        )
+    return _status(node, payload, result.tail())
+
+
+def wait_for_store(launch: NodeLaunch, address: str, port: int) -> None:
+    """Block until the master's rendezvous store accepts connections, or its attempt ended.
+
+    Workers started before the store listens back off for up to ~30 s; waiting here first
+    makes the whole start fast. One wait on the node, not one SSH round trip per try.
+    """
+    node, spec = launch.node, launch.spec
+    args = ["wait-store", node.workdir, spec.run, str(spec.attempt), address, str(port), f"{STORE_TIMEOUT:g}"]
+    result = connect(node).run(agent_command(node, *args), timeout=STORE_TIMEOUT + 30)
+    if not result.ok:
+        state = _last_json(result.stdout).get("state") or "unknown"
+        raise CommandError(f"{node.name}: the master's rendezvous never came up ({state})")
+
+
+def status_of(node: Node, run_id: str, attempt: int, *, timeout: float = STATUS_TIMEOUT) -> Status:
     """The node's agent status for the attempt, with `age` = seconds since its heartbeat."""
     # The node's own clock dates the heartbeat, so clock skew between machines never matters.
     command = agent_command(node, "status", node.workdir, run_id, "--attempt", str(attempt)) + "; date +%s.%N"
-    result = connect(node).run(command, timeout=STATUS_TIMEOUT)
+    result = connect(node).run(command, timeout=timeout)
     lines = result.stdout.strip().splitlines()
     if len(lines) < 2:
         raise CommandError(f"{node.name}: agent status failed (exit {result.exited})", tail=result.tail())
     payload = _last_json("\n".join(lines[:-1]))
-    if payload.get("error") == "not-found":
+    if payload.get("error") == protocol.NOT_FOUND:
         # The node answered: it never got this attempt (a launch cut short), it is not lost.
         raise AttemptMissing(f"{node.name}: attempt {attempt} of {run_id} never started there")
-    if not payload.get("state"):
-        raise CommandError(f"{node.name}: the agent reported no state for attempt {attempt}", tail=result.tail())
     try:
         payload["age"] = float(lines[-1]) - float(payload.get("heartbeat") or 0)
     except ValueError:
         payload["age"] = None
-    return payload
+    return _status(node, payload, result.tail())
 
 
-def stop(nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, dict[str, Any] | AvaError]:
+def stop(nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, StopReport | AvaError]:
     """Verified teardown of the run on every node: its processes gone, cgroups removed, leases freed."""
 
-    def one(node: Node) -> dict[str, Any]:
+    def one(node: Node) -> StopReport:
         result = connect(node).run(
             agent_command(node, "stop", node.workdir, run_id, "--grace", f"{grace:g}"), timeout=grace + 60
         )
-        payload = _last_json(result.stdout)
-        if not result.ok or payload.get("remaining_pids"):
-            raise CommandError(f"{node.name}: stop left processes {payload.get('remaining_pids')}", tail=result.tail())
-        return payload
+        report = StopReport.from_json(_last_json(result.stdout))
+        if not result.ok or report.remaining_pids:
+            raise CommandError(f"{node.name}: stop left processes {list(report.remaining_pids)}", tail=result.tail())
+        return report
 
     return run_all(nodes, one)
-
-
-# Printed before the log's bytes: lines ahead of it come from the node's shell start-up files
-# (conda's and pyenv's init print on every SSH command), not from the run, and count for no offset.
-LOG_START = "ava-logs-start"
 
 
 def follow_logs(
@@ -252,9 +223,9 @@ def follow_logs(
         args.append("--timestamps")
     seen, started = 0, False
 
-    def line(_stream: str, text: str) -> None:
+    def line(stream: str, text: str) -> None:
         nonlocal seen, started
-        if _stream != "out":
+        if stream != "out":
             return
         if not started:  # what the node's shell printed before the command (a noisy ~/.bashrc)
             started = text == LOG_START
@@ -264,6 +235,86 @@ def follow_logs(
 
     connect(node).run(f"echo {LOG_START}; {agent_command(node, *args)}", on_line=line)
     return seen
+
+
+class AgentClient:
+    """The agent commands a supervisor uses, over each node's transport. Tests of the
+    supervisor's loop pass a fake one (tests/unit/test_supervisor.py)."""
+
+    def __init__(self, status_timeout: float = STATUS_TIMEOUT) -> None:
+        self.status_timeout = status_timeout
+        # One status request in flight per node at most (see poll).
+        self._pending: dict[str, tuple[concurrent.futures.Future[Status], float]] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def prepare(
+        self, nodes: list[Node], code_root: Path, manifest: sync.Manifest, *, recipe: Recipe, inventory_dir: Path
+    ) -> Prepared:
+        return prepare(nodes, code_root, manifest, recipe=recipe, inventory_dir=inventory_dir)
+
+    def prefetch(
+        self, nodes: list[Node], recipe: Recipe, pythons: dict[str, str], report: Callable[[str], None]
+    ) -> None:
+        """Warm the recipe's `[data] prefetch` in the nodes' caches."""
+        from ava import cachenodes
+
+        cachenodes.prefetch(nodes, recipe, pythons=pythons, report=report)
+
+    def routes(self, nodes: list[Node], master: str) -> tuple[dict[str, Route], int]:
+        return routes(nodes, master)
+
+    def start(self, launches: list[NodeLaunch], master_address: str, port: int) -> None:
+        start(launches, master_address, port)
+
+    def status(self, node: Node, run_id: str, attempt: int) -> Status:
+        return status_of(node, run_id, attempt, timeout=self.status_timeout)
+
+    def poll(self, nodes: list[Node], run_id: str, attempt: int, wait: float) -> dict[str, Answer]:
+        """Ask every node its status and wait up to WAIT seconds for the answers. A node whose
+        earlier request is still out is not asked again: its answer shows as pending, with the
+        time that request was sent, however long its transport takes to give up."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, 2 * len(nodes)))
+        asked = time.time()
+        for node in nodes:
+            if node.name not in self._pending:
+                self._pending[node.name] = (self._pool.submit(self.status, node, run_id, attempt), asked)
+        concurrent.futures.wait([future for future, _ in self._pending.values()], timeout=wait)
+        answers: dict[str, Answer] = {}
+        for node in nodes:
+            future, since = self._pending[node.name]
+            if not future.done():
+                answers[node.name] = Answer(pending=True, asked=since)
+                continue
+            del self._pending[node.name]
+            try:
+                answers[node.name] = Answer(status=future.result())
+            except AttemptMissing:
+                answers[node.name] = Answer(missing=True)
+            except AvaError as error:
+                answers[node.name] = Answer(error=error.message, asked=since)
+        return answers
+
+    def stop(self, nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, StopReport | AvaError]:
+        return stop(nodes, run_id, grace=grace)
+
+    def follow_logs(
+        self, node: Node, run_id: str, attempt: int, on_line: Callable[[str], None], *, offset: int = 0
+    ) -> int:
+        return follow_logs(node, run_id, attempt, on_line, offset=offset)
+
+    def close(self) -> None:
+        """Forget requests still in flight (their threads end with their transports' timeouts)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        self._pool, self._pending = None, {}
+
+
+def _status(node: Node, payload: dict[str, Any], tail: str) -> Status:
+    try:
+        return Status.from_json(payload)
+    except (protocol.ProtocolError, TypeError, ValueError, KeyError) as error:
+        raise CommandError(f"{node.name}: the agent's status is not readable ({error})", tail=tail) from None
 
 
 def _last_json(text: str) -> dict[str, Any]:

@@ -10,6 +10,27 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ava.agent.protocol import (
+    AGENT_DIED,
+    AGENT_DIED_KIND,
+    CRASH,
+    DISK_FULL,
+    DISK_FULL_KIND,
+    FAILED,
+    HANG,
+    INTERRUPTED,
+    NODE_LOST,
+    OOM,
+    OOM_KIND,
+    RUNNING,
+    STARTING,
+    STOPPED,
+    STOPPED_KIND,
+    SUCCEEDED,
+    FailureKind,
+    Reason,
+    Status,
+)
 from ava.config import Failover
 
 
@@ -34,14 +55,31 @@ SETTLE_AFTER = 10.0
 STARTUP_GRACE = 60.0
 
 
+MISSING = "missing"  # a NodeView state: the agent answered that it has no such attempt
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One node's answer to one round of polling (see AgentClient.poll).
+
+    Exactly one of: `status`; `missing` (reachable, no such attempt there); or no answer, with
+    `asked` the time the request still unanswered (`pending`) or failed (`error`) was sent."""
+
+    status: Status | None = None
+    missing: bool = False
+    pending: bool = False
+    error: str | None = None
+    asked: float = 0.0
+
+
 @dataclass(frozen=True)
 class NodeView:
     name: str
     reachable: bool = True
     unreachable_for: float = 0.0
-    state: str | None = "running"  # the agent's state; None when it never answered; "missing" when
-    # it answered that it has no such attempt
-    reason: str | None = None  # exit | oom | stopped | agent-died
+    state: str | None = RUNNING  # the agent's state; None when it did not answer this round;
+    # MISSING when it answered that it has no such attempt
+    reason: Reason | None = None
     exit_code: int | None = None
     rank_exit_codes: dict[str, int] = field(default_factory=dict)
     rank_fail_times: dict[str, float] = field(default_factory=dict)  # on the node's clock
@@ -57,12 +95,13 @@ class NodeView:
 class Observation:
     nodes: tuple[NodeView, ...]
     elapsed: float  # since the attempt started
+    stop_requested: bool = False  # `ava stop` asked for the run to end
 
 
 @dataclass(frozen=True)
 class Verdict:
     outcome: str  # running | succeeded | failed | stopped
-    kind: str | None = None  # crash | oom | node-lost | hang | agent-died | disk-full | interrupted | stopped
+    kind: FailureKind | None = None
     cause: str | None = None
     node: str | None = None
     rank: int | None = None
@@ -70,10 +109,65 @@ class Verdict:
     lost: tuple[str, ...] = ()
 
 
-RUNNING = Verdict("running")
+STILL_RUNNING = Verdict(RUNNING)
+STOP = Verdict(STOPPED, STOPPED_KIND, "stopped by `ava stop`")
+
+
+def node_view(
+    name: str, answer: Answer, now: float, silent_since: float | None, status_timeout: float
+) -> tuple[NodeView, float | None]:
+    """What one node's answer says this round, and since when it has been silent (None: it
+    answered). A request still out for less than `status_timeout` is late, not silent: a busy
+    node answers slowly, and only silence for LOST_AFTER makes a node lost."""
+    if answer.status is not None:
+        return view_of(name, answer.status), None
+    if answer.missing:
+        return NodeView(name, reachable=True, state=MISSING), None
+    if answer.pending and now - answer.asked < status_timeout:
+        return NodeView(name, reachable=True, state=None), silent_since
+    first = answer.asked if silent_since is None else silent_since
+    return NodeView(name, reachable=False, unreachable_for=now - first, state=None), first
+
+
+def view_of(name: str, status: Status) -> NodeView:
+    heartbeat, progress = status.heartbeat, status.progress
+    reference = progress.time if progress else status.output_time
+    progress_age = None
+    if heartbeat and reference:
+        progress_age = max(0.0, heartbeat - reference)
+    return NodeView(
+        name=name,
+        state=status.state,
+        reason=status.reason,
+        exit_code=status.exit_code,
+        rank_exit_codes=dict(status.rank_exit_codes),
+        rank_fail_times=dict(status.rank_fail_times),
+        heartbeat_age=status.age,
+        ended=status.ended,
+        memory_limit=status.memory_limit,
+        progress_age=progress_age,
+        progressed=progress is not None,
+        disk_full=status.disk_full,
+    )
+
+
+def launch_failure(message: str, *, node: str | None, unreachable: bool, attempt: int) -> Verdict | None:
+    """A failed launch that failover may recover from: a node lost while restarting (the first
+    attempt's launch failing is the user's to fix). None: the run fails."""
+    if unreachable and attempt > 1:
+        lost = (node,) if node else ()
+        return Verdict(FAILED, NODE_LOST, message, node=node, lost=lost)
+    return None
 
 
 def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
+    verdict = _judge(observation, hang_timeout=hang_timeout)
+    if verdict.outcome == RUNNING and observation.stop_requested:
+        return STOP
+    return verdict
+
+
+def _judge(observation: Observation, *, hang_timeout: float) -> Verdict:
     views = observation.nodes
     lost = tuple(
         v.name
@@ -81,77 +175,74 @@ def judge(observation: Observation, *, hang_timeout: float) -> Verdict:
         if (not v.reachable and v.unreachable_for >= LOST_AFTER)
         or (
             v.reachable
-            and v.state in ("starting", "running")
+            and v.state in (STARTING, RUNNING)
             and v.heartbeat_age is not None
             and v.heartbeat_age > STALE_AFTER
         )
     )
     if lost:
-        return Verdict("failed", "node-lost", f"node {', '.join(lost)} stopped answering", node=lost[0], lost=lost)
+        return Verdict(FAILED, NODE_LOST, f"node {', '.join(lost)} stopped answering", node=lost[0], lost=lost)
 
-    missing = tuple(v.name for v in views if v.state == "missing")
+    missing = tuple(v.name for v in views if v.state == MISSING)
     if missing:
         # Its launch was cut short (the CLI killed mid-start): a new attempt, not a lost node.
         return Verdict(
-            "failed",
-            "interrupted",
+            FAILED,
+            INTERRUPTED,
             f"attempt never started on {', '.join(missing)} (its launch was cut short)",
             node=missing[0],
         )
 
-    failed = sorted((v for v in views if v.state == "failed"), key=_first_failure)
+    failed = sorted((v for v in views if v.state == FAILED), key=_first_failure)
     silent = tuple(v.name for v in views if not v.reachable)
     if failed and any(v.reachable and v.state is None for v in views):
         # A node's answer is late: it may be the node whose loss made these ranks fail. Its
         # poll either answers or turns into "unreachable" within seconds; judge then.
-        return RUNNING
+        return STILL_RUNNING
     if failed and silent:
         # Ranks die in their collectives soon after a peer node does: the node that stopped
         # answering is the cause, not the ranks that lost it.
-        return Verdict(
-            "failed", "node-lost", f"node {', '.join(silent)} stopped answering", node=silent[0], lost=silent
-        )
+        return Verdict(FAILED, NODE_LOST, f"node {', '.join(silent)} stopped answering", node=silent[0], lost=silent)
     if failed:
         first = _first_failure(failed[0])
         earlier = [
-            v
-            for v in views
-            if v.state in ("starting", "running") and any(t < first for t in v.rank_fail_times.values())
+            v for v in views if v.state in (STARTING, RUNNING) and any(t < first for t in v.rank_fail_times.values())
         ]
         if earlier and (failed[0].heartbeat_age or 0.0) < SETTLE_AFTER:
             # A rank on a node still winding down raised before this failure: that node's
             # torchrun ends within moments, and its rank is the cause.
-            return RUNNING
+            return STILL_RUNNING
         return _failure(failed[0])
-    if views and all(v.state == "succeeded" for v in views):
-        return Verdict("succeeded", exit_code=0)
-    if any(v.state == "stopped" for v in views):
-        return Verdict("stopped", "stopped", "stopped by `ava stop`")
+    if views and all(v.state == SUCCEEDED for v in views):
+        return Verdict(SUCCEEDED, exit_code=0)
+    if any(v.state == STOPPED for v in views):
+        return STOP
     ages = [v.progress_age for v in views if v.progress_age is not None]
     quiet_for = min(ages) if ages else observation.elapsed
     started = any(v.progressed for v in views) or observation.elapsed >= STARTUP_GRACE
     if started and observation.elapsed >= hang_timeout and quiet_for >= hang_timeout:
-        return Verdict("failed", "hang", f"no training progress for {quiet_for:.0f}s (hang_timeout {hang_timeout:g}s)")
-    return RUNNING
+        return Verdict(FAILED, HANG, f"no training progress for {quiet_for:.0f}s (hang_timeout {hang_timeout:g}s)")
+    return STILL_RUNNING
 
 
 def _failure(view: NodeView) -> Verdict:
-    if view.reason == "oom":
+    if view.reason == OOM:
         limit = f" (limit {_size(view.memory_limit)})" if view.memory_limit else ""
-        return Verdict("failed", "oom", f"out of memory on {view.name}{limit}", node=view.name)
-    if view.reason == "agent-died":
-        return Verdict("failed", "agent-died", f"the agent on {view.name} died", node=view.name)
-    if view.reason == "disk-full":
-        return Verdict("failed", "disk-full", f"disk full on {view.name} ({view.disk_full})", node=view.name)
+        return Verdict(FAILED, OOM_KIND, f"out of memory on {view.name}{limit}", node=view.name)
+    if view.reason == AGENT_DIED:
+        return Verdict(FAILED, AGENT_DIED_KIND, f"the agent on {view.name} died", node=view.name)
+    if view.reason == DISK_FULL:
+        return Verdict(FAILED, DISK_FULL_KIND, f"disk full on {view.name} ({view.disk_full})", node=view.name)
     codes = {int(r): c for r, c in view.rank_exit_codes.items() if c != 0}
     if codes:
         rank = _first_rank(view, codes)
         code = codes[rank]
         return Verdict(
-            "failed", "crash", f"rank {rank} on {view.name} exited {code}", node=view.name, rank=rank, exit_code=code
+            FAILED, CRASH, f"rank {rank} on {view.name} exited {code}", node=view.name, rank=rank, exit_code=code
         )
-    code = view.exit_code
-    return Verdict("failed", "crash", f"torchrun on {view.name} exited {code}", node=view.name, exit_code=code)
+    return Verdict(
+        FAILED, CRASH, f"torchrun on {view.name} exited {view.exit_code}", node=view.name, exit_code=view.exit_code
+    )
 
 
 def _first_rank(view: NodeView, codes: dict[int, int]) -> int:
@@ -176,7 +267,7 @@ def startup_signature(verdict: Verdict, last_lines: list[str], node_names: tuple
     """What identifies a crash, for telling that the next attempt failed the same way: its exit
     code and the failing rank's last line, node names aside. None for failures a retry may
     fix: OOM, node loss, hangs."""
-    if verdict.kind != "crash":
+    if verdict.kind != CRASH:
         return None
     last = next((line.strip() for line in reversed(last_lines) if line.strip()), "")
     for name in sorted(node_names, key=len, reverse=True):
@@ -204,9 +295,9 @@ def recover(
 ) -> Plan:
     """After a failed attempt: the next attempt's nodes, or why there is none. `repeated` is
     the signature of a start-up failure that the attempt before this one failed with too."""
-    if verdict.kind == "stopped":
+    if verdict.kind == STOPPED_KIND:
         return Plan(False, "stopped")
-    if verdict.kind == "interrupted":
+    if verdict.kind == INTERRUPTED:
         # Nothing of the job failed: its launch was cut short. Start it again, free of charge.
         return Plan(True, verdict.cause or "interrupted", current, 0.0)
     if repeated is not None and failover.stop_repeated_startup_failure:
@@ -215,14 +306,14 @@ def recover(
             f"the same start-up failure twice; not retrying: {repeated}"
             " (failover.stop_repeated_startup_failure = false retries it)",
         )
-    if verdict.kind == "crash" and verdict.exit_code in failover.fatal_exit_codes:
+    if verdict.kind == CRASH and verdict.exit_code in failover.fatal_exit_codes:
         return Plan(False, f"exit code {verdict.exit_code} is in failover.fatal_exit_codes: no retry can fix it")
     if restarts_used >= failover.max_restarts:
         return Plan(
             False, f"restart budget exhausted ({restarts_used} of failover.max_restarts = {failover.max_restarts} used)"
         )
     nodes = current
-    if verdict.kind == "node-lost":
+    if verdict.kind == NODE_LOST:
         survivors = tuple(n for n in current if n not in verdict.lost)
         missing = len(current) - len(survivors)
         if failover.on_node_loss == "fail":

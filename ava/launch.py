@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import Any
 
+from ava.agent.protocol import SpecLimits, StartSpec
 from ava.config import Node, Recipe
 
 # torchrun prefixes every worker line with its global rank; ava's log streams rely on it.
@@ -55,7 +55,7 @@ class Launch:
 class NodeLaunch:
     node: Node
     argv: list[str]
-    spec: dict[str, Any]
+    spec: StartSpec
 
 
 def checkpoint_dir(recipe: Recipe, run_id: str) -> str | None:
@@ -154,28 +154,27 @@ def plan(
         route = routes[node.name]
         python = route.expand((pythons or {}).get(node.name, node.python))
         argv = torchrun_argv(recipe, launch, nnodes=len(nodes), route=route, is_master=index == 0, python=python)
-        spec: dict[str, Any] = {
-            "run": launch.run_id,
-            "attempt": launch.attempt,
-            "node": node.name,
-            "workdir": node.workdir,
+        resources = recipe.resources
+        spec = StartSpec(
+            run=launch.run_id,
+            attempt=launch.attempt,
+            node=node.name,
+            workdir=node.workdir,
             # Ranks run in the run's own directory, which the agent copies from the immutable tree.
-            "cwd": run_dir(node, launch, route),
-            "tree": tree_dirs(node, launch, route)[0],
-            "argv": argv,
-            "env": environment(recipe, launch, node, route),
-            "limits": {
-                "memory": recipe.resources.memory,
-                "cpus": recipe.resources.cpus,
-                "pids": recipe.resources.pids,
-            },
-            "gpus": {"want": recipe.resources.gpus_per_node, "allowed": list(node.gpus)},
-            "cpu_slots": None if recipe.resources.gpus_per_node else {"want": recipe.procs(), "total": route.cpus},
-            "cgroup_parent": CGROUP_PARENT,
-            "user": launch.user,
-            **({"ledger": node.ledger} if node.ledger else {}),
-            **({"isolation": forced} if (forced := os.environ.get(FORCE_ISOLATION_ENV)) else {}),
-        }
+            cwd=run_dir(node, launch, route),
+            tree=tree_dirs(node, launch, route)[0],
+            argv=tuple(argv),
+            env=environment(recipe, launch, node, route),
+            limits=SpecLimits(resources.memory, resources.cpus, resources.pids),
+            gpus_want=resources.gpus_per_node,
+            gpus_allowed=tuple(node.gpus),
+            cpu_slots_want=None if resources.gpus_per_node else recipe.procs(),
+            cpu_total=None if resources.gpus_per_node else route.cpus,
+            cgroup_parent=CGROUP_PARENT,
+            user=launch.user,
+            ledger=node.ledger or "",
+            isolation=os.environ.get(FORCE_ISOLATION_ENV) or "",
+        )
         launches.append(NodeLaunch(node, argv, spec))
     return launches
 

@@ -45,15 +45,7 @@ def place(
     count: int | None = None,
 ) -> Placement:
     """Pick the run's nodes (pure). `only` keeps the order the user gave; `exclude` are lost nodes."""
-    candidates = inventory.select(only) if only else list(inventory.nodes.values())
-    reasons: list[str] = []
-    eligible: list[Node] = []
-    for node in candidates:
-        reason = "lost earlier in this run" if node.name in exclude else why_ineligible(node, recipe)
-        if reason:
-            reasons.append(f"{node.name} {reason}")
-        else:
-            eligible.append(node)
+    eligible, reasons = _eligible(recipe, inventory, only, exclude)
     low, high = recipe.resources.nodes_min, recipe.resources.nodes_max
     want = min(high, len(eligible)) if count is None else count
     if want < low or len(eligible) < want:
@@ -65,6 +57,35 @@ def place(
     if local and len(chosen) > 1:
         raise UsageError(f"node {local[0].name} is the embedded local node and cannot share a run with other nodes")
     return Placement(tuple(chosen), tuple(eligible[want:]))
+
+
+def spares(
+    recipe: Recipe, inventory: Inventory, *, only: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[Node]:
+    """The nodes a lost one may be replaced with: eligible, within ONLY (the run's `--nodes`)
+    when given, none of EXCLUDE (the run's nodes and those it lost), never the local node."""
+    # A node of ONLY since taken out of the inventory is no spare (nor an error mid-run).
+    known = [name for name in only if name in inventory.nodes]
+    if only and not known:
+        return []
+    eligible, _ = _eligible(recipe, inventory, known, exclude)
+    return [n for n in eligible if n.transport != "local"]
+
+
+def _eligible(
+    recipe: Recipe, inventory: Inventory, only: Sequence[str], exclude: Sequence[str]
+) -> tuple[list[Node], list[str]]:
+    """The eligible nodes among ONLY (else the whole inventory), and why each other one is not."""
+    candidates = inventory.select(only) if only else list(inventory.nodes.values())
+    reasons: list[str] = []
+    eligible: list[Node] = []
+    for node in candidates:
+        reason = "lost earlier in this run" if node.name in exclude else why_ineligible(node, recipe)
+        if reason:
+            reasons.append(f"{node.name} {reason}")
+        else:
+            eligible.append(node)
+    return eligible, reasons
 
 
 def checkpoint_reach_warning(recipe: Recipe, placement: Placement) -> str | None:

@@ -71,6 +71,7 @@ class RunRecord:
     supervisor_pid: int | None = None
     code_tree: str | None = None
     overrides: list[str] = field(default_factory=list)  # the --set assignments, in order
+    pool: list[str] = field(default_factory=list)  # the nodes `--nodes` allowed (spares too); []: all
 
     @property
     def dir(self) -> Path:

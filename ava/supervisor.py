@@ -8,7 +8,6 @@ picks up the current attempt from the run's record.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import os
 import re
 import signal
@@ -17,19 +16,41 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from ava import attempt as nodes_ops
-from ava import cachenodes, sync
+from ava import placement, sync
+from ava.agent.protocol import (
+    FAILED,
+    INTERRUPTED,
+    LAUNCH,
+    RUNNING,
+    STOPPED,
+    STOPPED_KIND,
+    SUCCEEDED,
+    State,
+    is_final,
+)
+from ava.attempt import AgentClient, LeaseBusy
 from ava.config import Inventory, Node, Recipe, parse_recipe
-from ava.decide import STARTUP_GRACE, NodeView, Observation, Verdict, judge, recover, startup_signature
+from ava.decide import (
+    STARTUP_GRACE,
+    Observation,
+    Verdict,
+    judge,
+    launch_failure,
+    node_view,
+    recover,
+    startup_signature,
+)
 from ava.errors import AvaError, ConnectError
 from ava.launch import Launch, NodeLaunch, plan
 from ava.runs import Attempt, RunRecord
 from ava.runs import load as runs_load
 
 POLL_INTERVAL = 1.0
+LEASE_RETRY = 5.0  # how often a launch waiting for busy nodes (--wait) tries again
 STATUS_WAIT = 2.0  # how long one poll waits for the nodes' answers before judging
 RANK_LINE = re.compile(r"^\[(\d+)\]:(.*)$", re.S)
 STOP_FILE = "stop"
@@ -105,11 +126,13 @@ def plan_attempt(
     code_tree: str,
     runtime_tree: str,
     pythons: dict[str, str],
+    *,
+    client: AgentClient | None = None,
 ) -> tuple[list[NodeLaunch], str, int]:
     """What each node runs for this attempt (asks the nodes their routes and the master a free
     port); a launch and `ava train --dry-run` both come through here."""
     master = master_address(nodes[0])
-    routes, port = nodes_ops.routes(nodes, master)
+    routes, port = (client or AgentClient()).routes(nodes, master)
     launch = Launch(run_id, number, master, port, code_tree, runtime_tree, current_user())
     return plan(recipe, nodes, launch, routes, pythons=pythons), master, port
 
@@ -147,7 +170,61 @@ def recipe_of(record: RunRecord) -> Recipe:
     return replace(recipe, env=env, raw={**recipe.raw, "env": env})
 
 
+class Clock:
+    """Time as the supervisor sees it. Tests drive the loop with one that never sleeps."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        """Sleep SECONDS unless EVENT is set first; True when it is."""
+        return event.wait(seconds)
+
+
+# -- the actions of the loop: each step returns the next one, None when the run is done -------
+
+
+@dataclass(frozen=True)
+class StartAttempt:
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LaunchAttempt:
+    attempt: Attempt
+
+
+@dataclass(frozen=True)
+class WaitForLeases:
+    attempt: Attempt
+    busy: LeaseBusy
+
+
+@dataclass(frozen=True)
+class Watch:
+    attempt: Attempt
+
+
+@dataclass(frozen=True)
+class Restart:
+    nodes: tuple[str, ...]
+    backoff: float
+
+
+@dataclass(frozen=True)
+class Finish:
+    state: State
+    exit_code: int
+
+
+Action = StartAttempt | LaunchAttempt | WaitForLeases | Watch | Restart | Finish
+
+
 class Supervisor:
+    """One run's loop, in the shape of torch's elastic agent: observe every node, `judge`,
+    `recover` from a failure, act. Every decision is in ava.decide; every node is reached
+    through the AgentClient."""
+
     def __init__(
         self,
         record: RunRecord,
@@ -158,16 +235,21 @@ class Supervisor:
         wait_for_leases: bool = False,
         role: str = "ava train",
         lock_wait: float = 15.0,
+        client: AgentClient | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.record, self.recipe, self.inventory, self.sink = record, recipe, inventory, sink
         self.wait_for_leases = wait_for_leases
         self.role, self.lock_wait = role, lock_wait
+        self.client = client or AgentClient()
+        self.clock = clock or Clock()
         self.code_root = record.dir / "code"
         self.manifest = sync.manifest_of(self.code_root)
         self.last_lines: dict[tuple[str, str | None], collections.deque[str]] = {}
         self._lines_lock = threading.Lock()
         self._leave = threading.Event()
         self._unreached: set[str] = set()  # nodes the last teardown could not reach
+        self._last_wait = ""  # the holders last reported while waiting for leases
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -179,26 +261,9 @@ class Supervisor:
         record.supervisor_pid = os.getpid()
         record.save()
         try:
-            while True:
-                current = record.current()
-                if current is None or current.state in ("succeeded", "failed", "stopped"):
-                    names = self._next_nodes(current)
-                    if names is None:
-                        break
-                    current = self._start_attempt(names)
-                    if current is None:
-                        break
-                verdict = self._watch(current)
-                self._end_attempt(current, verdict)
-                if verdict.outcome == "succeeded":
-                    self._finish("succeeded", 0)
-                    break
-                if verdict.outcome == "stopped" or self.stop_requested():
-                    self._finish("stopped", 1)
-                    break
-                restart = self._plan_restart(current, verdict)
-                if restart is None:
-                    break
+            action = self._resume()
+            while action is not None:
+                action = self._act(action)
         except Detached:
             pass
         finally:
@@ -216,71 +281,90 @@ class Supervisor:
     def stop_requested(self) -> bool:
         return (self.record.dir / STOP_FILE).exists()
 
-    # -- attempts -------------------------------------------------------------------------------
+    def _resume(self) -> Action | None:
+        """Where a supervisor starting on this run picks it up."""
+        current = self.record.current()
+        if current is None:
+            return StartAttempt(tuple(self.record.nodes))
+        if is_final(current.state):
+            return None  # the run ended under the supervisor before us
+        return Watch(current)
 
-    def _next_nodes(self, previous: Attempt | None) -> list[str] | None:
-        if previous is None:
-            return list(self.record.nodes)
-        return self._pending_nodes
+    def _act(self, action: Action) -> Action | None:
+        if isinstance(action, StartAttempt):
+            return self._start_attempt(action.nodes)
+        if isinstance(action, LaunchAttempt):
+            return self._launch_attempt(action.attempt)
+        if isinstance(action, WaitForLeases):
+            return self._wait_for_leases(action.attempt, action.busy)
+        if isinstance(action, Watch):
+            return self._watch_attempt(action.attempt)
+        if isinstance(action, Restart):
+            self._sleep(action.backoff)
+            if self.stop_requested():
+                return Finish(STOPPED, 1)
+            return StartAttempt(action.nodes)
+        self._finish(action.state, action.exit_code)
+        return None
 
-    _pending_nodes: list[str] | None = None
+    # -- the actions ----------------------------------------------------------------------------
 
-    def _start_attempt(self, names: list[str]) -> Attempt | None:
+    def _start_attempt(self, names: tuple[str, ...]) -> Action:
         record = self.record
         number = len(record.attempts) + 1
-        current = Attempt(number=number, nodes=names, started=time.time())
+        current = Attempt(number=number, nodes=list(names), started=self.clock.now())
         record.attempts.append(current)
-        record.nodes = names
+        record.nodes = list(names)
         with self._lines_lock:
             self.last_lines.clear()  # the summary shows the failing attempt's lines only
         record.save()
         self.sink.event(f"attempt {number} starting on {', '.join(names)}")
-        nodes = [self.inventory.nodes[n] for n in names]
-        last_wait = ""
-        while True:
-            try:
-                self._launch(nodes, current)
-                break
-            except nodes_ops.LeaseBusy as busy:
-                if self.stop_requested():
-                    current.state, current.ended, current.kind = "stopped", time.time(), "stopped"
-                    current.cause = "stopped by `ava stop` while waiting for busy nodes"
-                    self._finish("stopped", 1)
-                    return None
-                if not self.wait_for_leases:
-                    self._fail_launch(current, busy)
-                    return None
-                held = "; ".join(nodes_ops.describe_holder(h) for h in busy.holders) or "another run"
-                if held != last_wait:
-                    self.sink.event(f"waiting: {busy.node} is held by {held}")
-                    last_wait = held
-                self._sleep(5.0)
-            except AvaError as failure:
-                if self.stop_requested():
-                    # `ava stop` during the launch: its teardown is what made the launch fail.
-                    current.state, current.ended, current.kind = "stopped", time.time(), "stopped"
-                    current.cause = "stopped by `ava stop` during the launch"
-                    self._finish("stopped", 1)
-                    return None
-                self._fail_launch(current, failure)
-                if isinstance(failure, ConnectError) and number > 1:
-                    # A node lost while restarting: count it lost and try to recover once more.
-                    verdict = Verdict("failed", "node-lost", failure.message, node=failure.node, lost=(failure.node,))
-                    if self._plan_restart(current, verdict) is not None:
-                        return self._start_attempt(self._pending_nodes or [])
-                return None
+        return LaunchAttempt(current)
+
+    def _launch_attempt(self, current: Attempt) -> Action:
+        nodes = [self.inventory.nodes[n] for n in current.nodes]
+        try:
+            self._launch(nodes, current)
+        except LeaseBusy as busy:
+            if self.stop_requested():
+                return self._stopped_at_launch(current, "stopped by `ava stop` while waiting for busy nodes")
+            if not self.wait_for_leases:
+                return self._launch_failed(current, busy)
+            return WaitForLeases(current, busy)
+        except AvaError as failure:
+            if self.stop_requested():
+                # `ava stop` during the launch: its teardown is what made the launch fail.
+                return self._stopped_at_launch(current, "stopped by `ava stop` during the launch")
+            return self._launch_failed(current, failure)
         if self.stop_requested():
-            nodes_ops.stop(nodes, record.id)
-        current.state = "running"
-        record.state = "running"
-        record.save()
-        return current
+            self.client.stop(nodes, self.record.id)
+        current.state = RUNNING
+        self.record.state = RUNNING
+        self.record.save()
+        return Watch(current)
+
+    def _wait_for_leases(self, current: Attempt, busy: LeaseBusy) -> Action:
+        held = "; ".join(h.describe() for h in busy.holders) or "another run"
+        if held != self._last_wait:
+            self.sink.event(f"waiting: {busy.node} is held by {held}")
+            self._last_wait = held
+        self._sleep(LEASE_RETRY)
+        return LaunchAttempt(current)
+
+    def _watch_attempt(self, current: Attempt) -> Action:
+        verdict = self._watch(current)
+        self._end_attempt(current, verdict)
+        if verdict.outcome == SUCCEEDED:
+            return Finish(SUCCEEDED, 0)
+        if verdict.outcome == STOPPED or self.stop_requested():
+            return Finish(STOPPED, 1)
+        return self._after_failure(current, verdict)
 
     def _launch(self, nodes: list[Node], current: Attempt) -> None:
-        prepared = nodes_ops.prepare(
+        prepared = self.client.prepare(
             nodes, self.code_root, self.manifest, recipe=self.recipe, inventory_dir=self.inventory.path.resolve().parent
         )
-        cachenodes.prefetch(nodes, self.recipe, pythons=prepared.pythons, report=self.sink.event)
+        self.client.prefetch(nodes, self.recipe, prepared.pythons, self.sink.event)
         self.record.code_tree = prepared.code_tree
         current.code_sent_bytes = sum(stats.sent_bytes for stats in prepared.code_stats.values())
         sent = {name: stats for name, stats in prepared.code_stats.items() if stats.sent_files}
@@ -298,30 +382,47 @@ class Supervisor:
             prepared.code_tree,
             prepared.runtime_tree,
             prepared.pythons,
+            client=self.client,
         )
         current.master_port = port
-        nodes_ops.start(launches, master, port)
+        self.client.start(launches, master, port)
 
-    def _fail_launch(self, current: Attempt, failure: AvaError) -> None:
-        current.state, current.ended, current.kind = "failed", time.time(), "launch"
+    def _stopped_at_launch(self, current: Attempt, cause: str) -> Action:
+        current.state, current.ended, current.kind = STOPPED, self.clock.now(), STOPPED_KIND
+        current.cause = cause
+        return Finish(STOPPED, 1)
+
+    def _launch_failed(self, current: Attempt, failure: AvaError) -> Action:
+        current.state, current.ended, current.kind = FAILED, self.clock.now(), LAUNCH
         current.cause = failure.message
         tail = "".join(f"\n    {line}" for line in failure.tail.splitlines()[-10:])
         self.sink.event(f"attempt {current.number} could not start: {failure.message}{tail}")
-        self._finish("failed", 3 if not isinstance(failure, nodes_ops.LeaseBusy) else 1)
+        self.record.save()
+        verdict = launch_failure(
+            failure.message,
+            node=getattr(failure, "node", None),
+            unreachable=isinstance(failure, ConnectError),
+            attempt=current.number,
+        )
+        if verdict is not None:
+            return self._after_failure(current, verdict)
+        return Finish(FAILED, 1 if isinstance(failure, LeaseBusy) else 3)
 
-    def _plan_restart(self, current: Attempt, verdict: Verdict) -> list[str] | None:
+    def _after_failure(self, current: Attempt, verdict: Verdict) -> Action:
         record = self.record
         if verdict.lost:
             record.lost_nodes += [n for n in verdict.lost if n not in record.lost_nodes]
         # Attempts whose launch was cut short (kind "interrupted") cost the budget nothing.
-        used = sum(1 for a in record.attempts[:-1] if a.kind != "interrupted")
-        spares = self._spares(current.nodes)
+        used = sum(1 for a in record.attempts[:-1] if a.kind != INTERRUPTED)
+        spares = placement.spares(
+            self.recipe, self.inventory, only=record.pool, exclude=[*current.nodes, *record.lost_nodes]
+        )
         decision = recover(
             verdict,
             failover=self.recipe.failover,
             restarts_used=used,
             current=tuple(current.nodes),
-            spares=tuple(spares),
+            spares=tuple(n.name for n in spares),
             nodes_min=self.recipe.resources.nodes_min,
             repeated=self._repeated(current, verdict),
         )
@@ -331,21 +432,15 @@ class Supervisor:
                 if decision.reason != verdict.cause
                 else f"run failed: {verdict.cause}"
             )
-            self._finish("failed", 1)
-            return None
-        if verdict.kind == "interrupted":
+            return Finish(FAILED, 1)
+        if verdict.kind == INTERRUPTED:
             self.sink.event(f"attempt {current.number}: {verdict.cause}; starting it again (no restart counted)")
         else:
             self.sink.event(
                 f"attempt {current.number} failed: {verdict.cause}; restarting in {decision.backoff:g}s"
                 f" on {', '.join(decision.nodes)} (restart {used + 1} of {self.recipe.failover.max_restarts})"
             )
-        self._sleep(decision.backoff)
-        if self.stop_requested():
-            self._finish("stopped", 1)
-            return None
-        self._pending_nodes = list(decision.nodes)
-        return self._pending_nodes
+        return Restart(decision.nodes, decision.backoff)
 
     def _repeated(self, current: Attempt, verdict: Verdict) -> str | None:
         """The signature of this attempt's failure when it came before any progress and the
@@ -369,27 +464,16 @@ class Supervisor:
             found = self.last_lines.get((verdict.node or "", rank)) or self.last_lines.get((verdict.node or "", None))
             return list(found or [])
 
-    def _spares(self, current: list[str]) -> list[str]:
-        from ava.placement import why_ineligible
-
-        return [
-            n.name
-            for n in self.inventory.nodes.values()
-            if n.name not in current
-            and n.name not in self.record.lost_nodes
-            and n.transport != "local"
-            and why_ineligible(n, self.recipe) is None
-        ]
-
-    def _finish(self, state: str, code: int) -> None:
+    def _finish(self, state: State, code: int) -> None:
         if self._unreached:
             self._stop_unreached()
-        self.record.state, self.record.exit_code, self.record.ended = state, code, time.time()
+        self.record.state, self.record.exit_code, self.record.ended = state, code, self.clock.now()
         self.record.save()
 
     # -- watching one attempt -------------------------------------------------------------------
 
     def _watch(self, current: Attempt) -> Verdict:
+        """Observe and judge the attempt until it is over; then tear it down."""
         nodes = [self.inventory.nodes[n] for n in current.nodes]
         done = threading.Event()
         followers = [
@@ -397,63 +481,35 @@ class Supervisor:
         ]
         for follower in followers:
             follower.start()
-        unreachable_since: dict[str, float] = {}
-        # One status request in flight per node at most; a node that has not answered one for
-        # LOST_AFTER seconds is lost, however long its transport takes to give up.
-        pending: dict[str, tuple[concurrent.futures.Future[dict[str, Any]], float]] = {}
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(nodes))
+        silent_since: dict[str, float] = {}  # nodes that stopped answering, and since when
         try:
             while True:
                 if self._leave.is_set():
                     raise Detached()
-                asked = time.time()
-                for node in nodes:
-                    if node.name not in pending:
-                        pending[node.name] = (
-                            pool.submit(nodes_ops.status_of, node, self.record.id, current.number),
-                            asked,
-                        )
-                concurrent.futures.wait([f for f, _ in pending.values()], timeout=STATUS_WAIT)
-                now = time.time()
+                asked = self.clock.now()
+                answers = self.client.poll(nodes, self.record.id, current.number, wait=STATUS_WAIT)
+                now = self.clock.now()
                 views = []
                 for node in nodes:
-                    future, since = pending[node.name]
-                    found: dict[str, Any] | None = None
-                    missing = False
-                    if future.done():
-                        del pending[node.name]
-                        try:
-                            found = future.result()
-                        except nodes_ops.AttemptMissing:
-                            missing = True
-                        except AvaError:
-                            found = None
-                    if missing:
-                        unreachable_since.pop(node.name, None)
-                        views.append(NodeView(node.name, reachable=True, state="missing"))
-                    elif found is None and not future.done() and now - since < nodes_ops.STATUS_TIMEOUT:
-                        # Late, not yet silent: unknown this round (a busy node answers slowly).
-                        views.append(NodeView(node.name, reachable=True, state=None))
-                    elif found is None:
-                        first = unreachable_since.setdefault(node.name, since)
-                        views.append(NodeView(node.name, reachable=False, unreachable_for=now - first, state=None))
+                    view, since = node_view(
+                        node.name, answers[node.name], now, silent_since.get(node.name), self.client.status_timeout
+                    )
+                    if since is None:
+                        silent_since.pop(node.name, None)
                     else:
-                        unreachable_since.pop(node.name, None)
-                        views.append(_view(node.name, found))
+                        silent_since[node.name] = since
+                    views.append(view)
                 if any(v.progressed for v in views) or now - current.started >= STARTUP_GRACE:
                     current.progressed = True
-                verdict = judge(
-                    Observation(tuple(views), now - current.started), hang_timeout=self.recipe.failover.hang_timeout
-                )
-                if verdict.outcome != "running":
+                observation = Observation(tuple(views), now - current.started, stop_requested=self.stop_requested())
+                verdict = judge(observation, hang_timeout=self.recipe.failover.hang_timeout)
+                if verdict.outcome != RUNNING:
                     return verdict
-                if self.stop_requested():
-                    return Verdict("stopped", "stopped", "stopped by `ava stop`")
-                self._sleep(max(0.0, POLL_INTERVAL - (time.time() - asked)))
+                self._sleep(max(0.0, POLL_INTERVAL - (self.clock.now() - asked)))
         finally:
-            pool.shutdown(wait=False)
+            self.client.close()
             if not self._leave.is_set():
-                self._teardown(nodes, unreachable_since)
+                self._teardown(nodes, silent_since)
             done.set()
             for follower in followers:
                 follower.join(timeout=5)
@@ -462,7 +518,7 @@ class Supervisor:
         """Before ending a run, try once more to stop it on nodes that did not answer: a node
         whose link came back still runs its part of the job and holds its leases."""
         nodes = [self.inventory.nodes[n] for n in sorted(self._unreached)]
-        for name, outcome in nodes_ops.stop(nodes, self.record.id).items():
+        for name, outcome in self.client.stop(nodes, self.record.id).items():
             if not isinstance(outcome, AvaError):
                 self._unreached.discard(name)
         if self._unreached:
@@ -476,7 +532,7 @@ class Supervisor:
         self._unreached.update(unreachable)
         reachable = [n for n in nodes if n.name not in unreachable]
         started = time.monotonic()
-        outcomes = nodes_ops.stop(reachable, self.record.id)
+        outcomes = self.client.stop(reachable, self.record.id)
         for name, outcome in outcomes.items():
             if isinstance(outcome, AvaError):
                 self.sink.event(f"teardown on {name} failed: {outcome.message}")
@@ -486,23 +542,21 @@ class Supervisor:
             self.sink.event(f"teardown: nothing of the attempt left on {', '.join(clean)} ({took:.1f}s)")
 
     def _end_attempt(self, current: Attempt, verdict: Verdict) -> None:
-        current.ended = time.time()
-        current.state = {"succeeded": "succeeded", "stopped": "stopped"}.get(verdict.outcome, "failed")
+        current.ended = self.clock.now()
+        current.state = verdict.outcome if verdict.outcome in (SUCCEEDED, STOPPED) else FAILED
         current.kind, current.cause = verdict.kind, verdict.cause
         current.exit_code, current.failed_node, current.failed_rank = verdict.exit_code, verdict.node, verdict.rank
         self.record.save()
-        if verdict.outcome != "succeeded":
+        if verdict.outcome != SUCCEEDED:
             self.sink.event(f"attempt {current.number} ended: {verdict.cause}")
 
     def _follow(self, node: Node, number: int, done: threading.Event) -> None:
         offset = 0
         while not done.is_set() and not self._leave.is_set():
-
-            def on_line(text: str) -> None:
-                self._line(node.name, text)
-
             try:
-                offset += nodes_ops.follow_logs(node, self.record.id, number, on_line, offset=offset)
+                offset += self.client.follow_logs(
+                    node, self.record.id, number, partial(self._line, node.name), offset=offset
+                )
                 return
             except AvaError:
                 if done.wait(1.0):
@@ -516,33 +570,8 @@ class Supervisor:
         self.sink.line(node, rank, body)
 
     def _sleep(self, seconds: float) -> None:
-        if self._leave.wait(seconds):
+        if self.clock.wait(self._leave, seconds):
             raise Detached()
-
-
-def _view(name: str, status: dict[str, Any]) -> NodeView:
-    heartbeat = status.get("heartbeat")
-    progress = status.get("progress")
-    reference = (progress or {}).get("time") if progress else status.get("output_time")
-    progress_age = None
-    if heartbeat and reference:
-        progress_age = max(0.0, float(heartbeat) - float(reference))
-    codes = {str(k): int(v) for k, v in (status.get("rank_exit_codes") or {}).items()}
-    times = {str(k): float(v) for k, v in (status.get("rank_fail_times") or {}).items()}
-    return NodeView(
-        name=name,
-        state=status.get("state"),
-        reason=status.get("reason"),
-        exit_code=status.get("exit_code"),
-        rank_exit_codes=codes,
-        rank_fail_times=times,
-        heartbeat_age=status.get("age"),
-        ended=status.get("ended"),
-        memory_limit=status.get("memory_limit") or (status.get("limits") or {}).get("memory"),
-        progress_age=progress_age,
-        progressed=bool(progress),
-        disk_full=status.get("disk_full"),
-    )
 
 
 def current_user() -> str:

@@ -13,13 +13,28 @@ from typing import Any
 from . import layout, leases, monitor, procs, rundir, status
 from .isolation import attach
 from .layout import LayoutError
-from .spec import Spec, SpecError
+from .protocol import (
+    AGENT_DIED,
+    BAD_SPEC,
+    BUSY,
+    FAILED,
+    NOT_FOUND,
+    PROTOCOL_MISMATCH,
+    RUN_DIRECTORY,
+    RUNNING,
+    STARTING,
+    STOPPED,
+    STOPPED_REASON,
+    SUCCEEDED,
+    ExitCode,
+)
+from .spec import ProtocolMismatch, Spec, SpecError
 from .teardown import end_fence, settle, teardown
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # the attempt failed, or the run/attempt is unknown
-EXIT_USAGE = 2
-EXIT_BUSY = 4
+EXIT_OK = ExitCode.OK
+EXIT_FAILED = ExitCode.FAILED
+EXIT_USAGE = ExitCode.USAGE
+EXIT_BUSY = ExitCode.BUSY
 START_TIMEOUT = 60.0
 STOP_SLACK = 20.0  # beyond the grace, how long `stop` waits for the monitor's own teardown
 
@@ -35,11 +50,11 @@ def cmd_start(args: argparse.Namespace) -> int:
     if (existing := settle(spec.workdir, adir)) is not None:
         # The same start again (a retried SSH command): report, do not start twice.
         _emit(existing)
-        return EXIT_FAILED if existing["state"] in ("failed", "stopped") else EXIT_OK
+        return EXIT_FAILED if existing["state"] in (FAILED, STOPPED) else EXIT_OK
     try:
         rundir.prepare(spec)  # the run's own copy of its code, kept across its attempts here
     except rundir.RunDirError as exc:
-        _emit({"error": "run-directory", "problem": str(exc)})
+        _emit({"error": RUN_DIRECTORY, "problem": str(exc)})
         return EXIT_FAILED
     want = leases.Want(
         run=spec.run,
@@ -55,7 +70,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         try:
             gpus, slots = leases.pick(ledger.entries, want)
         except leases.Busy as busy:
-            _emit({"error": "busy", "holders": [h.public() for h in busy.holders]})
+            _emit({"error": BUSY, "holders": [h.public() for h in busy.holders]})
             return EXIT_BUSY
         adir.mkdir(parents=True, exist_ok=True)
         # runs/ holds specs (the run's environment, secrets included) and logs: owner only,
@@ -66,7 +81,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         ledger.grant(want, spec.attempt, spec.user, pid, gpus, slots, spec.workdir)
     st = _wait_started(spec.workdir, adir, pid)
     _emit(st)
-    return EXIT_OK if st.get("state") in ("running", "succeeded") else EXIT_FAILED
+    return EXIT_OK if st.get("state") in (RUNNING, SUCCEEDED) else EXIT_FAILED
 
 
 def _copy_private(source: Path, target: Path) -> None:
@@ -84,12 +99,12 @@ def _wait_started(work: Path, adir: Path, pid: int) -> dict[str, Any]:
     end = time.monotonic() + START_TIMEOUT
     while time.monotonic() < end:
         st = status.read(adir)
-        if st and st.get("state") != "starting":
+        if st and st.get("state") != STARTING:
             return st
-        if not procs.alive(pid) and (st is None or st.get("state") == "starting"):
-            return settle(work, adir) or {"state": "failed", "reason": "agent-died", "pid": pid}
+        if not procs.alive(pid) and (st is None or st.get("state") == STARTING):
+            return settle(work, adir) or {"state": FAILED, "reason": AGENT_DIED, "pid": pid}
         time.sleep(0.05)
-    return status.read(adir) or {"state": "starting", "pid": pid}
+    return status.read(adir) or {"state": STARTING, "pid": pid}
 
 
 def _attempt(work: Path, run: str, attempt: int | None) -> int | None:
@@ -104,7 +119,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     n = _attempt(work, args.run, args.attempt)
     st = settle(work, layout.attempt_dir(work, args.run, n)) if n is not None else None
     if st is None:
-        _emit({"error": "not-found", "run": args.run, "attempt": args.attempt})
+        _emit({"error": NOT_FOUND, "run": args.run, "attempt": args.attempt})
         return EXIT_FAILED
     _emit(st)
     return EXIT_OK
@@ -114,7 +129,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     work = layout.workdir(args.workdir)
     remaining: list[int] = []
     removed = True
-    nodes: set[str] = set()
+    nodes: set[str | None] = set()
     for n in layout.attempts(work, args.run):
         adir = layout.attempt_dir(work, args.run, n)
         st = status.read(adir)
@@ -129,13 +144,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
                 st = status.read(adir) or st
             if not status.is_final(st):
                 # The monitor is gone or stuck: end the attempt from here.
-                st = teardown(work, adir, st, "stopped", "stopped").status
+                st = teardown(work, adir, st, STOPPED, STOPPED_REASON).status
         # Verify even a final attempt: a monitor killed mid-teardown leaves its fence behind.
         left, gone = end_fence(st)
         fence = attach(st.get("cgroup"))
         remaining += left
         removed = removed and gone and not (fence and fence.exists())
-    for node in nodes or {None}:
+    for node in nodes or {None}:  # no attempt recorded here: release by run alone
         # Processes left behind keep the run's leases, marked draining, until they are gone.
         leases.release_or_drain(work, args.run, node, None, remaining)
     ok = not remaining and removed
@@ -255,9 +270,49 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from .facts import route
+
+    _emit(route(args.master, args.interface, args.port))
+    return EXIT_OK
+
+
+def cmd_wait_store(args: argparse.Namespace) -> int:
+    """Wait until the master's rendezvous store accepts connections, or the attempt ended here.
+    One wait on the node instead of one round trip per try."""
+    import socket
+
+    adir = layout.attempt_dir(layout.workdir(args.workdir), args.run, args.attempt)
+    end = time.monotonic() + args.timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection((args.address, args.port), timeout=1).close()
+            _emit({"ready": True})
+            return EXIT_OK
+        except OSError:
+            pass
+        st = status.read(adir)
+        if status.is_final(st):
+            assert st is not None
+            _emit({"ready": False, "state": st["state"]})
+            return EXIT_FAILED
+        time.sleep(0.05)
+    _emit({"ready": False, "state": "timeout"})
+    return EXIT_FAILED
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from . import cachecli  # only for `ava cache` and a prefetch
+
+    return cachecli.run(args.runtime, args.env_file, args.args, umask=monitor.JOB_UMASK)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ava-agent", description="ava's node agent (see the package doc)")
     sub = p.add_subparsers(dest="command", required=True)
+    from . import programs  # tree, bench-allreduce, free-port, node-site: ava's node programs
+
+    programs.add_parsers(sub)
     s = sub.add_parser("start", help="lease, fence and start one attempt")
     s.add_argument("spec")
     s.set_defaults(func=cmd_start)
@@ -285,6 +340,24 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", help="runs on this node with their latest status")
     s.add_argument("workdir")
     s.set_defaults(func=cmd_list)
+    s = sub.add_parser("route", help="this node's address and interface toward the master (and a free port)")
+    s.add_argument("master")
+    s.add_argument("interface")
+    s.add_argument("--port", action="store_true", help="also pick a free port for the rendezvous")
+    s.set_defaults(func=cmd_route)
+    s = sub.add_parser("wait-store", help="wait for the master's rendezvous store, or the attempt's end")
+    s.add_argument("workdir")
+    s.add_argument("run")
+    s.add_argument("attempt", type=int)
+    s.add_argument("address")
+    s.add_argument("port", type=int)
+    s.add_argument("timeout", type=float)
+    s.set_defaults(func=cmd_wait_store)
+    s = sub.add_parser("cache", help="the cache's command line (status | warm | clear) from the runtime tree")
+    s.add_argument("runtime", help="ava's runtime tree on this node (WORKDIR/trees/HASH)")
+    s.add_argument("env_file", help='a JSON file of environment variables, deleted once read; "-" for none')
+    s.add_argument("args", nargs=argparse.REMAINDER, help="the cache command and its options")
+    s.set_defaults(func=cmd_cache)
     return p
 
 
@@ -295,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except ProtocolMismatch as exc:
+        _emit({"error": PROTOCOL_MISMATCH, "problem": str(exc)})
+        return int(ExitCode.PROTOCOL)
     except (SpecError, LayoutError) as exc:
-        _emit({"error": "bad-spec", "problem": str(exc)})
+        _emit({"error": BAD_SPEC, "problem": str(exc)})
         return EXIT_USAGE

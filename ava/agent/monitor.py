@@ -19,6 +19,7 @@ from typing import Any
 
 from . import layout, leases, procs, status
 from .isolation import MARKER, Isolation, IsolationError, fence_name, open_fence
+from .protocol import AGENT_DIED, DISK_FULL, EXIT, FAILED, OOM, RUNNING, STARTING, STOPPED, STOPPED_REASON, SUCCEEDED
 from .ranks import RankWatch
 from .spec import Spec
 from .teardown import end_fence, teardown
@@ -118,7 +119,7 @@ class Monitor:
             "attempt": spec.attempt,
             "node": spec.node,
             "user": spec.user,
-            "state": "starting",
+            "state": STARTING,
             "reason": None,
             "pid": me,
             "pid_start": procs.start_time(me),
@@ -176,7 +177,7 @@ class Monitor:
         self.st["error"] = f"disk full: cannot write {path}"
         self.st["disk_full"] = path
         self.st["left_pids"] = end_fence(self.st)[0]
-        self._finish("failed", "disk-full")
+        self._finish(FAILED, DISK_FULL)
         return 1
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -213,7 +214,7 @@ class Monitor:
             self.st["error"] = traceback.format_exc(limit=5)
             self.st["left_pids"] = end_fence(self.st)[0]
             code = 1
-            self._finish("failed", "agent-died")
+            self._finish(FAILED, AGENT_DIED)
         # Tell the reaper the monitor ended on purpose.
         try:
             os.write(reaper_w, b"x")
@@ -245,14 +246,14 @@ class Monitor:
         if status.is_final(st):
             return
         # The reaper cannot know the job pid the monitor learned after the fork: read it.
-        teardown(self.spec.workdir, self.dir, st, "failed", "agent-died")
+        teardown(self.spec.workdir, self.dir, st, FAILED, AGENT_DIED)
 
     def _give_up(self, error: str) -> int:
         self.st["error"] = error
         with open(self.dir / layout.OUTPUT, "ab") as f:
             f.write(f"ava agent: {error}\n".encode())
         self.st["left_pids"] = end_fence(self.st)[0]
-        self._finish("failed", "exit")
+        self._finish(FAILED, EXIT)
         return 1
 
     def _finish(self, state: str, reason: str) -> None:
@@ -271,9 +272,9 @@ class Monitor:
                 # The ledger and the final status must land: give back the reserve. A failure
                 # on a full disk is put down to it (a rank's write failing is how it shows).
                 self._unreserve()
-                if state == "failed":
+                if state == FAILED:
                     path = self.st.get("disk_full") or getattr(exc, "path", None) or getattr(exc, "filename", None)
-                    self.st.update(reason="disk-full", disk_full=str(path or self.dir / layout.STATUS))
+                    self.st.update(reason=DISK_FULL, disk_full=str(path or self.dir / layout.STATUS))
         self._unreserve()
 
     def _supervise(self, fence: Isolation) -> int:
@@ -298,7 +299,7 @@ class Monitor:
             return self._give_up(f"cannot start {spec.argv[0]!r}: {exc}")
         finally:
             os.close(log)
-        self.st.update(state="running", job_pid=job.pid, job_start=procs.start_time(job.pid))
+        self.st.update(state=RUNNING, job_pid=job.pid, job_start=procs.start_time(job.pid))
         self._save()
         fence.adopt(job.pid)
         self.st["cgroup"] = fence.info()
@@ -347,16 +348,16 @@ class Monitor:
         rc = job.returncode
         self.st["exit_code"] = rc
         if oom:
-            self._finish("failed", "oom")
+            self._finish(FAILED, OOM)
             return 1
         if self.stop_grace is not None:
-            self._finish("stopped", "stopped")
+            self._finish(STOPPED, STOPPED_REASON)
             return 0
         if rc == 0:
-            self._finish("succeeded", "exit")
+            self._finish(SUCCEEDED, EXIT)
             return 0
         self.st["rank_exit_codes"] = status.parse_rank_exit_codes(status.tail(self.dir / layout.OUTPUT))
-        self._finish("failed", "exit")
+        self._finish(FAILED, EXIT)
         return 1
 
     def _note_output(self) -> None:

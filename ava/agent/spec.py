@@ -15,10 +15,15 @@ from typing import Any
 from . import rundir
 from .isolation import KINDS, Limits
 from .layout import check_name
+from .protocol import PROTOCOL
 
 
 class SpecError(ValueError):
     """A start spec the agent cannot run: names the key and the problem."""
+
+
+class ProtocolMismatch(SpecError):
+    """A spec written for another version of the agent protocol: refused, never guessed at."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class Spec:
     # The run's code tree: when given, cwd must be the run's directory, made from this tree.
     tree: str = ""
     env: dict[str, str] = field(default_factory=dict)
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
     gpus_want: int = 0
     gpus_allowed: tuple[int, ...] = ()
     cpu_want: int = 0
@@ -57,6 +62,9 @@ class Spec:
     def from_json(cls, raw: Any) -> Spec:
         if not isinstance(raw, dict):
             raise SpecError("spec: expected a JSON object")
+        version = raw.get("protocol", PROTOCOL)
+        if version != PROTOCOL:
+            raise ProtocolMismatch(f"protocol: the spec speaks version {version!r}, this agent {PROTOCOL}")
         try:
             argv = raw["argv"]
             if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):

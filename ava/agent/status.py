@@ -17,19 +17,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import layout, procs
+from . import layout, procs, protocol
 
-FINAL = ("succeeded", "failed", "stopped")
+FINAL = protocol.FINAL
 _RANK = re.compile(r"^\s*rank\s*:\s*(\d+)", re.M)
 _EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)", re.M)
 
 
 def is_final(st: dict[str, Any] | None) -> bool:
-    return bool(st) and st.get("state") in FINAL
+    return st is not None and protocol.is_final(st.get("state"))
 
 
 def read(attempt_dir: Path) -> dict[str, Any] | None:
-    return layout.read_json(attempt_dir / layout.STATUS)
+    found = layout.read_json(attempt_dir / layout.STATUS)
+    return found if isinstance(found, dict) else None
 
 
 def write(attempt_dir: Path, st: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import isolation, leases, procs, status
+from .protocol import AGENT_DIED, FAILED
 
 
 @dataclass
@@ -56,4 +57,4 @@ def settle(work: Path, attempt_dir: Path) -> dict[str, Any] | None:
     st = status.read(attempt_dir) or st
     if status.is_final(st):
         return st
-    return teardown(work, attempt_dir, st, "failed", "agent-died").status
+    return teardown(work, attempt_dir, st, FAILED, AGENT_DIED).status

@@ -11,10 +11,10 @@ from ava.config import Failover
 from ava.decide import (
     LOST_AFTER,
     MAX_BACKOFF,
-    RUNNING,
     SETTLE_AFTER,
     STALE_AFTER,
     STARTUP_GRACE,
+    STILL_RUNNING,
     NodeView,
     Observation,
     Plan,
@@ -305,7 +305,7 @@ def test_a_failure_waits_for_a_running_node_whose_rank_raised_earlier() -> None:
         "n1", state="failed", reason="exit", rank_exit_codes={"0": 1}, rank_fail_times={"0": 100.4}, heartbeat_age=1.0
     )
     n2 = NodeView("n2", state="running", rank_fail_times={"1": 100.0})
-    assert observe(n1, n2) == RUNNING
+    assert observe(n1, n2) == STILL_RUNNING
     # Once n2 is final its rank is named; and a node that never ends is not waited for forever.
     n2_done = NodeView("n2", state="failed", reason="exit", rank_exit_codes={"1": 1}, rank_fail_times={"1": 100.0})
     assert observe(n1, n2_done).rank == 1
