@@ -1,0 +1,151 @@
+"""The Slurm cluster, through its login node: ship, submit (sbatch), look (squeue/scontrol/
+sacct and the agents' files on the shared filesystem), cancel (scancel, verified), sinfo.
+
+Every command runs on the login node over SSH; every value in it is quoted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ava import sync
+from ava.config import Node, Recipe
+from ava.errors import CommandError
+from ava.slurm import node as node_program
+from ava.slurm import watch as watch_program
+from ava.slurm.batch import Paths, Submission, template_text
+from ava.transport import connect, shell_path
+
+NODE_SOURCE = Path(node_program.__file__)
+WATCH_SOURCE = Path(watch_program.__file__)
+CANCEL_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Shipped:
+    code_tree: str
+    runtime_tree: str
+    agent: str  # paths on the shared filesystem
+    node_script: str
+    sent_bytes: int
+
+
+def ship(login: Node, recipe: Recipe) -> Shipped:
+    """The agent, node.py, ava's runtime and the recipe's code on the shared filesystem, once
+    (content-addressed: what is there already is not sent again). `login.workdir` is shared_dir."""
+    sync.ship_agent(login)
+    runtime = sync.ship_runtime(login)
+    manifest = sync.manifest_of(Path(recipe.root))
+    code = sync.ship_tree(login, manifest, Path(recipe.root))
+    source = NODE_SOURCE.read_bytes()
+    node_script = f"{login.workdir.rstrip('/')}/agent/slurm-node-{hashlib.sha256(source).hexdigest()[:16]}.py"
+    transport = connect(login)
+    if not transport.run(f"test -f {shell_path(node_script)}").ok:
+        transport.put(source, node_script, mode=0o644)
+    return Shipped(code.tree, runtime.tree, sync.agent_path(login), node_script, code.sent_bytes + runtime.sent_bytes)
+
+
+def submit(login: Node, paths: Paths, attempt: int, job: Submission) -> str:
+    """Put the attempt's template (0600) and script on the shared filesystem, sbatch it; the job id."""
+    transport = connect(login)
+    transport.run(f"mkdir -p -m 700 {shell_path(paths.run_dir)}").check("making the run's folder")
+    transport.put(template_text(job.template).encode(), paths.template(attempt), mode=0o600)
+    transport.put(job.script.encode(), paths.script(attempt), mode=0o600)
+    result = transport.run(f"sbatch --parsable {shell_path(paths.script(attempt))}", timeout=60)
+    if not result.ok:
+        raise CommandError(f"{login.name}: sbatch refused attempt {attempt} (exit {result.exited})", tail=result.tail())
+    words = result.stdout.strip().splitlines()[-1].split(";") if result.stdout.strip() else [""]
+    if not words[0].isdigit():
+        raise CommandError(f"{login.name}: sbatch printed no job id", tail=result.tail())
+    return words[0]
+
+
+def look(login: Node, paths: Paths, attempt: int, job: str, offsets: dict[str, int]) -> dict[str, Any]:
+    """One look at the attempt (see watch.py): job state, agents' status, new log text."""
+    python = shell_path(login.python)
+    args = [paths.shared, paths.run, str(attempt), job, json.dumps(offsets)]
+    command = f"{python} -c {shlex.quote(WATCH_SOURCE.read_text(encoding='utf-8'))} " + " ".join(
+        shlex.quote(a) for a in args
+    )
+    result = connect(login).run(command, timeout=60)
+    lines = result.stdout.strip().splitlines()
+    if not result.ok or not lines:
+        raise CommandError(f"{login.name}: could not look at job {job} (exit {result.exited})", tail=result.tail())
+    data = json.loads(lines[-1])
+    assert isinstance(data, dict)
+    return data
+
+
+def queued(login: Node, job: str) -> bool:
+    """Whether squeue still lists the job (pending, running or completing)."""
+    result = connect(login).run(f"squeue -h -j {shlex.quote(job)} -o %T", timeout=30)
+    return bool(result.ok and result.stdout.strip())
+
+
+def cancel(login: Node, jobs: list[str], *, timeout: float = CANCEL_TIMEOUT) -> list[str]:
+    """scancel the jobs and wait until squeue lists none of them; the ones still listed."""
+    if not jobs:
+        return []
+    transport = connect(login)
+    transport.run("scancel " + " ".join(shlex.quote(j) for j in jobs), timeout=30)
+    end = time.monotonic() + timeout
+    left = list(jobs)
+    while left and time.monotonic() < end:
+        left = [j for j in left if queued(login, j)]
+        if left:
+            time.sleep(0.5)
+    return left
+
+
+def stop_agents(login: Node, paths: Paths, nodes: list[str], python: str) -> dict[str, Any]:
+    """The agents' own verified stop for the run on these nodes' workdirs, run from the login
+    node: for processes an scancel cut short mid-teardown (Slurm SIGKILLs after KillWait)."""
+    out: dict[str, Any] = {}
+    transport = connect(login)
+    for name in nodes:
+        command = " ".join(
+            [
+                shell_path(python),
+                shell_path(sync.agent_path(login)),
+                "stop",
+                shell_path(paths.node_workdir(name)),
+                shlex.quote(paths.run),
+                "--grace",
+                "2",
+            ]
+        )
+        result = transport.run(command, timeout=60)
+        out[name] = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.tail()
+    return out
+
+
+def sinfo(login: Node, partition: str | None) -> list[dict[str, Any]]:
+    """The partition's nodes and their states, from `sinfo --json`."""
+    command = "sinfo --json" + (f" --partition={shlex.quote(partition)}" if partition else "")
+    result = connect(login).run(command, timeout=60)
+    if not result.ok:
+        raise CommandError(f"{login.name}: sinfo failed (exit {result.exited})", tail=result.tail())
+    start = result.stdout.find("{")
+    data = json.loads(result.stdout[start:]) if start >= 0 else {}
+    found = []
+    for entry in data.get("nodes", []):
+        found.append(
+            {
+                "name": entry.get("name"),
+                "state": entry.get("state"),
+                "flags": entry.get("state_flags", []),
+                "partitions": entry.get("partitions", []),
+                "cpus": entry.get("cpus"),
+                "mem_total": (entry.get("real_memory") or 0) * 2**20,
+                "gres": entry.get("gres") or "",
+                "address": entry.get("address"),
+                "reason": entry.get("reason") or "",
+            }
+        )
+    return found

@@ -1,0 +1,188 @@
+"""One ava agent on one node of a Slurm allocation: started by the batch script's `srun`.
+
+Stdlib only: it is shipped as one file to the shared filesystem and run by the nodes' python.
+
+    python3 node.py AGENT.pyz TEMPLATE.json
+
+The first node of the allocation (SLURM_NODEID 0) publishes its address (Slurm's NodeAddr) and
+a free port for the rendezvous in the job's folder; every node reads it, finds its own address
+and interface on the path there, fills the template (batch.py's tokens), and starts the attempt
+through the node agent (`AGENT start SPEC`). It then stays in the foreground, as Slurm expects of
+a task, until the attempt ends, and exits 0 only if it succeeded. SIGTERM (scancel, the end of
+the time limit) stops the attempt through the agent, verified, before it exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+NODE = "@AVA_NODE@"
+MASTER_ADDR = "@AVA_MASTER_ADDR@"
+MASTER_PORT = "@AVA_MASTER_PORT@"
+ADDR = "@AVA_ADDR@"
+IFACE = "@AVA_IFACE@"
+MASTER_FILE = "master.json"
+MASTER_WAIT = 120.0
+STOP_GRACE = "2"
+FINAL = ("succeeded", "failed", "stopped")
+
+
+def node_address(name: str) -> str:
+    """The node's address as Slurm knows it (NodeAddr), as an IP address."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "node", "-o", name], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for word in out.split():
+        if word.startswith("NodeAddr="):
+            return socket.gethostbyname(word.split("=", 1)[1])
+    return socket.gethostbyname(socket.gethostname())
+
+
+def free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+def local_address(master: str) -> str:
+    """This node's own address on its path to the master (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((master, 9))
+        return str(sock.getsockname()[0])
+
+
+def interface_of(address: str) -> str:
+    try:
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[3].split("/")[0] == address:
+            return parts[1]
+    return ""
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    temp = f"{path}.{os.getpid()}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(temp, path)
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def master_of(job_dir: str, index: int, name: str) -> dict[str, Any]:
+    path = os.path.join(job_dir, MASTER_FILE)
+    if index == 0:
+        address = node_address(name)
+        master = {"node": name, "address": address, "port": free_port(address)}
+        write_json(path, master)
+        return master
+    end = time.monotonic() + MASTER_WAIT
+    while time.monotonic() < end:
+        found = read_json(path)
+        if found:
+            return found
+        time.sleep(0.2)
+    raise SystemExit(f"ava: {name}: the first node never published the rendezvous ({path})")
+
+
+def fill(value: Any, tokens: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        for token, text in tokens.items():
+            value = value.replace(token, text)
+        return value
+    if isinstance(value, list):
+        return [fill(v, tokens) for v in value]
+    if isinstance(value, dict):
+        return {fill(k, tokens): fill(v, tokens) for k, v in value.items()}
+    return value
+
+
+def slurm_gpus() -> list[int]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return [int(g) for g in visible.split(",") if g.strip().isdigit()]
+
+
+def main(argv: list[str]) -> int:
+    agent, template_path = argv[0], argv[1]
+    template = read_json(template_path)
+    if template is None:
+        print(f"ava: cannot read the attempt's template {template_path}", file=sys.stderr)
+        return 1
+    name = os.environ["SLURMD_NODENAME"]
+    index = int(os.environ.get("SLURM_NODEID", "0"))
+    job = os.environ.get("SLURM_JOB_ID", "0")
+    job_dir = os.path.join(os.path.dirname(template_path), f"job-{job}")
+    os.makedirs(job_dir, mode=0o700, exist_ok=True)
+    master = master_of(job_dir, index, name)
+    mine = master["address"] if index == 0 else local_address(master["address"])
+    tokens = {
+        NODE: name,
+        MASTER_ADDR: str(master["address"]),
+        MASTER_PORT: str(master["port"]),
+        ADDR: mine,
+        IFACE: interface_of(mine) or "lo",
+    }
+    spec = fill(template["master" if index == 0 else "worker"], tokens)
+    spec["gpus"]["allowed"] = slurm_gpus()
+    workdir, run, attempt = spec["workdir"], spec["run"], int(spec["attempt"])
+    run_dir = os.path.join(workdir, "runs", run)
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    spec_path = os.path.join(run_dir, f"spec-{attempt}.json")
+    write_json(spec_path, spec)  # 0600: it holds the run's environment
+    return supervise(agent, spec_path, workdir, run, attempt)
+
+
+def supervise(agent: str, spec_path: str, workdir: str, run: str, attempt: int) -> int:
+    stop = {"asked": False}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["asked"] = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    python = sys.executable
+    started = subprocess.run([python, agent, "start", spec_path], stdout=subprocess.PIPE, text=True)
+    sys.stdout.write(started.stdout)
+    status_path = os.path.join(workdir, "runs", run, f"attempt-{attempt}", "status.json")
+    checked = time.monotonic()
+    while True:
+        if stop["asked"]:
+            subprocess.run([python, agent, "stop", workdir, run, "--grace", STOP_GRACE], stdout=subprocess.DEVNULL)
+            return 143
+        status = read_json(status_path)
+        if status is None and started.returncode != 0:
+            return 1
+        if status and status.get("state") in FINAL:
+            return 0 if status["state"] == "succeeded" else 1
+        if time.monotonic() - checked > 5:
+            # The agent's own status settles an attempt whose monitor died (here, on its node).
+            checked = time.monotonic()
+            subprocess.run(
+                [python, agent, "status", workdir, run, "--attempt", str(attempt)], stdout=subprocess.DEVNULL
+            )
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

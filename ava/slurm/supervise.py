@@ -1,0 +1,300 @@
+"""Supervising a run on Slurm: submit an attempt, watch it, decide, fail over. One loop.
+
+Each attempt is one Slurm job. The verdict on a look (see watch.py) is a pure function,
+`judge`; the loop acts on it: a crashed rank or a lost node ends the job (scancel, verified)
+and, within `failover.max_restarts`, submits the next attempt, with every node lost so far in
+`--exclude`; the recipe's checkpoint makes it resume. The run's record (`ava ps`) and its
+`node/rank |` lines are the same as on SSH nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ava import runs
+from ava.config import Inventory, Recipe
+from ava.errors import AvaError
+from ava.launch import Launch
+from ava.slurm import backend
+from ava.slurm.batch import Paths, submission
+from ava.slurm.inventory import SlurmSettings, compute_python, login_node
+
+STOP_FILE = "stop"  # ava.supervisor.STOP_FILE: `ava stop` touches it in the run's record folder
+STATE_FILE = "slurm.json"  # the run's jobs, beside record.json
+POLL = 1.0
+STALE_AFTER = 12.0  # a heartbeat this old (login node's clock) on a running attempt: node lost
+SETTLE_AFTER = 15.0  # after a first failure, how long the other nodes get to end or go stale
+FINAL_JOB = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+)
+LOST_NODE_STATES = ("down", "drain", "fail", "not_responding", "no_respond")
+_RANK = re.compile(r"^\[(\d+)\]:(.*)$")
+
+
+class Sink(Protocol):
+    def line(self, node: str, rank: str | None, text: str) -> None: ...
+
+    def event(self, text: str) -> None: ...
+
+
+@dataclass
+class JobState:
+    """What ava keeps of a Slurm run beside its record: the login node and every attempt's job."""
+
+    login: str
+    shared: str
+    jobs: list[dict[str, Any]] = field(default_factory=list)  # attempt, job, exclude
+
+    def save(self, folder: Path) -> None:
+        (folder / STATE_FILE).write_text(json.dumps({"login": self.login, "shared": self.shared, "jobs": self.jobs}))
+
+    @classmethod
+    def load(cls, folder: Path) -> JobState | None:
+        try:
+            data = json.loads((folder / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return cls(str(data["login"]), str(data["shared"]), list(data.get("jobs") or []))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str  # running | succeeded | failed | stopped
+    kind: str | None = None  # crash | node-lost | launch | stopped
+    cause: str | None = None
+    node: str | None = None
+    rank: int | None = None
+    exit_code: int | None = None
+    lost: tuple[str, ...] = ()
+
+
+RUNNING = Verdict("running")
+
+
+def lost_nodes(look: dict[str, Any], nodes: list[str]) -> tuple[str, ...]:
+    """Nodes of the attempt that Slurm calls down, or whose agent heartbeat went stale."""
+    states, statuses, now = look.get("states", {}), look.get("status", {}), float(look.get("now") or 0)
+    lost = []
+    for name in nodes:
+        state = str(states.get(name, "")).lower()
+        status = statuses.get(name) or {}
+        stale = (
+            status.get("state") in ("starting", "running") and now - float(status.get("heartbeat") or now) > STALE_AFTER
+        )
+        if any(word in state for word in LOST_NODE_STATES) or state.endswith("*") or stale:
+            lost.append(name)
+    return tuple(lost)
+
+
+def first_failure(statuses: dict[str, dict[str, Any]]) -> Verdict:
+    """The failed node that ended first, and its first failing rank."""
+    failed = [(float(s.get("ended") or 0), n, s) for n, s in statuses.items() if s.get("state") == "failed"]
+    _, node, status = min(failed, key=lambda f: f[0])
+    codes = {int(r): int(c) for r, c in (status.get("rank_exit_codes") or {}).items() if int(c) != 0}
+    times = {int(r): float(t) for r, t in (status.get("rank_fail_times") or {}).items()}
+    rank = min(codes, key=lambda r: (times.get(r, 0.0), r)) if codes else None
+    code = codes.get(rank) if rank is not None else status.get("exit_code")
+    where = f"rank {rank} on {node}" if rank is not None else f"{node}"
+    return Verdict("failed", "crash", f"{where} exited {code}", node=node, rank=rank, exit_code=code)
+
+
+def judge(look: dict[str, Any], nnodes: int, failing_since: float | None, now: float) -> Verdict:
+    """The attempt's verdict from one look. Pure. `failing_since`: when a first failure was seen."""
+    job = look.get("job") or {}
+    job_state = str(job.get("state") or "").split()[0] if job.get("state") else ""
+    statuses: dict[str, dict[str, Any]] = look.get("status") or {}
+    nodes = sorted(statuses)
+    states = [s.get("state") for s in statuses.values()]
+    if len(statuses) >= nnodes and all(s == "succeeded" for s in states):
+        return Verdict("succeeded", exit_code=0)
+    lost = lost_nodes(look, nodes)
+    if job_state == "NODE_FAIL" and not lost:
+        lost = tuple(n for n in nodes if statuses[n].get("state") not in ("succeeded", "failed", "stopped"))
+    if "failed" in states or lost or job_state in FINAL_JOB:
+        settled = all(s.get("state") in ("succeeded", "failed", "stopped") or n in lost for n, s in statuses.items())
+        waited = failing_since is not None and now - failing_since >= SETTLE_AFTER
+        if not (settled or waited or job_state in FINAL_JOB):
+            return RUNNING
+        if lost:
+            return Verdict("failed", "node-lost", f"node {', '.join(lost)} lost", node=lost[0], lost=lost)
+        if "failed" in states:
+            return first_failure(statuses)
+        if job_state in FINAL_JOB:
+            reason = f" ({job.get('reason')})" if job.get("reason") not in (None, "", "None") else ""
+            return Verdict("failed", "launch", f"Slurm job ended {job_state}{reason} before every agent finished")
+    return RUNNING
+
+
+class SlurmSupervisor:
+    def __init__(
+        self,
+        record: runs.RunRecord,
+        recipe: Recipe,
+        inventory: Inventory,
+        settings: SlurmSettings,
+        sink: Sink,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.record, self.recipe, self.inventory, self.settings, self.sink = record, recipe, inventory, settings, sink
+        self.login = login_node(settings, inventory)
+        self.python = compute_python(settings, inventory)
+        self.paths = Paths(settings.shared_dir, record.id)
+        self.state = JobState(settings.login, settings.shared_dir)
+        self.sleep = sleep
+
+    def stop_requested(self) -> bool:
+        return (self.record.dir / STOP_FILE).exists()
+
+    def run(self) -> int:
+        """Supervise to the end; the exit code (0 succeeded, 1 failed or stopped)."""
+        self.record.supervisor_pid = __import__("os").getpid()
+        self.record.state = "starting"
+        self.record.save()
+        shipped = backend.ship(self.login, self.recipe)
+        self.record.code_tree = shipped.code_tree
+        exclude: list[str] = []
+        restarts = 0
+        number = 0
+        while True:
+            number += 1
+            launch = Launch(self.record.id, number, "", 0, shipped.code_tree, shipped.runtime_tree, _user())
+            job_files = submission(
+                self.recipe,
+                self.settings,
+                launch,
+                self.login,
+                python=self.python,
+                agent=shipped.agent,
+                node_script=shipped.node_script,
+                exclude=tuple(exclude),
+            )
+            current = runs.Attempt(number=number, nodes=[], started=time.time())
+            current.code_sent_bytes = shipped.sent_bytes if number == 1 else 0
+            self.record.attempts.append(current)
+            job = backend.submit(self.login, self.paths, number, job_files)
+            self.state.jobs.append({"attempt": number, "job": job, "exclude": list(exclude)})
+            self.state.save(self.record.dir)
+            self.record.save()
+            self.sink.event(
+                f"attempt {number}: Slurm job {job}" + (f" (excluding {', '.join(exclude)})" if exclude else "")
+            )
+            verdict = self._watch(current, job)
+            current.ended = time.time()
+            current.state = verdict.outcome
+            current.kind, current.cause = verdict.kind, verdict.cause
+            current.exit_code, current.failed_node, current.failed_rank = verdict.exit_code, verdict.node, verdict.rank
+            self.record.save()
+            if verdict.outcome == "succeeded":
+                return self._finish("succeeded", 0)
+            self._end_job(job, current)
+            if verdict.outcome == "stopped":
+                return self._finish("stopped", 1)
+            self.sink.event(f"attempt {number} failed: {verdict.cause}")
+            if verdict.lost:
+                exclude += [n for n in verdict.lost if n not in exclude]
+                self.record.lost_nodes = list(exclude)
+            fatal = verdict.exit_code in self.recipe.failover.fatal_exit_codes and verdict.kind == "crash"
+            if fatal or verdict.kind == "launch" or restarts >= self.recipe.failover.max_restarts:
+                why = "fatal exit code" if fatal else "no restart left" if verdict.kind != "launch" else "not retried"
+                self.sink.event(f"run failed ({why}): {verdict.cause}")
+                return self._finish("failed", 1)
+            restarts += 1
+            self.sink.event(f"restart {restarts} of {self.recipe.failover.max_restarts}: a new Slurm job")
+            self.sleep(min(60.0, self.recipe.failover.backoff * 2 ** (restarts - 1)))
+            if self.stop_requested():
+                return self._finish("stopped", 1)
+
+    def _finish(self, state: str, code: int) -> int:
+        self.record.state, self.record.ended, self.record.exit_code = state, time.time(), code
+        self.record.save()
+        return code
+
+    def _end_job(self, job: str, current: runs.Attempt) -> None:
+        left = backend.cancel(self.login, [job])
+        if left:
+            self.sink.event(f"Slurm job {job} still listed by squeue after scancel")
+        # The agents stop their attempt on SIGTERM; wait until every answering node says so.
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            look = backend.look(self.login, self.paths, current.number, "", {})
+            statuses = look.get("status") or {}
+            lost = lost_nodes(look, sorted(statuses))
+            if all(s.get("state") in ("succeeded", "failed", "stopped") or n in lost for n, s in statuses.items()):
+                return
+            self.sleep(0.5)
+
+    def _watch(self, current: runs.Attempt, job: str) -> Verdict:
+        offsets: dict[str, int] = {}
+        failing_since: float | None = None
+        pending_reason = ""
+        nnodes = self.recipe.resources.nodes_min
+        while True:
+            if self.stop_requested():
+                return Verdict("stopped", "stopped", "stopped by `ava stop`")
+            try:
+                look = backend.look(self.login, self.paths, current.number, job, offsets)
+            except AvaError as exc:
+                self.sink.event(f"could not look at job {job}: {exc.message}")
+                self.sleep(POLL)
+                continue
+            for name, chunk in sorted((look.get("logs") or {}).items()):
+                offsets[name] = int(chunk.get("offset") or 0)
+                for text in str(chunk.get("text") or "").splitlines():
+                    m = _RANK.match(text)
+                    self.sink.line(name, m.group(1) if m else None, m.group(2) if m else text)
+            state = str((look.get("job") or {}).get("state") or "")
+            if state == "PENDING":
+                reason = str(look["job"].get("reason") or "")
+                if reason != pending_reason and reason not in ("", "None"):
+                    pending_reason = reason
+                    self.sink.event(f"Slurm job {job} pending ({reason})")
+            statuses = look.get("status") or {}
+            if statuses and sorted(statuses) != current.nodes:
+                current.nodes = sorted(statuses)
+                current.state = "running"
+                self.record.nodes = list(current.nodes)
+                self.record.state = "running"
+                self.record.save()
+            now = time.monotonic()
+            if failing_since is None and (
+                any(s.get("state") == "failed" for s in statuses.values()) or lost_nodes(look, sorted(statuses))
+            ):
+                failing_since = now
+            verdict = judge(look, nnodes, failing_since, now)
+            if verdict.outcome != "running":
+                return verdict
+            self.sleep(POLL)
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+def stop(record: runs.RunRecord, inventory: Inventory, settings: SlurmSettings) -> list[str]:
+    """`ava stop` of a Slurm run: scancel its jobs, verified with squeue; the jobs still listed."""
+    (record.dir / STOP_FILE).touch()
+    state = JobState.load(record.dir)
+    if state is None:
+        return []
+    login = login_node(settings, inventory)
+    return backend.cancel(login, [str(j["job"]) for j in state.jobs])

@@ -1,0 +1,102 @@
+"""One look at a Slurm attempt from the login node: the job's state, every node's agent status
+and the new bytes of every node's log. Stdlib only: ava runs it there with `python3 -c`.
+
+    python3 -c SOURCE SHARED RUN ATTEMPT JOB OFFSETS_JSON
+
+prints one JSON object: `job` (state, reason, nodes, from squeue, else scontrol, else sacct),
+`states` (every node of the cluster: its sinfo state), `status` (node -> the agent's status.json
+for the attempt), `logs` (node -> {offset, text}: whole lines from the given offset), `now`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+CHUNK = 1 << 18
+
+
+def run(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def job_state(job: str) -> dict[str, str]:
+    out = run(["squeue", "-h", "-j", job, "-o", "%T|%r|%N"]).strip()
+    if out:
+        state, reason, nodes = (out.splitlines()[0].split("|") + ["", ""])[:3]
+        return {"state": state, "reason": reason, "nodes": nodes, "source": "squeue"}
+    fields = {}
+    for word in run(["scontrol", "show", "job", "-o", job]).split():
+        key, _, value = word.partition("=")
+        fields[key] = value
+    if fields.get("JobState"):
+        return {
+            "state": fields["JobState"],
+            "reason": fields.get("Reason", ""),
+            "nodes": fields.get("NodeList", ""),
+            "source": "scontrol",
+        }
+    out = run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "State,NodeList"]).strip()
+    if out:
+        state, _, nodes = out.splitlines()[0].partition("|")
+        return {"state": state.split()[0] if state else "", "reason": "", "nodes": nodes, "source": "sacct"}
+    return {"state": "", "reason": "", "nodes": "", "source": ""}
+
+
+def node_states() -> dict[str, str]:
+    found = {}
+    for line in run(["sinfo", "-h", "-N", "-o", "%N %T"]).splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            found[parts[0]] = parts[1]
+    return found
+
+
+def read_status(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_log(path: str, offset: int, final: bool) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(CHUNK)
+    except OSError:
+        return {"offset": offset, "text": ""}
+    if not final or len(data) == CHUNK:
+        data = data[: data.rfind(b"\n") + 1]
+    return {"offset": offset + len(data), "text": data.decode("utf-8", "replace")}
+
+
+def main(argv: list[str]) -> int:
+    shared, run_id, attempt, job, offsets = argv[0], argv[1], int(argv[2]), argv[3], json.loads(argv[4])
+    result: dict[str, Any] = {"job": job_state(job) if job else {}, "states": node_states()}
+    statuses, logs = {}, {}
+    pattern = os.path.join(shared, "nodes", "*", "runs", run_id, f"attempt-{attempt}")
+    for adir in sorted(glob.glob(pattern)):
+        node = adir.split(os.sep)[-4]
+        status = read_status(os.path.join(adir, "status.json"))
+        if status is not None:
+            statuses[node] = status
+        final = bool(status and status.get("state") in ("succeeded", "failed", "stopped"))
+        logs[node] = read_log(os.path.join(adir, "output.log"), int(offsets.get(node, 0)), final)
+    result.update(status=statuses, logs=logs, now=time.time())
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
