@@ -1,0 +1,72 @@
+"""The Slurm supervisor's verdict on one look at an attempt (ava/slurm/supervise.judge): pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ava.slurm.supervise import SETTLE_AFTER, STALE_AFTER, judge
+
+NOW = 1000.0
+
+
+def look(
+    statuses: dict[str, dict[str, Any]], job: str = "RUNNING", states: dict[str, str] | None = None
+) -> dict[str, Any]:
+    return {"job": {"state": job}, "status": statuses, "states": states or {}, "now": NOW}
+
+
+def running(heartbeat: float = NOW) -> dict[str, Any]:
+    return {"state": "running", "heartbeat": heartbeat}
+
+
+def test_every_node_succeeded_is_success_and_fewer_nodes_than_asked_is_not() -> None:
+    done = {"state": "succeeded", "heartbeat": NOW}
+    assert judge(look({"n1": done, "n2": done}), 2, None, 0).outcome == "succeeded"
+    assert judge(look({"n1": done}), 2, None, 0).outcome == "running"
+
+
+def test_a_crashed_rank_names_the_first_failing_rank_once_the_others_ended() -> None:
+    failed = {
+        "state": "failed",
+        "ended": 5.0,
+        "exit_code": 1,
+        "rank_exit_codes": {"2": 0, "3": 1},
+        "rank_fail_times": {"3": 4.0},
+    }
+    later = {
+        "state": "failed",
+        "ended": 9.0,
+        "exit_code": 1,
+        "rank_exit_codes": {"0": 1},
+        "rank_fail_times": {"0": 8.0},
+    }
+    assert judge(look({"n1": running(), "n2": failed}), 2, 0.0, 1.0).outcome == "running"  # n1 may still end
+    verdict = judge(look({"n1": later, "n2": failed}), 2, 0.0, 1.0)
+    assert (verdict.outcome, verdict.kind, verdict.node, verdict.rank, verdict.exit_code) == (
+        "failed",
+        "crash",
+        "n2",
+        3,
+        1,
+    )
+
+
+def test_a_node_slurm_calls_down_or_whose_heartbeat_went_stale_is_lost() -> None:
+    failed = {"state": "failed", "ended": 5.0, "exit_code": 1}
+    verdict = judge(look({"n1": failed, "n2": running()}, states={"n2": "down*"}), 2, 0.0, 1.0)
+    assert (verdict.kind, verdict.lost) == ("node-lost", ("n2",))
+    stale = running(heartbeat=NOW - STALE_AFTER - 1)
+    verdict = judge(look({"n1": failed, "n2": stale}), 2, 0.0, 1.0)
+    assert (verdict.kind, verdict.lost) == ("node-lost", ("n2",))
+
+
+def test_a_failure_waits_for_the_others_at_most_the_settle_time() -> None:
+    failed = {"state": "failed", "ended": 5.0, "exit_code": 1}
+    assert judge(look({"n1": failed, "n2": running()}), 2, 0.0, SETTLE_AFTER - 1).outcome == "running"
+    assert judge(look({"n1": failed, "n2": running()}), 2, 0.0, SETTLE_AFTER).kind == "crash"
+
+
+def test_a_job_that_ended_before_its_agents_did_is_a_launch_failure() -> None:
+    verdict = judge(look({}, job="FAILED"), 2, None, 0)
+    assert (verdict.outcome, verdict.kind) == ("failed", "launch")
+    assert judge(look({}, job="PENDING"), 2, None, 0).outcome == "running"
