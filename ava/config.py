@@ -3,11 +3,10 @@
 Strict on purpose: an unknown key, a wrong type or a bad value is a ConfigError whose text is one
 line, `FILE: dotted.key: problem`, before anything touches a node.
 
-Units, as both formats write them:
-- sizes: a whole number of bytes, or a number and a unit spelled exactly as here: B, KB MB GB TB
-  (powers of 1000), KiB MiB GiB TiB (powers of 1024): "100GiB", "1.5 GB", 512.
-- durations: seconds as a number (90, 1.5), or a string of number+unit parts from ms s m h d:
-  "90s", "10m", "1h30m", "500ms". Units are lower case ("10M" is refused rather than guessed).
+Each key is declared once, on the dataclass field it sets (`_field` and the helpers beside it):
+that declaration gives the table's key set, the unknown-key check with its "did you mean", the
+`--set` rules and the typed read. Sizes and durations are read by ava.units, which states their
+grammar and case rules ("100gib" and "10M" are refused with the spelling meant).
 
 Recipe `env` values are strings; an integer (`OMP_NUM_THREADS = 1`) is taken as its decimal text,
 while floats and booleans are refused since their text would not survive as written (quote them).
@@ -22,14 +21,18 @@ import os
 import re
 import string
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ava.errors import ConfigError
-from ava.units import parse_duration, parse_size
+from ava.units import parse_duration as parse_duration  # re-exported: callers read durations from here too
+from ava.units import parse_size as parse_size
 from ava.units import show as _show
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,6 +71,82 @@ TRANSPORTS = ("ssh", "local")
 HOST_KEY_POLICIES = ("strict", "accept-new")
 NODE_LOSS_POLICIES = ("replace", "shrink", "fail")
 
+_IFACE_RULE = 'expected "auto" or a network interface name like "eth0"'
+_LEDGER_RE = re.compile(r"^(/|~/)[^\0]+$")
+_LEDGER_RULE = 'expected a directory on the node like "/var/lib/ava/leases"'
+
+D = TypeVar("D")
+V = TypeVar("V")
+T = TypeVar("T", bound="DataclassInstance")
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys: a dataclass field that a TOML key sets says so once, with how its value is read; the
+# key set, the unknown-key check, `--set` and the object's construction all come from that.
+
+Read = Callable[["_Fields", str, Any], Any]  # (the table's reads, the key, its default) -> the value
+
+_KEY = "ava.config.key"  # field metadata: the field's _TomlKey
+_TABLE = "ava.config.table"  # field metadata on Recipe: the table's dataclass (None: [env], any name)
+
+
+@dataclass(frozen=True)
+class _TomlKey:
+    read: Read
+    name: str | None = None  # the TOML key, where it is not the field's name
+    text: bool = False  # a `--set` value for it is text as written, so "3e-4" stays "3e-4"
+
+
+def _field(default: Any, read: Read, *, name: str | None = None, text: bool = False) -> Any:
+    return field(default=default, metadata={_KEY: _TomlKey(read, name, text)})
+
+
+def _text(default: str | None, *, pattern: re.Pattern[str] | None = None, rule: str = "") -> Any:
+    return _field(default, lambda f, k, d: f.text(k, d, pattern=pattern, rule=rule), text=True)
+
+
+def _choice(default: str, choices: Sequence[str]) -> Any:
+    return _field(default, lambda f, k, d: f.choice(k, d, choices), text=True)
+
+
+def _integer(default: int | None, *, low: int = 0, high: int | None = None) -> Any:
+    return _field(default, lambda f, k, d: f.integer(k, d, low=low, high=high))
+
+
+def _size(default: int | None, *, positive: bool = False) -> Any:
+    return _field(default, lambda f, k, d: f.size(k, d, positive=positive))
+
+
+def _duration(default: float, *, positive: bool = False) -> Any:
+    return _field(default, lambda f, k, d: f.duration(k, d, positive=positive))
+
+
+def _labels() -> Any:
+    return _field((), lambda f, k, d: f.words(k, d, what="label"))
+
+
+def _default(item: Field[Any]) -> Any:
+    if item.default is not MISSING:
+        return item.default
+    if item.default_factory is not MISSING:
+        return item.default_factory()
+    return None
+
+
+def _keys(cls: type) -> tuple[str, ...]:
+    """The TOML keys of a dataclass's table, in field order (a key may set several fields)."""
+    names = (key.name or item.name for item in fields(cls) if (key := item.metadata.get(_KEY)) is not None)
+    return tuple(dict.fromkeys(names))
+
+
+def _build(cls: type[T], f: _Fields, **given: Any) -> T:
+    """The object, every key read in field order (a reader may look at `f.got`, those before it)."""
+    for item in fields(cls):
+        key = item.metadata.get(_KEY)
+        if key is not None:
+            f.got[item.name] = key.read(f, key.name or item.name, _default(item))
+    return cls(**given, **f.got)
+
 
 # ---------------------------------------------------------------------------------------------
 # The objects
@@ -81,28 +160,63 @@ class Requirements:
     file: str | None = None  # as written; a recipe's is relative to its root
 
 
+def _read_host(f: _Fields, key: str, default: str | None) -> str | None:
+    host = f.text(key, default, pattern=_WORD_RE, rule="expected a host name or address (no spaces, no user@)")
+    if f.got["transport"] == "ssh" and host is None:
+        raise f.fail(
+            key,
+            'missing; an ssh node needs host = "NAME-OR-ADDRESS" (or transport = "local" for this computer)',
+        )
+    if f.got["transport"] == "local" and host is not None:
+        raise f.fail(
+            key,
+            'a local node runs on this computer and takes no host; remove it or use transport = "ssh"',
+        )
+    return host
+
+
+def _read_gpus(f: _Fields, key: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """`gpus = 8` means indices 0..7; a list names the indices (distinct, >= 0)."""
+    if not f.has(key):
+        return default
+    value = f.values[key]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return tuple(range(f.integer(key, 0, low=0, high=1024)))
+    indices = f.items(key, default, int, "a GPU count or a list of GPU indices", "an integer")
+    for index, gpu in enumerate(indices):
+        if gpu < 0:
+            raise f.fail(key, f"a GPU index must be 0 or more, got {gpu}", index)
+        if gpu in indices[:index]:
+            raise f.fail(key, f"GPU {gpu} is listed twice", index)
+    return indices
+
+
 @dataclass(frozen=True)
 class Node:
     name: str
-    transport: str = "ssh"  # "ssh" | "local"
-    host: str | None = None
-    user: str | None = None  # None: ~/.ssh/config's, else the current user
-    port: int = 22
-    identity: str | None = None  # a private key on this machine, as written
-    workdir: str = "~/.ava"  # on the node; `~` is the node user's home
-    python: str = "python3"
-    cache_dir: str = "~/.ava/cache"
-    cache_size: int = 100 * 2**30
-    interface: str = "auto"
-    host_keys: str = "strict"  # "strict" | "accept-new"
-    known_hosts: str = "~/.ssh/known_hosts"
-    connect_timeout: float = 10.0
-    gpus: tuple[int, ...] = ()
-    labels: tuple[str, ...] = ()
-    requirements: Requirements | None = None
+    transport: str = _choice("ssh", TRANSPORTS)  # "ssh" | "local"
+    host: str | None = _field(None, _read_host, text=True)
+    user: str | None = _text(
+        None, pattern=_WORD_RE, rule="expected a user name"
+    )  # None: ~/.ssh/config's, else the current user
+    port: int = _integer(22, low=1, high=65535)
+    identity: str | None = _text(None)  # a private key on this machine, as written
+    workdir: str = _text("~/.ava")  # on the node; `~` is the node user's home
+    python: str = _text("python3")
+    cache_dir: str = _text("~/.ava/cache")
+    cache_size: int = _size(100 * 2**30)
+    interface: str = _text("auto", pattern=_IFACE_RE, rule=_IFACE_RULE)
+    host_keys: str = _choice("strict", HOST_KEY_POLICIES)
+    known_hosts: str = _text("~/.ssh/known_hosts")
+    connect_timeout: float = _duration(10.0, positive=True)
+    gpus: tuple[int, ...] = _field((), _read_gpus)
+    labels: tuple[str, ...] = _labels()
+    requirements: Requirements | None = field(
+        default=None, metadata={_KEY: _TomlKey(lambda f, k, d: f.requirements(k))}
+    )
     # A node-wide GPU ledger directory on the node, shared by every workdir that names it
     # (several users: make it group-writable for their group). None: WORKDIR's own ledger.
-    ledger: str | None = None
+    ledger: str | None = _text(None, pattern=_LEDGER_RE, rule=_LEDGER_RULE)
 
     @property
     def address(self) -> str:
@@ -131,61 +245,146 @@ class Inventory:
         return chosen
 
 
+def _read_module(f: _Fields, key: str, default: str | None) -> str | None:
+    """The module, then what holds between it and the script read before it."""
+    module = f.text(key, default, pattern=_MODULE_RE, rule="expected a module like pkg.train")
+    script: str | None = f.got["script"]
+    if (script is None) == (module is None):
+        problem = "has both script and module" if script else "missing script or module"
+        hint = 'give exactly one: script = "train.py" or module = "pkg.train"'
+        raise ConfigError(f.source, f.table, f"{problem}; {hint}")
+    # The code is shipped from the recipe's directory, so the script must lie inside it.
+    if script is not None and (Path(script).is_absolute() or ".." in Path(script).parts or script.startswith("~")):
+        raise f.fail("script", f"must be a path inside the recipe's directory, got {_show(script)}")
+    # torchrun would parse a leading "-" as its own option (e.g. --rdzv-endpoint=...).
+    if script is not None and script.startswith("-"):
+        raise f.fail(
+            "script",
+            f'must not begin with "-" (torchrun would read it as an option), '
+            f'got {_show(script)}; write "./{script}" for such a file name',
+        )
+    return module
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    script: str | None = None  # relative to the recipe's root
-    module: str | None = None
-    args: tuple[str, ...] = ()
-    requirements: Requirements | None = None
+    script: str | None = _text(None)  # relative to the recipe's root
+    module: str | None = _field(None, _read_module, text=True)
+    args: tuple[str, ...] = _field(
+        (), lambda f, k, d: f.items(k, d, str, "a list of strings", 'a string (quote numbers: "200")')
+    )
+    requirements: Requirements | None = field(
+        default=None, metadata={_KEY: _TomlKey(lambda f, k, d: f.requirements(k))}
+    )
+
+
+def _read_node_range(f: _Fields, key: str) -> tuple[int, int]:
+    """`nodes = 2` or `nodes = "2:4"` (an elastic range); at least one node."""
+    if not f.has(key):
+        return 1, 1
+    value = f.values[key]
+    rule = 'expected a node count like 2 or a range like "2:4"'
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = f.integer(key, 1, low=1)
+        return count, count
+    if not isinstance(value, str):
+        raise f.fail(key, f"{rule}, got {_show(value)}")
+    match = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", value)
+    if not match:
+        raise f.fail(key, f"{rule}, got {_show(value)}")
+    low = int(match.group(1))
+    high = int(match.group(2)) if match.group(2) else low
+    if low < 1 or high < low:
+        raise f.fail(key, f"need 1 <= MIN <= MAX, got {_show(value)}")
+    return low, high
 
 
 @dataclass(frozen=True)
 class Resources:
-    nodes_min: int = 1
-    nodes_max: int = 1
-    procs_per_node: int | None = None
-    gpus_per_node: int = 0
-    memory: int | None = None  # bytes, per node
-    cpus: float | None = None  # per node
-    pids: int | None = None  # per node
-    labels: tuple[str, ...] = ()
+    # `nodes` sets both: a count, or an elastic range "MIN:MAX".
+    nodes_min: int = _field(1, lambda f, k, d: _read_node_range(f, k)[0], name="nodes")
+    nodes_max: int = _field(1, lambda f, k, d: _read_node_range(f, k)[1], name="nodes")
+    procs_per_node: int | None = _integer(None, low=1)
+    gpus_per_node: int = _integer(0, low=0)
+    memory: int | None = _size(None, positive=True)  # bytes, per node
+    cpus: float | None = _field(None, lambda f, k, d: f.number(k, d))  # per node
+    pids: int | None = _integer(None, low=1)  # per node
+    labels: tuple[str, ...] = _labels()
+
+
+def _read_prefetch(f: _Fields, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    urls = f.items(key, default, str, "a list of URLs", "a URL string")
+    for index, url in enumerate(urls):
+        if not _URL_RE.match(url):
+            example = '"s3://bucket/shards/*.tar"'
+            raise f.fail(key, f"expected a URL like {example}, got {_show(url)}", index)
+    return urls
 
 
 @dataclass(frozen=True)
 class Data:
-    prefetch: tuple[str, ...] = ()
+    prefetch: tuple[str, ...] = _field((), _read_prefetch)
+
+
+def _read_checkpoint_dir(f: _Fields, key: str, default: str | None) -> str | None:
+    where = f.text(key, default)
+    if where is not None:
+        try:
+            parts = [(n, spec, conv) for _, n, spec, conv in string.Formatter().parse(where)]
+        except ValueError as exc:
+            raise f.fail(key, f"bad braces in {_show(where)} ({exc})") from None
+        for name, spec, conversion in parts:
+            if name is not None and (name not in ("name", "run") or spec or conversion):
+                only = "only {name} and {run} expand"
+                raise f.fail(key, f"unknown placeholder in {_show(where)}; {only}")
+    return where
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    dir: str | None = None  # may hold {name} and {run}
-    keep: int = 3
+    dir: str | None = _field(None, _read_checkpoint_dir, text=True)  # may hold {name} and {run}
+    keep: int = _integer(3, low=1)
+
+
+def _read_exit_codes(f: _Fields, key: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    codes = f.items(key, default, int, "a list of exit codes", "an integer")
+    for index, code in enumerate(codes):
+        if not 0 < code < 256:
+            raise f.fail(key, f"an exit code is 1-255, got {code}", index)
+    return codes
 
 
 @dataclass(frozen=True)
 class Failover:
-    max_restarts: int = 3
-    on_node_loss: str = "replace"  # replace | shrink | fail
-    hang_timeout: float = 600.0
-    fatal_exit_codes: tuple[int, ...] = (2,)
-    backoff: float = 2.0
+    max_restarts: int = _integer(3, low=0)
+    on_node_loss: str = _choice("replace", NODE_LOSS_POLICIES)  # replace | shrink | fail
+    hang_timeout: float = _duration(600.0, positive=True)
+    fatal_exit_codes: tuple[int, ...] = _field((2,), _read_exit_codes)
+    backoff: float = _duration(2.0)
     # Two attempts in a row failing before any progress with the same signature: no retry.
-    stop_repeated_startup_failure: bool = True
+    stop_repeated_startup_failure: bool = _field(True, lambda f, k, d: f.flag(k, d))
+
+
+def _read_name(f: _Fields, key: str, default: str | None) -> str:
+    if not f.has(key):
+        raise ConfigError(f.source, key, 'missing; add name = "my-recipe" at the top of the file')
+    return f.text(key, "", pattern=NAME_RE, rule=f"expected {NAME_RULE}")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    name: str
+    name: str = field(metadata={_KEY: _TomlKey(_read_name, text=True)})
     source: str  # the path or URL it came from
     root: str  # the directory or URL prefix holding its code
-    run: RunSpec
-    resources: Resources = field(default_factory=Resources)
-    env: dict[str, str] = field(default_factory=dict)
-    data: Data = field(default_factory=Data)
-    checkpoint: Checkpoint = field(default_factory=Checkpoint)
-    failover: Failover = field(default_factory=Failover)
-    raw: dict = field(default_factory=dict)  # merged TOML after --set overrides
-    description: str = ""
+    # Its tables, each read as its dataclass's keys say ([env] takes any variable name).
+    run: RunSpec = field(metadata={_TABLE: RunSpec})
+    resources: Resources = field(default_factory=Resources, metadata={_TABLE: Resources})
+    env: dict[str, str] = field(default_factory=dict, metadata={_TABLE: None})
+    data: Data = field(default_factory=Data, metadata={_TABLE: Data})
+    checkpoint: Checkpoint = field(default_factory=Checkpoint, metadata={_TABLE: Checkpoint})
+    failover: Failover = field(default_factory=Failover, metadata={_TABLE: Failover})
+    raw: dict[str, Any] = field(default_factory=dict)  # merged TOML after --set overrides
+    description: str = _text("")
 
     def procs(self) -> int:
         """Processes per node: procs_per_node, else one per GPU, else 1 on CPU."""
@@ -221,10 +420,12 @@ def _unknown(source: str, key: str, known: Sequence[str]) -> ConfigError:
 
 
 class _Fields:
-    """Typed, strict reads of a TOML table; `where[k]` is the dotted key that messages show."""
+    """Typed, strict reads of a TOML table; `where[k]` is the dotted key that messages show,
+    `table` the table's own, `got` the values read so far (by field name)."""
 
-    def __init__(self, source: str, values: Mapping[str, Any], where: Mapping[str, str]) -> None:
-        self.source, self.values, self.where = source, values, where
+    def __init__(self, source: str, values: Mapping[str, Any], where: Mapping[str, str], table: str = "") -> None:
+        self.source, self.values, self.where, self.table = source, values, where, table
+        self.got: dict[str, Any] = {}
 
     def has(self, name: str) -> bool:
         return name in self.values
@@ -237,16 +438,16 @@ class _Fields:
         where = self.key(name) if index is None else f"{self.key(name)}[{index}]"
         return ConfigError(self.source, where, problem)
 
-    def _typed(self, name: str, types: tuple[type, ...], what: str) -> Any:
+    def _of(self, name: str, kind: type[V], what: str) -> V:
         value = self.values[name]
-        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
             raise self.fail(name, f"expected {what}, got {_show(value)}")
         return value
 
-    def text(self, name: str, default: Any, *, pattern: re.Pattern[str] | None = None, rule: str = "") -> Any:
+    def text(self, name: str, default: D, *, pattern: re.Pattern[str] | None = None, rule: str = "") -> str | D:
         if name not in self.values:
             return default
-        value = self._typed(name, (str,), "a string")
+        value = self._of(name, str, "a string")
         if not value.strip():
             raise self.fail(name, "must not be empty")
         if "\n" in value or "\0" in value:
@@ -261,10 +462,10 @@ class _Fields:
             raise self.fail(name, f"expected one of {', '.join(choices)}; got {_show(value)}")
         return value
 
-    def integer(self, name: str, default: Any, *, low: int = 0, high: int | None = None) -> Any:
+    def integer(self, name: str, default: D, *, low: int = 0, high: int | None = None) -> int | D:
         if name not in self.values:
             return default
-        value = self._typed(name, (int,), "an integer")
+        value = self._of(name, int, "an integer")
         if value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise self.fail(name, f"must be {bound}, got {value}")
@@ -273,17 +474,19 @@ class _Fields:
     def flag(self, name: str, default: bool) -> bool:
         if name not in self.values:
             return default
-        return bool(self._typed(name, (bool,), "true or false"))
+        return self._of(name, bool, "true or false")
 
-    def number(self, name: str, default: Any) -> Any:
+    def number(self, name: str, default: D) -> float | D:
         if name not in self.values:
             return default
-        value = self._typed(name, (int, float), "a number")
+        value = self.values[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(name, f"expected a number, got {_show(value)}")
         if not math.isfinite(value) or value <= 0:
             raise self.fail(name, f"must be a positive number, got {_show(value)}")
         return float(value)
 
-    def size(self, name: str, default: Any, *, positive: bool = False) -> Any:
+    def size(self, name: str, default: D, *, positive: bool = False) -> int | D:
         if name not in self.values:
             return default
         value = parse_size(self.values[name], source=self.source, key=self.key(name))
@@ -299,11 +502,11 @@ class _Fields:
             raise self.fail(name, "must be longer than 0s")
         return value
 
-    def items(self, name: str, default: tuple, kind: type, what: str, each: str) -> tuple:
+    def items(self, name: str, default: tuple[V, ...], kind: type[V], what: str, each: str) -> tuple[V, ...]:
         """A list (`what`) whose items (`each`) all have `kind`; an item's error says key[i]."""
         if name not in self.values:
             return default
-        values = self._typed(name, (list,), what)
+        values = self._of(name, list, what)
         for index, item in enumerate(values):
             if (isinstance(item, bool) and kind is not bool) or not isinstance(item, kind):
                 raise self.fail(name, f"expected {each}, got {_show(item)}", index)
@@ -338,7 +541,7 @@ class _Fields:
         return Requirements(packages=packages)
 
 
-def _check_table(source: str, value: Any, key: str) -> dict:
+def _check_table(source: str, value: Any, key: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(source, key, f"expected a table, got {_show(value)}")
     return value
@@ -353,10 +556,10 @@ def _check_keys(source: str, table: Mapping[str, Any], known: Iterable[str], *pr
 
 def _fields(source: str, table: Mapping[str, Any], known: Iterable[str], *prefix: str) -> _Fields:
     _check_keys(source, table, known, *prefix)
-    return _Fields(source, table, {name: _key(*prefix, name) for name in table})
+    return _Fields(source, table, {name: _key(*prefix, name) for name in table}, _key(*prefix))
 
 
-def _load_toml(text: str, source: str) -> dict:
+def _load_toml(text: str, source: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -380,34 +583,9 @@ def _read(path: Path, source: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The inventory
 
-_NODE_KEYS = tuple(
-    [
-        "transport",
-        "host",
-        "user",
-        "port",
-        "identity",
-        "workdir",
-        "python",
-        "cache_dir",
-        "cache_size",
-        "interface",
-        "host_keys",
-        "known_hosts",
-        "connect_timeout",
-        "gpus",
-        "labels",
-        "requirements",
-        "ledger",
-    ]
-)
+_NODE_KEYS = _keys(Node)
 # `host` names one node, so it has no default.
 _DEFAULT_KEYS = tuple(k for k in _NODE_KEYS if k != "host")
-
-_NODE_DEFAULTS = Node(name="")  # the documented defaults live on the dataclass
-_IFACE_RULE = 'expected "auto" or a network interface name like "eth0"'
-_LEDGER_RE = re.compile(r"^(/|~/)[^\0]+$")
-_LEDGER_RULE = 'expected a directory on the node like "/var/lib/ava/leases"'
 _ADD_NODES = 'add a [nodes.NAME] table per node (the smallest: [nodes.local] transport = "local")'
 
 
@@ -461,82 +639,32 @@ def _parse_node(source: str, name: str, table: Any, defaults: Mapping[str, Any])
     values = {**defaults, **table}
     where = {k: _key("defaults", k) for k in defaults} | {k: _key("nodes", name, k) for k in table}
     where.setdefault("host", _key("nodes", name, "host"))
-    f = _Fields(source, values, where)
-    d = _NODE_DEFAULTS
-
-    transport = f.choice("transport", d.transport, TRANSPORTS)
-    host = f.text("host", None, pattern=_WORD_RE, rule="expected a host name or address (no spaces, no user@)")
-    if transport == "ssh" and host is None:
-        raise f.fail(
-            "host",
-            'missing; an ssh node needs host = "NAME-OR-ADDRESS" (or transport = "local" for this computer)',
-        )
-    if transport == "local" and host is not None:
-        raise f.fail(
-            "host",
-            'a local node runs on this computer and takes no host; remove it or use transport = "ssh"',
-        )
-    return Node(
-        name=name,
-        transport=transport,
-        host=host,
-        user=f.text("user", d.user, pattern=_WORD_RE, rule="expected a user name"),
-        port=f.integer("port", d.port, low=1, high=65535),
-        identity=f.text("identity", d.identity),
-        workdir=f.text("workdir", d.workdir),
-        python=f.text("python", d.python),
-        cache_dir=f.text("cache_dir", d.cache_dir),
-        cache_size=f.size("cache_size", d.cache_size),
-        interface=f.text("interface", d.interface, pattern=_IFACE_RE, rule=_IFACE_RULE),
-        host_keys=f.choice("host_keys", d.host_keys, HOST_KEY_POLICIES),
-        known_hosts=f.text("known_hosts", d.known_hosts),
-        connect_timeout=f.duration("connect_timeout", d.connect_timeout, positive=True),
-        gpus=_parse_gpus(f),
-        labels=f.words("labels", (), what="label"),
-        requirements=f.requirements("requirements"),
-        ledger=f.text("ledger", d.ledger, pattern=_LEDGER_RE, rule=_LEDGER_RULE),
-    )
-
-
-def _parse_gpus(f: _Fields) -> tuple[int, ...]:
-    """`gpus = 8` means indices 0..7; a list names the indices (distinct, >= 0)."""
-    if not f.has("gpus"):
-        return ()
-    value = f.values["gpus"]
-    if isinstance(value, int) and not isinstance(value, bool):
-        return tuple(range(f.integer("gpus", 0, low=0, high=1024)))
-    indices = f.items("gpus", (), int, "a GPU count or a list of GPU indices", "an integer")
-    for index, gpu in enumerate(indices):
-        if gpu < 0:
-            raise f.fail("gpus", f"a GPU index must be 0 or more, got {gpu}", index)
-        if gpu in indices[:index]:
-            raise f.fail("gpus", f"GPU {gpu} is listed twice", index)
-    return indices
+    return _build(Node, _Fields(source, values, where, _key("nodes", name)), name=name)
 
 
 # ---------------------------------------------------------------------------------------------
 # Recipes
 
-# The recipe's tables and their keys; [env] takes any variable name.
+# The recipe's tables and their keys ([env] takes any variable name: None), then its top-level keys:
+# the plain values first, as TOML writes them before any table.
 _RECIPE_TABLES: dict[str, tuple[str, ...] | None] = {
-    "run": ("script", "module", "args", "requirements"),
-    "resources": ("nodes", "procs_per_node", "gpus_per_node", "memory", "cpus", "pids", "labels"),
-    "env": None,
-    "data": ("prefetch",),
-    "checkpoint": ("dir", "keep"),
-    "failover": (
-        "max_restarts",
-        "on_node_loss",
-        "hang_timeout",
-        "fatal_exit_codes",
-        "backoff",
-        "stop_repeated_startup_failure",
-    ),
+    item.name: None if item.metadata[_TABLE] is None else _keys(item.metadata[_TABLE])
+    for item in fields(Recipe)
+    if _TABLE in item.metadata
 }
-_RECIPE_KEYS = ("name", "description", *_RECIPE_TABLES)
+_RECIPE_KEYS = (*_keys(Recipe), *_RECIPE_TABLES)
 # A `--set` value for these keys (and env.*) is text as written, so "3e-4" stays "3e-4"; for the
 # others it is a TOML value when it parses (4, true, ["a"]) and text otherwise ("2:4", "8GiB").
-_TEXT_KEYS = frozenset({"name", "description", "run.script", "run.module", "checkpoint.dir", "failover.on_node_loss"})
+_TEXT_KEYS = frozenset(
+    [item.name for item in fields(Recipe) if _KEY in item.metadata and item.metadata[_KEY].text]
+    + [
+        f"{table.name}.{key.name or item.name}"
+        for table in fields(Recipe)
+        if table.metadata.get(_TABLE) is not None
+        for item in fields(table.metadata[_TABLE])
+        if (key := item.metadata.get(_KEY)) is not None and key.text
+    ]
+)
 
 
 def _toml_value(text: str) -> tuple[bool, Any]:
@@ -548,7 +676,7 @@ def _toml_value(text: str) -> tuple[bool, Any]:
     return (True, parsed["v"]) if list(parsed) == ["v"] else (False, None)
 
 
-def apply_override(raw: dict, assignment: str, source: str) -> None:
+def apply_override(raw: dict[str, Any], assignment: str, source: str) -> None:
     """Apply one `--set dotted.key=value` to the recipe's TOML data, in place."""
     dotted, eq, text = assignment.partition("=")
     dotted = dotted.strip()
@@ -614,90 +742,23 @@ def parse_recipe(text: str, source: str, root: str, overrides: Sequence[str] = (
         raise
 
 
-def _parse_recipe(raw: dict, source: str, root: str) -> Recipe:
+def _parse_recipe(raw: dict[str, Any], source: str, root: str) -> Recipe:
     top = _fields(source, raw, _RECIPE_KEYS)
     sections = {name: _check_table(source, raw.get(name, {}), name) for name in _RECIPE_TABLES}
-    if not top.has("name"):
-        raise ConfigError(source, "name", 'missing; add name = "my-recipe" at the top of the file')
-    name = top.text("name", None, pattern=NAME_RE, rule=f"expected {NAME_RULE}")
-    return Recipe(
-        name=name,
-        source=source,
-        root=root,
-        run=_parse_run(source, sections["run"]),
-        resources=_parse_resources(source, sections["resources"]),
-        env=_parse_env(source, sections["env"]),
-        data=_parse_data(source, sections["data"]),
-        checkpoint=_parse_checkpoint(source, sections["checkpoint"]),
-        failover=_parse_failover(source, sections["failover"]),
-        raw=copy.deepcopy(raw),
-        description=top.text("description", ""),
-    )
+    for item in fields(Recipe):  # the plain values (name, description): read before the tables
+        if _KEY in item.metadata:
+            top.got[item.name] = item.metadata[_KEY].read(top, item.name, _default(item))
+    tables: dict[str, Any] = {}
+    for name, keys in _RECIPE_TABLES.items():
+        if keys is None:
+            tables[name] = _parse_env(source, sections[name])
+        else:
+            cls = Recipe.__dataclass_fields__[name].metadata[_TABLE]
+            tables[name] = _build(cls, _fields(source, sections[name], keys, name))
+    return Recipe(**top.got, **tables, source=source, root=root, raw=copy.deepcopy(raw))
 
 
-def _parse_run(source: str, table: dict) -> RunSpec:
-    f = _fields(source, table, _RECIPE_TABLES["run"] or (), "run")
-    script = f.text("script", None)
-    module = f.text("module", None, pattern=_MODULE_RE, rule="expected a module like pkg.train")
-    if (script is None) == (module is None):
-        problem = "has both script and module" if script else "missing script or module"
-        hint = 'give exactly one: script = "train.py" or module = "pkg.train"'
-        raise ConfigError(source, "run", f"{problem}; {hint}")
-    # The code is shipped from the recipe's directory, so the script must lie inside it.
-    if script is not None and (Path(script).is_absolute() or ".." in Path(script).parts or script.startswith("~")):
-        raise f.fail("script", f"must be a path inside the recipe's directory, got {_show(script)}")
-    # torchrun would parse a leading "-" as its own option (e.g. --rdzv-endpoint=...).
-    if script is not None and script.startswith("-"):
-        raise f.fail(
-            "script",
-            f'must not begin with "-" (torchrun would read it as an option), '
-            f'got {_show(script)}; write "./{script}" for such a file name',
-        )
-    return RunSpec(
-        script=script,
-        module=module,
-        args=f.items("args", (), str, "a list of strings", 'a string (quote numbers: "200")'),
-        requirements=f.requirements("requirements"),
-    )
-
-
-def _parse_resources(source: str, table: dict) -> Resources:
-    f = _fields(source, table, _RECIPE_TABLES["resources"] or (), "resources")
-    low, high = _parse_node_range(f)
-    return Resources(
-        nodes_min=low,
-        nodes_max=high,
-        procs_per_node=f.integer("procs_per_node", None, low=1),
-        gpus_per_node=f.integer("gpus_per_node", 0, low=0),
-        memory=f.size("memory", None, positive=True),
-        cpus=f.number("cpus", None),
-        pids=f.integer("pids", None, low=1),
-        labels=f.words("labels", (), what="label"),
-    )
-
-
-def _parse_node_range(f: _Fields) -> tuple[int, int]:
-    """`nodes = 2` or `nodes = "2:4"` (an elastic range); at least one node."""
-    if not f.has("nodes"):
-        return 1, 1
-    value = f.values["nodes"]
-    rule = 'expected a node count like 2 or a range like "2:4"'
-    if isinstance(value, int) and not isinstance(value, bool):
-        count = f.integer("nodes", 1, low=1)
-        return count, count
-    if not isinstance(value, str):
-        raise f.fail("nodes", f"{rule}, got {_show(value)}")
-    match = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+)\s*)?", value)
-    if not match:
-        raise f.fail("nodes", f"{rule}, got {_show(value)}")
-    low = int(match.group(1))
-    high = int(match.group(2)) if match.group(2) else low
-    if low < 1 or high < low:
-        raise f.fail("nodes", f"need 1 <= MIN <= MAX, got {_show(value)}")
-    return low, high
-
-
-def _parse_env(source: str, table: dict) -> dict[str, str]:
+def _parse_env(source: str, table: dict[str, Any]) -> dict[str, str]:
     env: dict[str, str] = {}
     for name, value in table.items():
         key = _key("env", name)
@@ -714,45 +775,3 @@ def _parse_env(source: str, table: dict) -> dict[str, str]:
             raise ConfigError(source, key, "must not contain a NUL character")
         env[name] = value
     return env
-
-
-def _parse_data(source: str, table: dict) -> Data:
-    f = _fields(source, table, _RECIPE_TABLES["data"] or (), "data")
-    urls = f.items("prefetch", (), str, "a list of URLs", "a URL string")
-    for index, url in enumerate(urls):
-        if not _URL_RE.match(url):
-            example = '"s3://bucket/shards/*.tar"'
-            raise f.fail("prefetch", f"expected a URL like {example}, got {_show(url)}", index)
-    return Data(prefetch=urls)
-
-
-def _parse_checkpoint(source: str, table: dict) -> Checkpoint:
-    f = _fields(source, table, _RECIPE_TABLES["checkpoint"] or (), "checkpoint")
-    where = f.text("dir", None)
-    if where is not None:
-        try:
-            fields = [(n, spec, conv) for _, n, spec, conv in string.Formatter().parse(where)]
-        except ValueError as exc:
-            raise f.fail("dir", f"bad braces in {_show(where)} ({exc})") from None
-        for name, spec, conversion in fields:
-            if name is not None and (name not in ("name", "run") or spec or conversion):
-                only = "only {name} and {run} expand"
-                raise f.fail("dir", f"unknown placeholder in {_show(where)}; {only}")
-    return Checkpoint(dir=where, keep=f.integer("keep", Checkpoint().keep, low=1))
-
-
-def _parse_failover(source: str, table: dict) -> Failover:
-    f = _fields(source, table, _RECIPE_TABLES["failover"] or (), "failover")
-    d = Failover()
-    codes = f.items("fatal_exit_codes", d.fatal_exit_codes, int, "a list of exit codes", "an integer")
-    for index, code in enumerate(codes):
-        if not 0 < code < 256:
-            raise f.fail("fatal_exit_codes", f"an exit code is 1-255, got {code}", index)
-    return Failover(
-        max_restarts=f.integer("max_restarts", d.max_restarts, low=0),
-        on_node_loss=f.choice("on_node_loss", d.on_node_loss, NODE_LOSS_POLICIES),
-        hang_timeout=f.duration("hang_timeout", d.hang_timeout, positive=True),
-        fatal_exit_codes=codes,
-        backoff=f.duration("backoff", d.backoff),
-        stop_repeated_startup_failure=f.flag("stop_repeated_startup_failure", d.stop_repeated_startup_failure),
-    )
