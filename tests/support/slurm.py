@@ -12,8 +12,10 @@ and starts them, and removes everything it made on teardown, even when a test fa
 
 Plugins that work here (cgroup v1 hybrid, no systemd, several slurmd on one kernel):
 proctrack/linuxproc and task/none (the cgroup ones would make every slurmd share one cgroup
-tree). Accounting: sacct needs slurmdbd and a database; `JobCompType=jobcomp/filetxt` keeps a
-line per ended job (`SlurmCluster.completed`), and MinJobAge keeps ended jobs in `scontrol`.
+tree). Accounting: `sacct` needs slurmdbd, and slurmdbd a database (jobcomp/filetxt does not
+feed sacct in 22.05): where slurmdbd and MariaDB are installed, a MariaDB of its own (data dir
+under the cluster's folder, 127.0.0.1) and slurmdbd run too; else accounting is off and
+`SlurmCluster.completed()` reads the jobcomp/filetxt lines.
 
 By hand:  python -m tests.support.slurm up 3   (prints the Slurm inventory; Ctrl-C tears down)
 """
@@ -39,10 +41,16 @@ from tests.support.cluster import Cluster, TestNode, clean_stale, have_sshd, is_
 
 CONF_DIR = Path("/etc/slurm")
 CONF = CONF_DIR / "slurm.conf"
+DBD_CONF = CONF_DIR / "slurmdbd.conf"  # beside slurm.conf: where slurmdbd and sacct look
 MARKER = "# ava test slurm cluster"
 LOCK = Path("/tmp/ava-test-slurm.lock")  # one test Slurm per machine: /etc/slurm/slurm.conf is global
 PARTITION = "debug"
 LOGIN = "n1"
+
+
+def have_accounting() -> bool:
+    """slurmdbd and MariaDB installed: `sacct` can answer (else jobcomp/filetxt only)."""
+    return all(shutil.which(b) or os.path.exists(b) for b in ("slurmdbd", "/usr/sbin/mariadbd", "mariadb-install-db"))
 
 
 def have_slurm() -> bool:
@@ -63,6 +71,7 @@ class SlurmCluster:
     login: str = LOGIN
     partition: str = PARTITION
     dir: Path = field(init=False)
+    accounting: bool = False  # slurmdbd runs: sacct answers
     daemons: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _lock: int | None = None
 
@@ -86,7 +95,12 @@ class SlurmCluster:
             self.dir.mkdir(mode=0o700)
             self.shared.mkdir(mode=0o755)
             self._start_munge()
+            self.accounting = have_accounting()
+            if self.accounting:
+                self._start_accounting()
             self._write_conf()
+            if self.accounting:
+                self._register_cluster()
             self._start_ctld()
             for node in self.cluster.nodes:
                 self.start_slurmd(node.name)
@@ -102,10 +116,11 @@ class SlurmCluster:
             subprocess.run(["scancel", "--full", "--partition", self.partition], capture_output=True, timeout=10)
         for name in [n for n in self.daemons if n.startswith("slurmd-")]:
             self._stop(name)
-        for name in list(self.daemons):
+        for name in reversed(list(self.daemons)):  # slurmctld, slurmdbd, MariaDB, munged
             self._stop(name)
-        if CONF.exists() and MARKER in CONF.read_text(errors="replace"):
-            CONF.unlink()
+        for conf in (CONF, DBD_CONF):
+            if conf.exists() and MARKER in conf.read_text(errors="replace"):
+                conf.unlink()
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.shared, ignore_errors=True)
         if self._lock is not None:
@@ -143,6 +158,79 @@ class SlurmCluster:
         self._spawn("munged", argv, munge / "munged.out")
         _wait(lambda: self.socket.exists(), 10, "munged did not make its socket", munge / "munged.log")
 
+    def _start_accounting(self) -> None:
+        """MariaDB (its own data dir, on the bridge address) and slurmdbd: what `sacct` reads."""
+        gateway = self.cluster.gateway
+        data, db = self.dir / "mariadb", self.dir / "mariadb-data"
+        data.mkdir()
+        self.db_port = _free_port("127.0.0.1")
+        install = subprocess.run(
+            [
+                "mariadb-install-db",
+                "--user=root",
+                f"--datadir={db}",
+                "--skip-test-db",
+                "--auth-root-authentication-method=normal",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if install.returncode != 0:
+            raise RuntimeError(f"mariadb-install-db failed: {install.stderr[-800:]}")
+        argv = [
+            "/usr/sbin/mariadbd",
+            "--no-defaults",
+            "--user=root",
+            f"--datadir={db}",
+            f"--socket={data / 'mysqld.sock'}",
+            f"--pid-file={data / 'mysqld.pid'}",
+            "--bind-address=127.0.0.1",
+            f"--port={self.db_port}",
+            "--innodb-buffer-pool-size=32M",
+            "--performance-schema=OFF",
+            "--skip-log-bin",
+            f"--log-error={data / 'mysqld.log'}",
+        ]
+        self._spawn("mariadbd", argv, data / "mysqld.out")
+        _wait(lambda: (data / "mysqld.sock").exists(), 60, "MariaDB did not start", data / "mysqld.log")
+        self.dbd_port = _free_port(gateway)
+        text = "\n".join(
+            [
+                MARKER,
+                "AuthType=auth/munge",
+                f"AuthInfo=socket={self.socket}",
+                f"DbdHost={socket.gethostname()}",
+                f"DbdAddr={gateway}",
+                f"DbdPort={self.dbd_port}",
+                "SlurmUser=root",
+                f"PidFile={self.dir / 'slurmdbd.pid'}",
+                f"LogFile={self.dir / 'slurmdbd.log'}",
+                "DebugLevel=info",
+                "StorageType=accounting_storage/mysql",
+                "StorageHost=127.0.0.1",
+                f"StoragePort={self.db_port}",
+                "StorageUser=root",
+                f"StorageLoc=ava_slurm_{self.cluster.id}",
+            ]
+        )
+        if DBD_CONF.exists() and MARKER not in DBD_CONF.read_text(errors="replace"):
+            raise RuntimeError(f"{DBD_CONF} exists and is not a test Slurm's: refusing to replace it")
+        CONF_DIR.mkdir(exist_ok=True)
+        DBD_CONF.write_text(text + "\n")
+        DBD_CONF.chmod(0o600)
+        self._spawn("slurmdbd", ["slurmdbd", "-D"], self.dir / "slurmdbd.out")
+
+        def listening() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection((gateway, self.dbd_port), timeout=1):
+                return True
+            return False
+
+        _wait(listening, 90, "slurmdbd did not listen", self.dir / "slurmdbd.log")
+
+    def _register_cluster(self) -> None:
+        # slurmctld needs its cluster known to slurmdbd before jobs are accounted.
+        self.sh("sacctmgr", "-i", "add", "cluster", f"ava{self.cluster.id}", check=False, timeout=60)
+
     def _conf_text(self) -> str:
         gateway = self.cluster.gateway
         self.ctld_port = _free_port(gateway)
@@ -169,7 +257,16 @@ class SlurmCluster:
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
+            *(
+                [
+                    "AccountingStorageType=accounting_storage/slurmdbd",
+                    f"AccountingStorageHost={gateway}",
+                    f"AccountingStoragePort={self.dbd_port}",
+                    f"AccountingStoragePass={self.socket}",  # for slurmdbd: the munge socket
+                ]
+                if self.accounting
+                else ["AccountingStorageType=accounting_storage/none"]
+            ),
             "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={self.dir / 'jobcomp.txt'}",
             "SelectType=select/cons_tres",
