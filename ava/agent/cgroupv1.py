@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from . import procs
-from .isolation import Isolation, IsolationError, Limits, mounts
-
-CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices")
-NVIDIA_MAJOR = 195
-CPU_PERIOD_US = 100_000
+from .cgroups import CPU_PERIOD_US, V1_CONTROLLERS, IsolationError, Limits, cpu_quota_us, mounts, read, write
+from .devices import NVIDIA_MAJOR, gpu_device_minors, nvidia_minors
 
 
 def controller_mounts() -> dict[str, str]:
@@ -28,49 +24,10 @@ def controller_mounts() -> dict[str, str]:
     found: dict[str, str] = {}
     for point, kind, opts in mounts():
         if kind == "cgroup":
-            for ctrl in CONTROLLERS:
+            for ctrl in V1_CONTROLLERS:
                 if ctrl in opts:
                     found.setdefault(ctrl, point)
     return found
-
-
-def nvidia_minors() -> dict[int, int]:
-    """GPU index (nvidia-smi order, i.e. PCI bus order) -> /dev/nvidiaN minor.
-
-    Minors need not follow indices, so read them from the driver; without it assume equal."""
-    base = Path("/proc/driver/nvidia/gpus")
-    try:
-        buses = sorted(os.listdir(base))
-    except OSError:
-        buses = []
-    minors: dict[int, int] = {}
-    for index, bus in enumerate(buses):
-        try:
-            text = (base / bus / "information").read_text()
-        except OSError:
-            continue
-        if m := re.search(r"Device Minor:\s*(\d+)", text):
-            minors[index] = int(m.group(1))
-    if minors:
-        return minors
-    present = gpu_device_minors()
-    return {m: m for m in present}
-
-
-def gpu_device_minors() -> list[int]:
-    """Minors of the /dev/nvidiaN GPU device files on this node."""
-    out = []
-    try:
-        names = os.listdir("/dev")
-    except OSError:
-        return out
-    for name in names:
-        if re.fullmatch(r"nvidia[0-9]+", name):
-            try:
-                out.append(os.minor(os.stat(f"/dev/{name}").st_rdev))
-            except OSError:
-                pass
-    return sorted(out)
 
 
 def device_denies(leased: list[int], index_to_minor: dict[int, int], present: list[int]) -> list[str]:
@@ -80,26 +37,13 @@ def device_denies(leased: list[int], index_to_minor: dict[int, int], present: li
     return [f"c {NVIDIA_MAJOR}:{minor} rwm" for minor in present if minor not in allowed]
 
 
-def _write(path: Path, value: str) -> None:
-    try:
-        with open(path, "w") as f:
-            f.write(value)
-    except OSError as exc:
-        raise IsolationError(f"cannot write {value.strip()!r} to {path}: {exc.strerror}") from exc
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
-
-
-class CgroupV1(Isolation):
+class CgroupV1:
     backend = "v1"
 
     def __init__(self, parent: str, name: str = "") -> None:
-        super().__init__(parent, name)
+        self.parent = parent
+        self.name = name
+        self.warning: str | None = None
         self.dirs: dict[str, str] = {}  # controller -> directory
 
     def _dir(self, ctrl: str) -> Path | None:
@@ -127,48 +71,55 @@ class CgroupV1(Isolation):
         Weigh it like as many busy processes as the node has CPUs (once; a set value stays)."""
         cpu = self._dir("cpu")
         shares = cpu.parent / "cpu.shares" if cpu else None
-        if shares is not None and _read(shares).strip() == "1024":
+        if shares is not None and read(shares).strip() == "1024":
             try:
-                _write(shares, str(1024 * (os.cpu_count() or 1)))
+                write(shares, str(1024 * (os.cpu_count() or 1)))
             except IsolationError:
                 pass  # an unwritable parent keeps its weight: runs still work
 
     def _apply(self, limits: Limits, gpus: list[int]) -> None:
         mem, cpu, pids, dev = (self._dir(c) for c in ("memory", "cpu", "pids", "devices"))
         if limits.memory and mem:
-            _write(mem / "memory.limit_in_bytes", str(limits.memory))
+            write(mem / "memory.limit_in_bytes", str(limits.memory))
             if (mem / "memory.memsw.limit_in_bytes").exists():
                 # Same bound on memory+swap: the limit means RAM, not RAM plus swap.
-                _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory))
+                write(mem / "memory.memsw.limit_in_bytes", str(limits.memory))
         if limits.cpus and cpu:
-            _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-            _write(cpu / "cpu.cfs_quota_us", str(max(1000, int(limits.cpus * CPU_PERIOD_US))))
+            write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            write(cpu / "cpu.cfs_quota_us", str(cpu_quota_us(limits.cpus)))
         if limits.pids and pids:
-            _write(pids / "pids.max", str(limits.pids))
+            write(pids / "pids.max", str(limits.pids))
         if dev:
             for line in device_denies(gpus, nvidia_minors(), gpu_device_minors()):
-                _write(dev / "devices.deny", line)
+                write(dev / "devices.deny", line)
+
+    def command(self, argv: list[str]) -> list[str]:
+        return list(argv)
 
     def add_self(self) -> None:
+        """Called in the job child between fork and exec."""
         me = str(os.getpid())
         for d in self.dirs.values():
-            _write(Path(d) / "cgroup.procs", me)
+            write(Path(d) / "cgroup.procs", me)
+
+    def adopt(self, job_pid: int) -> None:
+        """The job joined every controller's group itself (add_self)."""
 
     def pids(self) -> list[int]:
         found: set[int] = set()
         for d in self.dirs.values():
-            found.update(int(x) for x in _read(Path(d) / "cgroup.procs").split())
+            found.update(int(x) for x in read(Path(d) / "cgroup.procs").split())
         return sorted(found)
 
     def oom_happened(self) -> bool:
         mem = self._dir("memory")
         if not mem:
             return False
-        fields = dict(line.split(None, 1) for line in _read(mem / "memory.oom_control").splitlines() if " " in line)
+        fields = dict(line.split(None, 1) for line in read(mem / "memory.oom_control").splitlines() if " " in line)
         if "oom_kill" in fields:
             return int(fields["oom_kill"]) > 0 or fields.get("under_oom", "0").strip() == "1"
         # Kernels before 4.13 have no counter: hitting the limit is the best sign left.
-        return _read(mem / "memory.failcnt").strip() not in ("", "0")
+        return read(mem / "memory.failcnt").strip() not in ("", "0")
 
     def _freeze(self, state: str) -> None:
         fr = self._dir("freezer")
@@ -181,7 +132,7 @@ class CgroupV1(Isolation):
         if state == "FROZEN":
             # FREEZING may last while a task sits in D state; go on after a bound.
             end = time.monotonic() + 1.0
-            while _read(fr / "freezer.state").strip() != "FROZEN" and time.monotonic() < end:
+            while read(fr / "freezer.state").strip() != "FROZEN" and time.monotonic() < end:
                 time.sleep(0.01)
 
     def kill_all_verified(self, timeout: float = 10.0) -> list[int]:
@@ -227,5 +178,6 @@ class CgroupV1(Isolation):
         }
 
     def restore(self, info: dict[str, Any]) -> None:
-        super().restore(info)
+        """Take back the state info() saved, in a process that did not create the fence."""
+        self.name = info["name"]
         self.dirs = dict(info.get("dirs") or {})

@@ -17,18 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from . import procs
-from .cgroupv1 import CPU_PERIOD_US, gpu_device_minors, nvidia_minors
-from .isolation import Isolation, IsolationError, Limits, mounts
-
-CONTROLLERS = ("memory", "cpu", "pids")
-NVIDIA_CONTROL_DEVICES = (
-    "/dev/nvidiactl",
-    "/dev/nvidia-uvm",
-    "/dev/nvidia-uvm-tools",
-    "/dev/nvidia-modeset",
+from .cgroups import (
+    CPU_PERIOD_US,
+    ROOT,
+    V2_CONTROLLERS,
+    IsolationError,
+    Limits,
+    cpu_quota_us,
+    mounts,
+    read,
+    write,
 )
-# Character-device groups a multi-node job may need besides the GPUs (RDMA for NCCL, MIG).
-EXTRA_DEVICE_GROUPS = ("infiniband_verbs", "infiniband_mad", "nvidia-caps")
+from .devices import (
+    EXTRA_DEVICE_GROUPS,
+    NVIDIA_CONTROL_DEVICES,
+    char_device_groups,
+    gpu_device_minors,
+    nvidia_minors,
+)
 
 
 def unified_mount() -> str | None:
@@ -36,28 +42,10 @@ def unified_mount() -> str | None:
     best = None
     for point, kind, _ in mounts():
         if kind == "cgroup2":
-            if _read(Path(point) / "cgroup.controllers").split():
+            if read(Path(point) / "cgroup.controllers").split():
                 return point
             best = best or point
     return best
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
-
-
-def _write(path: Path, value: str, *, strict: bool = True) -> bool:
-    try:
-        with open(path, "w") as f:
-            f.write(value)
-        return True
-    except OSError as exc:
-        if strict:
-            raise IsolationError(f"cannot write {value!r} to {path}: {exc.strerror}") from exc
-        return False
 
 
 def _keyed(text: str) -> dict[str, int]:
@@ -69,11 +57,13 @@ def _keyed(text: str) -> dict[str, int]:
     return out
 
 
-class CgroupV2(Isolation):
+class CgroupV2:
     backend = "v2"
 
     def __init__(self, parent: str, name: str = "") -> None:
-        super().__init__(parent, name)
+        self.parent = parent
+        self.name = name
+        self.warning: str | None = None
         self.path: str | None = None
 
     def create(self, name: str, limits: Limits, gpus: list[int]) -> None:
@@ -85,10 +75,10 @@ class CgroupV2(Isolation):
         parent.mkdir(parents=True, exist_ok=True)
         # Top-down rule: a controller reaches the child only if every ancestor enables it.
         for d in (Path(mount), parent):
-            have = _read(d / "cgroup.controllers").split()
-            for ctrl in CONTROLLERS:
+            have = read(d / "cgroup.controllers").split()
+            for ctrl in V2_CONTROLLERS:
                 if ctrl in have:
-                    _write(d / "cgroup.subtree_control", f"+{ctrl}", strict=False)
+                    write(d / "cgroup.subtree_control", f"+{ctrl}", strict=False)
         d = parent / name
         d.mkdir(exist_ok=True)
         self.path = str(d)
@@ -99,19 +89,25 @@ class CgroupV2(Isolation):
     def _apply(self, limits: Limits) -> None:
         d = Path(self.path or "")
         if limits.memory:
-            _write(d / "memory.max", str(limits.memory))
+            write(d / "memory.max", str(limits.memory))
             if (d / "memory.swap.max").exists():
-                _write(d / "memory.swap.max", "0", strict=False)
+                write(d / "memory.swap.max", "0", strict=False)
         if limits.cpus:
-            quota = max(1000, int(limits.cpus * CPU_PERIOD_US))
-            _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            write(d / "cpu.max", f"{cpu_quota_us(limits.cpus)} {CPU_PERIOD_US}")
         if limits.pids:
-            _write(d / "pids.max", str(limits.pids))
+            write(d / "pids.max", str(limits.pids))
         # One rank killed alone would leave the others hanging in a collective.
-        _write(d / "memory.oom.group", "1", strict=False)
+        write(d / "memory.oom.group", "1", strict=False)
+
+    def command(self, argv: list[str]) -> list[str]:
+        return list(argv)
 
     def add_self(self) -> None:
-        _write(Path(self.path or "") / "cgroup.procs", str(os.getpid()))
+        """Called in the job child between fork and exec."""
+        write(Path(self.path or "") / "cgroup.procs", str(os.getpid()))
+
+    def adopt(self, job_pid: int) -> None:
+        """The job joined the group itself (add_self)."""
 
     def pids(self) -> list[int]:
         if not self.path:
@@ -119,13 +115,13 @@ class CgroupV2(Isolation):
         found: set[int] = set()
         for root, _, files in os.walk(self.path):
             if "cgroup.procs" in files:
-                found.update(int(x) for x in _read(Path(root) / "cgroup.procs").split())
+                found.update(int(x) for x in read(Path(root) / "cgroup.procs").split())
         return sorted(found)
 
     def oom_happened(self) -> bool:
         if not self.path:
             return False
-        events = _keyed(_read(Path(self.path) / "memory.events"))
+        events = _keyed(read(Path(self.path) / "memory.events"))
         return events.get("oom_kill", 0) > 0 or events.get("oom_group_kill", 0) > 0
 
     def kill_all_verified(self, timeout: float = 10.0) -> list[int]:
@@ -134,10 +130,10 @@ class CgroupV2(Isolation):
         d = Path(self.path)
         deadline = time.monotonic() + timeout
         while self.pids() and time.monotonic() < deadline:
-            if not _write(d / "cgroup.kill", "1", strict=False):
-                _write(d / "cgroup.freeze", "1", strict=False)
+            if not write(d / "cgroup.kill", "1", strict=False):
+                write(d / "cgroup.freeze", "1", strict=False)
                 procs.signal_pids(self.pids(), signal.SIGKILL)
-                _write(d / "cgroup.freeze", "0", strict=False)
+                write(d / "cgroup.freeze", "0", strict=False)
             end = min(deadline, time.monotonic() + 1.0)
             while self.pids() and time.monotonic() < end:
                 time.sleep(0.02)
@@ -159,7 +155,8 @@ class CgroupV2(Isolation):
         return {"backend": self.backend, "path": self.path, "name": self.name, "parent": self.parent}
 
     def restore(self, info: dict[str, Any]) -> None:
-        super().restore(info)
+        """Take back the state info() saved, in a process that did not create the fence."""
+        self.name = info["name"]
         self.path = info.get("path")
 
 
@@ -222,15 +219,9 @@ def gpu_device_allow(leased: list[int]) -> list[str] | None:
     index_to_minor = nvidia_minors()
     allow = [f"{path} rw" for path in NVIDIA_CONTROL_DEVICES if os.path.exists(path)]
     allow += [f"/dev/nvidia{index_to_minor.get(i, i)} rw" for i in leased]
-    groups = _char_device_groups()
+    groups = char_device_groups()
     allow += [f"char-{g} rw" for g in EXTRA_DEVICE_GROUPS if g in groups]
     return allow
-
-
-def _char_device_groups() -> set[str]:
-    text = _read(Path("/proc/devices"))
-    block = text.split("Block devices:")[0]
-    return {parts[1] for line in block.splitlines() if len(parts := line.split()) == 2}
 
 
 class SystemdScope(CgroupV2):
@@ -264,16 +255,16 @@ class SystemdScope(CgroupV2):
 
     def adopt(self, job_pid: int) -> None:
         # The scope exists once systemd-run has exec'd the job: read where the job landed.
-        mount = unified_mount() or "/sys/fs/cgroup"
+        mount = unified_mount() or ROOT
         end = time.monotonic() + 15.0
         while time.monotonic() < end and procs.alive(job_pid):
             rel = next(
-                (ln[3:] for ln in _read(Path(f"/proc/{job_pid}/cgroup")).splitlines() if ln.startswith("0::")),
+                (ln[3:] for ln in read(Path(f"/proc/{job_pid}/cgroup")).splitlines() if ln.startswith("0::")),
                 "",
             )
             if rel.rstrip("/").endswith("/" + self.unit):
                 self.path = os.path.join(mount, rel.strip("/"))
-                _write(Path(self.path) / "memory.oom.group", "1", strict=False)
+                write(Path(self.path) / "memory.oom.group", "1", strict=False)
                 return
             time.sleep(0.05)
 
