@@ -14,13 +14,16 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ava.config import Node
 from ava.errors import AvaError, CommandError, ConnectError
 from ava.nodes import facts_command
 from ava.transport import connect, run_all, shell_path
 from ava.units import format_duration, format_size
+
+if TYPE_CHECKING:
+    from ava.bandwidth import BandwidthReport
 
 PROBE_SOURCE = Path(__file__).with_name("agent") / "doctor_facts.py"
 
@@ -576,6 +579,40 @@ def check_isolation(o: Observation) -> Check:
             "run as root on this node, or move it to cgroup v2 with systemd",
         )
     return Check("isolation", o.node.name, PASS, f"{backend} (cgroup {o.facts.get('cgroup')})")
+
+
+def measure_bandwidth(up: list[Observation]) -> tuple[BandwidthReport | None, list[Check]]:
+    """The all-reduce benchmark across the reachable nodes (network), and what it shows: on
+    GPUs where every node has them and CUDA, over the interfaces the probe found."""
+    from ava.bandwidth import measure
+
+    if len(up) < 2:
+        return None, [
+            Check("bandwidth", None, FAIL, "needs at least two reachable nodes", "fix the failures above first")
+        ]
+    gpu = all(o.facts.get("gpus") and (o.probe.get("versions") or {}).get("cuda") for o in up)
+    interfaces = {o.node.name: (o.probe.get("interface") or {}).get("name") for o in up}
+    try:
+        measured = measure([o.node for o in up], gpu=gpu, interfaces=interfaces)
+    except AvaError as failure:
+        fix = "fix the failures above; then check that the nodes reach each other on any port"
+        return None, [Check("bandwidth", None, FAIL, failure.message, fix)]
+    return measured, check_bandwidth(measured)
+
+
+def check_bandwidth(measured: BandwidthReport) -> list[Check]:
+    """A warning for each node whose link to the master is slow (bandwidth.slow_links)."""
+    return [
+        Check(
+            "bandwidth",
+            link.node,
+            WARN,
+            f"link to {measured.nodes[0]} at {link.bandwidth / 1e9:.2f} GB/s, under half of the other nodes'",
+            f"check {link.node}'s NIC, cable and interface setting",
+        )
+        for link in measured.links
+        if link.slow
+    ]
 
 
 def worst(checks: list[Check]) -> str:

@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import posixpath
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,10 +48,11 @@ def fetched(source: str) -> Iterator[Path]:
 
 
 def _fetch_url(source: str, target: Path) -> Path:
-    import fsspec
+    import fsspec  # type: ignore[import-untyped]  # fsspec ships no type information
 
     try:
         fs, path = fsspec.core.url_to_fs(source)
+        name: str
         if path.endswith(".toml"):
             base, name = posixpath.split(path)
             files = _listing(fs, base)
@@ -127,10 +129,10 @@ def _copy(fs: Any, key: str, target: Path, name: str) -> None:
 
 
 def _fetch_script(fs: Any, base: str, recipe: Path, target: Path) -> None:
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
 
     try:
         script = tomllib.loads(recipe.read_text(encoding="utf-8")).get("run", {}).get("script")

@@ -6,6 +6,7 @@ it ended. It is rewritten atomically, so a reader never sees half of one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,9 +15,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ava.errors import UsageError
+
+if TYPE_CHECKING:
+    from ava.config import Recipe
 
 FINAL_STATES = ("succeeded", "failed", "stopped")
 
@@ -114,6 +118,59 @@ class RunRecord:
             os.fsync(handle.fileno())
         os.replace(temp, self.dir / "record.json")
         _fsync_dir(self.dir)
+
+
+def create(
+    run_id: str,
+    recipe: Recipe,
+    inventory: Path,
+    nodes: list[str],
+    overrides: list[str],
+    pool: list[str] | None = None,
+) -> RunRecord:
+    """A new run's record and directory, with the recipe as launched kept apart (private_recipe).
+
+    Not saved yet: the caller puts the code snapshot in the directory, then saves. Environment
+    values (secrets) never reach record.json: it keeps their names and the --set keys only."""
+    record = RunRecord(
+        id=run_id,
+        recipe=recipe.name,
+        source=recipe.source,
+        recipe_hash=recipe_hash(recipe.raw),
+        raw=env_names_only(recipe.raw),
+        inventory=str(inventory.resolve()),
+        nodes=nodes,
+        overrides=overrides_without_env_values(overrides),
+        pool=list(pool or []),
+    )
+    record.dir.mkdir(parents=True, exist_ok=True)
+    private_recipe(record, recipe.raw, dict(recipe.env))
+    return record
+
+
+def recipe_hash(raw: dict[str, Any]) -> str:
+    """The recipe's content as launched (every --set applied), as 16 hex digits."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_stopped(run_id: str, *, by: str, asked: float) -> RunRecord:
+    """Record the run stopped once its processes are gone on every node (`by`: who asked).
+
+    A stop that lands while an attempt is still launching can be recorded by the supervisor as
+    a launch failure: a run that ended after the stop was asked for (`asked`) was stopped,
+    whatever its supervisor made of the processes vanishing. A run that ended before is left
+    as it ended."""
+    latest = load(run_id)
+    current = latest.current()
+    ended_by_stop = latest.state == "failed" and latest.ended is not None and latest.ended >= asked
+    if latest.final and not ended_by_stop:
+        return latest
+    if current is not None and (current.state in ("starting", "running") or ended_by_stop):
+        why = f"stopped by {by}" + (f" ({current.cause})" if ended_by_stop and current.cause else "")
+        current.state, current.ended, current.kind, current.cause = "stopped", time.time(), "stopped", why
+    latest.state, latest.ended, latest.exit_code = "stopped", time.time(), 1
+    latest.save()
+    return latest
 
 
 ENV_FILE = "env.json"

@@ -6,10 +6,17 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ava.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, AvaError
+
+if TYPE_CHECKING:
+    import click
+    from typer.core import TyperArgument
+
+    from ava.config import Inventory
 
 EXIT_CODES = (
     "Exit codes: 0 success, 1 the job failed, 2 usage or configuration error, "
@@ -52,13 +59,13 @@ def _plain_argument_help() -> None:
     if argument is None or not hasattr(argument, "_usage_display_name"):
         return
 
-    def usage_name(self) -> str:  # type: ignore[no-untyped-def]
+    def usage_name(self: TyperArgument) -> str:
         name = self.display_name_raw
         if self.nargs != 1 and self.metavar is None:
             name += "..."
         return name if self.required else f"[{name}]"
 
-    def type_label(self, ctx) -> str | None:  # type: ignore[no-untyped-def]
+    def type_label(self: TyperArgument, ctx: click.Context) -> str | None:
         return None if self.metavar else argument.display_type(self, ctx)
 
     argument._usage_display_name = usage_name
@@ -163,7 +170,7 @@ def inventory_path() -> str | None:
     return str(config) if config.is_file() else None
 
 
-def load_inventory():  # type: ignore[no-untyped-def]
+def load_inventory() -> Inventory:
     """The inventory named by --inventory or $AVA_INVENTORY, else found (see inventory_path)."""
     from ava.config import load_inventory as load
 

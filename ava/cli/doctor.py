@@ -23,50 +23,16 @@ def doctor(
 ) -> int:
     """Preflight: SSH, versions alike, GPUs and their health, disk, clocks, network, name lookups."""
     from ava import console
-    from ava.doctor import FAIL, PASS, WARN, Check, observe, verdicts, worst
+    from ava.doctor import FAIL, PASS, WARN, measure_bandwidth, observe, verdicts, worst
 
     inventory = load_inventory()
     chosen = inventory.select(names) if names else list(inventory.nodes.values())
     observations = observe(chosen)
     checks = verdicts(observations)
     measured = None
-    up = [o for o in observations if o.error is None]
     if bandwidth:
-        from ava.bandwidth import measure
-        from ava.errors import AvaError
-
-        if len(up) < 2:
-            checks.append(
-                Check("bandwidth", None, FAIL, "needs at least two reachable nodes", "fix the failures above first")
-            )
-        else:
-            gpu = all(o.facts.get("gpus") and (o.probe.get("versions") or {}).get("cuda") for o in up)
-            interfaces = {o.node.name: (o.probe.get("interface") or {}).get("name") for o in up}
-            try:
-                measured = measure([o.node for o in up], gpu=gpu, interfaces=interfaces)
-            except AvaError as failure:
-                checks.append(
-                    Check(
-                        "bandwidth",
-                        None,
-                        FAIL,
-                        failure.message,
-                        "fix the failures above; then check that the nodes reach each other on any port",
-                    )
-                )
-            else:
-                for link in measured.links:
-                    if link.slow:
-                        checks.append(
-                            Check(
-                                "bandwidth",
-                                link.node,
-                                WARN,
-                                f"link to {up[0].node.name} at {link.bandwidth / 1e9:.2f} GB/s, "
-                                "under half of the other nodes'",
-                                f"check {link.node}'s NIC, cable and interface setting",
-                            )
-                        )
+        measured, judged = measure_bandwidth([o for o in observations if o.error is None])
+        checks += judged
     status = worst(checks)
     if json_out:
         console.print_json(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -11,6 +11,10 @@ from ava.cli import app, epilog, load_inventory, state
 from ava.cli.complete import complete_nodes
 from ava.errors import EXIT_INFRA, EXIT_JOB_FAILED, EXIT_OK, UsageError
 from ava.units import format_size
+
+if TYPE_CHECKING:
+    from ava.config import Node
+    from ava.transport import Result
 
 
 @app.command(
@@ -147,7 +151,7 @@ def exec_(
     prefixer = console.Prefixer([n.name for n in chosen], order=list(inventory.nodes))
     captured: dict[str, list[dict[str, str]]] = {n.name: [] for n in chosen}
 
-    def one(node):  # type: ignore[no-untyped-def]
+    def one(node: Node) -> Result:
         if json_out:
 
             def keep(stream: str, line: str) -> None:
@@ -161,13 +165,12 @@ def exec_(
         report = []
         for node in chosen:
             outcome = outcomes[node.name]
-            failure = outcome.message if isinstance(outcome, Failure) else None
             report.append(
                 {
                     "node": node.name,
-                    "exit_code": None if failure else outcome.exited,
-                    "ok": failure is None and outcome.ok,
-                    "error": failure,
+                    "exit_code": None if isinstance(outcome, Failure) else outcome.exited,
+                    "ok": not isinstance(outcome, Failure) and outcome.ok,
+                    "error": outcome.message if isinstance(outcome, Failure) else None,
                     "output": captured[node.name],
                 }
             )

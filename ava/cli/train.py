@@ -7,7 +7,9 @@ import os
 import shlex
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -15,6 +17,13 @@ from ava.cli import app, epilog, load_inventory, state
 from ava.cli.complete import complete_nodes, complete_recipes, complete_runs
 from ava.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, AvaError, UsageError
 from ava.units import format_duration
+
+if TYPE_CHECKING:
+    from ava.config import Inventory, Node, Recipe
+    from ava.placement import Placement
+    from ava.provision import PlanResult, Step
+    from ava.runs import RunRecord
+    from ava.supervisor import Outcome, Supervisor
 
 RUN_HELP = "A run id, or a prefix of exactly one (see `ava ps`)."
 
@@ -43,7 +52,7 @@ class TerminalSink:
         self.copy.write(f"{time.strftime('%H:%M:%S')} ava: {text}\n")
 
 
-def _recipe(source: str, overrides: list[str]):  # type: ignore[no-untyped-def]
+def _recipe(source: str, overrides: list[str]) -> tuple[Recipe, str]:
     """The recipe (local path or URL) with the text it was parsed from, kept in the run's record."""
     from dataclasses import replace
 
@@ -138,23 +147,7 @@ def train(
     if not detach:
         # Before the run exists: Ctrl-C during a long venv build leaves no run behind.
         provision_visibly(list(placement.nodes), recipe, inventory.path.resolve().parent)
-    # Environment values (secrets) stay out of record.json and recipe.toml: see runs.private_recipe.
-    record = runs.RunRecord(
-        id=run_id,
-        recipe=recipe.name,
-        source=recipe.source,
-        recipe_hash="",
-        raw=runs.env_names_only(recipe.raw),
-        inventory=str(inventory.path.resolve()),
-        nodes=placement.names,
-        overrides=runs.overrides_without_env_values(list(overrides)),
-        pool=only,
-    )
-    record.dir.mkdir(parents=True, exist_ok=True)
-    runs.private_recipe(record, recipe.raw, dict(recipe.env))
-    import hashlib
-
-    record.recipe_hash = hashlib.sha256(json.dumps(recipe.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    record = runs.create(run_id, recipe, inventory.path, placement.names, list(overrides), pool=only)
     snapshot_code(record, Path(recipe.root), leave_out=_recipe_file(recipe))
     record.save()
 
@@ -173,7 +166,7 @@ def train(
     return _supervise(supervisor, record, inventory.path.resolve(), stop_on_interrupt=stop_on_interrupt)
 
 
-def provision_visibly(nodes, recipe, base: Path):  # type: ignore[no-untyped-def]
+def provision_visibly(nodes: list[Node], recipe: Recipe | None, base: Path) -> dict[str, PlanResult | AvaError]:
     """Set the nodes up before the supervisor does, one line per step on stderr, so that a venv
     build (minutes) is never silent; the supervisor's own check then finds all in place. Errors
     are left for the supervisor to report as it always does."""
@@ -181,7 +174,7 @@ def provision_visibly(nodes, recipe, base: Path):  # type: ignore[no-untyped-def
 
     began: dict[tuple[str, str], float] = {}
 
-    def on_step(name: str, step, state: str) -> None:  # type: ignore[no-untyped-def]
+    def on_step(name: str, step: Step, state: str) -> None:
         key = (name, step.kind)
         try:
             if state == "start":
@@ -219,7 +212,7 @@ def _refuse_script(source: str) -> None:
     )
 
 
-def _recipe_file(recipe) -> str:  # type: ignore[no-untyped-def]
+def _recipe_file(recipe: Recipe) -> str:
     """The recipe file's path inside its root: left out of the code snapshot, as its [env] may hold secrets."""
     if "://" in recipe.source:
         name = recipe.source.rstrip("/").rsplit("/", 1)[-1]
@@ -227,14 +220,16 @@ def _recipe_file(recipe) -> str:  # type: ignore[no-untyped-def]
     return Path(recipe.source).resolve().relative_to(Path(recipe.root).resolve()).as_posix()
 
 
-def _recipe_for(record, recipe):  # type: ignore[no-untyped-def]
+def _recipe_for(record: RunRecord, recipe: Recipe) -> Recipe:
     from dataclasses import replace
 
     # Every attempt runs the code snapshot taken at launch, not whatever the directory holds later.
     return replace(recipe, root=str(record.dir / "code"))
 
 
-def _supervise(supervisor, record, inventory_path: Path, *, stop_on_interrupt: bool = False) -> int:  # type: ignore[no-untyped-def]
+def _supervise(
+    supervisor: Supervisor, record: RunRecord, inventory_path: Path, *, stop_on_interrupt: bool = False
+) -> int:
     from ava import console, runs
     from ava.supervisor import spawn_background
 
@@ -288,7 +283,7 @@ def _say(text: str) -> None:
         pass  # after SIGHUP the terminal may be gone
 
 
-def _summary(outcome, elapsed: float) -> None:  # type: ignore[no-untyped-def]
+def _summary(outcome: Outcome, elapsed: float) -> None:
     from ava import console
 
     record = outcome.record
@@ -316,7 +311,7 @@ def _summary(outcome, elapsed: float) -> None:  # type: ignore[no-untyped-def]
         console.err.print(f"     (full log: ava logs {record.id} --node {attempt.failed_node})")
 
 
-def _dry_run(recipe, placement, run_id: str, inventory_dir: Path, *, json_out: bool = False) -> int:  # type: ignore[no-untyped-def]
+def _dry_run(recipe: Recipe, placement: Placement, run_id: str, inventory_dir: Path, *, json_out: bool = False) -> int:
     from ava import console, provision, sync
     from ava.supervisor import plan_attempt
 
@@ -345,7 +340,9 @@ def _dry_run(recipe, placement, run_id: str, inventory_dir: Path, *, json_out: b
     for item in launches:
         console.out.print(f"# node {item.node.name} ({item.node.address})", highlight=False, markup=False)
         console.out.print("argv: " + shlex.join(item.argv), highlight=False, markup=False)
-        console.out.print("spec: " + json.dumps(item.spec.to_json(), indent=2, sort_keys=True), highlight=False, markup=False)
+        console.out.print(
+            "spec: " + json.dumps(item.spec.to_json(), indent=2, sort_keys=True), highlight=False, markup=False
+        )
     console.info(
         f"dry run: nothing started; code tree {manifest.tree} ({len(manifest.files)} files, {manifest.size} bytes)"
     )
@@ -402,7 +399,7 @@ def ps(
     return EXIT_OK
 
 
-def _show_run(record) -> None:  # type: ignore[no-untyped-def]
+def _show_run(record: RunRecord) -> None:
     """`key  value` lines for one run, then one line per attempt: whole values, any width."""
     from ava import console
 
@@ -432,7 +429,7 @@ def _show_run(record) -> None:  # type: ignore[no-untyped-def]
         console.table(["attempt", "state", "nodes", "took", "cause"], attempts)
 
 
-def _world(record) -> int:  # type: ignore[no-untyped-def]
+def _world(record: RunRecord) -> int:
     """The most ranks any attempt of the run had (nodes x procs per node), for checking --rank."""
     resources = record.raw.get("resources", {}) if isinstance(record.raw.get("resources"), dict) else {}
     gpus = resources.get("gpus_per_node", 0)
@@ -466,13 +463,9 @@ def logs(
     ),
 ) -> int:
     """The run's output, each line prefixed by node/rank; every attempt, in order."""
-    from collections import deque
-
-    from ava import attempt as ops
     from ava import console, runs
-    from ava.config import parse_duration
-    from ava.supervisor import RANK_LINE
-    from ava.transport import run_all
+    from ava.cli.logs import LogPrinter
+    from ava.units import parse_duration
 
     record = runs.resolve(run)
     names = sorted({n for a in record.attempts for n in a.nodes} | set(record.nodes))
@@ -484,24 +477,14 @@ def logs(
         raise UsageError(f"--tail {tail}: expected a number of lines, 0 or more")
     horizon = time.time() - parse_duration(since, source="--since", key="") if since else None
     inventory = load_inventory_for(record)
-    prefixer = console.Prefixer([f"{n}/00" for n in names], order=list(inventory.nodes))
+    printer = LogPrinter(
+        record.id,
+        console.Prefixer([f"{n}/00" for n in names], order=list(inventory.nodes)),
+        rank=rank,
+        tail=tail,
+        timestamps=timestamps,
+    )
     printed: set[int] = set()
-    failures = 0
-
-    def emit(name: str, text: str) -> None:
-        stamp, text = _stamped(text) if timestamps else ("", text)
-        match = RANK_LINE.match(text)
-        line_rank, body = (match.group(1), match.group(2)) if match else ("-", text)
-        if rank is None or line_rank == str(rank):
-            prefixer.line(f"{name}/{line_rank}", stamp + body, key=name)
-
-    def report(outcomes) -> None:  # type: ignore[no-untyped-def]
-        nonlocal failures
-        for name, outcome in outcomes.items():
-            if isinstance(outcome, AvaError):
-                failures += 1
-                console.warn(f"logs of {name} unavailable: {outcome.message}")
-
     while True:
         record = runs.load(record.id)
         latest = record.attempts[-1].number if record.attempts else 0
@@ -518,48 +501,7 @@ def logs(
             chosen = [inventory.nodes[n] for n in past.nodes if (node is None or n == node) and n in inventory.nodes]
             if len(record.attempts) > 1 and tail is None:
                 console.info(f"── attempt {past.number} on {', '.join(past.nodes)}")
-
-            if tail is None:
-
-                def read(n):  # type: ignore[no-untyped-def]
-                    return ops.follow_logs(
-                        n, record.id, past.number, lambda text: emit(n.name, text), follow=live, timestamps=timestamps
-                    )
-
-                report(run_all(chosen, read))
-            else:
-                kept: dict[str, deque[str]] = {n.name: deque(maxlen=tail) for n in chosen}
-
-                def keep(name: str, text: str) -> None:
-                    match = RANK_LINE.match(_stamped(text)[1] if timestamps else text)
-                    if rank is None or (match is not None and match.group(1) == str(rank)):
-                        kept[name].append(text)
-
-                def read_tail(n):  # type: ignore[no-untyped-def]
-                    return ops.follow_logs(
-                        n, record.id, past.number, lambda text: keep(n.name, text), follow=False, timestamps=timestamps
-                    )
-
-                offsets = run_all(chosen, read_tail)
-                report(offsets)
-                for n in chosen:
-                    for text in kept[n.name]:
-                        emit(n.name, text)
-                if live:
-                    ready = [n for n in chosen if isinstance(offsets.get(n.name), int)]
-
-                    def read_on(n):  # type: ignore[no-untyped-def]
-                        return ops.follow_logs(
-                            n,
-                            record.id,
-                            past.number,
-                            lambda text: emit(n.name, text),
-                            offset=offsets[n.name],
-                            follow=True,
-                            timestamps=timestamps,
-                        )
-
-                    report(run_all(ready, read_on))
+            printer.attempt(past, chosen, live=live)
             if past.cause:
                 console.info(f"── attempt {past.number} ended: {past.cause}")
             if past.state in ("starting", "running") and not live:
@@ -572,20 +514,10 @@ def logs(
             console.info(f"ava: {record.id} has no supervisor; `ava attach {record.id}` takes it over")
             break
         time.sleep(1.0)
-    return EXIT_INFRA if failures else EXIT_OK
+    return EXIT_INFRA if printer.failures else EXIT_OK
 
 
-def _stamped(text: str) -> tuple[str, str]:
-    """`<unix time> <line>` (agent logs --timestamps) as an RFC 3339 UTC prefix and the line."""
-    when, _, line = text.partition(" ")
-    try:
-        seconds = float(when)
-    except ValueError:
-        return "", text
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1000):03d}Z ", line
-
-
-def load_inventory_for(record):  # type: ignore[no-untyped-def]
+def load_inventory_for(record: RunRecord) -> Inventory:
     """The inventory given now, else the one the run was launched with."""
     from ava.cli import inventory_path
     from ava.config import load_inventory as load
@@ -621,7 +553,7 @@ def stop(
     return _stop_run(record, by="`ava stop`", json_out=json_out, asked=asked)
 
 
-def _stop_run(record, *, by: str, json_out: bool = False, asked: float | None = None) -> int:  # type: ignore[no-untyped-def]
+def _stop_run(record: RunRecord, *, by: str, json_out: bool = False, asked: float | None = None) -> int:
     """Stop the run on every node it used, wait for its supervisor to go, record it stopped."""
     from ava import runs
 
@@ -629,28 +561,17 @@ def _stop_run(record, *, by: str, json_out: bool = False, asked: float | None = 
     names = sorted({n for a in record.attempts for n in a.nodes} | set(record.nodes))
     chosen = [inventory.nodes[n] for n in names if n in inventory.nodes]
 
-    asked = time.time() if asked is None else asked
+    since = time.time() if asked is None else asked
 
     def settle() -> None:
         if record.supervisor_pid != os.getpid():
             _wait_supervisor_gone(record.id)
-        latest = runs.load(record.id)
-        current = latest.current()
-        # A stop that lands while an attempt is still launching can be recorded by the
-        # supervisor as a launch failure: a run that ended after the stop was asked for was
-        # stopped, whatever its supervisor made of the processes vanishing.
-        ended_by_stop = latest.state == "failed" and latest.ended is not None and latest.ended >= asked
-        if not latest.final or ended_by_stop:
-            if current is not None and (current.state in ("starting", "running") or ended_by_stop):
-                why = f"stopped by {by}" + (f" ({current.cause})" if ended_by_stop and current.cause else "")
-                current.state, current.ended, current.kind, current.cause = "stopped", time.time(), "stopped", why
-            latest.state, latest.ended, latest.exit_code = "stopped", time.time(), 1
-            latest.save()
+        runs.record_stopped(record.id, by=by, asked=since)
 
     return _stop_on(record.id, chosen, json_out=json_out, settle=settle)
 
 
-def _stop_on(run_id: str, chosen, *, json_out: bool, settle=None) -> int:  # type: ignore[no-untyped-def]
+def _stop_on(run_id: str, chosen: list[Node], *, json_out: bool, settle: Callable[[], None] | None = None) -> int:
     from ava import attempt as ops
     from ava import console
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -10,6 +11,9 @@ from ava.cli import app, epilog
 from ava.cli.complete import complete_runs
 from ava.errors import EXIT_JOB_FAILED, EXIT_OK, AvaError, UsageError
 from ava.units import format_duration
+
+if TYPE_CHECKING:
+    from ava.runs import RunRecord
 
 # A detached run's background supervisor records its pid a moment after `ava train --detach`
 # returns; only a run unsupervised for this long is taken as orphaned.
@@ -46,7 +50,7 @@ def wait(
     `ava train` was killed: `ava attach RUN` takes it over); the run is left as it is.
     """
     from ava import runs
-    from ava.config import parse_duration
+    from ava.units import parse_duration
 
     record = runs.resolve(run)
     limit = parse_duration(timeout, source="--timeout", key="") if timeout is not None else None
@@ -83,10 +87,11 @@ def wait(
     return _ended(record, json_out)
 
 
-def _supervised(record) -> bool:  # type: ignore[no-untyped-def]
+def _supervised(record: RunRecord) -> bool:
     from ava.cli.train import _alive
 
-    return bool(record.supervisor_pid) and _alive(record.supervisor_pid)
+    pid = record.supervisor_pid
+    return pid is not None and pid != 0 and _alive(pid)
 
 
 def _say(text: str) -> None:
@@ -95,7 +100,7 @@ def _say(text: str) -> None:
     console.info(text)
 
 
-def _ended(record, json_out: bool) -> int:  # type: ignore[no-untyped-def]
+def _ended(record: RunRecord, json_out: bool) -> int:
     from ava import console
 
     if json_out:
