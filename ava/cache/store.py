@@ -8,7 +8,7 @@ Layout under the cache directory::
     meta/<2 hex>/<url hash>.json              an object's size and ETag, and when they were checked
     usage                                     8-byte byte count of committed blocks (+ its flock)
     limit                                     the size limit last configured, for `status`
-    stats/<pid>.json                          per-process hit/miss counters
+    stats/<pid>.json                          per-process hit/miss counters (stats.py)
 
 The block files are the truth: `usage` is rebuilt from them whenever it is missing and corrected
 by every eviction pass, so no metadata is rewritten per miss. Standard library only.
@@ -16,7 +16,6 @@ by every eviction pass, so no metadata is rewritten per miss. Standard library o
 
 from __future__ import annotations
 
-import atexit
 import errno
 import fcntl
 import hashlib
@@ -29,11 +28,14 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from ava.cache.files import STALE_S, atomic_write, pid_alive, unlink
+from ava.cache.stats import counters_for, totals
 
 MAGIC = b"AVB1"
 _HEAD = struct.Struct("<4sI")  # magic, header JSON length
 _PEEK = 4096  # one read normally covers the whole header
-_STALE_TMP_S = 3600.0  # a tmp file this old is garbage even if its pid was reused
 _DEGRADED_S = 30.0  # after a cache write fails, read around the cache this long before retrying
 
 log = logging.getLogger("ava.cache")
@@ -121,7 +123,7 @@ def _header(obj: ObjectId, index: int, data: bytes) -> bytes:
     return _HEAD.pack(MAGIC, len(meta)) + meta
 
 
-def read_header(fd: int) -> tuple[dict, int]:
+def read_header(fd: int) -> tuple[dict[str, Any], int]:
     """(header fields, offset of the data) of an open block file; ValueError when malformed."""
     head = os.pread(fd, _PEEK, 0)
     if len(head) < _HEAD.size:
@@ -143,83 +145,11 @@ def verify_block_file(path: str) -> bool:
     try:
         meta, base = read_header(fd)
         data = os.pread(fd, meta["length"] + 1, base)
-        return len(data) == meta["length"] and zlib.crc32(data) == meta["crc32"]
+        return bool(len(data) == meta["length"] and zlib.crc32(data) == meta["crc32"])
     except (ValueError, KeyError, OSError):
         return False
     finally:
         os.close(fd)
-
-
-class _Stats:
-    """Per-process hit/miss counters, flushed to stats/<pid>.json at most once a second.
-
-    One per cache directory per process (see `_stats_for`), so two filesystem instances on the
-    same directory do not overwrite each other's file.
-    """
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.hits = self.misses = self.fetched = 0
-        self._flushed = 0.0
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-
-    def add(self, hits: int = 0, misses: int = 0, fetched: int = 0) -> None:
-        with self._lock:
-            if os.getpid() != self._pid:  # forked: the parent's counts are the parent's
-                self.hits = self.misses = self.fetched = 0
-                self._pid = os.getpid()
-            self.hits += hits
-            self.misses += misses
-            self.fetched += fetched
-            due = time.monotonic() - self._flushed > 1.0
-        if due:
-            self.flush()
-
-    def flush(self) -> None:
-        self._flushed = time.monotonic()
-        if not (self.hits or self.misses):
-            return
-        path = os.path.join(self.directory, f"{self._pid}.json")
-        try:
-            if not os.path.isdir(self.directory):
-                os.mkdir(self.directory)  # never re-creates a cache directory removed meanwhile
-            _atomic_write(
-                path, json.dumps({"hits": self.hits, "misses": self.misses, "fetched_bytes": self.fetched}).encode()
-            )
-        except OSError:
-            pass  # counters are advisory; a full disk must not fail a read
-
-
-_all_stats: dict[str, _Stats] = {}
-_stats_lock = threading.Lock()
-
-
-def _stats_for(directory: str) -> _Stats:
-    with _stats_lock:
-        if directory not in _all_stats:
-            if not _all_stats:
-                atexit.register(lambda: [st.flush() for st in list(_all_stats.values())])
-            _all_stats[directory] = _Stats(directory)
-        return _all_stats[directory]
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _remove_stale_lock(path: str) -> None:
@@ -230,21 +160,11 @@ def _remove_stale_lock(path: str) -> None:
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        _unlink(path)  # waiters that opened it re-check the inode and make a new one
+        unlink(path)  # waiters that opened it re-check the inode and make a new one
     except OSError:
         pass
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class BlockStore:
@@ -259,7 +179,7 @@ class BlockStore:
         self.high, self.low, self.fsync = high, low, fsync
         self.blocks_dir = os.path.join(root, "blocks")
         self.meta_dir = os.path.join(root, "meta")
-        self.stats = _stats_for(os.path.join(root, "stats"))
+        self.stats = counters_for(os.path.join(root, "stats"))
         self._usage_fd = -1
         self._pid = -1
         self._mutex = threading.Lock()  # flock is per open file; threads share the usage fd
@@ -271,7 +191,7 @@ class BlockStore:
         key = obj.key
         return os.path.join(self.blocks_dir, key[:2], f"{key}-{index}.blk")
 
-    def iter_block_files(self) -> Iterator[os.DirEntry]:
+    def iter_block_files(self) -> Iterator[os.DirEntry[str]]:
         """Every committed block file (stale tmp and lock files are skipped, not removed)."""
         try:
             shards = list(os.scandir(self.blocks_dir))
@@ -353,7 +273,7 @@ class BlockStore:
                 return Block(index, len(data), data=data)
             return Block(index, len(data), data=data)  # the bytes just written, no re-read
         finally:
-            _unlink(path + ".lock")  # while still holding it: waiters then re-check the inode
+            unlink(path + ".lock")  # while still holding it: waiters then re-check the inode
             os.close(lock)
 
     def _fetch_to_memory(self, obj: ObjectId, index: int, fetch: Callable[[int, int], bytes]) -> Block:
@@ -410,7 +330,7 @@ class BlockStore:
                     return
         except OSError:
             pass
-        _atomic_write(path, str(self.size_limit).encode())
+        atomic_write(path, str(self.size_limit).encode())
 
     def _locked_usage(self) -> _UsageLock:
         return _UsageLock(self)
@@ -440,7 +360,7 @@ class BlockStore:
                 if self.size_limit is not None and usage.value > self.high * self.size_limit:
                     usage.value = self._evict_locked(int(self.low * self.size_limit))
         except BaseException:
-            _unlink(tmp)
+            unlink(tmp)
             raise
 
     # -- eviction ------------------------------------------------------------------------------
@@ -464,9 +384,9 @@ class BlockStore:
                 total += st.st_size
             elif ".blk.tmp." in name:
                 pid = name.rsplit(".", 2)[-2]
-                if (pid.isdigit() and not _pid_alive(int(pid))) or now - st.st_mtime > _STALE_TMP_S:
-                    _unlink(entry.path)
-            elif name.endswith(".blk.lock") and now - st.st_mtime > _STALE_TMP_S:
+                if (pid.isdigit() and not pid_alive(int(pid))) or now - st.st_mtime > STALE_S:
+                    unlink(entry.path)
+            elif name.endswith(".blk.lock") and now - st.st_mtime > STALE_S:
                 _remove_stale_lock(entry.path)
         if total <= target:
             return total
@@ -478,7 +398,7 @@ class BlockStore:
                 total -= size
         return total
 
-    def _scan_all(self) -> Iterator[os.DirEntry]:
+    def _scan_all(self) -> Iterator[os.DirEntry[str]]:
         try:
             shards = list(os.scandir(self.blocks_dir))
         except FileNotFoundError:
@@ -531,7 +451,7 @@ class BlockStore:
                 return True
         return False
 
-    def clear(self) -> dict:
+    def clear(self) -> dict[str, int]:
         """Remove every block, object record and counter; returns what was freed."""
         freed = blocks = 0
         with self._locked_usage() as usage:
@@ -548,7 +468,7 @@ class BlockStore:
         for sub in (self.meta_dir, self.stats.directory):
             for dirpath, _dirs, files in os.walk(sub, topdown=False):
                 for name in files:
-                    _unlink(os.path.join(dirpath, name))
+                    unlink(os.path.join(dirpath, name))
         return {"freed_bytes": freed, "blocks": blocks}
 
     # -- object records ------------------------------------------------------------------------
@@ -556,7 +476,7 @@ class BlockStore:
         h = hashlib.sha256(url.encode()).hexdigest()[:40]
         return os.path.join(self.meta_dir, h[:2], h + ".json")
 
-    def load_object(self, url: str) -> dict | None:
+    def load_object(self, url: str) -> dict[str, Any] | None:
         try:
             with open(self._meta_path(url), "rb") as f:
                 rec = json.loads(f.read())
@@ -568,15 +488,15 @@ class BlockStore:
         path = self._meta_path(url)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            _atomic_write(path, json.dumps({"url": url, "size": size, "etag": etag, "checked": time.time()}).encode())
+            atomic_write(path, json.dumps({"url": url, "size": size, "etag": etag, "checked": time.time()}).encode())
         except OSError:
             pass  # only a HEAD saved; never fail a read over it
 
     def forget_object(self, url: str) -> None:
-        _unlink(self._meta_path(url))
+        unlink(self._meta_path(url))
 
     # -- reporting -----------------------------------------------------------------------------
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         """Bytes and blocks on disk (scanned), summed hit/miss counters, the size limit."""
         self.stats.flush()
         total = blocks = 0
@@ -586,23 +506,7 @@ class BlockStore:
                 blocks += 1
             except FileNotFoundError:
                 continue
-        self._compact_stats()
-        hits = misses = fetched = 0
-        try:
-            names = os.listdir(self.stats.directory)
-        except OSError:
-            names = []
-        for name in names:
-            if not name.endswith(".json"):
-                continue
-            try:
-                with open(os.path.join(self.stats.directory, name), "rb") as f:
-                    rec = json.loads(f.read())
-                hits += int(rec.get("hits", 0))
-                misses += int(rec.get("misses", 0))
-                fetched += int(rec.get("fetched_bytes", 0))
-            except (OSError, ValueError):
-                continue
+        counts = totals(self.stats.directory, self._locked_usage)
         limit = None
         try:
             with open(os.path.join(self.root, "limit"), "rb") as f:
@@ -613,50 +517,9 @@ class BlockStore:
             "dir": self.root,
             "bytes": total,
             "blocks": blocks,
-            "hits": hits,
-            "misses": misses,
-            "fetched_bytes": fetched,
+            **counts,
             "size_limit": limit,
         }
-
-    def _compact_stats(self) -> None:
-        """Fold counter files of long-gone processes into stats/archive.json."""
-        d = self.stats.directory
-        try:
-            names = [n for n in os.listdir(d) if n[:-5].isdigit() and n.endswith(".json")]
-        except OSError:
-            return
-        now = time.time()
-        stale = []
-        for name in names:
-            path = os.path.join(d, name)
-            try:
-                if now - os.stat(path).st_mtime > _STALE_TMP_S and not _pid_alive(int(name[:-5])):
-                    stale.append(path)
-            except OSError:
-                continue
-        if not stale:
-            return
-        try:
-            with self._locked_usage():  # one compactor at a time
-                archive = os.path.join(d, "archive.json")
-                try:
-                    with open(archive, "rb") as f:
-                        total = json.loads(f.read())
-                except (OSError, ValueError):
-                    total = {}
-                for path in stale:
-                    try:
-                        with open(path, "rb") as f:
-                            rec = json.loads(f.read())
-                    except (OSError, ValueError):
-                        continue
-                    for key in ("hits", "misses", "fetched_bytes"):
-                        total[key] = int(total.get(key, 0)) + int(rec.get(key, 0))
-                    _atomic_write(archive, json.dumps(total).encode())
-                    _unlink(path)
-        except OSError:
-            pass
 
 
 class _UsageLock:
