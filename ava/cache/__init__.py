@@ -7,7 +7,7 @@ not installed (no entry point there); where ava is installed the `fsspec.specs` 
 does the same. Standard library and fsspec only.
 """
 
-import fsspec
+import fsspec  # type: ignore[import-untyped]  # fsspec has no type hints
 
 from ava.cache.fs import AvaCacheFile, AvaCacheFileSystem, ObjectChanged
 from ava.cache.settings import CacheSettings, job_env, parse_size

@@ -14,8 +14,8 @@ import os
 import sys
 from typing import Any
 
-import fsspec
-from fsspec.core import split_protocol
+import fsspec  # type: ignore[import-untyped]  # fsspec has no type hints
+from fsspec.core import split_protocol  # type: ignore[import-untyped]
 
 from ava.cache.fs import AvaCacheFileSystem
 from ava.cache.settings import parse_size
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.dir = os.path.abspath(os.path.expanduser(args.dir))
     try:
-        return args.func(args)
+        return int(args.func(args))
     except (OSError, ValueError) as e:
         _emit({"error": f"{type(e).__name__}: {e}"})
         return 1

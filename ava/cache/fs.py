@@ -22,10 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import fsspec
-from fsspec.core import split_protocol
-from fsspec.implementations.chained import ChainedFileSystem
-from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
+# fsspec ships neither type hints nor stubs: its imports are unchecked, its classes Any.
+import fsspec  # type: ignore[import-untyped]
+from fsspec.core import split_protocol  # type: ignore[import-untyped]
+from fsspec.implementations.chained import ChainedFileSystem  # type: ignore[import-untyped]
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem  # type: ignore[import-untyped]
 
 from ava.cache.settings import CacheSettings
 from ava.cache.store import Block, BlockStore, ObjectId
@@ -53,10 +54,10 @@ class ObjectChanged(OSError):
 
 def _protocol_of(fs: AbstractFileSystem) -> str:
     proto = fs.protocol
-    return proto[0] if isinstance(proto, (tuple, list)) else proto
+    return str(proto[0] if isinstance(proto, (tuple, list)) else proto)
 
 
-def _tag_of(info: dict) -> str:
+def _tag_of(info: dict[str, Any]) -> str:
     """What identifies one version of an object: ETag, else version id, else mtime and size."""
     for key in ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash"):
         if info.get(key):
@@ -71,7 +72,7 @@ def _range_fetcher(fs: AbstractFileSystem, inner: str, etag: str) -> Callable[[i
     """fetch(start, end) for one object version. On S3 the GET carries If-Match: ETag, so a
     block can never mix bytes of two versions; elsewhere it is a plain ranged cat_file."""
     if _protocol_of(fs) == "s3" and hasattr(fs, "_call_s3") and hasattr(fs, "split_path"):
-        from fsspec.asyn import sync
+        from fsspec.asyn import sync  # type: ignore[import-untyped]
 
         bucket, key, version = fs.split_path(inner)
         extra: dict[str, Any] = {"IfMatch": etag} if etag.startswith('"') else {}
@@ -81,13 +82,15 @@ def _range_fetcher(fs: AbstractFileSystem, inner: str, etag: str) -> Callable[[i
         async def _get(start: int, end: int) -> bytes:
             resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **extra)
             try:
-                return await resp["Body"].read()
+                body: bytes = await resp["Body"].read()
+                return body
             finally:
                 resp["Body"].close()
 
         def fetch_s3(start: int, end: int) -> bytes:
             try:
-                return sync(fs.loop, _get, start, end)
+                data: bytes = sync(fs.loop, _get, start, end)
+                return data
             except OSError as e:
                 if "pre-condition" in str(e).lower() or "precondition" in str(e).lower():
                     raise ObjectChanged(errno.ESTALE, f"{inner} changed while open") from e
@@ -122,7 +125,7 @@ def _with_retries(fetch: Callable[[int, int], bytes], url: str, attempts: int) -
     return fetch_checked
 
 
-class AvaCacheFileSystem(ChainedFileSystem):
+class AvaCacheFileSystem(ChainedFileSystem):  # type: ignore[misc]
     """fsspec filesystem `avacache`: read remote objects through the node-local block cache.
 
     Settings (keyword, else FSSPEC_AVACACHE_<KWARG>, else AVA_CACHE_<NAME>, else default):
@@ -137,7 +140,7 @@ class AvaCacheFileSystem(ChainedFileSystem):
     def __init__(
         self,
         target_protocol: str | None = None,
-        target_options: dict | None = None,
+        target_options: dict[str, Any] | None = None,
         fs: AbstractFileSystem | None = None,
         cache_dir: str | None = None,
         cache_size: int | str | None = None,
@@ -237,7 +240,7 @@ class AvaCacheFileSystem(ChainedFileSystem):
         mode: str = "rb",
         block_size: Any = None,
         autocommit: bool = True,
-        cache_options: dict | None = None,
+        cache_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
         if "r" not in mode or "+" in mode:
@@ -246,13 +249,15 @@ class AvaCacheFileSystem(ChainedFileSystem):
         obj, fs, inner = self.object_id(path)
         return AvaCacheFile(self, path, obj, fs, inner)
 
-    def info(self, path: str, **kwargs: Any) -> dict:
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         fs, inner, _url = self._resolve(path)
-        return fs.info(inner, **kwargs)
+        found: dict[str, Any] = fs.info(inner, **kwargs)
+        return found
 
-    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list:
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         fs, inner, _url = self._resolve(path)
-        return fs.ls(inner, detail=detail, **kwargs)
+        found: list[Any] = fs.ls(inner, detail=detail, **kwargs)
+        return found
 
     def warm(self, path: str, on_progress: Callable[[int, int], None] | None = None) -> int:
         """Fetch every block of one object into the cache; returns its size."""
@@ -276,10 +281,11 @@ class AvaCacheFileSystem(ChainedFileSystem):
         return obj.size
 
 
-class AvaCacheFile(AbstractBufferedFile):
+class AvaCacheFile(AbstractBufferedFile):  # type: ignore[misc]
     """A read-only file whose bytes come from cache blocks; see the module docstring."""
 
     _KEEP_OPEN = 4  # block files kept open (and pinned) per file
+    loc: int  # the file position, kept by AbstractBufferedFile
 
     def __init__(
         self, cfs: AvaCacheFileSystem, path: str, obj: ObjectId, remote: AbstractFileSystem, inner: str
@@ -299,7 +305,7 @@ class AvaCacheFile(AbstractBufferedFile):
 
         self._fetch = fetch_or_forget
         self._blocks: OrderedDict[int, Block] = OrderedDict()
-        self._ahead: dict[int, Future | None] = {}  # readahead done by this file, never twice
+        self._ahead: dict[int, Future[None] | None] = {}  # readahead done by this file, never twice
         self._last_end = -1
         self._ahead_upto = 0  # readahead has been considered for every block below this
 
@@ -384,7 +390,7 @@ class AvaCacheFile(AbstractBufferedFile):
         bs = self.obj.block_size
         first, last = start // bs, (end - 1) // bs
         self._window(start, end, last)
-        pending: dict[int, Future] = {}
+        pending: dict[int, Future[Block]] = {}
         if last > first:  # a read spanning blocks fetches the missing ones concurrently
             for i in range(first + 1, last + 1):
                 if i not in self._blocks:
@@ -480,7 +486,7 @@ def new_bytes(n: int) -> tuple[bytes, memoryview]:
     return ba, memoryview(ba)  # type: ignore[return-value]
 
 
-def _discard(fut: Future) -> None:
+def _discard(fut: Future[Block]) -> None:
     """Drop a block future nobody will read: close its block (and unpin it) once it is done."""
     if not fut.cancel():
         fut.add_done_callback(lambda f: f.result().close() if not f.cancelled() and f.exception() is None else None)
