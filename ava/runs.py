@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ava.agent.protocol import FAILED, FINAL, RUNNING, STARTING, STOPPED, STOPPED_KIND, FailureKind, State
 from ava.errors import UsageError
 
 if TYPE_CHECKING:
     from ava.config import Recipe
 
-FINAL_STATES = ("succeeded", "failed", "stopped")
+FINAL_STATES = FINAL  # the states a run or an attempt ends in (ava.agent.protocol)
 
 
 def home() -> Path:
@@ -44,10 +45,10 @@ class Attempt:
     nodes: list[str]
     started: float
     ended: float | None = None
-    state: str = "starting"  # starting | running | succeeded | failed | stopped
+    state: State = STARTING
     # Why it ended, in words a person reads: "rank 3 on n2 exited 1", "node n2 lost", ...
     cause: str | None = None
-    kind: str | None = None  # exit | crash | node-lost | hang | oom | stopped | launch
+    kind: FailureKind | None = None
     exit_code: int | None = None
     failed_node: str | None = None
     failed_rank: int | None = None
@@ -66,7 +67,7 @@ class RunRecord:
     raw: dict[str, Any]
     inventory: str
     nodes: list[str]
-    state: str = "starting"
+    state: State = STARTING
     started: float = field(default_factory=time.time)
     ended: float | None = None
     exit_code: int | None = None
@@ -162,13 +163,13 @@ def record_stopped(run_id: str, *, by: str, asked: float) -> RunRecord:
     as it ended."""
     latest = load(run_id)
     current = latest.current()
-    ended_by_stop = latest.state == "failed" and latest.ended is not None and latest.ended >= asked
+    ended_by_stop = latest.state == FAILED and latest.ended is not None and latest.ended >= asked
     if latest.final and not ended_by_stop:
         return latest
-    if current is not None and (current.state in ("starting", "running") or ended_by_stop):
+    if current is not None and (current.state in (STARTING, RUNNING) or ended_by_stop):
         why = f"stopped by {by}" + (f" ({current.cause})" if ended_by_stop and current.cause else "")
-        current.state, current.ended, current.kind, current.cause = "stopped", time.time(), "stopped", why
-    latest.state, latest.ended, latest.exit_code = "stopped", time.time(), 1
+        current.state, current.ended, current.kind, current.cause = STOPPED, time.time(), STOPPED_KIND, why
+    latest.state, latest.ended, latest.exit_code = STOPPED, time.time(), 1
     latest.save()
     return latest
 

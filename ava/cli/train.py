@@ -285,6 +285,7 @@ def _say(text: str) -> None:
 
 def _summary(outcome: Outcome, elapsed: float) -> None:
     from ava import console
+    from ava.agent.protocol import FAILED
 
     record = outcome.record
     attempt = record.current()
@@ -298,7 +299,7 @@ def _summary(outcome: Outcome, elapsed: float) -> None:
             f"  attempt {past.number} on {', '.join(past.nodes)}: {past.state}"
             + (f" - {past.cause}" if past.cause else "")
         )
-    if record.state == "failed" and attempt is not None and attempt.failed_node:
+    if record.state == FAILED and attempt is not None and attempt.failed_node:
         where = (
             f"{attempt.failed_node} rank {attempt.failed_rank}"
             if attempt.failed_rank is not None
@@ -464,6 +465,7 @@ def logs(
 ) -> int:
     """The run's output, each line prefixed by node/rank; every attempt, in order."""
     from ava import console, runs
+    from ava.agent.protocol import RUNNING, STARTING
     from ava.cli.logs import LogPrinter
     from ava.units import parse_duration
 
@@ -497,14 +499,14 @@ def logs(
             if skipped:
                 printed.add(past.number)
                 continue
-            live = follow and past.state in ("starting", "running") and not record.final
+            live = follow and past.state in (STARTING, RUNNING) and not record.final
             chosen = [inventory.nodes[n] for n in past.nodes if (node is None or n == node) and n in inventory.nodes]
             if len(record.attempts) > 1 and tail is None:
                 console.info(f"── attempt {past.number} on {', '.join(past.nodes)}")
             printer.attempt(past, chosen, live=live)
             if past.cause:
                 console.info(f"── attempt {past.number} ended: {past.cause}")
-            if past.state in ("starting", "running") and not live:
+            if past.state in (STARTING, RUNNING) and not live:
                 continue
             printed.add(past.number)
         if not follow or record.final:

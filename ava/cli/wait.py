@@ -102,11 +102,12 @@ def _say(text: str) -> None:
 
 def _ended(record: RunRecord, json_out: bool) -> int:
     from ava import console
+    from ava.agent.protocol import SUCCEEDED
 
     if json_out:
         console.print_json(record.summary())
     took = format_duration((record.ended or time.time()) - record.started)
     last = record.current()
-    cause = f": {last.cause}" if record.state != "succeeded" and last is not None and last.cause else ""
+    cause = f": {last.cause}" if record.state != SUCCEEDED and last is not None and last.cause else ""
     _say(f"ava: run {record.id} {record.state} after {took}{cause}")
-    return EXIT_OK if record.state == "succeeded" else EXIT_JOB_FAILED
+    return EXIT_OK if record.state == SUCCEEDED else EXIT_JOB_FAILED
