@@ -171,16 +171,19 @@ class Bench:
 
     # -- ava nodes ------------------------------------------------------------------------------
 
-    def nodes_once(self, size: int) -> tuple[float, float]:
-        """Wall and CPU seconds of one `ava nodes --json` (CPU: the only child reaped meanwhile)."""
+    def nodes_once(self, size: int) -> tuple[float, float, float]:
+        """Wall and CPU seconds of one `ava nodes --json` (CPU: the only child reaped meanwhile),
+        and the CPU seconds its commands took on the nodes (on this machine's same cores)."""
+        nodes_before = namespace_cpu(self.cluster, size)
         cpu_before, started = children_cpu(), time.perf_counter()
         done = subprocess.run(
             self.ava(size, "nodes", "--json"), capture_output=True, text=True, env=self.env(), cwd=REPO, timeout=180
         )
         elapsed, cpu = time.perf_counter() - started, children_cpu() - cpu_before
+        nodes = namespace_delta(nodes_before, namespace_cpu(self.cluster, size))
         if done.returncode != 0:
             raise SystemExit(f"ava nodes on {size} nodes exited {done.returncode}: {done.stderr.strip()[-500:]}")
-        return elapsed, cpu
+        return elapsed, cpu, nodes
 
     def check_nodes(self, size: int) -> None:
         done = subprocess.run(
@@ -288,11 +291,13 @@ def report(
     size: int,
     nodes_times: dict[int, list[float]],
     nodes_cpu: dict[int, list[float]],
+    nodes_remote: dict[int, list[float]],
     supervised: dict[int, Supervision],
     up: float,
 ) -> None:
     one, many = nodes_times[1], nodes_times[size]
     cpu_one, cpu_many = median(nodes_cpu[1]), median(nodes_cpu[size])
+    remote_one, remote_many = median(nodes_remote[1]), median(nodes_remote[size])
     rows = [
         [
             "ava nodes --json (s)",
@@ -309,6 +314,14 @@ def report(
             ratio(cpu_many, cpu_one),
             "",
             "user + system of the ava process (medians)",
+        ],
+        [
+            "ava nodes --json: nodes' CPU (s)",
+            seconds(remote_one),
+            seconds(remote_many),
+            ratio(remote_many, remote_one),
+            "",
+            "its commands on the nodes (sshd, facts), on this machine's same cores",
         ],
     ]
     small, big = supervised.get(1), supervised.get(size)
@@ -332,7 +345,7 @@ def report(
         "train: every node up (s)",
         lambda s: s.started,
         seconds,
-        "first launch on each node (provision, sync); n1 warm at 32",
+        f"first launch on each node (provision, sync); n1 warm at {size}",
     )
     pair(
         "supervision: ava CPU s per s",
@@ -381,11 +394,13 @@ def main() -> int:
                 bench.check_nodes(n)  # untimed: first connections, known hosts, facts cache
             nodes_times: dict[int, list[float]] = {n: [] for n in sizes}
             nodes_cpu: dict[int, list[float]] = {n: [] for n in sizes}
+            nodes_remote: dict[int, list[float]] = {n: [] for n in sizes}
             for number in range(options.runs):
                 for n in sizes if number % 2 == 0 else reversed(sizes):
-                    wall, cpu = bench.nodes_once(n)
+                    wall, cpu, remote = bench.nodes_once(n)
                     nodes_times[n].append(wall)
                     nodes_cpu[n].append(cpu)
+                    nodes_remote[n].append(remote)
             print(
                 f"  ava nodes --json: 1 node {spread(nodes_times[1])} s; {size} nodes {spread(nodes_times[size])} s",
                 flush=True,
@@ -405,7 +420,7 @@ def main() -> int:
                         f" (load average {os.getloadavg()[0]:.1f})",
                         flush=True,
                     )
-    report(size, nodes_times, nodes_cpu, supervised, up)
+    report(size, nodes_times, nodes_cpu, nodes_remote, supervised, up)
     print(f"\n(wall time of this benchmark: {time.monotonic() - began:.0f} s)")
     return 0
 
