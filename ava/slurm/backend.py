@@ -82,6 +82,13 @@ def look(login: Node, paths: Paths, attempt: int, job: str, offsets: dict[str, i
     return data
 
 
+def output_tail(login: Node, paths: Paths, job: str, lines: int = 15) -> str:
+    """The last lines of the job's own output (srun's and the batch shell's messages)."""
+    path = paths.output.replace("%j", job)
+    result = connect(login).run(f"tail -n {int(lines)} {shell_path(path)}", timeout=30)
+    return result.stdout.rstrip() if result.ok else ""
+
+
 def queued(login: Node, job: str) -> bool:
     """Whether squeue still lists the job (pending, running or completing)."""
     result = connect(login).run(f"squeue -h -j {shlex.quote(job)} -o %T", timeout=30)

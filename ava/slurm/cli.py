@@ -166,3 +166,13 @@ def _state(entry: dict[str, Any]) -> str:
     state = entry.get("state")
     words = [state] if isinstance(state, str) else list(state or [])
     return "+".join(str(w).lower() for w in [*words, *entry.get("flags", [])]) or "-"
+
+
+def stop_recorded(record: runs.RunRecord, inventory: Inventory, *, json_out: bool) -> int:
+    """`ava stop` of a run recorded as a Slurm run, through its inventory's [slurm] table."""
+    from ava.slurm.inventory import load
+
+    settings = load(inventory)
+    if settings is None:
+        raise UsageError(f"run {record.id} ran on Slurm, but {inventory.path} has no [slurm] table any more")
+    return stop(record, inventory, settings, json_out=json_out)

@@ -205,6 +205,10 @@ class SlurmSupervisor:
             if verdict.outcome == "stopped":
                 return self._finish("stopped", 1)
             self.sink.event(f"attempt {number} failed: {verdict.cause}")
+            if verdict.kind == "launch" and (tail := backend.output_tail(self.login, self.paths, job)):
+                self.sink.event(
+                    f"the end of Slurm job {job}'s output ({self.paths.output.replace('%j', job)}):\n{tail}"
+                )
             if verdict.lost:
                 exclude += [n for n in verdict.lost if n not in exclude]
                 self.record.lost_nodes = list(exclude)

@@ -1,0 +1,228 @@
+"""The Slurm back-end against a real Slurm (tests/support/slurm.py): slurmctld, one slurmd per
+test node in its namespaces, munge; n1 is the login node, reached over SSH like any other.
+No mock of sbatch, squeue, scancel or sinfo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, processes_of, run_ava
+from tests.support import slurm as slurm_support
+from tests.support.slurm import SlurmCluster
+
+slurm_cluster = slurm_support.slurm_cluster  # the module's fixture: a 3-node cluster with Slurm
+
+DDP = REPO / "recipes" / "ddp-minimal"
+STEPS = REPO / "tests" / "data" / "recipes" / "steps"
+
+
+@pytest.fixture()
+def home(tmp_path: Path) -> dict[str, str]:
+    return {"AVA_HOME": str(tmp_path / "home")}
+
+
+class LiveRun:
+    """`ava train` in the background, its lines collected as they arrive."""
+
+    def __init__(self, args: list[str], inventory: Path, home: dict[str, str]) -> None:
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ava", "--inventory", str(inventory), *args],
+            cwd=REPO,
+            env={**os.environ, **home, "COLUMNS": "200"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_line(self, pattern: str, timeout: float = 180.0) -> str:
+        deadline, regex = time.monotonic() + timeout, re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if regex.search(line):
+                    return line
+            if self.process.poll() is not None:
+                self._reader.join(2)
+                if not any(regex.search(line) for line in self.lines):
+                    break
+            time.sleep(0.1)
+        raise AssertionError(f"no line matching {pattern!r}:\n" + self.text()[-3000:])
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def finish(self, timeout: float = 300.0) -> int:
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def ps(home: dict[str, str]) -> list[dict]:  # type: ignore[type-arg]
+    listed = run_ava("ps", "--json", env=home)
+    assert listed.returncode == 0, listed.stderr
+    return list(json.loads(listed.stdout))
+
+
+def jobs_of(home: dict[str, str], run_id: str) -> list[str]:
+    state = json.loads((Path(home["AVA_HOME"]) / "runs" / run_id / "slurm.json").read_text())
+    return [str(j["job"]) for j in state["jobs"]]
+
+
+def run_id_in(text: str) -> str:
+    match = re.search(r"ava: run (\S+) on Slurm", text)
+    assert match, text[-2000:]
+    return match.group(1)
+
+
+def final_sha(text: str) -> str:
+    match = re.search(r"final step \d+ sha256 ([0-9a-f]{64})", text)
+    assert match, text[-3000:]
+    return match.group(1)
+
+
+def accounted(slurm: SlurmCluster, job: str) -> str:
+    """The job's final state as Slurm's accounting has it: sacct where slurmdbd runs, else the
+    jobcomp record and scontrol (what this Slurm keeps without a database)."""
+    if slurm.accounting:
+        out = slurm.sh("sacct", "-n", "-P", "-X", "-j", job, "-o", "State").stdout.split()
+        return out[0] if out else ""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and f"JobId={job} " not in slurm.completed():
+        time.sleep(0.5)
+    line = next((l for l in slurm.completed().splitlines() if l.startswith(f"JobId={job} ")), "")
+    found = re.search(r"JobState=(\S+)", line)
+    return found.group(1) if found else ""
+
+
+def test_ddp_minimal_on_two_of_three_slurm_nodes(slurm_cluster: SlurmCluster, home: dict[str, str]) -> None:
+    inventory = slurm_cluster.inventory()
+    done = run_ava("train", str(DDP), "--set", "resources.nodes=2", inventory=inventory, env=home, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = re.findall(r"^(n\d)/(\d+)\s*\| rank (\d+) world_size (\d+)$", done.stdout, re.M)
+    procs = 2  # the recipe's procs_per_node
+    assert sorted(int(r[2]) for r in ranks) == list(range(2 * procs)), done.stdout[-3000:]
+    assert {r[3] for r in ranks} == {str(2 * procs)}  # every rank sees the world of both nodes
+    assert len({r[0] for r in ranks}) == 2
+    run_id = run_id_in(done.stderr)
+    (record,) = ps(home)
+    assert record["id"] == run_id and record["state"] == "succeeded"
+    assert len(record["nodes"]) == 2 and len(record["attempts"]) == 1
+    (job,) = jobs_of(home, run_id)
+    assert accounted(slurm_cluster, job) == "COMPLETED"
+    assert processes_of(run_id) == []
+
+
+def test_the_same_recipe_file_runs_unchanged_on_ssh_and_on_slurm(
+    slurm_cluster: SlurmCluster, home: dict[str, str]
+) -> None:
+    recipe = DDP / "recipe.toml"
+    before = hashlib.sha256(recipe.read_bytes()).hexdigest()
+    on_ssh = run_ava("train", str(DDP), inventory=slurm_cluster.cluster.inventory(["n2"]), env=home, timeout=300)
+    assert on_ssh.returncode == 0, on_ssh.stdout[-2000:] + on_ssh.stderr[-2000:]
+    on_slurm = run_ava("train", str(DDP), inventory=slurm_cluster.inventory(), env=home, timeout=300)
+    assert on_slurm.returncode == 0, on_slurm.stdout[-2000:] + on_slurm.stderr[-2000:]
+    for out in (on_ssh.stdout, on_slurm.stdout):
+        assert sorted(re.findall(r"\| rank (\d) world_size 2$", out, re.M)) == ["0", "1"], out[-2000:]
+    assert hashlib.sha256(recipe.read_bytes()).hexdigest() == before
+    assert [r["state"] for r in ps(home)] == ["succeeded", "succeeded"]
+
+
+def test_nodes_shows_the_partitions_nodes_from_sinfo(slurm_cluster: SlurmCluster) -> None:
+    shown = run_ava("nodes", "--json", inventory=slurm_cluster.inventory())
+    assert shown.returncode == 0, shown.stderr
+    nodes = json.loads(shown.stdout)
+    assert sorted(n["name"] for n in nodes) == ["n1", "n2", "n3"]
+    assert all(n["partitions"] == [slurm_cluster.partition] and n["version"] == 1 for n in nodes)
+
+
+def test_dry_run_prints_the_whole_batch_script_and_submits_nothing(slurm_cluster: SlurmCluster) -> None:
+    shown = run_ava("train", str(DDP), "--dry-run", "--set", "resources.nodes=2", inventory=slurm_cluster.inventory())
+    assert shown.returncode == 0, shown.stderr
+    assert "#SBATCH --nodes=2\n" in shown.stdout and "exec srun " in shown.stdout
+    assert slurm_cluster.sh("squeue", "-h").stdout.strip() == ""
+
+
+def test_stop_cancels_the_job_and_leaves_no_process(slurm_cluster: SlurmCluster, home: dict[str, str]) -> None:
+    inventory = slurm_cluster.inventory()
+    args = ["--set", "resources.nodes=2", "--set", 'run.args=["--steps", "600", "--step-time", "0.2"]']
+    args += ["--set", f"checkpoint.dir={slurm_cluster.shared}/ckpt/{{run}}"]
+    run = LiveRun(["train", str(STEPS), *args], inventory, home)
+    try:
+        run.wait_line(r"\| step 3$")
+        run_id = run_id_in(run.text())
+        stopped = run_ava("stop", run_id, inventory=inventory, env=home, timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert run.finish(timeout=60) == 1
+    finally:
+        run.kill()
+    (job,) = jobs_of(home, run_id)
+    assert slurm_cluster.sh("squeue", "-h", "-j", job, check=False).stdout.strip() == ""
+    deadline = time.monotonic() + 10
+    while processes_of(run_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(run_id) == []
+    (record,) = ps(home)
+    assert record["state"] == "stopped"
+
+
+def test_a_killed_node_is_excluded_and_the_run_ends_with_the_unfaulted_weights(
+    slurm_cluster: SlurmCluster, home: dict[str, str], tmp_path: Path
+) -> None:
+    """Last in the module: the killed node stays dead until the module's Slurm is torn down."""
+    inventory = slurm_cluster.inventory()
+    shared = slurm_cluster.shared / "ckpt"
+    args = ["--set", "resources.nodes=2", "--set", f"checkpoint.dir={shared}/{{run}}"]
+    steps = ["--set", 'run.args=["--steps", "60", "--ckpt-every", "10", "--step-time", "0.25"]']
+    reference = run_ava(
+        "train",
+        str(STEPS),
+        *args,
+        "--set",
+        'run.args=["--steps", "60", "--ckpt-every", "10", "--step-time", "0"]',
+        inventory=inventory,
+        env={"AVA_HOME": str(tmp_path / "reference")},
+        timeout=300,
+    )
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    run = LiveRun(["train", str(STEPS), *args, *steps], inventory, home)
+    try:
+        line = run.wait_line(r"^n\d/\d+\s*\| step (1[5-9]|2\d)$")
+        nodes = sorted(set(re.findall(r"^(n\d)/", run.text(), re.M)))
+        victim = next(n for n in reversed(nodes) if n != slurm_cluster.login)
+        slurm_cluster.kill_node(victim)
+        assert run.finish() == 0, run.text()[-4000:]
+    finally:
+        run.kill()
+    (record,) = ps(home)
+    first, second = record["attempts"]
+    assert first["kind"] == "node-lost" and victim in first["cause"], first
+    assert second["state"] == "succeeded" and victim not in second["nodes"] and len(second["nodes"]) == 2
+    run_id = record["id"]
+    job1, job2 = jobs_of(home, run_id)
+    submitted = Path(slurm_cluster.shared / "ava" / "slurm" / run_id / "attempt-2.sbatch").read_text()
+    assert f"#SBATCH --exclude={victim}\n" in submitted
+    assert "resumed from step" in run.text() and line
+    assert final_sha(run.text()) == final_sha(reference.stdout)
+    assert processes_of(run_id) == []
