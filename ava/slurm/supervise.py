@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ava import runs
+from ava.agent.protocol import FailureKind, State
 from ava.config import Inventory, Recipe
 from ava.errors import AvaError
 from ava.launch import Launch
@@ -73,8 +74,8 @@ class JobState:
 
 @dataclass(frozen=True)
 class Verdict:
-    outcome: str  # running | succeeded | failed | stopped
-    kind: str | None = None  # crash | node-lost | launch | stopped
+    outcome: State  # running | succeeded | failed | stopped
+    kind: FailureKind | None = None  # crash | node-lost | launch | stopped
     cause: str | None = None
     node: str | None = None
     rank: int | None = None
@@ -223,7 +224,7 @@ class SlurmSupervisor:
             if self.stop_requested():
                 return self._finish("stopped", 1)
 
-    def _finish(self, state: str, code: int) -> int:
+    def _finish(self, state: State, code: int) -> int:
         self.record.state, self.record.ended, self.record.exit_code = state, time.time(), code
         self.record.save()
         return code
