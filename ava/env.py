@@ -10,9 +10,13 @@ The values come from the environment that torchrun (`RANK`, `LOCAL_RANK`, `WORLD
 
 from __future__ import annotations
 
+import atexit
+import json
+import math
 import os
 import time
 import warnings
+from typing import IO
 
 __all__ = [
     "PROGRESS_MIN_INTERVAL_S",
@@ -101,24 +105,49 @@ def cache_dir() -> str | None:
 # Monotonic time of the last heartbeat written by this process (None: never written).
 _last_progress: float | None = None
 _progress_warned = False
+# Monotonic time of the last metrics line without metrics (a step-rate point), None: never.
+_last_line: float | None = None
+
+# The metrics file (AVA_METRICS_FILE) stays open between calls, buffered, and is flushed at
+# most every METRICS_FLUSH_S (and at exit): a write per line would cost more than the line.
+METRICS_FLUSH_S = 0.2
+_metrics_path: str | None = None
+_metrics_out: IO[str] | None = None
+_metrics_rank = 0  # this process's rank, read once when the file is opened
+_metrics_flushed = 0.0  # monotonic time of the last flush
+_metrics_warned = False
+_metric_names: dict[str, str] = {}  # a metric's name -> its JSON text, made once
 
 
-def progress(step: int, *, force: bool = False) -> None:
-    """Tell the agent that training advanced to `step` (a heartbeat; no heartbeat = hung).
+def progress(step: int, *, force: bool = False, all_ranks: bool = False, **metrics: float) -> None:
+    """Tell the agent that training advanced to `step` (a heartbeat; no heartbeat = hung), and
+    record scalar metrics for it: `progress(step, loss=2.31, lr=3e-4)`.
 
-    Writes `"<step> <unix time>"` (e.g. `"1200 1763892000.125"`, no newline) to the file named by
-    `AVA_PROGRESS_FILE`, atomically (temporary file, then os.replace), so the agent never reads a
-    half-written line. A no-op when the variable is unset (outside ava).
-
-    Cheap enough to call every step: it writes at most once per PROGRESS_MIN_INTERVAL_S (0.5 s),
+    Heartbeat: writes `"<step> <unix time>"` (e.g. `"1200 1763892000.125"`, no newline) to the
+    file named by `AVA_PROGRESS_FILE`, atomically (temporary file, then os.replace), so the agent
+    never reads a half-written line. It writes at most once per PROGRESS_MIN_INTERVAL_S (0.5 s),
     the first call always writes, and `force=True` writes regardless (e.g. after a checkpoint).
-    A failed write is reported once as a warning and never stops training.
+
+    Metrics: every call with metrics appends one JSON line
+    `{"step": 1200, "time": 1763892000.125, "rank": 0, "metrics": {"loss": 2.31}}` to the file
+    named by `AVA_METRICS_FILE` (set by ava; set it yourself outside ava to keep them locally),
+    from rank 0 only unless `all_ranks=True`; a call without metrics appends a line when it
+    writes a heartbeat, so the step rate is known too. Values are anything float() takes. The
+    file stays open, buffered, flushed every METRICS_FLUSH_S (0.2 s) and at exit, never synced:
+    a few µs per call (benchmarks/metrics_call.py); a rank killed outright loses its last 0.2 s.
+
+    A no-op without either variable (outside ava). A failed write is reported once as a warning
+    and never stops training.
     """
-    global _last_progress, _progress_warned
+    global _last_progress, _progress_warned, _last_line
+    now = time.monotonic()
+    if metrics or force or _last_line is None or now - _last_line >= PROGRESS_MIN_INTERVAL_S:
+        if not metrics:
+            _last_line = now
+        _record(step, metrics, all_ranks, now)
     path = os.environ.get("AVA_PROGRESS_FILE")
     if not path:
         return
-    now = time.monotonic()
     if not force and _last_progress is not None and now - _last_progress < PROGRESS_MIN_INTERVAL_S:
         return
     _last_progress = now
@@ -132,3 +161,70 @@ def progress(step: int, *, force: bool = False) -> None:
         if not _progress_warned:
             _progress_warned = True
             warnings.warn(f"ava: cannot write progress heartbeat to {path}: {e}", stacklevel=2)
+
+
+def _record(step: int, metrics: dict[str, float], all_ranks: bool, now: float) -> None:
+    """One line for `step` in AVA_METRICS_FILE (see progress); nothing without the variable."""
+    global _metrics_flushed
+    path = os.environ.get("AVA_METRICS_FILE")
+    if not path:
+        return
+    out = _metrics_out if path == _metrics_path else _open_metrics(path)
+    if out is None or (_metrics_rank != 0 and not all_ranks):
+        return
+    parts = []
+    for name, value in metrics.items():
+        key = _metric_names.get(name)
+        if key is None:
+            key = _metric_names[name] = json.dumps(name)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            _warn_metrics(f"metric {name}: expected a number, got {type(value).__name__}")
+            continue
+        # repr() is the shortest exact text of a float; JSON has no nan or inf, Python's reader takes these.
+        text = repr(number) if math.isfinite(number) else ("NaN" if number != number else json.dumps(number))
+        parts.append(f"{key}: {text}")
+    try:
+        out.write(
+            f'{{"step": {int(step)}, "time": {time.time():.6f}, "rank": {_metrics_rank}, '
+            f'"metrics": {{{", ".join(parts)}}}}}\n'
+        )
+        if now - _metrics_flushed >= METRICS_FLUSH_S:
+            _metrics_flushed = now
+            out.flush()
+    except OSError as e:
+        _warn_metrics(f"cannot write metrics to {path}: {e}")
+
+
+def _open_metrics(path: str) -> IO[str] | None:
+    """Open (append) the metrics file named by AVA_METRICS_FILE, closing one opened before."""
+    global _metrics_path, _metrics_out, _metrics_rank
+    _close_metrics()
+    _metrics_path, _metrics_rank = path, rank()
+    try:
+        _metrics_out = open(path, "a", encoding="utf-8")
+    except OSError as e:
+        _warn_metrics(f"cannot write metrics to {path}: {e}")
+    return _metrics_out
+
+
+def _close_metrics() -> None:
+    """Flush and close the metrics file (at exit too: a rank that raises keeps its last lines)."""
+    global _metrics_out
+    if _metrics_out is not None:
+        try:
+            _metrics_out.close()
+        except OSError:
+            pass
+        _metrics_out = None
+
+
+atexit.register(_close_metrics)
+
+
+def _warn_metrics(message: str) -> None:
+    global _metrics_warned
+    if not _metrics_warned:
+        _metrics_warned = True
+        warnings.warn(f"ava: {message}", stacklevel=4)
