@@ -126,14 +126,22 @@ def run(argv: Sequence[str], *, timeout: float, env: dict[str, str] | None = Non
     try:
         out, err = process.communicate(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
-        _signal_group(process, signal.SIGTERM)
-        try:
-            out, err = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
-            out, err = process.communicate()
+        out, err = _end(process)
         raise Failed(f"{_short(argv)} timed out after {timeout:.0f} s: {_tail(out + err)}") from None
+    except BaseException:  # Ctrl-C or SIGTERM here: its own session did not get it
+        _end(process)
+        raise
     return Done(list(argv), process.returncode, out, err, time.monotonic() - started)
+
+
+def _end(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGTERM the command's group, SIGKILL it 30 s later; what it printed."""
+    _signal_group(process, signal.SIGTERM)
+    try:
+        return process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        _signal_group(process, signal.SIGKILL)
+        return process.communicate()
 
 
 def _signal_group(process: subprocess.Popen[str], number: int) -> None:
@@ -733,7 +741,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simulating {len(gpus)} GPU(s): {', '.join(made)} (major {NVIDIA_MAJOR}), Gloo on CPU", flush=True)
     else:
         gpus, why = ([], "--dry-run") if options.dry_run else find_gpus()
-    if not gpus:
+    if options.dry_run:
+        print("dry run: checking only what runs without a GPU", flush=True)
+    elif not gpus:
         print(f"no NVIDIA GPU here ({why}); checking what runs without one", flush=True)
     scratch = Path(tempfile.mkdtemp(prefix="ava-gpu-check-"))
     check = Check(options, scratch, gpus, simulated=bool(options.simulate))
@@ -752,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
         for path in made:
             os.unlink(path)
-    where = f"{len(gpus)} GPU(s)" if gpus else f"no GPU ({why})"
+    where = f"{len(gpus)} GPU(s)" if gpus else "dry run" if options.dry_run else f"no GPU ({why})"
     print_table(check.rows, f"ava GPU check on the local node: {where}; {time.monotonic() - check.began:.0f} s")
     return 1 if any(r.result == FAIL for r in check.rows) else 0
 
