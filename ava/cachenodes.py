@@ -1,50 +1,31 @@
-"""The node caches seen from here: run the cache's module CLI (`python3 -m ava.cache`) on nodes.
+"""The node caches seen from here: run the cache's command line (ava/cache/__main__.py) on nodes.
 
 `status`, `warm` and `clear` fan out over nodes and return a result or an AvaError for each;
 `prefetch` warms a recipe's `[data] prefetch` before a launch and raises if any node failed.
-Nothing here prints. The module runs from ava's runtime tree on the node (so `provision.ensure`
-first), against the node's `cache_dir`, with the block size that launch exports to jobs, so a
-warmed block is the very block a job reads.
+Nothing here prints. The agent's `cache` command runs the module from ava's runtime tree on the
+node (so `provision.ensure` first: it puts both there), against the node's `cache_dir`, with
+the block size that launch exports to jobs, so a warmed block is the very block a job reads.
 
 Secrets never reach a command line: an environment for the module (a recipe's AWS_* values,
-or variables forwarded by `ava cache warm --env`) travels as a 0600 JSON file that the
-module's small launcher reads and deletes before it imports anything.
+or variables forwarded by `ava cache warm --env`) travels as a 0600 JSON file that the agent
+reads and deletes before it imports the cache (see ava/agent/cachecli.py).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ava import sync
+from ava.agent.cachecli import NO_ENV_FILE
 from ava.config import Node, Recipe
 from ava.errors import EXIT_INFRA, EXIT_JOB_FAILED, EXIT_OK, AvaError, CommandError, ConnectError
-from ava.provision import BLOCK_SIZE  # what WORKDIR/cache.json says and launch exports to jobs
 from ava.transport import connect, run_all, shell_path
 
 ADMIN_TIMEOUT = 120.0  # status and clear scan the cache directory; warm has no deadline
-
-# Runs on the node: environment from the JSON file (then the file is gone), the runtime tree
-# first on sys.path, then the module CLI. Environment before imports: fsspec reads its
-# FSSPEC_* configuration when it is imported.
-LAUNCHER = (
-    "import json, os, sys\n"
-    "runtime, env_file = sys.argv[1], sys.argv[2]\n"
-    "if env_file != '-':\n"
-    "    path = os.path.expanduser(env_file)\n"
-    "    try:\n"
-    "        with open(path, encoding='utf-8') as f:\n"
-    "            os.environ.update(json.load(f))\n"
-    "    finally:\n"
-    "        os.unlink(path)\n"
-    "sys.path.insert(0, os.path.expanduser(runtime))\n"
-    "from ava.cache.__main__ import main\n"
-    "sys.exit(main(sys.argv[3:]))\n"
-)
 
 # Called as on_progress(node name, bytes done, bytes in all) while a node warms.
 ProgressCallback = Callable[[str, int, int], None]
@@ -96,18 +77,19 @@ class Warmed:
 
 
 def module_command(node: Node, python: str, env_file: str | None, *args: str) -> str:
-    """Shell text that runs `python -m ava.cache ARGS` from the runtime tree on NODE."""
+    """Shell text that runs the cache's command line with ARGS on NODE: the agent's `cache`
+    command, by PYTHON (the node environment's, which has fsspec), from the runtime tree."""
     words = [
         shell_path(python),
-        "-c",
-        shlex.quote(LAUNCHER),
+        shell_path(sync.agent_path(node)),
+        "cache",
         shell_path(sync.runtime_path(node)),
-        shell_path(env_file) if env_file else "-",
+        shell_path(env_file) if env_file else NO_ENV_FILE,
         *map(shell_path, args),
     ]
     command = " ".join(words)
     if env_file:
-        # The launcher deletes the file at once; this covers a python that never started.
+        # The agent deletes the file at once; this covers a python that never started.
         command = f"{command}; code=$?; rm -f {shell_path(env_file)}; exit $code"
     return command
 
@@ -199,6 +181,9 @@ def warm_one(
 ) -> Warmed:
     """Fetch every block of the objects matching URLS (URLs or globs) into NODE's cache."""
 
+    # Imported here: the cache package pulls in fsspec, which status and clear never need.
+    from ava.cache.settings import DEFAULT_BLOCK_SIZE  # as WORKDIR/cache.json says and jobs read
+
     def record(r: dict[str, Any]) -> None:
         if on_progress is not None and "done_bytes" in r and not r.get("summary"):
             on_progress(node.name, int(r["done_bytes"]), int(r.get("total_bytes") or 0))
@@ -209,7 +194,7 @@ def warm_one(
         "--size-limit",
         str(node.cache_size),
         "--block-size",
-        str(BLOCK_SIZE),
+        str(DEFAULT_BLOCK_SIZE),
         "--",
         *urls,
     ]
