@@ -30,6 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from ava import sync
+from ava.agent.cgroups import PARENT as CGROUP_PARENT
+from ava.agent.cgroups import ROOT as CGROUP_ROOT
+from ava.agent.cgroups import V1_CONTROLLERS, V2_CONTROLLERS
+from ava.cache.settings import DEFAULT_BLOCK_SIZE
 from ava.config import Node, Requirements
 from ava.errors import AvaError, CommandError, ConfigError
 from ava.transport import connect, run_all, shell_path
@@ -37,13 +41,8 @@ from ava.transport import connect, run_all, shell_path
 if TYPE_CHECKING:
     from ava.config import Recipe
 
-BLOCK_SIZE = 8 * 2**20
+BLOCK_SIZE = DEFAULT_BLOCK_SIZE  # the node caches' block size: cache.json says it, launch exports it
 READY = ".ava-ready"
-# The controllers the agent fences with on cgroup v1 (ava/agent/cgroupv1.py), and on v2.
-V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices")
-V2_CONTROLLERS = ("memory", "cpu", "pids")
-CGROUP_PARENT = "ava"
-CGROUP_ROOT = "/sys/fs/cgroup"
 _PACKAGE_SUFFIXES = (".whl", ".tar.gz", ".zip", ".tar.bz2")
 _FIND_LINKS = re.compile(r"^(--find-links|-f)(?:\s+|=)(\S+)$")
 
