@@ -77,6 +77,8 @@ class RunRecord:
     code_tree: str | None = None
     overrides: list[str] = field(default_factory=list)  # the --set assignments, in order
     pool: list[str] = field(default_factory=list)  # the nodes `--nodes` allowed (spares too); []: all
+    # `ava train --from`: the run and committed checkpoint it started from (run, step, checkpoint, url).
+    parent: dict[str, Any] | None = None
 
     @property
     def dir(self) -> Path:
@@ -307,6 +309,8 @@ def _problem(data: Any, run_id: str) -> str | None:
             return f"{key}: expected a number"
     if not _names(data.get("nodes")) or not _names(data.get("lost_nodes", [])):
         return "nodes: expected a list of node names"
+    if data.get("parent") is not None and not isinstance(data.get("parent"), dict):
+        return "parent: expected an object"
     attempts = data.get("attempts", [])
     if not isinstance(attempts, list):
         return "attempts: expected a list"
