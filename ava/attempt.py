@@ -15,7 +15,7 @@ import concurrent.futures
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,9 @@ from ava.launch import NodeLaunch, Route
 from ava.transport import connect, run_all, shell_path
 
 STATUS_TIMEOUT = 4.0 * liveness_scale()  # a status poll slower than this counts as the node not answering
-STORE_TIMEOUT = 120.0  # how long the workers' start waits for the master's rendezvous store
+STORE_TIMEOUT = 120.0
+LONG_POLL = 1.0  # the longest an agent holds a status request before answering unchanged
+RETRY_AFTER = 1.0  # after a failed status request, how long before asking that node again  # how long the workers' start waits for the master's rendezvous store
 # Printed before the log's bytes: lines ahead of it come from the node's shell start-up files
 # (conda's and pyenv's init print on every SSH command), not from the run, and count for no offset.
 LOG_START = "ava-logs-start"
@@ -170,11 +172,27 @@ def wait_for_store(launch: NodeLaunch, address: str, port: int) -> None:
         raise CommandError(f"{node.name}: the master's rendezvous never came up ({state})")
 
 
-def status_of(node: Node, run_id: str, attempt: int, *, timeout: float = STATUS_TIMEOUT) -> Status:
-    """The node's agent status for the attempt, with `age` = seconds since its heartbeat."""
+def status_of(
+    node: Node,
+    run_id: str,
+    attempt: int,
+    *,
+    timeout: float = STATUS_TIMEOUT,
+    since: str | None = None,
+    wait: float = 0.0,
+    metrics_from: int | None = None,
+) -> Status:
+    """The node's agent status for the attempt, with `age` = seconds since its heartbeat. With
+    `since` (an earlier answer's digest), the agent answers once the status differs from it, or
+    after `wait` seconds: a long poll that learns of a failure as it happens."""
+    args = ["status", node.workdir, run_id, "--attempt", str(attempt)]
+    if since is not None:
+        args += ["--since", since, "--wait", f"{wait:g}"]
+    if metrics_from is not None:
+        args += ["--metrics-from", str(metrics_from)]
     # The node's own clock dates the heartbeat, so clock skew between machines never matters.
-    command = agent_command(node, "status", node.workdir, run_id, "--attempt", str(attempt)) + "; date +%s.%N"
-    result = connect(node).run(command, timeout=timeout)
+    command = agent_command(node, *args) + "; date +%s.%N"
+    result = connect(node).run(command, timeout=timeout + (wait if since is not None else 0.0))
     lines = result.stdout.strip().splitlines()
     if len(lines) < 2:
         raise CommandError(f"{node.name}: agent status failed (exit {result.exited})", tail=result.tail())
@@ -241,11 +259,17 @@ class AgentClient:
     """The agent commands a supervisor uses, over each node's transport. Tests of the
     supervisor's loop pass a fake one (tests/unit/test_supervisor.py)."""
 
-    def __init__(self, status_timeout: float = STATUS_TIMEOUT) -> None:
+    def __init__(self, status_timeout: float = STATUS_TIMEOUT, long_poll: float = LONG_POLL) -> None:
         self.status_timeout = status_timeout
-        # One status request in flight per node at most (see poll).
+        self.long_poll = long_poll
+        # One status request in flight per node at most (see poll), with when its answer is due.
         self._pending: dict[str, tuple[concurrent.futures.Future[Status], float]] = {}
+        self._latest: dict[str, Status] = {}  # each node's last answer in this attempt
+        self._retry_at: dict[str, float] = {}  # after a failed request: when to ask again
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._asking: tuple[str, int] | None = None
+        self._failed: dict[str, float] = {}  # nodes whose requests fail, since when
+        self._metrics_from: dict[str, int] = {}  # per node: the metric bytes already handed over
 
     def prepare(
         self, nodes: list[Node], code_root: Path, manifest: sync.Manifest, *, recipe: Recipe, inventory_dir: Path
@@ -270,30 +294,76 @@ class AgentClient:
         return status_of(node, run_id, attempt, timeout=self.status_timeout)
 
     def poll(self, nodes: list[Node], run_id: str, attempt: int, wait: float) -> dict[str, Answer]:
-        """Ask every node its status and wait up to WAIT seconds for the answers. A node whose
-        earlier request is still out is not asked again: its answer shows as pending, with the
-        time that request was sent, however long its transport takes to give up."""
+        """Every node's latest status, back as soon as one of them changes, or within WAIT seconds.
+
+        Each node has one long poll out at a time (`status --since`): the agent answers when what
+        the supervisor judges by changes, or after `long_poll` seconds with a fresh heartbeat. A
+        node whose request is overdue shows as pending, with the time its answer was due, however
+        long its transport takes to give up; one that failed is asked again a second later."""
+        if self._asking != (run_id, attempt):
+            self.close()
+            self._asking = (run_id, attempt)
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, 2 * len(nodes)))
-        asked = time.time()
+        now = time.time()
         for node in nodes:
-            if node.name not in self._pending:
-                self._pending[node.name] = (self._pool.submit(self.status, node, run_id, attempt), asked)
-        concurrent.futures.wait([future for future, _ in self._pending.values()], timeout=wait)
+            if node.name in self._pending or self._retry_at.get(node.name, 0.0) > now:
+                continue
+            latest = self._latest.get(node.name)
+            since = latest.digest if latest is not None and latest.digest else None
+            future = self._pool.submit(
+                status_of,
+                node,
+                run_id,
+                attempt,
+                timeout=self.status_timeout,
+                since=since,
+                wait=self.long_poll,
+                metrics_from=self._metrics_from.get(node.name, 0),
+            )
+            self._pending[node.name] = (future, now + (self.long_poll if since else 0.0))
+        waiting = [future for future, _ in self._pending.values()]
+        if waiting:
+            concurrent.futures.wait(waiting, timeout=wait, return_when=concurrent.futures.FIRST_COMPLETED)
+        else:  # every node failed a moment ago: ask again when the first retry is due
+            time.sleep(max(0.0, min(min(self._retry_at.values(), default=now + wait) - now, wait)))
+        now = time.time()
         answers: dict[str, Answer] = {}
         for node in nodes:
-            future, since = self._pending[node.name]
-            if not future.done():
-                answers[node.name] = Answer(pending=True, asked=since)
+            name = node.name
+            if name not in self._pending:  # failed recently, not asked again yet
+                answers[name] = Answer(error="no answer", asked=self._failed_since(name))
                 continue
-            del self._pending[node.name]
+            future, due = self._pending[name]
+            if not future.done():
+                latest = self._latest.get(name)
+                if latest is not None and now < due:
+                    # Nothing changed since it answered; its metric lines were handed over then.
+                    answers[name] = Answer(status=replace(latest, metrics=()))
+                else:
+                    answers[name] = Answer(pending=True, asked=due)
+                continue
+            del self._pending[name]
             try:
-                answers[node.name] = Answer(status=future.result())
+                self._latest[name] = future.result()
+                if self._latest[name].metrics_end is not None:
+                    self._metrics_from[name] = self._latest[name].metrics_end or 0
+                self._retry_at.pop(name, None)
+                self._failed.pop(name, None)
+                answers[name] = Answer(status=self._latest[name])
             except AttemptMissing:
-                answers[node.name] = Answer(missing=True)
+                self._latest.pop(name, None)
+                self._retry_at[name] = now + RETRY_AFTER
+                answers[name] = Answer(missing=True)
             except AvaError as error:
-                answers[node.name] = Answer(error=error.message, asked=since)
+                self._latest.pop(name, None)
+                self._retry_at[name] = now + RETRY_AFTER
+                self._failed.setdefault(name, due)
+                answers[name] = Answer(error=error.message, asked=self._failed[name])
         return answers
+
+    def _failed_since(self, name: str) -> float:
+        return self._failed.get(name, time.time())
 
     def stop(self, nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, StopReport | AvaError]:
         return stop(nodes, run_id, grace=grace)
@@ -307,7 +377,8 @@ class AgentClient:
         """Forget requests still in flight (their threads end with their transports' timeouts)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False)
-        self._pool, self._pending = None, {}
+        self._pool, self._pending, self._asking = None, {}, None
+        self._latest, self._retry_at, self._failed, self._metrics_from = {}, {}, {}, {}
 
 
 def _status(node: Node, payload: dict[str, Any], tail: str) -> Status:

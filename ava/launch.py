@@ -92,7 +92,8 @@ def torchrun_argv(
         "--max-restarts",
         "0",
         "--monitor-interval",
-        "1",
+        # torchrun looks at its workers this often: a crashed rank ends the attempt within it.
+        "0.1",
         "--tee",
         "3",
     ]

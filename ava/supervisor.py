@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ava import placement, sync
 from ava.agent.protocol import (
@@ -49,9 +49,9 @@ from ava.launch import Launch, NodeLaunch, plan
 from ava.runs import Attempt, RunRecord
 from ava.runs import load as runs_load
 
+# The longest one observation waits for news: a poll returns as soon as a node's status changes.
 POLL_INTERVAL = 1.0
 LEASE_RETRY = 5.0  # how often a launch waiting for busy nodes (--wait) tries again
-STATUS_WAIT = 2.0  # how long one poll waits for the nodes' answers before judging
 RANK_LINE = re.compile(r"^\[(\d+)\]:(.*)$", re.S)
 STOP_FILE = "stop"
 
@@ -486,13 +486,15 @@ class Supervisor:
             while True:
                 if self._leave.is_set():
                     raise Detached()
-                asked = self.clock.now()
-                answers = self.client.poll(nodes, self.record.id, current.number, wait=STATUS_WAIT)
+                answers = self.client.poll(nodes, self.record.id, current.number, wait=POLL_INTERVAL)
                 now = self.clock.now()
                 views = []
                 for node in nodes:
+                    answer = answers[node.name]
+                    if answer.status is not None and answer.status.metrics:
+                        self._record_metrics(current.number, node.name, list(answer.status.metrics))
                     view, since = node_view(
-                        node.name, answers[node.name], now, silent_since.get(node.name), self.client.status_timeout
+                        node.name, answer, now, silent_since.get(node.name), self.client.status_timeout
                     )
                     if since is None:
                         silent_since.pop(node.name, None)
@@ -505,7 +507,6 @@ class Supervisor:
                 verdict = judge(observation, hang_timeout=self.recipe.failover.hang_timeout)
                 if verdict.outcome != RUNNING:
                     return verdict
-                self._sleep(max(0.0, POLL_INTERVAL - (self.clock.now() - asked)))
         finally:
             self.client.close()
             if not self._leave.is_set():
@@ -513,6 +514,11 @@ class Supervisor:
             done.set()
             for follower in followers:
                 follower.join(timeout=5)
+
+    def _record_metrics(self, attempt: int, node: str, lines: list[dict[str, Any]]) -> None:
+        from ava import metrics  # only runs whose scripts record metrics need it
+
+        metrics.record(self.record, attempt, node, lines)
 
     def _stop_unreached(self) -> None:
         """Before ending a run, try once more to stop it on nodes that did not answer: a node

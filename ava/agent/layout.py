@@ -17,6 +17,7 @@ STATUS = "status.json"
 OUTPUT = "output.log"
 OUTPUT_TIMES = "output.times"  # "<size> <unix time>" lines: when output.log grew, for logs --timestamps
 PROGRESS = "progress"
+METRICS = "metrics.jsonl"  # what ava.env.progress(step, **metrics) records, one JSON line per call
 SPEC = "spec.json"
 STOP = "stop.json"
 AGENT_LOG = "agent.log"

@@ -36,6 +36,7 @@ EXIT_FAILED = ExitCode.FAILED
 EXIT_USAGE = ExitCode.USAGE
 EXIT_BUSY = ExitCode.BUSY
 START_TIMEOUT = 60.0
+STATUS_TICK = 0.02  # how often a long poll looks at the status
 STOP_SLACK = 20.0  # beyond the grace, how long `stop` waits for the monitor's own teardown
 
 
@@ -117,11 +118,22 @@ def _attempt(work: Path, run: str, attempt: int | None) -> int | None:
 def cmd_status(args: argparse.Namespace) -> int:
     work = layout.workdir(args.workdir)
     n = _attempt(work, args.run, args.attempt)
-    st = settle(work, layout.attempt_dir(work, args.run, n)) if n is not None else None
+    adir = layout.attempt_dir(work, args.run, n) if n is not None else None
+    st = settle(work, adir) if adir is not None else None
+    if adir is not None and args.since is not None:
+        # A long poll: answer as soon as what the supervisor judges by changes (a rank failed,
+        # the attempt ended), else after --wait seconds with a fresh heartbeat.
+        end = time.monotonic() + args.wait
+        while st is not None and status.digest(st) == args.since and time.monotonic() < end:
+            time.sleep(STATUS_TICK)
+            st = settle(work, adir)
     if st is None:
         _emit({"error": NOT_FOUND, "run": args.run, "attempt": args.attempt})
         return EXIT_FAILED
-    _emit(st)
+    answer = {**st, "digest": status.digest(st)}
+    if adir is not None and args.metrics_from is not None:
+        answer["metrics"], answer["metrics_end"] = status.read_metrics(adir, args.metrics_from)
+    _emit(answer)
     return EXIT_OK
 
 
@@ -320,6 +332,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("workdir")
     s.add_argument("run")
     s.add_argument("--attempt", type=int)
+    s.add_argument("--since", help="a digest from an earlier answer: wait until the status differs from it")
+    s.add_argument("--wait", type=float, default=1.0, help="with --since, the longest wait in seconds")
+    s.add_argument("--metrics-from", type=int, help="also answer the metric lines past this byte offset")
     s.set_defaults(func=cmd_status)
     s = sub.add_parser("stop", help="verified teardown of every attempt of a run")
     s.add_argument("workdir")

@@ -55,6 +55,7 @@ def job_env(base: dict[str, str], spec: Spec, gpus: list[int], attempt_dir: Path
     elif spec.gpus_allowed:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run on a GPU node sees no GPU
     env["AVA_PROGRESS_FILE"] = str(attempt_dir / layout.PROGRESS)
+    env["AVA_METRICS_FILE"] = str(attempt_dir / layout.METRICS)
     env["AVA_RANK_ERRORS"] = str(attempt_dir / layout.RANK_ERRORS)  # see ava/rankhook.py
     env["AVA_RUN_ID"] = spec.run
     env[MARKER] = fence_name(spec.run, spec.node, spec.attempt)

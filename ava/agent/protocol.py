@@ -195,6 +195,10 @@ class Status:
     pid: int | None = None
     user: str = ""
     age: float | None = None  # seconds since the heartbeat, measured by the core on the node's clock
+    digest: str = ""  # a fingerprint of what the supervisor judges by: `status --since` waits for a change
+    # With `status --metrics-from N`: the metric lines recorded past byte N, and the offset after them.
+    metrics: tuple[dict[str, Any], ...] = ()
+    metrics_end: int | None = None
     protocol: int = PROTOCOL
 
     @classmethod
@@ -232,6 +236,9 @@ class Status:
             pid=_opt_int(raw.get("pid")),
             user=str(raw.get("user") or ""),
             age=_opt_float(raw.get("age")),
+            digest=str(raw.get("digest") or ""),
+            metrics=tuple(m for m in raw.get("metrics") or () if isinstance(m, dict)),
+            metrics_end=_opt_int(raw.get("metrics_end")),
             protocol=int(raw.get("protocol") or PROTOCOL),
         )
 

@@ -11,6 +11,8 @@ reused pid from ours), warning (fencing weaker than asked), error (why the agent
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import time
@@ -26,6 +28,16 @@ _EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)", re.M)
 
 def is_final(st: dict[str, Any] | None) -> bool:
     return st is not None and protocol.is_final(st.get("state"))
+
+
+# What the supervisor judges by; a long poll answers when one of these changes.
+_JUDGED = ("state", "reason", "exit_code", "rank_exit_codes", "rank_fail_times", "error", "disk_full")
+
+
+def digest(st: dict[str, Any]) -> str:
+    """A short fingerprint of the judged part of a status (heartbeat and progress left out)."""
+    judged = json.dumps([st.get(key) for key in _JUDGED], sort_keys=True, default=str)
+    return hashlib.sha1(judged.encode()).hexdigest()[:12]
 
 
 def read(attempt_dir: Path) -> dict[str, Any] | None:
@@ -55,6 +67,30 @@ def parse_progress(text: str) -> dict[str, Any] | None:
         return {"step": int(parts[0]), "time": float(parts[1])}
     except (IndexError, ValueError):
         return None
+
+
+METRICS_BATCH = 1 << 20  # the most metric bytes one status answer carries
+
+
+def read_metrics(attempt_dir: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The whole metric lines written since OFFSET (at most METRICS_BATCH bytes of them), and
+    the offset after the last one; a line being written stays for the next answer."""
+    try:
+        with open(attempt_dir / layout.METRICS, "rb") as f:
+            f.seek(offset)
+            data = f.read(METRICS_BATCH)
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    lines: list[dict[str, Any]] = []
+    for raw in data[:end].splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue  # a line the script garbled: skipped, not fatal
+        if isinstance(line, dict):
+            lines.append(line)
+    return lines, offset + end
 
 
 def read_progress(attempt_dir: Path) -> dict[str, Any] | None:

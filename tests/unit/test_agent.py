@@ -304,3 +304,22 @@ def test_zipapp_runs_isolated_from_a_temp_dir(tmp_path: Path) -> None:
         cwd=tmp_path, env={**env, "PYTHONPATH": ""}, capture_output=True, check=False,
     )  # fmt: skip
     assert proc.returncode == 1 and json.loads(proc.stdout)["error"] == "not-found"
+
+
+@needs_cgroups
+def test_status_long_poll_answers_when_the_attempt_ends_not_at_its_timeout(agent: Agent) -> None:
+    run = agent.new_run("poll")
+    rc, st = agent.start(agent.spec(run, [sys.executable, "-c", "import time; time.sleep(1.0)"]))
+    assert rc == 0 and st["state"] == "running", st
+    first = agent.status(run)
+    # Unchanged: the agent holds the request for --wait seconds, then answers with a fresh heartbeat.
+    asked = time.monotonic()
+    _, same = agent.cli("status", str(agent.work), run, "--since", first["digest"], "--wait", "0.3")
+    assert time.monotonic() - asked >= 0.3
+    assert same["digest"] == first["digest"] and same["state"] == "running"
+    # The job ends during a long wait: the answer comes as the status changes, long before 20 s.
+    asked = time.monotonic()
+    _, final = agent.cli("status", str(agent.work), run, "--since", first["digest"], "--wait", "20")
+    assert time.monotonic() - asked < 10.0
+    assert final["state"] == "succeeded" and final["digest"] != first["digest"]
+    assert_gone(agent, run)

@@ -42,7 +42,7 @@ dir = "s3://bucket/{name}/{run}"
 EXPECTED = """\
 gpu1: python3 -m torch.distributed.run --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d \
 --rdzv-endpoint 10.0.0.11:29500 --rdzv-id ddp-20261201-1200-abcd --rdzv-conf is_host=true \
---local-addr 10.0.0.11 --max-restarts 0 --monitor-interval 1 --tee 3 train.py --epochs 2
+--local-addr 10.0.0.11 --max-restarts 0 --monitor-interval 0.1 --tee 3 train.py --epochs 2
 gpu1: {"attempt": 1, "cgroup_parent": "ava", "cpu_slots": null, \
 "cwd": "/home/ml/.ava/runs/ddp-20261201-1200-abcd/work", \
 "gpus": {"allowed": [0, 1], "want": 2}, "limits": {"cpus": null, "memory": 8589934592, "pids": null}, \
@@ -57,7 +57,7 @@ PYTHONPATH=/home/ml/.ava/runs/ddp-20261201-1200-abcd/work:/home/ml/.ava/trees/a1
 'TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE=[${rank}]:' WANDB_MODE=offline
 gpu2: python3 -m torch.distributed.run --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d \
 --rdzv-endpoint 10.0.0.11:29500 --rdzv-id ddp-20261201-1200-abcd --local-addr 10.0.0.12 --max-restarts 0 \
---monitor-interval 1 --tee 3 train.py --epochs 2
+--monitor-interval 0.1 --tee 3 train.py --epochs 2
 gpu2: {"attempt": 1, "cgroup_parent": "ava", "cpu_slots": null, \
 "cwd": "/home/ml/.ava/runs/ddp-20261201-1200-abcd/work", \
 "gpus": {"allowed": [0, 1], "want": 2}, "ledger": "/var/lib/ava-ledger", \
