@@ -14,7 +14,7 @@ Reading (case rules):
 Negative values are refused with their own message.
 
 Showing: `format_size` writes bytes in powers of 1024 ("512B", "16.0MiB", "1.2GiB");
-`format_duration` writes "850ms", "4.2s", "42s", "9m50s", "1h02m", "3d04h", never "590.0s".
+`format_duration` writes "850ms", "4s", "42s", "9m50s", "1h02m", "3d04h", never "590.0s".
 """
 
 from __future__ import annotations
@@ -114,13 +114,12 @@ def format_size(value: float | None, *, unknown: str = "-") -> str:
 
 
 def format_duration(seconds: float | None, *, unknown: str = "-") -> str:
-    """Seconds as "850ms", "4.2s", "42s", "9m50s", "1h02m", "3d04h"; `unknown` for None."""
+    """Seconds as "850ms", "4s", "42s", "9m50s", "1h02m", "3d04h"; `unknown` for None."""
     if seconds is None:
         return unknown
     if round(seconds * 1000) < 1000:
         return f"{seconds * 1000:.0f}ms"
-    if round(seconds, 1) < 10:
-        return f"{seconds:.1f}s"
+    # Whole seconds from 1 s on: `ava ps` reads "4s", never "4.0s" (tests/cluster/test_cli_terminal.py).
     whole = round(seconds)
     if whole < 60:
         return f"{whole}s"

@@ -11,8 +11,8 @@ from ava.units import format_duration, format_size
     ("seconds", "shown"),
     [
         (0.85, "850ms"),
-        (0.9996, "1.0s"),
-        (4.2, "4.2s"),
+        (0.9996, "1s"),
+        (4.2, "4s"),
         (9.96, "10s"),
         (42, "42s"),
         (59.6, "1m00s"),
