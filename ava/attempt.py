@@ -300,9 +300,9 @@ class AgentClient:
         the supervisor judges by changes, or after `long_poll` seconds with a fresh heartbeat. A
         node whose request is overdue shows as pending, with the time its answer was due, however
         long its transport takes to give up; one that failed is asked again a second later."""
-        if self._asking != (run_id, attempt):
+        if self._asking is not None and self._asking != (run_id, attempt):
             self.close()
-            self._asking = (run_id, attempt)
+        self._asking = (run_id, attempt)
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, 2 * len(nodes)))
         now = time.time()
@@ -361,6 +361,10 @@ class AgentClient:
                 self._failed.setdefault(name, due)
                 answers[name] = Answer(error=error.message, asked=self._failed[name])
         return answers
+
+    def skip_metrics(self, node: str, offset: int) -> None:
+        """Ask NODE for metric lines past OFFSET only (a supervisor taking over a run)."""
+        self._metrics_from[node] = offset
 
     def _failed_since(self, name: str) -> float:
         return self._failed.get(name, time.time())

@@ -8,6 +8,7 @@ picks up the current attempt from the run's record.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from ava import placement, sync
 from ava.agent.protocol import (
@@ -30,6 +31,7 @@ from ava.agent.protocol import (
     STOPPED_KIND,
     SUCCEEDED,
     State,
+    Status,
     is_final,
 )
 from ava.attempt import AgentClient, LeaseBusy
@@ -54,6 +56,7 @@ POLL_INTERVAL = 1.0
 LEASE_RETRY = 5.0  # how often a launch waiting for busy nodes (--wait) tries again
 RANK_LINE = re.compile(r"^\[(\d+)\]:(.*)$", re.S)
 STOP_FILE = "stop"
+METRICS_CONSUMED = "metrics-consumed.json"  # per attempt and node: the metric bytes recorded
 
 
 class LogSink(Protocol):
@@ -482,6 +485,9 @@ class Supervisor:
         for follower in followers:
             follower.start()
         silent_since: dict[str, float] = {}  # nodes that stopped answering, and since when
+        consumed = self._metrics_consumed()
+        for node in nodes:
+            self.client.skip_metrics(node.name, consumed.get(f"{current.number}/{node.name}", 0))
         try:
             while True:
                 if self._leave.is_set():
@@ -492,7 +498,7 @@ class Supervisor:
                 for node in nodes:
                     answer = answers[node.name]
                     if answer.status is not None and answer.status.metrics:
-                        self._record_metrics(current.number, node.name, list(answer.status.metrics))
+                        self._record_metrics(current.number, node.name, answer.status)
                     view, since = node_view(
                         node.name, answer, now, silent_since.get(node.name), self.client.status_timeout
                     )
@@ -515,10 +521,25 @@ class Supervisor:
             for follower in followers:
                 follower.join(timeout=5)
 
-    def _record_metrics(self, attempt: int, node: str, lines: list[dict[str, Any]]) -> None:
+    def _record_metrics(self, attempt: int, node: str, status: Status) -> None:
         from ava import metrics  # only runs whose scripts record metrics need it
 
-        metrics.record(self.record, attempt, node, lines)
+        metrics.record(self.record, attempt, node, list(status.metrics))
+        # How far each node's lines are recorded: a supervisor taking over asks from there.
+        consumed = self._metrics_consumed()
+        consumed[f"{attempt}/{node}"] = status.metrics_end or 0
+        temp = self.record.dir / f".{METRICS_CONSUMED}.{os.getpid()}"
+        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(consumed, handle)
+        os.replace(temp, self.record.dir / METRICS_CONSUMED)
+
+    def _metrics_consumed(self) -> dict[str, int]:
+        try:
+            found = json.loads((self.record.dir / METRICS_CONSUMED).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): int(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
     def _stop_unreached(self) -> None:
         """Before ending a run, try once more to stop it on nodes that did not answer: a node

@@ -4,8 +4,10 @@ the attempts it records, the nodes it restarts on, what it stops, and how the ru
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +321,33 @@ def test_spares_come_from_the_nodes_the_run_was_given(
     else:
         assert code == 0
         assert record.attempts[1].nodes == ["n1", replaced_by]
+
+
+def test_metric_lines_are_recorded_once_and_a_new_supervisor_asks_past_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ava.metrics
+
+    recorded: list[tuple[int, str, list[dict[str, Any]]]] = []
+    monkeypatch.setattr(
+        ava.metrics, "record", lambda run, attempt, node, lines: recorded.append((attempt, node, lines))
+    )
+    line = {"step": 1, "time": 1.0, "rank": 0, "metrics": {"loss": 2.5}}
+
+    def script(agents: FakeAgents, attempt: int, poll: int, node: str) -> Answer:
+        if poll >= 3:
+            return succeeded(agents)
+        answer = running(agents)
+        if node == "n1" and poll == 2:
+            assert answer.status is not None
+            return Answer(replace(answer.status, metrics=(line,), metrics_end=80))
+        return answer
+
+    skipped: dict[str, int] = {}
+    monkeypatch.setattr(FakeAgents, "skip_metrics", lambda self, node, offset: skipped.__setitem__(node, offset))
+    record, _, _, code = supervise(tmp_path, monkeypatch, script)
+    assert code == 0
+    assert recorded == [(1, "n1", [line])]
+    assert skipped == {"n1": 0, "n2": 0}  # a fresh attempt asks from the start
+    consumed = json.loads((record.dir / "metrics-consumed.json").read_text())
+    assert consumed == {"1/n1": 80}
