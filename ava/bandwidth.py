@@ -1,29 +1,27 @@
 """`ava doctor --bandwidth`: an all-reduce benchmark across nodes, reported like nccl-tests.
 
-The node side is ava/agent/bench_allreduce.py, one process per node with torch.distributed
-(Gloo on CPU, NCCL where every node has a GPU). This side picks a free port on the master,
-starts every rank at once, and turns rank 0's timings into rows and a slow-link verdict.
+The node side is ava/agent/bench_allreduce.py, run by the agent (`bench-allreduce`), one process
+per node with torch.distributed (Gloo on CPU, NCCL where every node has a GPU). This side puts the
+agent on each node unless it is there, picks a free port on the master, starts every rank at once,
+and turns rank 0's timings into rows and a slow-link verdict.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 import statistics
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from ava import sync
 from ava.config import Node
 from ava.errors import AvaError, CommandError
-from ava.transport import connect, run_all, shell_path
+from ava.transport import connect, run_all
 
-BENCH_SOURCE = Path(__file__).with_name("agent") / "bench_allreduce.py"
 CPU_SIZES = tuple(4 << (2 * i) << 10 for i in range(6))  # 4 KiB .. 4 MiB, x4
 GPU_SIZES = tuple(4 << (2 * i) << 10 for i in range(10))  # 4 KiB .. 1 GiB, x4
 PAIR_BYTES = 16 << 20
 SLOW_FACTOR = 0.5  # a link under half the others' median is flagged
-_FREE_PORT = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
 
 
 @dataclass(frozen=True)
@@ -96,9 +94,10 @@ def measure(
         raise CommandError("the bandwidth benchmark needs at least two nodes")
     master = nodes[0]
     address = master_address or (master.host if master.transport != "local" and master.host else "127.0.0.1")
-    found = connect(master).run(f"{shell_path(master.python)} -c {shlex.quote(_FREE_PORT)}", timeout=30)
-    port = int(found.check("finding a free port on the master").stdout.split()[-1])
-    source = shlex.quote(BENCH_SOURCE.read_text(encoding="utf-8"))
+    # `ava doctor` may run before any launch or provision: the agent goes first, as they send it.
+    sync.ship_agent(master)
+    found = connect(master).run(sync.agent_command(master, "free-port"), timeout=30)
+    port = int(_last_json(found.check("finding a free port on the master").stdout)["port"])
     backend = "nccl" if gpu else "gloo"
     ranks = {node.name: rank for rank, node in enumerate(nodes)}
 
@@ -114,13 +113,13 @@ def measure(
             "timeout": timeout / 2,
             "interface": (interfaces or {}).get(node.name),
         }
-        command = f"{shell_path(node.python)} -c {source} {shlex.quote(json.dumps(args))}"
-        result = connect(node).run(command, timeout=timeout)
+        sync.ship_agent(node)
+        result = connect(node).run(sync.agent_command(node, "bench-allreduce", json.dumps(args)), timeout=timeout)
         if not result.ok:
             raise CommandError(
                 f"{node.name}: the all-reduce benchmark failed (exit {result.exited})", tail=result.tail()
             )
-        return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+        return _last_json(result.stdout)
 
     outcomes = run_all(nodes, one)
     failures = [o for o in outcomes.values() if isinstance(o, AvaError)]
@@ -129,4 +128,11 @@ def measure(
         causes = [f for f in failures if "timed out" not in f.message and "Timeout" not in f.tail]
         first = (causes or failures)[0]
         raise CommandError(first.message, tail=first.tail)
-    return report(outcomes[master.name], nodes)  # type: ignore[arg-type]
+    rank0 = outcomes[master.name]
+    assert not isinstance(rank0, AvaError)  # failures were raised above
+    return report(rank0, nodes)
+
+
+def _last_json(stdout: str) -> dict[str, Any]:
+    # The last line: a node's shell start-up files may print before the agent does.
+    return dict(json.loads(stdout.strip().splitlines()[-1]))

@@ -41,7 +41,11 @@ class NodeReport:
 
 
 def facts_command(node: Node) -> str:
-    """The shell text that prints the node's facts as one JSON line."""
+    """The shell text that prints the node's facts as one JSON line.
+
+    Pasted into `python3 -c` rather than run through the agent: `ava nodes` and `ava doctor`
+    report on nodes that were never provisioned, which have no agent yet, and they must leave a
+    node as it is (the facts say which agent builds it has)."""
     source = FACTS_SOURCE.read_text(encoding="utf-8")
     return f"{shell_path(node.python)} -c {shlex.quote(source)} {shlex.quote(node.workdir)}"
 

@@ -419,21 +419,11 @@ def _run(node: Node, command: str, what: str, timeout: float = 600) -> None:
         raise CommandError(f"{node.name}: {what} failed (exit {result.exited})", tail=result.tail())
 
 
-# A venv made by a venv's python is a venv over the base interpreter: its system site-packages
-# are the base's, not the node venv's with torch. A .pth in the new venv adds the node's.
-_SEE_NODE_SITE = """
-import os, site, sys
-if sys.prefix != sys.base_prefix:
-    lib = os.path.join(sys.argv[1], "lib", "python%d.%d" % sys.version_info[:2], "site-packages")
-    with open(os.path.join(lib, "ava-node-site.pth"), "w") as pth:
-        pth.write("\\n".join(site.getsitepackages()) + "\\n")
-"""
-
-
 def _make_venv(node: Node, want: Wanted, facts: Facts) -> None:
     """Make the venv under its lock (`<venv>.lock`, flock on the node): a concurrent provisioner
     of the same requirements either finished it (`.ava-ready` is there: nothing to do) or is
-    still installing into it, and is waited for rather than removed from under it."""
+    still installing into it, and is waited for rather than removed from under it. The agent
+    (an earlier step) holds the lock and sees the node venv's packages from the new one."""
     env = want.env
     assert env is not None
     transport = connect(node)
@@ -459,24 +449,13 @@ def _make_venv(node: Node, want: Wanted, facts: Facts) -> None:
             # Under the lock, a venv without .ava-ready is one whose provisioner died: start it over.
             f"rm -rf {q}",
             create,
-            f"{python} -c {shlex.quote(_SEE_NODE_SITE)} {q}",
+            sync.agent_command(node, "node-site", folder),
             install,
             f"cp {shell_path(staged)} {shell_path(folder + '/requirements.txt')}",
             f"printf '%s\\n' {env.hash} > {shell_path(folder + '/' + READY)}",
         ]
     )
-    script = shlex.quote(sync.TREESYNC_SOURCE.read_text(encoding="utf-8"))
-    locked = " ".join(
-        [
-            python,
-            "-c",
-            script,
-            "locked",
-            shell_path(folder + ".lock"),
-            shell_path(f"{folder}/{READY}"),
-            shlex.quote(build),
-        ]
-    )
+    locked = sync.agent_command(node, "tree", "locked", folder + ".lock", f"{folder}/{READY}", build)
     try:
         _run(node, locked, "making the environment")
     finally:

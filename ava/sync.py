@@ -19,7 +19,6 @@ import io
 import json
 import os
 import secrets
-import shlex
 import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,6 +28,8 @@ from ava.config import Node
 from ava.errors import CommandError, ConfigError
 from ava.transport import connect, shell_path
 
+# The node side of the store. ava runs it through the agent (`tree VERB ...`); it also runs as a
+# script, which is how tests race builders against each other.
 TREESYNC_SOURCE = Path(__file__).with_name("agent") / "treesync.py"
 # Always left out of a code tree: version control, caches, bulky local state.
 ALWAYS_IGNORED = (".git/", ".hg/", "__pycache__/", "*.pyc", ".pytest_cache/", ".venv/", ".ava/")
@@ -190,6 +191,13 @@ def agent_path(node: Node) -> str:
     return f"{node.workdir.rstrip('/')}/agent/agent-{agent_bundle()[1][:16]}.pyz"
 
 
+def agent_command(node: Node, *args: str) -> str:
+    """The shell text that runs this ava's agent on NODE (put there by `ship_agent`) with ARGS.
+
+    shell_path keeps a leading `~/` for the node's shell to expand; everything else is quoted."""
+    return " ".join([shell_path(node.python), shell_path(agent_path(node)), *map(shell_path, args)])
+
+
 def tree_path(node: Node, tree: str) -> str:
     return f"{node.workdir.rstrip('/')}/trees/{tree}"
 
@@ -227,23 +235,22 @@ def ship_tree(node: Node, manifest: Manifest, root: Path | dict[str, bytes]) -> 
     if transport.run(f"test -f {shell_path(final + '.complete')}").ok:
         return SyncStats(tree, len(manifest.files), 0, 0)
     workdir = node.workdir.rstrip("/")
-    script = shlex.quote(TREESYNC_SOURCE.read_text(encoding="utf-8"))
-    python = shell_path(node.python)
     # Names of one's own: concurrent launches (and nodes sharing a workdir) each have theirs.
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
     listing = f"{workdir}/trees/.manifest-{tree}-{token}.json"
     transport.put(manifest.to_json().encode(), listing)
-    result = transport.run(f"{python} -c {script} missing {shell_path(workdir)} {shell_path(listing)}")
+    # The agent is there already: provision ships it before the runtime, and a launch provisions first.
+    result = transport.run(agent_command(node, "tree", "missing", workdir, listing))
     result.check("code sync (listing objects)")
     wanted = set(result.stdout.split())
-    command = f"{python} -c {script} build {shell_path(workdir)} {shell_path(listing)} {tree}"
+    build = ["tree", "build", workdir, listing, tree]
     sent_files = sent_bytes = 0
     if wanted:
         archive, sent_files, sent_bytes = _archive(manifest, root, wanted)
         remote_tar = f"{workdir}/objects/.incoming-{tree}-{token}.tar"
         transport.put(archive, remote_tar)
-        command += f" {shell_path(remote_tar)}"
-    built = transport.run(command)
+        build.append(remote_tar)
+    built = transport.run(agent_command(node, *build))
     if not built.ok:
         raise CommandError(f"{node.name}: code sync failed while building tree {tree}", tail=built.tail())
     return SyncStats(tree, len(manifest.files), sent_files, sent_bytes)

@@ -1,18 +1,16 @@
 """An all-reduce benchmark across nodes, one process per node: standard library and torch.
 
-Sent as `python -c SOURCE ARGS_JSON` to every node at once by `ava doctor --bandwidth`. Measures
-like nccl-tests' all_reduce_perf: per message size the slowest rank's mean time, algorithm
-bandwidth = bytes / time, bus bandwidth = algbw * 2(n-1)/n. Then rank 0 exchanges a large message
-with each other rank in turn, so one node with a slow link stands out. Rank 0 prints one JSON
-object; the other ranks print `{"rank": R}`. torch is imported inside main() only, so this
-module stays importable where torch is not installed.
+Run by the agent (`bench-allreduce ARGS_JSON`, see programs.py) on every node at once for
+`ava doctor --bandwidth`. Measures like nccl-tests' all_reduce_perf: per message size the slowest
+rank's mean time, algorithm bandwidth = bytes / time, bus bandwidth = algbw * 2(n-1)/n. Then rank 0
+exchanges a large message with each other rank in turn, so one node with a slow link stands out.
+Rank 0 prints one JSON object; the other ranks print `{"rank": R}`. torch is imported inside
+main() only, so this module stays importable where torch is not installed.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from datetime import timedelta
 from typing import Any
@@ -86,7 +84,3 @@ def main(args: dict[str, Any]) -> dict[str, Any]:
     if rank != 0:
         return {"rank": rank}
     return {"rank": 0, "backend": backend, "world": world, "rows": rows, "links": links}
-
-
-if __name__ == "__main__":
-    print(json.dumps(main(json.loads(sys.argv[1]))), flush=True)

@@ -1,8 +1,10 @@
 """Facts about a node, gathered on the node. Standard library only.
 
-ava sends this file's source to the node as `python3 -c SOURCE WORKDIR` (so `ava nodes` works on
-a node that was never provisioned) and reads back one JSON object. Each fact is cheap: torch's
-version comes from package metadata, not from importing torch.
+`ava nodes` and `ava doctor` send this file's source to the node as `python3 -c SOURCE WORKDIR`
+and read back one JSON object. It is pasted, not run through the agent, because they report on
+nodes that were never provisioned, which have no agent yet, and must leave such a node as it is
+(its `agents` fact says which agent builds are there). The agent imports it for `route`. Each
+fact is cheap: torch's version comes from package metadata, not from importing torch.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def gpus() -> list[dict[str, object]]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    found = []
+    found: list[dict[str, object]] = []
     for line in out.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != 5:
@@ -238,7 +240,4 @@ def route(master: str, interface: str, want_port: bool) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--route":
-        print(json.dumps(route(sys.argv[2], sys.argv[3], sys.argv[4:] == ["--port"])))
-    else:
-        print(json.dumps(gather(sys.argv[1] if len(sys.argv) > 1 else "~/.ava")))
+    print(json.dumps(gather(sys.argv[1] if len(sys.argv) > 1 else "~/.ava")))

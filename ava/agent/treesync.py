@@ -1,8 +1,8 @@
 """Node side of code sync: a content-addressed object store, trees built from it, and the
 run directories copied from those trees.
 
-Standard library only; ava sends this file's source as `python3 -c SOURCE VERB ...`, and the
-agent imports it for `populate`.
+Standard library only; ava runs these verbs through the agent (`tree VERB ...`, see programs.py),
+the agent imports it for `populate`, and it runs as a script too (`python3 treesync.py VERB ...`).
   missing WORKDIR MANIFEST          print the object hashes the node lacks, one per line
   build WORKDIR MANIFEST TREE [TAR] unpack TAR (objects) if given, then build the tree by hard links
   locked LOCK DONE COMMAND          unless DONE exists, run the shell COMMAND holding an exclusive
@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
+from typing import Any
 
 OBJECT_MODE = 0o444
 EXEC_MODE = 0o555
@@ -49,7 +50,7 @@ def object_path(workdir: str, digest: str) -> str:
     return os.path.join(workdir, "objects", digest[:2], digest)
 
 
-def load_manifest(path: str) -> list[dict]:
+def load_manifest(path: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as handle:
         return list(json.load(handle)["files"])
 
