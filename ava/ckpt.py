@@ -40,15 +40,19 @@ import re
 import time
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, TYPE_CHECKING, Any, cast
 
-import fsspec
+import fsspec  # type: ignore[import-untyped,unused-ignore]  # fsspec has no stubs or py.typed
 import torch
 import torch.distributed as dist
-from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.local import LocalFileSystem  # type: ignore[import-untyped,unused-ignore]  # fsspec has no stubs or py.typed
 
 from ava import env
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 __all__ = [
     "CheckpointError",
@@ -102,7 +106,8 @@ class _Store:
         """A path of this store as a URL that fsspec (and DCP's FsspecWriter) can open again."""
         if self.local:
             return path
-        return self.fs.unstrip_protocol(path)
+        url: str = self.fs.unstrip_protocol(path)
+        return url
 
     def scan(self) -> tuple[set[int], set[int]]:
         """(committed steps, steps that have a directory), fresh from storage, never a cache."""
@@ -162,10 +167,10 @@ def _fsync_dir(path: str) -> None:
 class _CrcWriter:
     """File-like sink for torch.save that counts and checksums what passes through."""
 
-    def __init__(self, f: Any) -> None:
+    def __init__(self, f: IO[bytes]) -> None:
         self.f, self.size, self.crc = f, 0, 0
 
-    def write(self, data: Any) -> int:
+    def write(self, data: bytes) -> int:
         self.crc = zlib.crc32(data, self.crc)
         n = len(memoryview(data).cast("B"))
         self.size += n
@@ -201,11 +206,11 @@ def _keep(keep: int | None) -> int:
     return env.checkpoint_keep() or 3
 
 
-def _distributed(group: Any = None) -> bool:
+def _distributed(group: ProcessGroup | None = None) -> bool:
     return _initialized() and dist.get_world_size(group) > 1
 
 
-def _rank(group: Any = None) -> int:
+def _rank(group: ProcessGroup | None = None) -> int:
     if _initialized():
         return dist.get_rank(group)
     return env.rank()
@@ -215,7 +220,7 @@ _executor: concurrent.futures.ThreadPoolExecutor | None = None
 _pending: list[concurrent.futures.Future[int]] = []
 
 
-def _submit(fn: Any, *args: Any) -> concurrent.futures.Future[int]:
+def _submit(fn: Callable[..., int], *args: Any) -> concurrent.futures.Future[int]:
     global _executor
     if _executor is None:
         # Not a daemon: an interpreter that exits right after an async save still commits it.
@@ -293,14 +298,14 @@ def _save_now(store: _Store, state: Mapping[str, Any], step: int, keep: int) -> 
         os.makedirs(step_dir, exist_ok=True)
         with open(path, "wb") as f:
             sink = _CrcWriter(f)
-            torch.save(state, sink)
+            torch.save(state, cast(IO[bytes], sink))  # typed IO[bytes]; torch.save only writes and flushes
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(step_dir)
     else:
         with store.fs.open(path, "wb", block_size=_CHUNK * 8) as f:
             sink = _CrcWriter(f)
-            torch.save(state, sink)
+            torch.save(state, cast(IO[bytes], sink))  # typed IO[bytes]; torch.save only writes and flushes
     marker = {
         "step": step,
         "format": "torch",
@@ -408,7 +413,24 @@ def load_latest(
     return None
 
 
-def _from_rank0(obj: Any, group: Any = None) -> Any:
+def _load_init(url: str, map_location: Any, weights_only: bool) -> tuple[Any, int]:
+    """The checkpoint AVA_INIT_CHECKPOINT names (…/step-00000100 of another run), read only."""
+    parent, _, name = url.rstrip("/").rpartition("/")
+    match = _NAME.match(name)
+    if not parent or match is None or match.group(2):
+        raise CheckpointError(f"{INIT_ENV}={url}: expected a checkpoint's step directory (…/step-00000100)")
+    store, step = _Store(parent), int(match.group(1))
+    if step not in store.scan()[0]:
+        raise CheckpointError(f"{INIT_ENV}={url}: no such committed checkpoint")
+    try:
+        state = _read_state(store, step, map_location, weights_only)
+    except _Unreadable as e:
+        raise CheckpointError(f"{INIT_ENV}={url}: unreadable ({e})") from e
+    log.info("ava.ckpt: no checkpoint of this run yet; starting from %s (%s)", url, INIT_ENV)
+    return state, step
+
+
+def _from_rank0(obj: Any, group: ProcessGroup | None = None) -> Any:
     """Rank 0's `obj` on every rank of `group` (a collective).
 
     torch's broadcast_object_list unpickles through `tensor.numpy()`, and torch's wheel does not
@@ -432,14 +454,14 @@ def _from_rank0(obj: Any, group: Any = None) -> Any:
     return pickle.loads(ctypes.string_at(payload.data_ptr(), n))
 
 
-def _all_ranks(flag: bool, group: Any = None) -> bool:
+def _all_ranks(flag: bool, group: ProcessGroup | None = None) -> bool:
     """True when `flag` is true on every rank (a collective; numpy-free, unlike *_object)."""
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device(group))
     dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
     return bool(value.item())
 
 
-def _collective_device(group: Any = None) -> torch.device:
+def _collective_device(group: ProcessGroup | None = None) -> torch.device:
     # NCCL moves CUDA tensors only; Gloo (and the rest) take CPU tensors.
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -449,7 +471,7 @@ def _collective_device(group: Any = None) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 # Sharded checkpoints: torch.distributed.checkpoint, every rank writes its own shards.
 
-_gloo: Any = None
+_gloo: ProcessGroup | None = None
 
 
 def _checkpoint_group(group: Any) -> Any:
@@ -470,23 +492,32 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
-def _barrier(group: Any) -> None:
+def _barrier(group: ProcessGroup | None) -> None:
     if _distributed(group):
         dist.barrier(group=group)
 
 
-def _dcp_io(store: _Store, step: int, write: bool) -> Any:
-    import torch.distributed.checkpoint as dcp
-
+def _dcp_writer(store: _Store, step: int) -> StorageWriter:
     path = store.step_dir(step)
     if store.local:
-        return dcp.FileSystemWriter(path) if write else dcp.FileSystemReader(path)
-    # Public in torch 2.2+ docs, but exported only from this module.
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+        from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-    if write:
-        # sync_files would call os.sync() for non-local streams: pointless for object stores.
-        return FsspecWriter(store.url_of(path), sync_files=False)
+        return FileSystemWriter(path)
+    # Public in torch 2.2+ docs, but exported only from this module.
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    # sync_files would call os.sync() for non-local streams: pointless for object stores.
+    return FsspecWriter(store.url_of(path), sync_files=False)
+
+
+def _dcp_reader(store: _Store, step: int) -> StorageReader:
+    path = store.step_dir(step)
+    if store.local:
+        from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+        return FileSystemReader(path)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
     return FsspecReader(store.url_of(path))
 
 
@@ -497,7 +528,7 @@ def save_sharded(
     dir: str | os.PathLike[str] | None = None,
     keep: int | None = None,
     async_: bool = False,
-    process_group: Any = None,
+    process_group: ProcessGroup | None = None,
 ) -> concurrent.futures.Future[int] | None:
     """Save FSDP-style (or any) state with torch.distributed.checkpoint: each rank its shards.
 
@@ -507,7 +538,7 @@ def save_sharded(
     background (collectives on a separate Gloo group, created once, when the job uses another
     backend). Returns a Future of the step (async) or None.
     """
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict_saver
 
     store, keep = _resolve(dir), _keep(keep)
     wait()
@@ -534,9 +565,9 @@ def save_sharded(
 
     if not async_:
         with _single_process_quiet():
-            dcp.save(
+            state_dict_saver.save(
                 state,
-                storage_writer=_dcp_io(store, step, write=True),
+                storage_writer=_dcp_writer(store, step),
                 process_group=process_group,
                 no_dist=not _initialized(),
             )
@@ -544,10 +575,11 @@ def save_sharded(
         _barrier(process_group)  # every rank sees the commit once save_sharded returns
         return None
     group = _checkpoint_group(process_group)
-    persisted = dcp.async_save(
-        state, storage_writer=_dcp_io(store, step, write=True), process_group=group, no_dist=not _initialized()
+    persisted = state_dict_saver.async_save(
+        state, storage_writer=_dcp_writer(store, step), process_group=group, no_dist=not _initialized()
     )
-    upload = getattr(persisted, "upload_completion", persisted)
+    # The upload's Future, or (newer torch) a response that holds it.
+    upload = cast("concurrent.futures.Future[Any]", getattr(persisted, "upload_completion", persisted))
 
     def finish() -> int:
         upload.result()
@@ -562,7 +594,7 @@ def _dcp_problem(store: _Store, step: int) -> str | None:
         marker = store.read_marker(step)
         if marker.get("format") != "dcp":
             raise _OtherFormat(f"format {marker.get('format')!r}, not a save_sharded() checkpoint")
-        reader = _dcp_io(store, step, write=False)
+        reader = _dcp_reader(store, step)
         metadata = reader.read_metadata()
         need: dict[str, int] = {}
         for info in (metadata.storage_data or {}).values():
@@ -586,7 +618,7 @@ def load_sharded(
     state: dict[str, Any],
     *,
     dir: str | os.PathLike[str] | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup | None = None,
 ) -> int | None:
     """Load the newest intact save_sharded() checkpoint into `state` in place; its step or None.
 
@@ -595,7 +627,7 @@ def load_sharded(
     it, so all ranks resume from the same step. Other load errors (keys that do not match the
     state, say) are raised, not skipped.
     """
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict_loader
 
     store = _resolve(dir)
     chosen: int | None = None
@@ -616,9 +648,9 @@ def load_sharded(
     if chosen is None:
         return None
     with _single_process_quiet():
-        dcp.load(
+        state_dict_loader.load(
             state,
-            storage_reader=_dcp_io(store, chosen, write=False),
+            storage_reader=_dcp_reader(store, chosen),
             process_group=process_group,
             no_dist=not _initialized(),
         )
