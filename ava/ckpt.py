@@ -87,6 +87,9 @@ class _OtherFormat(_Unreadable):
 
 # ---------------------------------------------------------------------------------------------
 # Storage: the few operations the protocol needs, on fsspec, with local-directory durability.
+INIT_ENV = "AVA_INIT_CHECKPOINT"  # `ava train --from`: the checkpoint a new run starts from
+STAGING_ENV = "AVA_CHECKPOINT_STAGING"  # node-local directory for async saves to a remote store
+EVERY_ENV = "AVA_CHECKPOINT_EVERY"  # the recipe's checkpoint.every: "500" steps, "600s", "auto"
 
 
 class _Store:
