@@ -477,7 +477,7 @@ def _collective_device(group: ProcessGroup | None = None) -> torch.device:
 _gloo: ProcessGroup | None = None
 
 
-def _checkpoint_group(group: Any) -> Any:
+def _checkpoint_group(group: ProcessGroup | None) -> ProcessGroup | None:
     """A Gloo group for background collectives: async DCP must not share NCCL's training group."""
     global _gloo
     if group is not None or not _distributed() or "gloo" in dist.get_backend():
