@@ -284,7 +284,10 @@ def _stdout_gone() -> None:
 # Each command group registers itself on `app`; they import heavy libraries only when run.
 from ava.cli import cache as _cache  # noqa: E402,F401
 from ava.cli import doctor as _doctor  # noqa: E402,F401
+from ava.cli import models as _models  # noqa: E402,F401
 from ava.cli import nodes as _nodes  # noqa: E402,F401
+from ava.cli import plot as _plot  # noqa: E402,F401
 from ava.cli import provision as _provision  # noqa: E402,F401
+from ava.cli import show as _show  # noqa: E402,F401
 from ava.cli import train as _train  # noqa: E402,F401
 from ava.cli import wait as _wait  # noqa: E402,F401

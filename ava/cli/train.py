@@ -103,6 +103,14 @@ def train(
         "--stop-on-interrupt",
         help="On Ctrl-C, SIGTERM or SIGHUP stop the run on every node (default: detach; it keeps running).",
     ),
+    start_from: str | None = typer.Option(
+        None,
+        "--from",
+        metavar="RUN[@STEP]",
+        autocompletion=complete_runs,
+        help="Start from RUN's committed checkpoint (its latest, or the one at STEP): ranks get "
+        "AVA_INIT_CHECKPOINT, which ava.ckpt.load_latest() loads while the new run has none of its own.",
+    ),
 ) -> int:
     """Run a recipe on the inventory's nodes with torchrun; stream logs; fail over on faults."""
     from ava import runs
@@ -141,6 +149,11 @@ def train(
         for node in placement.nodes:
             provision.venv_python(node, recipe=recipe, root=inventory.path.resolve().parent)
     run_id = runs.new_run_id(recipe.name)
+    parent = None
+    if start_from is not None:
+        from ava.models import start_from as from_checkpoint
+
+        recipe, parent = from_checkpoint(recipe, start_from, run_id)
     if dry_run:
         return _dry_run(recipe, placement, run_id, inventory.path.resolve().parent, json_out=json_out)
 
@@ -149,6 +162,7 @@ def train(
         provision_visibly(list(placement.nodes), recipe, inventory.path.resolve().parent)
     record = runs.create(run_id, recipe, inventory.path, placement.names, list(overrides), pool=only)
     snapshot_code(record, Path(recipe.root), leave_out=_recipe_file(recipe))
+    record.parent = parent
     record.save()
 
     from ava import console
@@ -365,6 +379,7 @@ def ps(
 ) -> int:
     """Runs, their state, nodes and attempts; or one run in full."""
     from ava import console, runs
+    from ava.agent.protocol import RUNNING
 
     if run is not None:
         record = runs.resolve(run)
@@ -377,9 +392,13 @@ def ps(
     for bad in damaged:
         # One damaged record must not hide every other run; `ava stop` still works on it.
         console.warn(f"skipped {bad.message}")
+    from ava.cli.show import progress_cells, progress_json
+
     if json_out:
-        console.print_json([r.summary() for r in records])
+        console.print_json([{**r.summary(), "progress": progress_json(r)} for r in records])
         return EXIT_OK
+    # Step, steps/s and the first metric's latest value: columns only while a run is running.
+    running = any(r.state == RUNNING for r in records)
     rows = []
     for r in records:
         last = r.current()
@@ -393,10 +412,12 @@ def ps(
                 str(len(r.attempts)),
                 time.strftime("%m-%d %H:%M", time.localtime(r.started)),
                 format_duration(took),
+                *(progress_cells(r) if running else []),
                 why,
             ]
         )
-    console.table(["run", "state", "nodes", "attempts", "started", "took", "last cause"], rows)
+    progress = ["step", "steps/s", "metric"] if running else []
+    console.table(["run", "state", "nodes", "attempts", "started", "took", *progress, "last cause"], rows)
     return EXIT_OK
 
 
