@@ -102,7 +102,7 @@ def master_of(job_dir: str, index: int, name: str) -> dict[str, Any]:
         found = read_json(path)
         if found:
             return found
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise SystemExit(f"ava: {name}: the first node never published the rendezvous ({path})")
 
 

@@ -28,7 +28,8 @@ from ava.slurm.inventory import SlurmSettings, compute_python, login_node
 
 STOP_FILE = "stop"  # ava.supervisor.STOP_FILE: `ava stop` touches it in the run's record folder
 STATE_FILE = "slurm.json"  # the run's jobs, beside record.json
-POLL = 1.0
+POLL = 1.0  # one look is one SSH command on the login node (squeue, sinfo, file reads)
+POLL_STARTING = 0.25  # until every node's ranks have written: the start is what users wait on
 STALE_AFTER = 12.0  # a heartbeat this old (login node's clock) on a running attempt: node lost
 SETTLE_AFTER = 15.0  # after a first failure, how long the other nodes get to end or go stale
 FINAL_JOB = (
@@ -283,7 +284,8 @@ class SlurmSupervisor:
             verdict = judge(look, nnodes, failing_since, now)
             if verdict.outcome != "running":
                 return verdict
-            self.sleep(POLL)
+            started = len(statuses) >= nnodes and all(int(s.get("output_size") or 0) for s in statuses.values())
+            self.sleep(POLL if started else POLL_STARTING)
 
 
 def _user() -> str:
