@@ -126,9 +126,10 @@ def namespace_cpu(cluster: Cluster, nodes: int) -> dict[int, float]:
 
 
 def namespace_delta(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU the nodes' processes used between two readings (processes alive at both; a short
-    call that started and ended in between is counted in the process that reaped it)."""
-    return sum(after[pid] - before[pid] for pid in after if pid in before)
+    """CPU the nodes' processes used between two readings: a process alive at the second began
+    after the first if it was not there then; a short call that started and ended in between is
+    counted in the process that reaped it (its node's sshd)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
