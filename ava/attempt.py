@@ -263,7 +263,7 @@ class AgentClient:
         self.status_timeout = status_timeout
         self.long_poll = long_poll
         # One status request in flight per node at most (see poll), with when its answer is due.
-        self._pending: dict[str, tuple[concurrent.futures.Future[Status], float]] = {}
+        self._pending: dict[str, tuple[concurrent.futures.Future[Status], float, float]] = {}
         self._latest: dict[str, Status] = {}  # each node's last answer in this attempt
         self._retry_at: dict[str, float] = {}  # after a failed request: when to ask again
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -298,8 +298,9 @@ class AgentClient:
 
         Each node has one long poll out at a time (`status --since`): the agent answers when what
         the supervisor judges by changes, or after `long_poll` seconds with a fresh heartbeat. A
-        node whose request is overdue shows as pending, with the time its answer was due, however
-        long its transport takes to give up; one that failed is asked again a second later."""
+        node whose answer is overdue shows as pending (see decide.node_view), however long its
+        transport takes to give up; one that failed is asked again a second later, and counts as
+        silent from the moment its first unanswered request went out until one is answered."""
         if self._asking is not None and self._asking != (run_id, attempt):
             self.close()
         self._asking = (run_id, attempt)
@@ -321,8 +322,8 @@ class AgentClient:
                 wait=self.long_poll,
                 metrics_from=self._metrics_from.get(node.name, 0),
             )
-            self._pending[node.name] = (future, now + (self.long_poll if since else 0.0))
-        waiting = [future for future, _ in self._pending.values()]
+            self._pending[node.name] = (future, now, now + (self.long_poll if since else 0.0))
+        waiting = [future for future, _, _ in self._pending.values()]
         if waiting:
             concurrent.futures.wait(waiting, timeout=wait, return_when=concurrent.futures.FIRST_COMPLETED)
         else:  # every node failed a moment ago: ask again when the first retry is due
@@ -334,14 +335,16 @@ class AgentClient:
             if name not in self._pending:  # failed recently, not asked again yet
                 answers[name] = Answer(error="no answer", asked=self._failed_since(name))
                 continue
-            future, due = self._pending[name]
+            future, sent, due = self._pending[name]
             if not future.done():
                 latest = self._latest.get(name)
                 if latest is not None and now < due:
                     # Nothing changed since it answered; its metric lines were handed over then.
                     answers[name] = Answer(status=replace(latest, metrics=()))
+                elif name in self._failed:  # asked again after failing: silent until it answers
+                    answers[name] = Answer(error="no answer", asked=self._failed[name])
                 else:
-                    answers[name] = Answer(pending=True, asked=due)
+                    answers[name] = Answer(pending=True, asked=sent, due=due)
                 continue
             del self._pending[name]
             try:
@@ -358,7 +361,7 @@ class AgentClient:
             except AvaError as error:
                 self._latest.pop(name, None)
                 self._retry_at[name] = now + RETRY_AFTER
-                self._failed.setdefault(name, due)
+                self._failed.setdefault(name, sent)
                 answers[name] = Answer(error=error.message, asked=self._failed[name])
         return answers
 

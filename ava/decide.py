@@ -63,13 +63,15 @@ class Answer:
     """One node's answer to one round of polling (see AgentClient.poll).
 
     Exactly one of: `status`; `missing` (reachable, no such attempt there); or no answer, with
-    `asked` the time the request still unanswered (`pending`) or failed (`error`) was sent."""
+    `asked` the time the request still unanswered (`pending`, its answer due at `due`) or the
+    first that failed (`error`) was sent: the node has been silent since then."""
 
     status: Status | None = None
     missing: bool = False
     pending: bool = False
     error: str | None = None
     asked: float = 0.0
+    due: float | None = None  # a long poll's answer may take this long; None: at once
 
 
 @dataclass(frozen=True)
@@ -117,13 +119,15 @@ def node_view(
     name: str, answer: Answer, now: float, silent_since: float | None, status_timeout: float
 ) -> tuple[NodeView, float | None]:
     """What one node's answer says this round, and since when it has been silent (None: it
-    answered). A request still out for less than `status_timeout` is late, not silent: a busy
-    node answers slowly, and only silence for LOST_AFTER makes a node lost."""
+    answered). A request out for less than `status_timeout` past when its answer was due is
+    late, not silent: a busy node answers slowly, and only silence for LOST_AFTER makes a node
+    lost, counted from when the unanswered request was sent."""
     if answer.status is not None:
         return view_of(name, answer.status), None
     if answer.missing:
         return NodeView(name, reachable=True, state=MISSING), None
-    if answer.pending and now - answer.asked < status_timeout:
+    due = answer.asked if answer.due is None else answer.due
+    if answer.pending and now - due < status_timeout:
         return NodeView(name, reachable=True, state=None), silent_since
     first = answer.asked if silent_since is None else silent_since
     return NodeView(name, reachable=False, unreachable_for=now - first, state=None), first

@@ -318,3 +318,17 @@ def test_a_failure_waits_for_a_running_node_whose_rank_raised_earlier() -> None:
         heartbeat_age=SETTLE_AFTER + 1,
     )
     assert observe(n1_old, n2).node == "n1"
+
+
+def test_a_long_poll_is_late_until_its_answer_is_overdue_then_silent_since_it_was_sent() -> None:
+    from ava.decide import Answer, node_view
+
+    held = Answer(pending=True, asked=100.0, due=101.0)  # the agent may hold it a second
+    view, since = node_view("n1", held, now=104.5, silent_since=None, status_timeout=4.0)
+    assert view.reachable and view.state is None and since is None  # late, not silent
+    view, since = node_view("n1", held, now=105.5, silent_since=None, status_timeout=4.0)
+    assert not view.reachable and since == 100.0 and view.unreachable_for == 5.5
+    # A failed request keeps the node silent from the first unanswered one.
+    failed = Answer(error="connection refused", asked=100.0)
+    view, since = node_view("n1", failed, now=107.0, silent_since=100.0, status_timeout=4.0)
+    assert not view.reachable and view.unreachable_for == 7.0 >= LOST_AFTER
