@@ -36,13 +36,26 @@ class Shipped:
     sent_bytes: int
 
 
+def code_manifest(recipe: Recipe) -> sync.Manifest:
+    """The recipe's code without the recipe file itself: its [env] may hold secrets, which
+    travel only in the attempt's 0600 template (as on SSH nodes, see supervisor.snapshot_code)."""
+    root = Path(recipe.root).resolve()
+    manifest = sync.manifest_of(root)
+    source = Path(recipe.source)
+    recipe_file = source / "recipe.toml" if source.is_dir() else source
+    try:
+        leave_out = recipe_file.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return manifest
+    return sync.Manifest(tuple(f for f in manifest.files if f.path != leave_out))
+
+
 def ship(login: Node, recipe: Recipe) -> Shipped:
     """The agent, node.py, ava's runtime and the recipe's code on the shared filesystem, once
     (content-addressed: what is there already is not sent again). `login.workdir` is shared_dir."""
     sync.ship_agent(login)
     runtime = sync.ship_runtime(login)
-    manifest = sync.manifest_of(Path(recipe.root))
-    code = sync.ship_tree(login, manifest, Path(recipe.root))
+    code = sync.ship_tree(login, code_manifest(recipe), Path(recipe.root).resolve())
     source = NODE_SOURCE.read_bytes()
     node_script = f"{login.workdir.rstrip('/')}/agent/slurm-node-{hashlib.sha256(source).hexdigest()[:16]}.py"
     transport = connect(login)

@@ -29,7 +29,7 @@ def node_script_path(shared_dir: str) -> str:
 def dry_run(recipe: Recipe, inventory: Inventory, settings: SlurmSettings, run_id: str, *, json_out: bool) -> int:
     """The batch script, whole, and the agents' spec template (env values hidden), as a launch makes them."""
     login = login_node(settings, inventory)
-    launch = Launch(run_id, 1, "", 0, sync.manifest_of(Path(recipe.root)).tree, sync.runtime_manifest()[0].tree, "")
+    launch = Launch(run_id, 1, "", 0, backend.code_manifest(recipe).tree, sync.runtime_manifest()[0].tree, "")
     job = submission(
         recipe,
         settings,
@@ -70,8 +70,6 @@ def train(
     detach: bool,
     make_sink: Callable[[list[str], Path], Sink],
 ) -> int:
-    if detach:
-        raise UsageError("--detach is not available on a Slurm inventory yet: run `ava train` in the foreground")
     run_id = runs.new_run_id(recipe.name)
     record = runs.RunRecord(
         id=run_id,
@@ -86,6 +84,20 @@ def train(
     record.dir.mkdir(parents=True, exist_ok=True)
     runs.private_recipe(record, recipe.raw, dict(recipe.env))
     record.save()
+    if detach:
+        from ava.slurm import background
+        from ava.supervisor import snapshot_code
+
+        # The detached supervisor reads the recipe back from the record: its text, env and code.
+        source = Path(recipe.source)
+        recipe_file = (source / "recipe.toml" if source.is_dir() else source).resolve()
+        root = Path(recipe.root).resolve()
+        leave_out = recipe_file.relative_to(root).as_posix() if recipe_file.is_relative_to(root) else None
+        snapshot_code(record, root, leave_out=leave_out)
+        background.spawn(record, Path(inventory.path).resolve())
+        console.write(run_id + "\n")
+        console.info(f"wait: ava wait {run_id}    stop: ava stop {run_id}")
+        return EXIT_OK
     console.info(f"ava: run {run_id} on Slurm through {settings.login}")
     sink = make_sink([], record.dir / "output.log")
     supervisor = SlurmSupervisor(record, recipe, inventory, settings, sink)
@@ -176,3 +188,31 @@ def stop_recorded(record: runs.RunRecord, inventory: Inventory, *, json_out: boo
     if settings is None:
         raise UsageError(f"run {record.id} ran on Slurm, but {inventory.path} has no [slurm] table any more")
     return stop(record, inventory, settings, json_out=json_out)
+
+
+def logs(record: runs.RunRecord, *, node: str | None, rank: int | None, follow: bool) -> int:
+    """`ava logs` of a Slurm run: every node's lines reached ava through the login node, and its
+    supervisor keeps them, `node/rank | text`, in the run's output.log; printed from there."""
+    path = record.dir / "output.log"
+    offset = 0
+    while True:
+        final = runs.load(record.id).final
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        end = data.rfind(b"\n") + 1
+        offset += end
+        for line in data[:end].decode("utf-8", "replace").splitlines():
+            prefix, bar, _ = line.partition(" | ")
+            where, _, which = prefix.partition("/")
+            if bar and ((node is not None and where != node) or (rank is not None and which != str(rank))):
+                continue
+            if not bar and (node is not None or rank is not None):
+                continue  # ava's own events belong to no node
+            console.write(line + "\n")
+        if not follow or final:
+            return EXIT_OK
+        time.sleep(0.5)

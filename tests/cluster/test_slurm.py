@@ -118,7 +118,10 @@ def accounted(slurm: SlurmCluster, job: str) -> str:
 
 def test_ddp_minimal_on_two_of_three_slurm_nodes(slurm_cluster: SlurmCluster, home: dict[str, str]) -> None:
     inventory = slurm_cluster.inventory()
-    done = run_ava("train", str(DDP), "--set", "resources.nodes=2", inventory=inventory, env=home, timeout=300)
+    secret = "env.AVA_T_TOKEN=s3cr3t-ddp-value"
+    done = run_ava(
+        "train", str(DDP), "--set", "resources.nodes=2", "--set", secret, inventory=inventory, env=home, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = re.findall(r"^(n\d)/(\d+)\s*\| rank (\d+) world_size (\d+)$", done.stdout, re.M)
     procs = 2  # the recipe's procs_per_node
@@ -132,6 +135,11 @@ def test_ddp_minimal_on_two_of_three_slurm_nodes(slurm_cluster: SlurmCluster, ho
     (job,) = jobs_of(home, run_id)
     assert accounted(slurm_cluster, job) == "COMPLETED"
     assert processes_of(run_id) == []
+    # The environment's values reach the shared filesystem in 0600 files only (the template, the
+    # agents' specs), never the batch script or the shipped code.
+    holding = [p for p in slurm_cluster.shared.rglob("*") if p.is_file() and b"s3cr3t-ddp-value" in p.read_bytes()]
+    assert holding and all(p.stat().st_mode & 0o777 == 0o600 for p in holding), holding
+    assert not [p for p in holding if p.suffix == ".sbatch" or "trees" in p.parts or "objects" in p.parts]
 
 
 def test_the_same_recipe_file_runs_unchanged_on_ssh_and_on_slurm(
@@ -162,6 +170,29 @@ def test_dry_run_prints_the_whole_batch_script_and_submits_nothing(slurm_cluster
     assert shown.returncode == 0, shown.stderr
     assert "#SBATCH --nodes=2\n" in shown.stdout and "exec srun " in shown.stdout
     assert slurm_cluster.sh("squeue", "-h").stdout.strip() == ""
+
+
+def test_a_detached_run_is_waited_for_and_a_pending_job_says_why(
+    slurm_cluster: SlurmCluster, home: dict[str, str]
+) -> None:
+    inventory = slurm_cluster.inventory()
+    # Every node busy with a job of someone else's: ava's job waits for Resources, and says so.
+    blocker = slurm_cluster.sh("sbatch", "--parsable", "-N3", "--wrap", "sleep 300").stdout.strip()
+    try:
+        started = run_ava("train", str(DDP), "--detach", inventory=inventory, env=home)
+        assert started.returncode == 0, started.stderr
+        run_id = started.stdout.strip()
+        log = Path(home["AVA_HOME"]) / "runs" / run_id / "output.log"
+        deadline = time.monotonic() + 60
+        while "pending (Resources)" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "pending (Resources)" in log.read_text(), log.read_text()
+    finally:
+        slurm_cluster.sh("scancel", blocker, check=False)
+    waited = run_ava("wait", run_id, "--timeout", "3m", env=home, timeout=240)
+    assert waited.returncode == 0, waited.stdout + waited.stderr + log.read_text()[-2000:]
+    assert re.search(r"^n\d/\d+ \| rank 1 world_size 2$", log.read_text(), re.M), log.read_text()[-2000:]
+    assert ps(home)[0]["state"] == "succeeded"
 
 
 def test_stop_cancels_the_job_and_leaves_no_process(slurm_cluster: SlurmCluster, home: dict[str, str]) -> None:
