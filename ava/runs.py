@@ -91,6 +91,14 @@ class RunRecord:
     def current(self) -> Attempt | None:
         return self.attempts[-1] if self.attempts else None
 
+    def widest_world(self) -> int:
+        """The most ranks any attempt of the run had (nodes x processes per node)."""
+        resources = self.raw.get("resources", {}) if isinstance(self.raw.get("resources"), dict) else {}
+        gpus = resources.get("gpus_per_node", 0)
+        per_node = resources.get("procs_per_node") or (gpus if isinstance(gpus, int) and gpus > 0 else 1)
+        widest = max([len(a.nodes) for a in self.attempts] + [len(self.nodes)])
+        return widest * (per_node if isinstance(per_node, int) and per_node > 0 else 1)
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["attempts"] = [asdict(a) for a in self.attempts]

@@ -451,15 +451,6 @@ def _show_run(record: RunRecord) -> None:
         console.table(["attempt", "state", "nodes", "took", "cause"], attempts)
 
 
-def _world(record: RunRecord) -> int:
-    """The most ranks any attempt of the run had (nodes x procs per node), for checking --rank."""
-    resources = record.raw.get("resources", {}) if isinstance(record.raw.get("resources"), dict) else {}
-    gpus = resources.get("gpus_per_node", 0)
-    per_node = resources.get("procs_per_node") or (gpus if isinstance(gpus, int) and gpus > 0 else 1)
-    widest = max([len(a.nodes) for a in record.attempts] + [len(record.nodes)])
-    return widest * (per_node if isinstance(per_node, int) and per_node > 0 else 1)
-
-
 @app.command(
     epilog=epilog(
         'ava logs "$RUN" -f',
@@ -494,8 +485,8 @@ def logs(
     names = sorted({n for a in record.attempts for n in a.nodes} | set(record.nodes))
     if node is not None and node not in names:
         raise UsageError(f"run {record.id} ran on {', '.join(names)}; no node {node} there (see `ava ps {record.id}`)")
-    if rank is not None and not 0 <= rank < _world(record):
-        raise UsageError(f"run {record.id} has ranks 0 to {_world(record) - 1}; no rank {rank}")
+    if rank is not None and not 0 <= rank < record.widest_world():
+        raise UsageError(f"run {record.id} has ranks 0 to {record.widest_world() - 1}; no rank {rank}")
     if tail is not None and tail < 0:
         raise UsageError(f"--tail {tail}: expected a number of lines, 0 or more")
     horizon = time.time() - parse_duration(since, source="--since", key="") if since else None
