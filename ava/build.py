@@ -51,10 +51,10 @@ def platforms(arch: str) -> list[str]:
 
 
 def dependencies() -> list[str]:
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    else:
+        import tomli as tomllib
 
     with open(REPO / "pyproject.toml", "rb") as f:
         return list(tomllib.load(f)["project"]["dependencies"])
@@ -199,7 +199,7 @@ def stage_ava(staging: Path, info: dict[str, str]) -> Path:
 def build(out: Path, arch: str = "x86_64", pythons: Sequence[str] = PYTHONS) -> dict[str, str]:
     """Build the file at OUT; returns its build record."""
     try:
-        import shiv  # noqa: F401
+        import shiv  # type: ignore[import-untyped,unused-ignore]  # noqa: F401  # shiv has no stubs or py.typed
     except ImportError:
         raise BuildError("shiv is not installed: pip install -e '.[build]' (or pip install shiv)") from None
     pythons = sorted(pythons, key=lambda v: tuple(int(p) for p in v.split(".")))

@@ -25,8 +25,8 @@ import builtins
 import os
 from typing import IO, Any
 
-import fsspec
-from fsspec.core import split_protocol
+import fsspec  # type: ignore[import-untyped,unused-ignore]  # fsspec has no stubs or py.typed
+from fsspec.core import split_protocol  # type: ignore[import-untyped,unused-ignore]  # fsspec has no stubs or py.typed
 
 from ava.cache import AvaCacheFileSystem
 
@@ -57,6 +57,8 @@ def open(
         return builtins.open(url, mode)
     use = cache_enabled() if cache is None else cache
     if not use or protocol in _LOCAL or "r" not in mode or "+" in mode:
-        return fsspec.open(url, mode, **storage_options).open()
+        handle: IO[Any] = fsspec.open(url, mode, **storage_options).open()
+        return handle
     cfs = AvaCacheFileSystem(target_protocol=protocol, target_options=storage_options)
-    return cfs.open(url, mode)
+    cached: IO[Any] = cfs.open(url, mode)
+    return cached

@@ -33,7 +33,7 @@ def python_module(module: str) -> list[str]:
     return [sys.executable, INTERPRETER_FLAGS, _file]
 
 
-def child_env(module: str) -> dict:
+def child_env(module: str) -> dict[str, str]:
     """What to add to a child's environment for `python_module(module)` (nothing outside the file)."""
     return {} if _file is None else {MODULE_ENV: module}
 
@@ -51,7 +51,7 @@ def _isolate() -> None:
 
     def own(entry: str) -> bool:
         path = os.path.abspath(entry or ".")
-        if path == _file or path == bundle or path.startswith(bundle + os.sep):
+        if path in (_file, bundle) or path.startswith(bundle + os.sep):
             return True
         parts = path.split(os.sep)
         if "site-packages" in parts or "dist-packages" in parts:
@@ -66,12 +66,14 @@ def _isolate() -> None:
 def _check_python() -> None:
     """A python3 whose version the file carries no compiled modules for fails on the first of them:
     say so at once instead."""
-    from ava._build import BUILD
+    import importlib
 
+    # ava/_build.py exists inside the one file only (ava.build writes it), so not for the checker.
+    build: dict[str, str] = importlib.import_module("ava._build").BUILD
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    if here not in BUILD["pythons"].split(","):
+    if here not in build["pythons"].split(","):
         sys.stderr.write(
-            f"ava: this file carries its dependencies for CPython {BUILD['pythons']}, and "
+            f"ava: this file carries its dependencies for CPython {build['pythons']}, and "
             f"{sys.executable} is {here}: run it as `python3.X {_file} ...` with one of those, "
             "or install ava with pip\n"
         )

@@ -102,8 +102,8 @@ class RankWatch:
         else:
             time.sleep(timeout)
         # Without a pidfd (old kernel or Python): a liveness check each tick.
-        for pid, (rank, fd) in list(self._live.items()):
-            if fd is None and not procs.alive(pid):
+        for pid, (rank, pidfd) in list(self._live.items()):
+            if pidfd is None and not procs.alive(pid):
                 del self._live[pid]
                 self._exited(pid, rank, None)
 

@@ -22,8 +22,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import paramiko
-from fabric import Connection
+import paramiko  # type: ignore[import-untyped,unused-ignore]  # stubs: types-paramiko, not installed
+from fabric import Connection  # type: ignore[import-untyped,unused-ignore]  # no stubs or py.typed
 
 from ava.errors import CommandError, ConnectError
 from ava.transport.base import LineCallback, LineSplitter, Result, shell_path
@@ -41,16 +41,16 @@ logging.getLogger("paramiko").propagate = False
 _GET_START = "ava-file-start"
 
 
-class UnknownHostKey(paramiko.SSHException):
+class UnknownHostKey(paramiko.SSHException):  # type: ignore[misc,unused-ignore]  # paramiko is untyped here
     pass
 
 
-class _StrictPolicy(paramiko.MissingHostKeyPolicy):
+class _StrictPolicy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,unused-ignore]  # paramiko is untyped here
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         raise UnknownHostKey(hostname)
 
 
-class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
+class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,unused-ignore]  # paramiko is untyped here
     """Record a key never seen before (OpenSSH's StrictHostKeyChecking=accept-new).
 
     A key that changed never reaches a policy: paramiko raises BadHostKeyException for it.
@@ -184,7 +184,12 @@ class SSHTransport:
         expired = threading.Event()
         timer = None
         if timeout is not None:
-            timer = threading.Timer(timeout, lambda: (expired.set(), self._drop()))
+
+            def expire() -> None:
+                expired.set()
+                self._drop()
+
+            timer = threading.Timer(timeout, expire)
             timer.daemon = True
             timer.start()
         try:
@@ -225,7 +230,8 @@ class SSHTransport:
         if self._sftp_missing:
             return None
         try:
-            return connection.sftp()
+            sftp: paramiko.SFTPClient = connection.sftp()  # fabric is untyped
+            return sftp
         except (paramiko.SSHException, EOFError) as error:
             transport = connection.client.get_transport()
             if transport is None or not transport.is_active():
