@@ -40,7 +40,7 @@ try:  # ava's user-side modules are on PYTHONPATH under ava; the script also run
 except ImportError:
     ckpt = None  # type: ignore[assignment]
 
-    def progress(step: int, *, force: bool = False) -> None:
+    def progress(step: int, *, force: bool = False, **metrics: float) -> None:
         pass
 
 
@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="exit 1 after step K (and its checkpoint, if any): simulates a crash",
     )
+    p.add_argument("--exit-attempt", type=int, default=None, help="only in this attempt of an ava run (AVA_ATTEMPT)")
+    p.add_argument("--exit-rank", type=int, default=None, help="only this rank exits (the others are torn down)")
     p.add_argument("--log-every", type=int, default=100, help="print the loss every N steps")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch", type=int, default=16, help="sequences per rank per step")
@@ -230,7 +232,11 @@ def main() -> int:
     ddp = DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
-        how = f"resumed from step {start}" if resumed is not None else "starting from scratch"
+        how = (
+            f"resumed from step {start} weights sha256 {weights_sha256(model)}"
+            if resumed is not None
+            else "starting from scratch"
+        )
         say(f"charlm: {params:,} parameters, {len(chars)} characters, {len(text):,} of text, world_size {world}, {how}")
 
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -243,16 +249,19 @@ def main() -> int:
         loss.backward()
         opt.step()
         done = step + 1
-        progress(done)
-        window_loss, window_steps = window_loss + loss.item(), window_steps + 1
+        value = loss.item()
+        window_loss, window_steps = window_loss + value, window_steps + 1
 
         if rank == 0 and (done % args.log_every == 0 or done == args.steps):
             ms = (time.perf_counter() - window_start) * 1000 / window_steps
+            checked = val_loss(model, val, args, device)
             say(
                 f"step {done}/{args.steps} loss {window_loss / window_steps:.3f} "
-                f"val {val_loss(model, val, args, device):.3f} lr {lr_at(step, args):.2e} "
-                f"{ms:.0f} ms/step"
+                f"val {checked:.3f} lr {lr_at(step, args):.2e} {ms:.0f} ms/step"
             )
+            progress(done, loss=value, lr=lr_at(step, args), val_loss=checked)
+        else:
+            progress(done, loss=value, lr=lr_at(step, args))  # ava show / ava plot draw these
         if done % args.log_every == 0:
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
 
@@ -267,7 +276,8 @@ def main() -> int:
             }
             ckpt.save(state, done, dir=ckpt_dir, keep=args.keep, async_=True)
             progress(done, force=True)
-        if args.exit_at_step == done:
+        crash = args.exit_attempt in (None, int(os.environ.get("AVA_ATTEMPT") or 0))
+        if args.exit_at_step == done and crash and args.exit_rank in (None, rank):
             if ckpt is not None:
                 ckpt.wait()
             say(f"rank {rank} exiting at step {done} on purpose")
