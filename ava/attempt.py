@@ -14,7 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,8 @@ class Prepared:
     runtime_tree: str
     code_stats: dict[str, sync.SyncStats] = field(default_factory=dict)
     pythons: dict[str, str] = field(default_factory=dict)  # the interpreter of the run, per node
+    routes: dict[str, Route] | None = None  # found while preparing (see prepare's MASTER)
+    port: int | None = None
 
 
 def agent_command(node: Node, *args: str) -> str:
@@ -72,26 +74,60 @@ def fail_on_errors(outcomes: dict[str, Any], what: str) -> None:
 
 
 def prepare(
-    nodes: list[Node], code_root: Path, manifest: sync.Manifest, *, recipe: Recipe, inventory_dir: Path
+    nodes: list[Node],
+    code_root: Path,
+    manifest: sync.Manifest,
+    *,
+    recipe: Recipe,
+    inventory_dir: Path,
+    master: str | None = None,
 ) -> Prepared:
     """Provision what is missing on every node (agent, runtime, cache config, cgroup parent,
-    the run's venv), then put the run's code there. Costs one check per node when all is there."""
+    the run's venv), then put the run's code where it is not yet. With MASTER, the nodes' routes
+    to it are found in the same trip that asks whether the code is there: on a warm launch that
+    is two trips per node (the provision check, this probe), and the start is the third."""
     from ava import provision
 
     prepared = Prepared(manifest.tree, sync.runtime_manifest()[0].tree)
     fail_on_errors(provision.ensure(nodes, recipe=recipe, base=inventory_dir), "provisioning nodes")
-    outcomes = run_all(nodes, lambda node: sync.ship_tree(node, manifest, code_root))
+    lacking = nodes
+    if master is not None:
+        found = probe(nodes, master, trees=[manifest.tree])
+        prepared.routes, prepared.port = found.routes, found.port
+        lacking = [node for node in nodes if manifest.tree in found.missing.get(node.name, ())]
+        prepared.code_stats = {
+            node.name: sync.SyncStats(manifest.tree, len(manifest.files), 0, 0) for node in nodes if node not in lacking
+        }
+    outcomes = run_all(lacking, lambda node: sync.ship_tree(node, manifest, code_root))
     fail_on_errors(outcomes, "sending the code")
-    prepared.code_stats = {name: o for name, o in outcomes.items() if isinstance(o, sync.SyncStats)}
+    prepared.code_stats.update({name: o for name, o in outcomes.items() if isinstance(o, sync.SyncStats)})
     prepared.pythons = {node.name: provision.venv_python(node, recipe=recipe, root=inventory_dir) for node in nodes}
     return prepared
 
 
+@dataclass(frozen=True)
+class Probe:
+    routes: dict[str, Route]  # each node's route to the master
+    port: int  # a free port on the master for the rendezvous
+    missing: dict[str, list[str]]  # per node, the asked-about code trees it does not have
+
+
 def routes(nodes: list[Node], master: str) -> tuple[dict[str, Route], int]:
     """Each node's route to the master, and a free port on the master for the rendezvous."""
+    found = probe(nodes, master)
+    return found.routes, found.port
+
+
+def probe(nodes: list[Node], master: str, *, trees: Sequence[str] = ()) -> Probe:
+    """One agent call per node: its route to the master (and on the master a free port), and
+    which of TREES it lacks."""
 
     def one(node: Node) -> dict[str, Any]:
         args = ["route", master, node.interface, *(["--port"] if node is nodes[0] else [])]
+        for tree in trees:
+            args += ["--tree", tree]
+        if trees:
+            args += ["--workdir", node.workdir]
         result = connect(node).run(agent_command(node, *args), timeout=30).check("route probe")
         facts = _last_json(result.stdout)
         if facts.get("error"):
@@ -102,14 +138,21 @@ def routes(nodes: list[Node], master: str) -> tuple[dict[str, Route], int]:
 
     outcomes = run_all(nodes, one)
     fail_on_errors(outcomes, "finding routes to the master")
-    found = {
-        name: Route(str(f["address"]), str(f["interface"]), str(f.get("home") or "/"), int(f.get("cpus") or 1))
-        for name, f in outcomes.items()
-        if isinstance(f, dict)
-    }
+    found: dict[str, Route] = {}
+    missing: dict[str, list[str]] = {}
+    for name, facts in outcomes.items():
+        if isinstance(facts, dict):
+            found[name] = Route(
+                str(facts["address"]),
+                str(facts["interface"]),
+                str(facts.get("home") or "/"),
+                int(facts.get("cpus") or 1),
+            )
+            ready = facts.get("trees_ready") or {}
+            missing[name] = [tree for tree in trees if not ready.get(tree)]
     first = outcomes[nodes[0].name]
     assert isinstance(first, dict)
-    return found, int(first["port"])
+    return Probe(found, int(first["port"]), missing)
 
 
 def start(launches: list[NodeLaunch], master_address: str, port: int) -> None:
@@ -121,8 +164,8 @@ def start(launches: list[NodeLaunch], master_address: str, port: int) -> None:
     tried: list[Node] = []
     try:
         tried.append(launches[0].node)
-        start_one(launches[0])
-        wait_for_store(launches[0], master_address, port)
+        # One trip to the master: it starts, then answers once its rendezvous store listens.
+        start_one(replace(launches[0], wait_store=(master_address, port)))
         others = launches[1:]
         tried += [launch.node for launch in others]
         by_node = {launch.node.name: launch for launch in others}
@@ -142,7 +185,11 @@ def start_one(launch: NodeLaunch) -> Status:
     transport = connect(node)
     # The spec (environment included) travels as a file: values never appear on a command line.
     transport.put(json.dumps(spec.to_json()).encode(), spec_path, mode=0o600)
-    result = transport.run(agent_command(node, "start", spec_path), timeout=120)
+    args = ["start", spec_path]
+    if launch.wait_store is not None:
+        address, port = launch.wait_store
+        args += ["--wait-store", address, str(port), "--store-timeout", f"{STORE_TIMEOUT:g}"]
+    result = transport.run(agent_command(node, *args), timeout=120 + STORE_TIMEOUT)
     payload = _last_json(result.stdout)
     if result.exited == ExitCode.BUSY:
         raise LeaseBusy(node.name, [Holder.from_json(h) for h in payload.get("holders", [])])
@@ -151,25 +198,15 @@ def start_one(launch: NodeLaunch) -> Status:
             f"{node.name}: its agent speaks another protocol ({payload.get('problem')}); "
             "`ava provision` installs this version's agent"
         )
+    started = payload.get("state") in (protocol.RUNNING, protocol.SUCCEEDED)
+    if launch.wait_store is not None and (payload.get("store") or started) and payload.get("store") != "ready":
+        why = payload.get("store") or payload.get("state")
+        raise CommandError(f"{node.name}: the master's rendezvous never came up ({why})", tail=result.tail())
     if not result.ok:
         raise CommandError(
             f"{node.name}: the agent could not start the attempt (exit {result.exited})", tail=result.tail()
         )
     return _status(node, payload, result.tail())
-
-
-def wait_for_store(launch: NodeLaunch, address: str, port: int) -> None:
-    """Block until the master's rendezvous store accepts connections, or its attempt ended.
-
-    Workers started before the store listens back off for up to ~30 s; waiting here first
-    makes the whole start fast. One wait on the node, not one SSH round trip per try.
-    """
-    node, spec = launch.node, launch.spec
-    args = ["wait-store", node.workdir, spec.run, str(spec.attempt), address, str(port), f"{STORE_TIMEOUT:g}"]
-    result = connect(node).run(agent_command(node, *args), timeout=STORE_TIMEOUT + 30)
-    if not result.ok:
-        state = _last_json(result.stdout).get("state") or "unknown"
-        raise CommandError(f"{node.name}: the master's rendezvous never came up ({state})")
 
 
 def status_of(
@@ -272,9 +309,16 @@ class AgentClient:
         self._metrics_from: dict[str, int] = {}  # per node: the metric bytes already handed over
 
     def prepare(
-        self, nodes: list[Node], code_root: Path, manifest: sync.Manifest, *, recipe: Recipe, inventory_dir: Path
+        self,
+        nodes: list[Node],
+        code_root: Path,
+        manifest: sync.Manifest,
+        *,
+        recipe: Recipe,
+        inventory_dir: Path,
+        master: str | None = None,
     ) -> Prepared:
-        return prepare(nodes, code_root, manifest, recipe=recipe, inventory_dir=inventory_dir)
+        return prepare(nodes, code_root, manifest, recipe=recipe, inventory_dir=inventory_dir, master=master)
 
     def prefetch(
         self, nodes: list[Node], recipe: Recipe, pythons: dict[str, str], report: Callable[[str], None]
@@ -325,7 +369,23 @@ class AgentClient:
             self._pending[node.name] = (future, now, now + (self.long_poll if since else 0.0))
         waiting = [future for future, _, _ in self._pending.values()]
         if waiting:
-            concurrent.futures.wait(waiting, timeout=wait, return_when=concurrent.futures.FIRST_COMPLETED)
+            # Back when something changed, with every node's state known (each judgement sees
+            # the whole attempt), or at the deadline with what is known then.
+            deadline = now + wait
+            while True:
+                done, _ = concurrent.futures.wait(
+                    waiting, timeout=max(0.0, deadline - time.time()), return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                unknown = [
+                    n.name
+                    for n in nodes
+                    if n.name not in self._latest and n.name in self._pending and not self._pending[n.name][0].done()
+                ]
+                if (done and not unknown) or time.time() >= deadline:
+                    break
+                waiting = [future for future in waiting if not future.done()]
+                if not waiting:
+                    break
         else:  # every node failed a moment ago: ask again when the first retry is due
             time.sleep(max(0.0, min(min(self._retry_at.values(), default=now + wait) - now, wait)))
         now = time.time()

@@ -56,6 +56,7 @@ class NodeLaunch:
     node: Node
     argv: list[str]
     spec: StartSpec
+    wait_store: tuple[str, int] | None = None  # the master: its start waits for the rendezvous store
 
 
 def checkpoint_dir(recipe: Recipe, run_id: str) -> str | None:

@@ -47,7 +47,7 @@ from ava.decide import (
     startup_signature,
 )
 from ava.errors import AvaError, ConnectError
-from ava.launch import Launch, NodeLaunch, plan
+from ava.launch import Launch, NodeLaunch, Route, plan
 from ava.runs import Attempt, RunRecord
 from ava.runs import load as runs_load
 
@@ -131,11 +131,12 @@ def plan_attempt(
     pythons: dict[str, str],
     *,
     client: AgentClient | None = None,
+    found: tuple[dict[str, Route], int] | None = None,
 ) -> tuple[list[NodeLaunch], str, int]:
     """What each node runs for this attempt (asks the nodes their routes and the master a free
-    port); a launch and `ava train --dry-run` both come through here."""
+    port, unless FOUND already has them); a launch and `ava train --dry-run` both come through here."""
     master = master_address(nodes[0])
-    routes, port = (client or AgentClient()).routes(nodes, master)
+    routes, port = found if found is not None else (client or AgentClient()).routes(nodes, master)
     launch = Launch(run_id, number, master, port, code_tree, runtime_tree, current_user())
     return plan(recipe, nodes, launch, routes, pythons=pythons), master, port
 
@@ -365,7 +366,12 @@ class Supervisor:
 
     def _launch(self, nodes: list[Node], current: Attempt) -> None:
         prepared = self.client.prepare(
-            nodes, self.code_root, self.manifest, recipe=self.recipe, inventory_dir=self.inventory.path.resolve().parent
+            nodes,
+            self.code_root,
+            self.manifest,
+            recipe=self.recipe,
+            inventory_dir=self.inventory.path.resolve().parent,
+            master=master_address(nodes[0]),
         )
         self.client.prefetch(nodes, self.recipe, prepared.pythons, self.sink.event)
         self.record.code_tree = prepared.code_tree
@@ -386,6 +392,9 @@ class Supervisor:
             prepared.runtime_tree,
             prepared.pythons,
             client=self.client,
+            found=(prepared.routes, prepared.port)
+            if prepared.routes is not None and prepared.port is not None
+            else None,
         )
         current.master_port = port
         self.client.start(launches, master, port)

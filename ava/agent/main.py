@@ -81,6 +81,12 @@ def cmd_start(args: argparse.Namespace) -> int:
         pid = monitor.spawn(spec, adir, gpus, slots, ledger.fd)
         ledger.grant(want, spec.attempt, spec.user, pid, gpus, slots, spec.workdir)
     st = _wait_started(spec.workdir, adir, pid)
+    if args.wait_store and st.get("state") == RUNNING:
+        # The master: answer once its rendezvous store listens, so the others can start at once.
+        address, port = args.wait_store
+        st = {**st, "store": _wait_store(adir, address, int(port), args.store_timeout)}
+        _emit(st)
+        return EXIT_OK if st["store"] == "ready" else EXIT_FAILED
     _emit(st)
     return EXIT_OK if st.get("state") in (RUNNING, SUCCEEDED) else EXIT_FAILED
 
@@ -285,32 +291,33 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     from .facts import route
 
-    _emit(route(args.master, args.interface, args.port))
+    found = route(args.master, args.interface, args.port)
+    if args.tree:
+        # Which code trees are here already: a launch ships only those missing, in the same trip.
+        trees = layout.workdir(args.workdir) / "trees"
+        found["trees_ready"] = {tree: (trees / f"{tree}.complete").is_file() for tree in args.tree}
+    _emit(found)
     return EXIT_OK
 
 
-def cmd_wait_store(args: argparse.Namespace) -> int:
-    """Wait until the master's rendezvous store accepts connections, or the attempt ended here.
-    One wait on the node instead of one round trip per try."""
+def _wait_store(adir: Path, address: str, port: int, timeout: float) -> str:
+    """Wait until the master's rendezvous store accepts connections ("ready"), or the attempt
+    ended here (its state), or TIMEOUT seconds passed ("timeout")."""
     import socket
 
-    adir = layout.attempt_dir(layout.workdir(args.workdir), args.run, args.attempt)
-    end = time.monotonic() + args.timeout
+    end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
-            socket.create_connection((args.address, args.port), timeout=1).close()
-            _emit({"ready": True})
-            return EXIT_OK
+            socket.create_connection((address, port), timeout=1).close()
+            return "ready"
         except OSError:
             pass
         st = status.read(adir)
         if status.is_final(st):
             assert st is not None
-            _emit({"ready": False, "state": st["state"]})
-            return EXIT_FAILED
-        time.sleep(0.05)
-    _emit({"ready": False, "state": "timeout"})
-    return EXIT_FAILED
+            return str(st["state"])
+        time.sleep(0.02)
+    return "timeout"
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -327,6 +334,8 @@ def parser() -> argparse.ArgumentParser:
     programs.add_parsers(sub)
     s = sub.add_parser("start", help="lease, fence and start one attempt")
     s.add_argument("spec")
+    s.add_argument("--wait-store", nargs=2, metavar=("ADDRESS", "PORT"), help="then wait for the rendezvous store")
+    s.add_argument("--store-timeout", type=float, default=120.0)
     s.set_defaults(func=cmd_start)
     s = sub.add_parser("status", help="status of an attempt (default: the latest)")
     s.add_argument("workdir")
@@ -359,15 +368,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("master")
     s.add_argument("interface")
     s.add_argument("--port", action="store_true", help="also pick a free port for the rendezvous")
+    s.add_argument("--workdir", default="~/.ava", help="where --tree looks")
+    s.add_argument("--tree", action="append", default=[], help="also say whether this code tree is here")
     s.set_defaults(func=cmd_route)
-    s = sub.add_parser("wait-store", help="wait for the master's rendezvous store, or the attempt's end")
-    s.add_argument("workdir")
-    s.add_argument("run")
-    s.add_argument("attempt", type=int)
-    s.add_argument("address")
-    s.add_argument("port", type=int)
-    s.add_argument("timeout", type=float)
-    s.set_defaults(func=cmd_wait_store)
     s = sub.add_parser("cache", help="the cache's command line (status | warm | clear) from the runtime tree")
     s.add_argument("runtime", help="ava's runtime tree on this node (WORKDIR/trees/HASH)")
     s.add_argument("env_file", help='a JSON file of environment variables, deleted once read; "-" for none')

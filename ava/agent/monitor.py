@@ -306,6 +306,10 @@ class Monitor:
         self.st["cgroup"] = fence.info()
         oom = False
         ranks = RankWatch(job.pid, self.dir / layout.RANK_ERRORS)
+        try:
+            job_fd: int | None = os.pidfd_open(job.pid)  # wakes the loop the moment torchrun ends
+        except (AttributeError, OSError):
+            job_fd = None
         last = time.monotonic()
         while job.poll() is None:
             if fence.oom_happened():
@@ -314,15 +318,19 @@ class Monitor:
             if self._stop_requested():
                 self._terminate(job)
                 break
-            if time.monotonic() - last >= HEARTBEAT:
-                # While running: the ranks that raised, so the supervisor can tell that a failure
-                # here came before one another node already reported.
-                self.st["rank_fail_times"] = ranks.raised()
+            raised = ranks.raised()
+            if raised != self.st["rank_fail_times"] or time.monotonic() - last >= HEARTBEAT:
+                # While running: the ranks that raised, written as soon as one does (a long poll
+                # answers on it), so the supervisor can tell that a failure here came before one
+                # another node already reported.
+                self.st["rank_fail_times"] = raised
                 self._save()
                 last = time.monotonic()
             ranks.scan()
-            ranks.wait(TICK)
+            ranks.wait(TICK, also=job_fd)
             self._note_output()
+        if job_fd is not None:
+            os.close(job_fd)
         # Orphaned workers (torchrun killed, a rank that double-forked) die with the fence.
         oom = oom or fence.oom_happened()
         if oom:
@@ -357,7 +365,13 @@ class Monitor:
         if rc == 0:
             self._finish(SUCCEEDED, EXIT)
             return 0
-        self.st["rank_exit_codes"] = status.parse_rank_exit_codes(status.tail(self.dir / layout.OUTPUT))
+        codes = status.parse_rank_exit_codes(status.tail(self.dir / layout.OUTPUT))
+        for rank in ranks.raised():
+            if codes.get(rank, 0) < 0:
+                # Its exception reached the top, then torchrun ended it by signal while its
+                # interpreter wound down: it failed with the exit code that exception gives.
+                codes[rank] = 1
+        self.st["rank_exit_codes"] = codes
         self._finish(FAILED, EXIT)
         return 1
 

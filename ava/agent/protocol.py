@@ -199,6 +199,7 @@ class Status:
     # With `status --metrics-from N`: the metric lines recorded past byte N, and the offset after them.
     metrics: tuple[dict[str, Any], ...] = ()
     metrics_end: int | None = None
+    store: str | None = None  # `start --wait-store`: "ready", or why the rendezvous store never came up
     protocol: int = PROTOCOL
 
     @classmethod
@@ -239,6 +240,7 @@ class Status:
             digest=str(raw.get("digest") or ""),
             metrics=tuple(m for m in raw.get("metrics") or () if isinstance(m, dict)),
             metrics_end=_opt_int(raw.get("metrics_end")),
+            store=_opt_str(raw.get("store")),
             protocol=int(raw.get("protocol") or PROTOCOL),
         )
 

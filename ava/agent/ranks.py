@@ -92,13 +92,16 @@ class RankWatch:
                 continue
             self._live[pid] = (str(rank), fd)
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float, also: int | None = None) -> None:
+        """Sleep until a rank exits, or the process behind the pidfd ALSO does, or TIMEOUT."""
         fds = {fd: pid for pid, (_, fd) in self._live.items() if fd is not None}
-        if fds:
-            ready, _, _ = select.select(list(fds), [], [], timeout)
+        watched = list(fds) + ([also] if also is not None else [])
+        if watched:
+            ready, _, _ = select.select(watched, [], [], timeout)
             for fd in ready:
-                pid = fds[fd]
-                self._exited(pid, self._live.pop(pid)[0], fd)
+                if fd in fds:
+                    pid = fds[fd]
+                    self._exited(pid, self._live.pop(pid)[0], fd)
         else:
             time.sleep(timeout)
         # Without a pidfd (old kernel or Python): a liveness check each tick.

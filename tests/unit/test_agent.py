@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -307,9 +308,11 @@ def test_zipapp_runs_isolated_from_a_temp_dir(tmp_path: Path) -> None:
 
 
 @needs_cgroups
-def test_status_long_poll_answers_when_the_attempt_ends_not_at_its_timeout(agent: Agent) -> None:
+def test_status_long_poll_answers_when_the_attempt_ends_not_at_its_timeout(agent: Agent, tmp_path: Path) -> None:
     run = agent.new_run("poll")
-    rc, st = agent.start(agent.spec(run, [sys.executable, "-c", "import time; time.sleep(1.0)"]))
+    release = tmp_path / "release"
+    job = f"import os, time\nwhile not os.path.exists({str(release)!r}): time.sleep(0.05)"
+    rc, st = agent.start(agent.spec(run, [sys.executable, "-c", job]))
     assert rc == 0 and st["state"] == "running", st
     first = agent.status(run)
     # Unchanged: the agent holds the request for --wait seconds, then answers with a fresh heartbeat.
@@ -318,6 +321,7 @@ def test_status_long_poll_answers_when_the_attempt_ends_not_at_its_timeout(agent
     assert time.monotonic() - asked >= 0.3
     assert same["digest"] == first["digest"] and same["state"] == "running"
     # The job ends during a long wait: the answer comes as the status changes, long before 20 s.
+    threading.Timer(0.5, release.touch).start()
     asked = time.monotonic()
     _, final = agent.cli("status", str(agent.work), run, "--since", first["digest"], "--wait", "20")
     assert time.monotonic() - asked < 10.0
