@@ -113,7 +113,10 @@ class Probe:
 
 
 def routes(nodes: list[Node], master: str) -> tuple[dict[str, Route], int]:
-    """Each node's route to the master, and a free port on the master for the rendezvous."""
+    """Each node's route to the master, and a free port on the master for the rendezvous.
+    Asks the agent, put on a node that has none yet (`ava train --dry-run` on fresh nodes): a
+    launch provisions first and asks in `probe`."""
+    fail_on_errors(run_all(nodes, sync.ship_agent), "putting ava's agent on the nodes")
     found = probe(nodes, master)
     return found.routes, found.port
 

@@ -290,10 +290,9 @@ def _indent(text: str) -> str:
 
 TRACED_STEPS = [
     ("ava.provision", "ensure", "provision check"),
+    ("ava.attempt", "probe", "route probe"),
     ("ava.sync", "ship_tree", "code sync"),
-    ("ava.attempt", "routes", "route probe"),
     ("ava.attempt", "start_one", "agent start"),
-    ("ava.attempt", "wait_for_store", "master store wait"),
 ]
 
 
@@ -346,10 +345,10 @@ def _trace_marks(run: Stamped) -> dict[str, float | None]:
     return {
         "provision begin": at("begin", "provision check"),
         "provision end": at("end", "provision check"),
-        "sync end": at("end", "code sync", max),
         "routes end": at("end", "route probe"),
+        "sync end": at("end", "code sync", max),  # only where the code was missing
+        # The master's start answers once its rendezvous store listens.
         "master started": at("end", "agent start", who=master),
-        "store listening": at("end", "master store wait"),
         "others started": at("end", "agent start", max) if len(starts) > 1 else None,
     }
 
@@ -454,14 +453,17 @@ def traced_steps(trial: Trial) -> list[tuple[str, float, float]]:
     steps = [
         ("CLI start, recipe, run record, code snapshot", None, m.get("attempt 1 starting")),
         ("provision check (ensure, all nodes)", m.get("provision begin"), m.get("provision end")),
-        ("code sync (all nodes)", m.get("provision end"), m.get("sync end")),
-        ("route probe + free port (all nodes)", m.get("sync end"), m.get("routes end")),
-        ("agent start on the master", m.get("routes end"), m.get("master started")),
-        ("wait for the master's store to listen", m.get("master started"), m.get("store listening")),
-        ("agent start on the others (parallel)", m.get("store listening"), m.get("others started")),
+        ("route probe + free port + code check (all nodes)", m.get("provision end"), m.get("routes end")),
+        ("code sync (nodes missing it)", m.get("routes end"), m.get("sync end")),
+        (
+            "agent start on the master, until its store listens",
+            m.get("sync end") or m.get("routes end"),
+            m.get("master started"),
+        ),
+        ("agent start on the others (parallel)", m.get("master started"), m.get("others started")),
         (
             "torchrun up, rendezvous, ranks print (log follow)",
-            m.get("others started") or m.get("store listening") or m.get("master started"),
+            m.get("others started") or m.get("master started"),
             trial.ranks,
         ),
         ("after every rank ran: poll, teardown, exit", None, trial.exit),
