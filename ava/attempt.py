@@ -26,7 +26,8 @@ from ava.config import Node, Recipe
 from ava.decide import Answer, liveness_scale
 from ava.errors import AvaError, CommandError
 from ava.launch import NodeLaunch, Route
-from ava.transport import connect, run_all, shell_path
+from ava.sync import agent_command
+from ava.transport import connect, run_all
 
 STATUS_TIMEOUT = 4.0 * liveness_scale()  # a status poll slower than this counts as the node not answering
 STORE_TIMEOUT = 120.0
@@ -56,11 +57,6 @@ class Prepared:
     pythons: dict[str, str] = field(default_factory=dict)  # the interpreter of the run, per node
     routes: dict[str, Route] | None = None  # found while preparing (see prepare's MASTER)
     port: int | None = None
-
-
-def agent_command(node: Node, *args: str) -> str:
-    # shell_path keeps a leading `~/` for the node's shell to expand; everything else is quoted.
-    return " ".join([shell_path(node.python), shell_path(sync.agent_path(node)), *map(shell_path, args)])
 
 
 def fail_on_errors(outcomes: dict[str, Any], what: str) -> None:

@@ -2,16 +2,18 @@
 
 It ships as one file (``build_zipapp()``) and is called over SSH as
 ``python3 agent.pyz CMD ...`` (in-tree: ``python3 -m ava.agent CMD ...``). Every command
-prints ONE JSON object on stdout (``logs`` prints raw bytes). Exit codes: 0 success,
-1 the attempt failed / run or attempt unknown / teardown left something, 2 bad spec or
-usage, 4 busy (GPUs or CPU slots held by another run).
+prints ONE JSON object on stdout (``logs`` prints raw bytes). Exit codes (protocol.ExitCode):
+0 success, 1 the attempt failed / run or attempt unknown / teardown left something, 2 bad spec
+or usage, 4 busy (GPUs or CPU slots held by another run), 5 a spec of another protocol version.
+What the core and the agent say to each other is typed in ``protocol.py``: the start spec, the
+status, lease holders, every state and failure kind.
 
 Commands
 --------
-``start SPEC_PATH``
-    SPEC is JSON::
+``start SPEC_PATH [--wait-store ADDRESS PORT]``
+    SPEC is JSON (protocol.StartSpec)::
 
-        {"run": "ddp-20261123-101200-a3f1", "attempt": 1, "node": "n1",
+        {"protocol": 1, "run": "ddp-20261123-101200-a3f1", "attempt": 1, "node": "n1",
          "workdir": "~/.ava",                              # ~ expanded by the agent
          "tree": "/home/u/.ava/trees/HASH",                # the run's code tree (immutable)
          "cwd": "/home/u/.ava/runs/RUN/work",              # the run directory, copied from tree
@@ -30,13 +32,18 @@ Commands
     starts a detached monitor (double fork, setsid, stdio off the SSH session) that fences
     the job in a cgroup, then prints the status once it is ``running`` (or final). The job
     gets the spec env plus ``CUDA_VISIBLE_DEVICES`` (leased indices; "" when want=0 on a
-    node with allowed GPUs), ``AVA_PROGRESS_FILE``, ``AVA_RANK_ERRORS`` (where the rank hook,
+    node with allowed GPUs), ``AVA_PROGRESS_FILE``, ``AVA_METRICS_FILE``, ``AVA_RANK_ERRORS`` (where the rank hook,
     ava/rankhook.py, notes each rank's uncaught exception), ``AVA_RUN_ID`` and ``AVA_JOB_TAG``
     (``<run>.<node>.a<attempt>``, also the cgroup name). stdout+stderr go to
-    ``attempt-N/output.log``. The status records each rank's exit code and when it failed. Starting the same attempt again reports it, starts nothing.
-``status WORKDIR RUN [--attempt N]``
-    The status object (see ``status.py`` for every key) of the given or latest attempt. A
-    non-final attempt whose monitor is dead is ended and reported failed / agent-died.
+    ``attempt-N/output.log``. The status records each rank's exit code and when it failed.
+    Starting the same attempt again reports it, starts nothing. With ``--wait-store`` (the
+    master) it answers once the rendezvous store at ADDRESS:PORT listens (``"store": "ready"``).
+``status WORKDIR RUN [--attempt N] [--since DIGEST --wait S] [--metrics-from K]``
+    The status object (see ``status.py`` for every key, plus its ``digest``) of the given or
+    latest attempt. A non-final attempt whose monitor is dead is ended and reported failed /
+    agent-died. With ``--since``, a long poll: answers when the judged part of the status
+    (state, rank failures, exit codes) differs from DIGEST, else after S seconds. With
+    ``--metrics-from``, also the metric lines written past byte K (``metrics``, ``metrics_end``).
 ``stop WORKDIR RUN [--grace SECONDS]``
     SIGTERM, grace (default 10 s), kill the whole cgroup, verify it empty, remove it,
     release the run's leases. Prints ``{"run", "stopped", "remaining_pids", "cgroup_removed"}``.
@@ -48,6 +55,12 @@ Commands
     ``{"holders": [...]}`` after reclaiming holders whose monitor died.
 ``list WORKDIR``
     ``{"runs": [status of each run's latest attempt]}``.
+``route MASTER INTERFACE [--port] [--tree HASH --workdir W]``
+    This node's address and interface toward MASTER (and a free port), and which code trees
+    it has (``trees_ready``).
+``tree missing|build|locked ...``, ``bench-allreduce``, ``free-port``, ``node-site VENV``, ``cache``
+    The core's node programs (programs.py, cachecli.py): code sync, the bandwidth check, a free
+    port, a venv's view of the node's packages, the node cache's command line.
 
 Modules: main (CLI), spec, monitor (monitor, reaper, job child), ranks (when each rank
 failed), rundir (run directories), treesync (code store), teardown, status, leases,
