@@ -16,6 +16,7 @@ alone): steps/s comes from the points' steps and times.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -66,9 +67,39 @@ def attempt_file(run: RunRecord, attempt: int) -> Path:
     return run.dir / METRICS_DIR / f"attempt-{attempt}.jsonl"
 
 
-# Per run directory: the (step, rank) keys each attempt has recorded, read from the files once
-# per process (a supervisor that takes over a run reads what the one before it wrote).
-_seen: dict[Path, dict[int, set[tuple[int, int]]]] = {}
+class Steps:
+    """A set of steps kept as sorted, disjoint [first, last] ranges: a run's steps mostly come
+    one after another, so a million steps are a handful of ranges, not a million entries."""
+
+    def __init__(self) -> None:
+        self.firsts: list[int] = []
+        self.lasts: list[int] = []
+
+    def __contains__(self, step: int) -> bool:
+        index = bisect.bisect_right(self.firsts, step) - 1
+        return index >= 0 and step <= self.lasts[index]
+
+    def add(self, step: int) -> None:
+        if self.lasts and self.lasts[-1] + 1 == step:  # the usual case: the next step
+            self.lasts[-1] = step
+            return
+        if step in self:
+            return
+        index = bisect.bisect_right(self.firsts, step)
+        self.firsts.insert(index, step)
+        self.lasts.insert(index, step)
+        # Join the neighbours the new step touches.
+        if index + 1 < len(self.firsts) and self.firsts[index + 1] == step + 1:
+            self.lasts[index] = self.lasts.pop(index + 1)
+            self.firsts.pop(index + 1)
+        if index > 0 and self.lasts[index - 1] + 1 == step:
+            self.lasts[index - 1] = self.lasts.pop(index)
+            self.firsts.pop(index)
+
+
+# Per run directory, attempt and rank: the steps recorded, read from the files once per process
+# (a supervisor that takes over a run reads what the one before it wrote).
+_seen: dict[Path, dict[int, dict[int, Steps]]] = {}
 _seen_lock = threading.Lock()
 
 
@@ -84,25 +115,26 @@ def record(run: RunRecord, attempt: int, node: str, lines: list[dict[str, Any]])
     with _seen_lock:
         seen = _seen.get(run.dir)
         if seen is None:
-            seen = _seen[run.dir] = _keys_by_attempt(read(run))
-        earlier = set().union(*(keys for number, keys in seen.items() if number < attempt))
-        mine = seen.setdefault(attempt, set())
+            seen = _seen[run.dir] = _steps_by_attempt(read(run))
+        earlier = [ranks for number, ranks in seen.items() if number < attempt]
+        mine = seen.setdefault(attempt, {})
         kept = []
         for point in points:
-            key = (point.step, point.rank)
-            if key in mine and not point.metrics:
+            steps = mine.setdefault(point.rank, Steps())
+            if point.step in steps and not point.metrics:
                 continue
-            mine.add(key)
-            kept.append(Point(**{**point.__dict__, "repeated": key in earlier}))
+            steps.add(point.step)
+            repeated = any(point.step in ranks.get(point.rank, ()) for ranks in earlier)
+            kept.append(Point(**{**point.__dict__, "repeated": repeated}))
         if kept:
             _append(attempt_file(run, attempt), "".join(json.dumps(p.to_json()) + "\n" for p in kept))
 
 
-def _keys_by_attempt(points: Iterable[Point]) -> dict[int, set[tuple[int, int]]]:
-    keys: dict[int, set[tuple[int, int]]] = {}
+def _steps_by_attempt(points: Iterable[Point]) -> dict[int, dict[int, Steps]]:
+    steps: dict[int, dict[int, Steps]] = {}
     for point in points:
-        keys.setdefault(point.attempt, set()).add((point.step, point.rank))
-    return keys
+        steps.setdefault(point.attempt, {}).setdefault(point.rank, Steps()).add(point.step)
+    return steps
 
 
 def _append(path: Path, text: str) -> None:

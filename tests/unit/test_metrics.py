@@ -228,3 +228,21 @@ def test_show_export_compare_and_plot_read_a_run_record(home: Path, tmp_path: Pa
     missing = run_ava("models", "export", f"{RUN}@50", str(tmp_path / "x"), env=ava_env)
     assert missing.returncode == 2 and "committed: 100" in missing.stderr
     assert os.listdir(ckpt_dir) == ["state.pt"]
+
+
+def test_steps_ranges_hold_exactly_the_steps_added() -> None:
+    import random
+
+    chooser = random.Random(7)
+    added: set[int] = set()
+    steps = metrics.Steps()
+    for step in list(range(1, 200)) + [chooser.randrange(0, 400) for _ in range(300)] + list(range(150, 260)):
+        steps.add(step)
+        added.add(step)
+    assert all((step in steps) == (step in added) for step in range(-5, 420))
+    assert all(a <= b for a, b in zip(steps.firsts, steps.lasts))
+    assert all(b + 1 < a for b, a in zip(steps.lasts, steps.firsts[1:])), "ranges not disjoint and apart"
+    ranges = metrics.Steps()
+    for step in range(1_000_000):
+        ranges.add(step)
+    assert len(ranges.firsts) == 1
