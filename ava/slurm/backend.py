@@ -79,6 +79,13 @@ def submit(login: Node, paths: Paths, attempt: int, job: Submission) -> str:
     return words[0]
 
 
+def restart_in(login: Node, paths: Paths, attempt: int, job_files: Submission, job: str) -> None:
+    """The next attempt in the same allocation: its template, naming the job, which the job's
+    agents (node.py) wait for after a failed attempt."""
+    template = {**job_files.template, "job": job}
+    connect(login).put(template_text(template).encode(), paths.template(attempt), mode=0o600)
+
+
 def look(login: Node, paths: Paths, attempt: int, job: str, offsets: dict[str, int]) -> dict[str, Any]:
     """One look at the attempt (see watch.py): job state, agents' status, new log text."""
     python = shell_path(login.python)

@@ -8,8 +8,10 @@ The first node of the allocation (SLURM_NODEID 0) publishes its address (Slurm's
 a free port for the rendezvous in the job's folder; every node reads it, finds its own address
 and interface on the path there, fills the template (batch.py's tokens), and starts the attempt
 through the node agent (`AGENT start SPEC`). It then stays in the foreground, as Slurm expects of
-a task, until the attempt ends, and exits 0 only if it succeeded. SIGTERM (scancel, the end of
-the time limit) stops the attempt through the agent, verified, before it exits.
+a task, until the attempt ends, and exits 0 only if it succeeded. After a failed attempt it waits
+(NEXT_WAIT) for ava to restart the run in this same allocation (the next attempt's template,
+naming this job, beside this one), and runs that. SIGTERM (scancel, the end of the time limit)
+stops the attempt through the agent, verified, before it exits.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ MASTER_ADDR = "@AVA_MASTER_ADDR@"
 MASTER_PORT = "@AVA_MASTER_PORT@"
 ADDR = "@AVA_ADDR@"
 IFACE = "@AVA_IFACE@"
-MASTER_FILE = "master.json"
+NEXT_WAIT = 120.0  # after a failed attempt: how long ava has to restart the run in this allocation
 MASTER_WAIT = 120.0
 STOP_GRACE = "2"
 FINAL = ("succeeded", "failed", "stopped")
@@ -90,8 +92,8 @@ def read_json(path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def master_of(job_dir: str, index: int, name: str) -> dict[str, Any]:
-    path = os.path.join(job_dir, MASTER_FILE)
+def master_of(job_dir: str, index: int, name: str, attempt: int) -> dict[str, Any]:
+    path = os.path.join(job_dir, f"master-{attempt}.json")
     if index == 0:
         address = node_address(name)
         master = {"node": name, "address": address, "port": free_port(address)}
@@ -123,18 +125,57 @@ def slurm_gpus() -> list[int]:
     return [int(g) for g in visible.split(",") if g.strip().isdigit()]
 
 
+def next_template(template_path: str, attempt: int, job: str) -> str | None:
+    """The next attempt's template when ava restarts the run in this allocation (it names this
+    job; a template for a new job after a lost node does not)."""
+    path = os.path.join(os.path.dirname(template_path), f"attempt-{attempt + 1}.json")
+    found = read_json(path)
+    return path if found is not None and str(found.get("job") or "") == job else None
+
+
+class Signals:
+    """SIGTERM (scancel, the time limit), SIGINT, SIGHUP: noted, acted on in the loop."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self.note)
+
+    def note(self, _signum: int, _frame: Any) -> None:
+        self.asked = True
+
+
 def main(argv: list[str]) -> int:
     agent, template_path = argv[0], argv[1]
-    template = read_json(template_path)
-    if template is None:
-        print(f"ava: cannot read the attempt's template {template_path}", file=sys.stderr)
-        return 1
+    signals = Signals()
+    job = os.environ.get("SLURM_JOB_ID", "0")
+    while True:
+        template = read_json(template_path)
+        if template is None:
+            print(f"ava: cannot read the attempt's template {template_path}", file=sys.stderr)
+            return 1
+        attempt = int(template["attempt"])
+        code = one_attempt(agent, template_path, template, job, signals)
+        if code != 1:
+            return code
+        # Failed: ava may restart the run in this same allocation; wait for its word.
+        end = time.monotonic() + NEXT_WAIT
+        following = None
+        while following is None and time.monotonic() < end and not signals.asked:
+            following = next_template(template_path, attempt, job)
+            time.sleep(0.2)
+        if following is None:
+            return 143 if signals.asked else 1
+        template_path = following
+
+
+def one_attempt(agent: str, template_path: str, template: dict[str, Any], job: str, signals: Signals) -> int:
     name = os.environ["SLURMD_NODENAME"]
     index = int(os.environ.get("SLURM_NODEID", "0"))
-    job = os.environ.get("SLURM_JOB_ID", "0")
+    attempt = int(template["attempt"])
     job_dir = os.path.join(os.path.dirname(template_path), f"job-{job}")
     os.makedirs(job_dir, mode=0o700, exist_ok=True)
-    master = master_of(job_dir, index, name)
+    master = master_of(job_dir, index, name, attempt)
     mine = master["address"] if index == 0 else local_address(master["address"])
     tokens = {
         NODE: name,
@@ -145,36 +186,36 @@ def main(argv: list[str]) -> int:
     }
     spec = fill(template["master" if index == 0 else "worker"], tokens)
     spec["gpus"]["allowed"] = slurm_gpus()
-    workdir, run, attempt = spec["workdir"], spec["run"], int(spec["attempt"])
+    workdir, run = spec["workdir"], spec["run"]
     run_dir = os.path.join(workdir, "runs", run)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     spec_path = os.path.join(run_dir, f"spec-{attempt}.json")
     write_json(spec_path, spec)  # 0600: it holds the run's environment
-    return supervise(agent, spec_path, workdir, run, attempt)
+    return supervise(agent, spec_path, workdir, run, attempt, template_path, job, signals)
 
 
-def supervise(agent: str, spec_path: str, workdir: str, run: str, attempt: int) -> int:
-    stop = {"asked": False}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop["asked"] = True
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+def supervise(
+    agent: str, spec_path: str, workdir: str, run: str, attempt: int, template_path: str, job: str, signals: Signals
+) -> int:
     python = sys.executable
+    stop = [python, agent, "stop", workdir, run, "--grace", STOP_GRACE]
+    # What an earlier attempt left here (a rank still hung when ava restarted the run) goes first.
+    subprocess.run(stop, stdout=subprocess.DEVNULL)
     started = subprocess.run([python, agent, "start", spec_path], stdout=subprocess.PIPE, text=True)
     sys.stdout.write(started.stdout)
     status_path = os.path.join(workdir, "runs", run, f"attempt-{attempt}", "status.json")
     checked = time.monotonic()
     while True:
-        if stop["asked"]:
-            subprocess.run([python, agent, "stop", workdir, run, "--grace", STOP_GRACE], stdout=subprocess.DEVNULL)
+        if signals.asked:
+            subprocess.run(stop, stdout=subprocess.DEVNULL)
             return 143
         status = read_json(status_path)
         if status is None and started.returncode != 0:
             return 1
         if status and status.get("state") in FINAL:
             return 0 if status["state"] == "succeeded" else 1
+        if next_template(template_path, attempt, job) is not None:
+            return 1  # ava restarts the run while this node's attempt still runs: it is stopped first
         if time.monotonic() - checked > 5:
             # The agent's own status settles an attempt whose monitor died (here, on its node).
             checked = time.monotonic()

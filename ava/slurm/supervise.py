@@ -1,9 +1,10 @@
 """Supervising a run on Slurm: submit an attempt, watch it, decide, fail over. One loop.
 
 Each attempt is one Slurm job. The verdict on a look (see watch.py) is a pure function,
-`judge`; the loop acts on it: a crashed rank or a lost node ends the job (scancel, verified)
-and, within `failover.max_restarts`, submits the next attempt, with every node lost so far in
-`--exclude`; the recipe's checkpoint makes it resume. The run's record (`ava ps`) and its
+`judge`; the loop acts on it, within `failover.max_restarts`: a crashed rank restarts the run in
+the same allocation while Slurm still holds it (the agents there wait for the next attempt's
+template); a lost node ends the job (scancel, verified) and submits a new one with every node
+lost so far in `--exclude`. The recipe's checkpoint makes each attempt resume. The run's record (`ava ps`) and its
 `node/rank |` lines are the same as on SSH nodes.
 """
 
@@ -31,6 +32,7 @@ STATE_FILE = "slurm.json"  # the run's jobs, beside record.json
 POLL = 1.0  # one look is one SSH command on the login node (squeue, sinfo, file reads)
 POLL_STARTING = 0.25  # until every node's ranks have written: the start is what users wait on
 STALE_AFTER = 12.0  # a heartbeat this old (login node's clock) on a running attempt: node lost
+STARTUP_GRACE = 60.0  # imports, rendezvous, loading a checkpoint: no hang before this
 SETTLE_AFTER = 15.0  # after a first failure, how long the other nodes get to end or go stale
 FINAL_JOB = (
     "COMPLETED",
@@ -108,14 +110,38 @@ def first_failure(statuses: dict[str, dict[str, Any]]) -> Verdict:
     _, node, status = min(failed, key=lambda f: f[0])
     codes = {int(r): int(c) for r, c in (status.get("rank_exit_codes") or {}).items() if int(c) != 0}
     times = {int(r): float(t) for r, t in (status.get("rank_fail_times") or {}).items()}
-    rank = min(codes, key=lambda r: (times.get(r, 0.0), r)) if codes else None
+    # As on SSH nodes (ava.decide): the rank that failed first; without times, one that exited
+    # on its own beats one killed by a signal (torchrun ending its others), then the lowest.
+    rank = min(codes, key=lambda r: (times.get(r, float("inf")), codes[r] < 0, r)) if codes else None
     code = codes.get(rank) if rank is not None else status.get("exit_code")
     where = f"rank {rank} on {node}" if rank is not None else f"{node}"
     return Verdict("failed", "crash", f"{where} exited {code}", node=node, rank=rank, exit_code=code)
 
 
-def judge(look: dict[str, Any], nnodes: int, failing_since: float | None, now: float) -> Verdict:
-    """The attempt's verdict from one look. Pure. `failing_since`: when a first failure was seen."""
+def hung(statuses: dict[str, dict[str, Any]], hang_timeout: float) -> str | None:
+    """A running node whose ranks neither reported progress nor wrote output for hang_timeout
+    (on its own clock: the heartbeat against the last progress or output)."""
+    for name, status in sorted(statuses.items()):
+        progress = status.get("progress") or {}
+        last = max(
+            float(progress.get("time") or 0), float(status.get("output_time") or 0), float(status.get("started") or 0)
+        )
+        if status.get("state") == "running" and float(status.get("heartbeat") or 0) - last > hang_timeout:
+            return name
+    return None
+
+
+def judge(
+    look: dict[str, Any],
+    nnodes: int,
+    failing_since: float | None,
+    now: float,
+    *,
+    hang_timeout: float = float("inf"),
+    elapsed: float = 0.0,
+) -> Verdict:
+    """The attempt's verdict from one look. Pure. `failing_since`: when a first failure was seen;
+    `elapsed`: since the attempt was submitted (a hang needs STARTUP_GRACE at least)."""
     job = look.get("job") or {}
     job_state = str(job.get("state") or "").split()[0] if job.get("state") else ""
     statuses: dict[str, dict[str, Any]] = look.get("status") or {}
@@ -138,6 +164,10 @@ def judge(look: dict[str, Any], nnodes: int, failing_since: float | None, now: f
         if job_state in FINAL_JOB:
             reason = f" ({job.get('reason')})" if job.get("reason") not in (None, "", "None") else ""
             return Verdict("failed", "launch", f"Slurm job ended {job_state}{reason} before every agent finished")
+    if elapsed >= max(hang_timeout, STARTUP_GRACE) and (node := hung(statuses, hang_timeout)) is not None:
+        return Verdict(
+            "failed", "hang", f"{node}: no progress for {hang_timeout:g}s (failover.hang_timeout)", node=node
+        )
     return RUNNING
 
 
@@ -172,6 +202,7 @@ class SlurmSupervisor:
         exclude: list[str] = []
         restarts = 0
         number = 0
+        job: str | None = None  # the allocation an attempt may restart in
         while True:
             number += 1
             launch = Launch(self.record.id, number, "", 0, shipped.code_tree, shipped.runtime_tree, _user())
@@ -188,13 +219,16 @@ class SlurmSupervisor:
             current = runs.Attempt(number=number, nodes=[], started=time.time())
             current.code_sent_bytes = shipped.sent_bytes if number == 1 else 0
             self.record.attempts.append(current)
-            job = backend.submit(self.login, self.paths, number, job_files)
+            if job is None:
+                job = backend.submit(self.login, self.paths, number, job_files)
+                how = f"Slurm job {job}" + (f" (excluding {', '.join(exclude)})" if exclude else "")
+            else:
+                backend.restart_in(self.login, self.paths, number, job_files, job)
+                how = f"in the same allocation (Slurm job {job})"
             self.state.jobs.append({"attempt": number, "job": job, "exclude": list(exclude)})
             self.state.save(self.record.dir)
             self.record.save()
-            self.sink.event(
-                f"attempt {number}: Slurm job {job}" + (f" (excluding {', '.join(exclude)})" if exclude else "")
-            )
+            self.sink.event(f"attempt {number}: {how}")
             verdict = self._watch(current, job)
             current.ended = time.time()
             current.state = verdict.outcome
@@ -203,8 +237,8 @@ class SlurmSupervisor:
             self.record.save()
             if verdict.outcome == "succeeded":
                 return self._finish("succeeded", 0)
-            self._end_job(job, current)
             if verdict.outcome == "stopped":
+                self._end_job(job, current)
                 return self._finish("stopped", 1)
             self.sink.event(f"attempt {number} failed: {verdict.cause}")
             if verdict.kind == "launch" and (tail := backend.output_tail(self.login, self.paths, job)):
@@ -216,13 +250,22 @@ class SlurmSupervisor:
                 self.record.lost_nodes = list(exclude)
             fatal = verdict.exit_code in self.recipe.failover.fatal_exit_codes and verdict.kind == "crash"
             if fatal or verdict.kind == "launch" or restarts >= self.recipe.failover.max_restarts:
+                self._end_job(job, current)
                 why = "fatal exit code" if fatal else "no restart left" if verdict.kind != "launch" else "not retried"
                 self.sink.event(f"run failed ({why}): {verdict.cause}")
                 return self._finish("failed", 1)
+            # A crashed or hung rank restarts in the allocation while Slurm still holds it; a lost node
+            # (or an allocation gone) needs a new job, with the lost nodes excluded.
+            if verdict.kind not in ("crash", "hang") or not backend.queued(self.login, job):
+                self._end_job(job, current)
+                job = None
             restarts += 1
-            self.sink.event(f"restart {restarts} of {self.recipe.failover.max_restarts}: a new Slurm job")
+            where = "a new Slurm job" if job is None else f"the same allocation (Slurm job {job})"
+            self.sink.event(f"restart {restarts} of {self.recipe.failover.max_restarts}: {where}")
             self.sleep(min(60.0, self.recipe.failover.backoff * 2 ** (restarts - 1)))
             if self.stop_requested():
+                if job is not None:
+                    self._end_job(job, current)
                 return self._finish("stopped", 1)
 
     def _finish(self, state: State, code: int) -> int:
@@ -281,7 +324,14 @@ class SlurmSupervisor:
                 any(s.get("state") == "failed" for s in statuses.values()) or lost_nodes(look, sorted(statuses))
             ):
                 failing_since = now
-            verdict = judge(look, nnodes, failing_since, now)
+            verdict = judge(
+                look,
+                nnodes,
+                failing_since,
+                now,
+                hang_timeout=self.recipe.failover.hang_timeout,
+                elapsed=time.time() - current.started,
+            )
             if verdict.outcome != "running":
                 return verdict
             started = len(statuses) >= nnodes and all(int(s.get("output_size") or 0) for s in statuses.values())

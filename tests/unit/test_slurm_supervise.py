@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ava.slurm.supervise import SETTLE_AFTER, STALE_AFTER, judge
+from ava.slurm.supervise import SETTLE_AFTER, STALE_AFTER, STARTUP_GRACE, judge
 
 NOW = 1000.0
 
@@ -51,6 +51,11 @@ def test_a_crashed_rank_names_the_first_failing_rank_once_the_others_ended() -> 
     )
 
 
+def test_without_fail_times_a_rank_that_exited_beats_one_killed_by_a_signal() -> None:
+    failed = {"state": "failed", "ended": 5.0, "exit_code": 1, "rank_exit_codes": {"2": -15, "3": 1}}
+    assert judge(look({"n2": failed}), 1, 0.0, 1.0).rank == 3
+
+
 def test_a_node_slurm_calls_down_or_whose_heartbeat_went_stale_is_lost() -> None:
     failed = {"state": "failed", "ended": 5.0, "exit_code": 1}
     verdict = judge(look({"n1": failed, "n2": running()}, states={"n2": "down*"}), 2, 0.0, 1.0)
@@ -70,3 +75,15 @@ def test_a_job_that_ended_before_its_agents_did_is_a_launch_failure() -> None:
     verdict = judge(look({}, job="FAILED"), 2, None, 0)
     assert (verdict.outcome, verdict.kind) == ("failed", "launch")
     assert judge(look({}, job="PENDING"), 2, None, 0).outcome == "running"
+
+
+def test_a_running_node_without_progress_or_output_for_hang_timeout_is_hung_after_the_grace() -> None:
+    quiet = {"state": "running", "heartbeat": NOW, "started": NOW - 100, "output_time": NOW - 31}
+    busy = {"state": "running", "heartbeat": NOW, "started": NOW - 100, "progress": {"step": 3, "time": NOW - 1}}
+    assert (
+        judge(look({"n1": busy, "n2": quiet}), 2, None, 0, hang_timeout=30, elapsed=STARTUP_GRACE - 1).outcome
+        == "running"
+    )
+    verdict = judge(look({"n1": busy, "n2": quiet}), 2, None, 0, hang_timeout=30, elapsed=STARTUP_GRACE)
+    assert (verdict.kind, verdict.node) == ("hang", "n2")
+    assert judge(look({"n1": busy, "n2": busy}), 2, None, 0, hang_timeout=30, elapsed=999).outcome == "running"
