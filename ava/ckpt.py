@@ -22,21 +22,39 @@ S3 credentials and endpoint come from the environment, read by s3fs/botocore: `A
 `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, and for a non-AWS endpoint (MinIO, Ceph, moto)
 `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`, or fsspec's own `FSSPEC_S3_ENDPOINT_URL`); all three
 verified with s3fs 2026.9 / botocore 1.43 against a moto server (tests/test_ckpt.py).
+
+An async save() to a remote store blocks training only while the state is copied to host
+memory; a background thread writes it to node-local disk (`AVA_CHECKPOINT_STAGING`, else the
+temporary directory), frees the copy, uploads the file and then commits. A process killed during
+the upload never committed that step: the previous one stays the newest. An interpreter that
+exits with a save in flight finishes it first, and reports a failure on stderr.
+
+How often to save: `due(step)` follows the recipe's `[checkpoint] every` (AVA_CHECKPOINT_EVERY):
+a number of steps, a duration, or "auto", the Young/Daly interval √(2 · save cost · MTBF) from
+the measured stall of this run's saves and its observed time between failures (attempts). Each
+commit marker records the save's stall and, under "auto", the interval chosen and its inputs.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import contextlib
 import copy
 import ctypes
+import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import re
+import shutil
+import sys
+import tempfile
+import threading
 import time
 import warnings
 import zlib
@@ -57,6 +75,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointError",
     "committed_steps",
+    "due",
+    "interval",
     "latest_step",
     "load_latest",
     "load_sharded",
@@ -68,6 +88,9 @@ __all__ = [
 log = logging.getLogger("ava.ckpt")
 
 STATE_FILE = "state.pt"
+INIT_ENV = "AVA_INIT_CHECKPOINT"  # `ava train --from`: the checkpoint a new run starts from
+STAGING_ENV = "AVA_CHECKPOINT_STAGING"  # node-local directory for async saves to a remote store
+EVERY_ENV = "AVA_CHECKPOINT_EVERY"  # the recipe's checkpoint.every: "500" steps, "600s", "auto"
 MARKER_SUFFIX = ".COMMITTED"
 _NAME = re.compile(r"^step-(\d+)(\.COMMITTED)?$")
 _CHUNK = 8 << 20
@@ -87,9 +110,6 @@ class _OtherFormat(_Unreadable):
 
 # ---------------------------------------------------------------------------------------------
 # Storage: the few operations the protocol needs, on fsspec, with local-directory durability.
-INIT_ENV = "AVA_INIT_CHECKPOINT"  # `ava train --from`: the checkpoint a new run starts from
-STAGING_ENV = "AVA_CHECKPOINT_STAGING"  # node-local directory for async saves to a remote store
-EVERY_ENV = "AVA_CHECKPOINT_EVERY"  # the recipe's checkpoint.every: "500" steps, "600s", "auto"
 
 
 class _Store:
@@ -228,6 +248,11 @@ def _submit(fn: Callable[..., int], *args: Any) -> concurrent.futures.Future[int
     if _executor is None:
         # Not a daemon: an interpreter that exits right after an async save still commits it.
         _executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ava-ckpt")
+        # Finish the saves at exit before concurrent.futures stops taking work (its hook, run
+        # after ours): s3fs's client resolves names through asyncio's executor. The hook is
+        # private to threading (3.9+, what concurrent.futures uses); else plain atexit.
+        register = getattr(threading, "_register_atexit", atexit.register)
+        register(_finish_at_exit)
     fut = _executor.submit(fn, *args)
     _pending.append(fut)
     return fut
@@ -241,23 +266,186 @@ def wait() -> None:
         fut.result()
 
 
-def _to_cpu(obj: Any) -> Any:
+def _finish_at_exit() -> None:
+    """At exit: wait for the saves still in flight and say on stderr which ones failed."""
+    pending = list(_pending)
+    _pending.clear()
+    if any(not fut.done() for fut in pending):
+        sys.stderr.write("ava.ckpt: finishing a checkpoint save before exit\n")
+        sys.stderr.flush()
+    for fut in pending:
+        try:
+            fut.result()
+        except BaseException as e:
+            sys.stderr.write(f"ava.ckpt: a background checkpoint save failed before exit: {type(e).__name__}: {e}\n")
+            sys.stderr.flush()
+
+
+# Host copies of the last async save's tensors, by their place in the state, reused by the next
+# save of the same shapes: copying into memory already faulted in (and, from a GPU, pinned) is
+# what keeps the stall short. Costs host memory of one state; save() waits for the previous save
+# before copying, so a buffer is never written while the background still reads it.
+_buffers: dict[str, torch.Tensor] = {}
+
+
+def _host_copy(t: torch.Tensor, place: str) -> torch.Tensor:
+    t = t.detach()
+    buf = _buffers.get(place)
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.stride() != t.stride():
+        pin = t.is_cuda and torch.cuda.is_available()
+        buf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu", pin_memory=pin)
+        _buffers[place] = buf
+    buf.copy_(t, non_blocking=t.is_cuda)
+    return buf
+
+
+def _to_cpu(obj: Any, place: str = "") -> Any:
     """A private CPU copy of `obj`: training may change the original as soon as we return."""
+    devices: set[torch.device] = set()
+    copied = _copy_tree(obj, place, devices)
+    for device in devices:
+        torch.cuda.synchronize(device)  # the device-to-host copies were queued, not waited for
+    return copied
+
+
+def _copy_tree(obj: Any, place: str, devices: set[torch.device]) -> Any:
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        if obj.is_cuda:
+            devices.add(obj.device)
+        return _host_copy(obj, place)
     if isinstance(obj, Mapping):
-        out: Any = {k: _to_cpu(v) for k, v in obj.items()}
+        out: Any = {k: _copy_tree(v, f"{place}/{k!r}", devices) for k, v in obj.items()}
         # nn.Module.state_dict() keeps per-module versions in `_metadata`; load_state_dict reads them.
         if hasattr(obj, "_metadata"):
             out = collections.OrderedDict(out)
             out._metadata = copy.deepcopy(obj._metadata)
         return out
     if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
+        return [_copy_tree(v, f"{place}/{i}", devices) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        items = [_to_cpu(v) for v in obj]
+        items = [_copy_tree(v, f"{place}/{i}", devices) for i, v in enumerate(obj)]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return copy.deepcopy(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# How often to save: `every` as steps, a duration, or "auto" (Young/Daly).
+
+# Before a run's first failure its age is only a lower bound of its MTBF: this prior keeps the
+# early interval sane (Llama 3 405B saw an interruption about every 3 hours).
+MTBF_PRIOR_S = 3 * 3600.0
+# "auto" before any save of the run was measured: the first save comes this long after start.
+FIRST_AUTO_S = 60.0
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*$")
+
+
+class _Timing:
+    """This process's save costs and the run's history: what `every = "auto"` is computed from."""
+
+    def __init__(self) -> None:
+        self.run_started = time.time()  # until a marker of this run says earlier
+        self.process_started = time.monotonic()
+        self.saved_at: float | None = None  # monotonic time of this process's last save() call
+        self.stalls: collections.deque[float] = collections.deque(maxlen=5)
+        self.background: float | None = None  # the last save's write-to-commit seconds
+
+    def stalled(self, seconds: float) -> None:
+        self.stalls.append(seconds)
+
+    def learn(self, marker: Mapping[str, Any]) -> None:
+        """What a committed marker (read at resume) tells: the save cost, and the run's start if
+        it is this run's (a run started `--from` another run's checkpoint reads that one's)."""
+        started, stall, seconds = marker.get("run_started"), marker.get("stall"), marker.get("seconds")
+        if isinstance(started, (int, float)) and marker.get("run") == env.run_id():
+            self.run_started = min(self.run_started, float(started))
+        if not self.stalls and isinstance(stall, (int, float)):
+            self.stalls.append(float(stall))
+        if self.background is None and isinstance(seconds, (int, float)):
+            self.background = float(seconds)
+
+    def auto(self) -> dict[str, float] | None:
+        """The Young/Daly interval and its inputs, or None before any save was measured."""
+        if not self.stalls:
+            return None
+        cost = sorted(self.stalls)[len(self.stalls) // 2]
+        failures = env.attempt()  # each failover starts a new attempt
+        age = max(time.time() - self.run_started, 1.0)
+        mtbf = age / failures if failures else max(age, MTBF_PRIOR_S)
+        young = math.sqrt(2.0 * cost * mtbf)
+        # Never so often that a save waits for the previous one's upload.
+        seconds = max(young, self.background or 0.0, 1.0)
+        return {"seconds": round(seconds, 3), "cost": round(cost, 4), "mtbf": round(mtbf, 1), "failures": failures}
+
+    def marker_fields(self, seconds: float, stall: float | None) -> dict[str, Any]:
+        self.background = seconds
+        fields: dict[str, Any] = {
+            "stall": round(seconds if stall is None else stall, 4),
+            "run": env.run_id(),
+            "attempt": env.attempt(),
+            "run_started": self.run_started,
+        }
+        if _rule() == "auto":
+            fields["every"] = self.auto()
+        return fields
+
+
+_timing = _Timing()
+
+
+def _rule(every: int | float | str | None = None) -> str | None:
+    return os.environ.get(EVERY_ENV) or (None if every is None else str(every))
+
+
+def _seconds(rule: str) -> float:
+    match = _DURATION.match(rule)
+    if match is None:
+        raise CheckpointError(f"checkpoint every {rule!r}: expected a step count, a duration like 10m or 90s, or auto")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def interval(every: int | float | str | None = None) -> float | None:
+    """Seconds between saves under the recipe's checkpoint.every (else `every`): a duration's
+    length, "auto"'s current Young/Daly interval; None for a step count, or nothing set."""
+    rule = _rule(every)
+    if rule is None or rule.isdigit():
+        return None
+    if rule == "auto":
+        auto = _timing.auto()
+        return None if auto is None else auto["seconds"]
+    return _seconds(rule)
+
+
+def due(step: int, every: int | float | str | None = None) -> bool:
+    """Whether to save at `step`, by the recipe's `[checkpoint] every` (AVA_CHECKPOINT_EVERY),
+    or by `every` when the recipe sets none; never when neither is set.
+
+    An int (or "500") saves every that many steps; a duration (600.0 seconds, "10m", "90s") when
+    that long passed since this process's last save (or its start); "auto" at the Young/Daly
+    interval √(2 · save cost · MTBF): the cost is the measured stall of the last saves, the MTBF
+    the run's age over its failures so far (before any: the larger of its age and 3 h). Under a
+    time rule rank 0 decides and, in a distributed job, tells the others (a one-element
+    broadcast on a Gloo group): call it on every rank, as save() and save_sharded() are.
+    """
+    rule = _rule(every)
+    if rule is None:
+        return False
+    if rule.isdigit():
+        n = int(rule)
+        return n > 0 and step % n == 0
+    if rule == "auto":
+        auto = _timing.auto()
+        wait_s = FIRST_AUTO_S if auto is None else auto["seconds"]
+    else:
+        wait_s = _seconds(rule)
+    since = _timing.saved_at if _timing.saved_at is not None else _timing.process_started
+    now = _rank() == 0 and time.monotonic() - since >= wait_s
+    if _distributed():
+        group = _checkpoint_group(None)
+        flag = torch.tensor([1 if now else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        now = bool(flag.item())
+    return now
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,47 +466,97 @@ def save(
     Call it on every rank: in a distributed job only rank 0 writes (the state is the same on
     every rank under DDP); other ranks return None at once. `dir` defaults to
     AVA_CHECKPOINT_DIR. With `async_=True` training is blocked only while the state is copied to
-    CPU; the write and commit run in a background thread and the returned Future gives the step
-    once committed. One save is in flight at a time: a new save first waits for the previous one
-    (and re-raises its failure), as does `wait()`.
+    CPU; writing (to node-local disk first when `dir` is remote), uploading and committing run in
+    a background thread and the returned Future gives the step once committed. One save is in
+    flight at a time: a new save first waits for the previous one (and re-raises its failure),
+    as does `wait()`; the process does not exit before it is done.
     """
+    started = time.monotonic()
     store, keep = _resolve(dir), _keep(keep)
+    _timing.saved_at = started
     if _rank() != 0:
         return None
     wait()
     if not async_:
-        _save_now(store, state, step, keep)
+        _save_now(store, state, step, keep, None)
+        _timing.stalled(time.monotonic() - started)
         return None
-    return _submit(_save_now, store, _to_cpu(state), step, keep)
+    box = [_to_cpu(state)]  # the worker takes it out: nothing else is held once it is written
+    stall = time.monotonic() - started
+    _timing.stalled(stall)
+    write = _save_staged if not store.local else _save_now
+    return _submit(write, store, box, step, keep, stall)
 
 
-def _save_now(store: _Store, state: Mapping[str, Any], step: int, keep: int) -> int:
-    started = time.time()
+def _torch_save(state: Any, f: IO[bytes]) -> _CrcWriter:
+    sink = _CrcWriter(f)
+    torch.save(state, cast(IO[bytes], sink))  # typed IO[bytes]; torch.save only writes and flushes
+    return sink
+
+
+def _save_now(
+    store: _Store, state: Mapping[str, Any] | list[Mapping[str, Any]], step: int, keep: int, stall: float | None
+) -> int:
+    """Write and commit `state` (or the one state in a list, taken out of it) straight to the store."""
+    started = time.monotonic()
+    if isinstance(state, list):
+        state = state.pop()
     store.remove(step)  # a leftover of a save that died, or an older history's same step
     step_dir = store.step_dir(step)
     path = f"{step_dir}/{STATE_FILE}"
     if store.local:
         os.makedirs(step_dir, exist_ok=True)
         with open(path, "wb") as f:
-            sink = _CrcWriter(f)
-            torch.save(state, cast(IO[bytes], sink))  # typed IO[bytes]; torch.save only writes and flushes
+            sink = _torch_save(state, f)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(step_dir)
     else:
         with store.fs.open(path, "wb", block_size=_CHUNK * 8) as f:
-            sink = _CrcWriter(f)
-            torch.save(state, cast(IO[bytes], sink))  # typed IO[bytes]; torch.save only writes and flushes
-    marker = {
+            sink = _torch_save(state, f)
+    del state
+    _commit(store, step, keep, {STATE_FILE: {"size": sink.size, "crc32": sink.crc}}, started, stall)
+    return step
+
+
+def _staging_dir(store: _Store) -> str:
+    """This store's node-local staging directory (one per store and user)."""
+    root = os.environ.get(STAGING_ENV) or os.path.join(tempfile.gettempdir(), f"ava-ckpt-staging-{os.getuid()}")
+    return os.path.join(root, hashlib.sha256(store.url.encode()).hexdigest()[:16])
+
+
+def _save_staged(store: _Store, box: list[Mapping[str, Any]], step: int, keep: int, stall: float | None) -> int:
+    """Async save to a remote store: to node-local disk (freeing the host copy), upload, commit."""
+    started = time.monotonic()
+    staging = _staging_dir(store)
+    shutil.rmtree(staging, ignore_errors=True)  # what a process killed mid-upload left behind
+    os.makedirs(staging, exist_ok=True)
+    local = os.path.join(staging, f"step-{step:08d}.pt")
+    try:
+        with open(local, "wb") as f:  # no fsync: a node that crashes now loses no committed step
+            sink = _torch_save(box.pop(), f)
+        store.remove(step)
+        # put_file uploads a large file as a multipart upload, its parts in parallel.
+        store.fs.put_file(local, f"{store.step_dir(step)}/{STATE_FILE}")
+        _commit(store, step, keep, {STATE_FILE: {"size": sink.size, "crc32": sink.crc}}, started, stall)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return step
+
+
+def _commit(store: _Store, step: int, keep: int, files: dict[str, Any], started: float, stall: float | None) -> None:
+    """Write the marker of a save() checkpoint whose files are durable, then prune."""
+    seconds = time.monotonic() - started
+    marker: dict[str, Any] = {
         "step": step,
         "format": "torch",
-        "files": {STATE_FILE: {"size": sink.size, "crc32": sink.crc}},
+        "files": files,
         "time": time.time(),
-        "seconds": round(time.time() - started, 3),
+        "seconds": round(seconds, 3),
     }
+    marker.update(_timing.marker_fields(seconds, stall))
     store.put_atomic(store.marker(step), json.dumps(marker).encode())
     _prune(store, step, keep)
-    return step
 
 
 def _prune(store: _Store, step: int, keep: int) -> None:
@@ -354,6 +592,7 @@ def _read_state(store: _Store, step: int, map_location: Any, weights_only: bool)
     marker = store.read_marker(step)
     if marker.get("format") != "torch":
         raise _OtherFormat(f"format {marker.get('format')!r}, not a save() checkpoint")
+    _timing.learn(marker)
     files = marker.get("files")
     want = files.get(STATE_FILE) if isinstance(files, dict) else None
     if not (isinstance(want, dict) and isinstance(want.get("size"), int) and isinstance(want.get("crc32"), int)):
@@ -543,7 +782,9 @@ def save_sharded(
     """
     from torch.distributed.checkpoint import state_dict_saver
 
+    entered = time.monotonic()
     store, keep = _resolve(dir), _keep(keep)
+    _timing.saved_at = entered
     wait()
     rank0 = _rank(process_group) == 0
     if rank0:
@@ -551,17 +792,20 @@ def save_sharded(
         if store.local:
             os.makedirs(store.step_dir(step), exist_ok=True)
     _barrier(process_group)
-    started = time.time()
+    started = time.monotonic()
+    stall: list[float] = []  # known once save_sharded returns; the commit may run before (sync)
 
     def commit() -> int:
         if rank0:
-            marker = {
+            seconds = time.monotonic() - started
+            marker: dict[str, Any] = {
                 "step": step,
                 "format": "dcp",
                 "time": time.time(),
-                "seconds": round(time.time() - started, 3),
+                "seconds": round(seconds, 3),
                 "world_size": dist.get_world_size(process_group) if _distributed() else 1,
             }
+            marker.update(_timing.marker_fields(seconds, stall[0] if stall else None))
             store.put_atomic(store.marker(step), json.dumps(marker).encode())
             _prune(store, step, keep)
         return step
@@ -576,6 +820,7 @@ def save_sharded(
             )
         commit()
         _barrier(process_group)  # every rank sees the commit once save_sharded returns
+        _timing.stalled(time.monotonic() - entered)
         return None
     group = _checkpoint_group(process_group)
     persisted = state_dict_saver.async_save(
@@ -583,6 +828,9 @@ def save_sharded(
     )
     # The upload's Future, or (newer torch) a response that holds it.
     upload = cast("concurrent.futures.Future[Any]", getattr(persisted, "upload_completion", persisted))
+
+    stall.append(time.monotonic() - entered)
+    _timing.stalled(stall[0])
 
     def finish() -> int:
         upload.result()

@@ -375,6 +375,198 @@ def test_s3_endpoint_can_come_from_fsspec_s3_endpoint_url(s3: Any, bucket: str) 
     assert proc.returncode == 0 and out.strip() == "3", err[-2000:]
 
 
+# ------------------------------------------------------------- async: staged, then uploaded
+
+UPLOAD_KILLED = textwrap.dedent("""
+    import sys, time, s3fs, torch
+    from ava import ckpt
+
+    url, ready = sys.argv[1], sys.argv[2]
+    ckpt.save({"w": torch.ones(4)}, 1, dir=url)
+    call = s3fs.S3FileSystem._call_s3
+
+    async def stall_after_upload(self, method, *args, **kwargs):
+        # The state's bytes reach the server; the process dies before its commit marker does.
+        out = await call(self, method, *args, **kwargs)
+        if method in ("put_object", "upload_part") and str(kwargs.get("Key", "")).endswith("state.pt"):
+            open(ready, "w").close()
+            time.sleep(120)
+        return out
+
+    s3fs.S3FileSystem._call_s3 = stall_after_upload
+    ckpt.save({"w": torch.ones(4) * 2}, 2, dir=url, async_=True)
+    time.sleep(120)
+""")
+
+EXIT_AFTER_ASYNC = textwrap.dedent("""
+    import sys, torch
+    from ava import ckpt
+    ckpt.save({"w": torch.full((1 << 18,), 7.0)}, 7, dir=sys.argv[1], async_=True)
+    # no ckpt.wait(): the interpreter's exit finishes the save
+""")
+
+
+def test_s3_async_save_stages_on_local_disk_and_leaves_nothing_there(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import s3fs
+
+    monkeypatch.setenv(ckpt.STAGING_ENV, str(tmp_path / "staging"))
+    url = f"s3://{bucket}/ckpt"
+    uploads: list[tuple[str, str, int]] = []
+    real = s3fs.S3FileSystem._put_file
+
+    async def put_file(self: Any, lpath: str, rpath: str, **kw: Any) -> Any:
+        uploads.append((lpath, rpath, os.path.getsize(lpath)))
+        return await real(self, lpath, rpath, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", put_file)
+    s3fs.S3FileSystem.clear_instance_cache()  # a new client binds the patched method
+    fut = ckpt.save(state_of(3.0), 3, dir=url, async_=True)
+    assert fut is not None and fut.result() == 3
+    [(lpath, rpath, size)] = uploads
+    assert lpath.startswith(str(tmp_path / "staging")) and rpath.endswith("step-00000003/state.pt") and size > 0
+    assert list((tmp_path / "staging").rglob("*.pt")) == []
+    state, step = ckpt.load_latest(dir=url)
+    assert step == 3 and torch.equal(state["w"], torch.full((4,), 3.0))
+
+
+def test_kill_9_during_the_background_upload_leaves_the_previous_checkpoint_loadable(
+    s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    import s3fs
+
+    url, ready = f"s3://{bucket}/ckpt", tmp_path / "ready"
+    env = {**os.environ, ckpt.STAGING_ENV: str(tmp_path / "staging")}
+    proc = run_python(UPLOAD_KILLED, url, str(ready), env=env, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: ready.exists() or proc.poll() is not None, 60, 0.05) and ready.exists(), (
+            proc.stderr.read() if proc.stderr and proc.poll() is not None else "the upload never started"
+        )
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+        proc.wait()
+    fs = s3fs.S3FileSystem()
+    assert fs.exists(f"{bucket}/ckpt/step-00000002/state.pt")  # uploaded, never committed
+    assert ckpt.committed_steps(url) == [1]
+    state, step = ckpt.load_latest(dir=url)
+    assert step == 1 and torch.equal(state["w"], torch.ones(4))
+    # The next run's save clears what the dead one left, here and on the node's disk.
+    assert list((tmp_path / "staging").rglob("*.pt"))
+    os.environ[ckpt.STAGING_ENV] = str(tmp_path / "staging")
+    try:
+        ckpt.save(state_of(3.0), 3, dir=url, async_=True)
+        ckpt.wait()
+    finally:
+        del os.environ[ckpt.STAGING_ENV]
+    assert ckpt.committed_steps(url) == [1, 3]
+    assert not fs.exists(f"{bucket}/ckpt/step-00000002/state.pt")
+    assert list((tmp_path / "staging").rglob("*.pt")) == []
+
+
+def test_interpreter_exit_finishes_an_async_save_in_flight(s3: Any, bucket: str, tmp_path: Path) -> None:
+    for url in (str(tmp_path / "ckpt"), f"s3://{bucket}/exit"):
+        proc = run_python(EXIT_AFTER_ASYNC, url, stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        state, step = ckpt.load_latest(dir=url)
+        assert step == 7 and float(state["w"][0]) == 7.0
+
+
+def test_a_background_save_that_fails_is_reported_at_exit(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_python(EXIT_AFTER_ASYNC, str(blocker / "ckpt"), stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=120)
+    assert "ava.ckpt: a background checkpoint save failed before exit: NotADirectoryError" in err, err[-2000:]
+
+
+def test_async_saves_reuse_their_host_copies_without_changing_a_committed_step(tmp_path: Path) -> None:
+    w = torch.zeros(1024)
+    for step in (1, 2, 3):
+        w.fill_(float(step))
+        ckpt.save({"w": w}, step, dir=tmp_path, keep=0, async_=True)
+    ckpt.wait()
+    for step in (1, 2, 3):
+        state = ckpt._read_state(ckpt._Store(str(tmp_path)), step, "cpu", True)
+        assert float(state["w"][0]) == step and float(state["w"][-1]) == step
+
+
+# ------------------------------------------------------------------ how often: checkpoint.every
+
+
+@pytest.fixture()
+def timing(monkeypatch: pytest.MonkeyPatch) -> ckpt._Timing:
+    fresh = ckpt._Timing()
+    monkeypatch.setattr(ckpt, "_timing", fresh)
+    for name in (ckpt.EVERY_ENV, "AVA_ATTEMPT", "AVA_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    return fresh
+
+
+def test_due_by_steps_from_the_recipe_or_the_script(timing: ckpt._Timing, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not any(ckpt.due(s) for s in range(10))  # nothing set: the script decides
+    assert [s for s in range(1, 11) if ckpt.due(s, 5)] == [5, 10]
+    monkeypatch.setenv(ckpt.EVERY_ENV, "3")  # the recipe wins over the script's default
+    assert [s for s in range(1, 11) if ckpt.due(s, 5)] == [3, 6, 9]
+    assert ckpt.interval() is None
+
+
+def test_due_by_duration_counts_from_the_last_save(
+    timing: ckpt._Timing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ckpt.EVERY_ENV, "600s")
+    assert ckpt.interval() == 600.0 and ckpt.interval("10m") == 600.0
+    assert not ckpt.due(1)
+    timing.process_started -= 601
+    assert ckpt.due(2)
+    ckpt.save(state_of(2.0), 2, dir=tmp_path)
+    assert not ckpt.due(3)
+    monkeypatch.delenv(ckpt.EVERY_ENV)
+    assert ckpt.due(3, "0s") and ckpt.due(3, 0.0)
+    with pytest.raises(ckpt.CheckpointError, match="every 'soon'"):
+        ckpt.due(3, "soon")
+
+
+def test_auto_interval_is_young_daly_from_the_measured_stall_and_the_runs_failures(
+    timing: ckpt._Timing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ckpt.EVERY_ENV, "auto")
+    assert ckpt.interval() is None and not ckpt.due(1)  # nothing measured: first save after FIRST_AUTO_S
+    timing.process_started -= ckpt.FIRST_AUTO_S
+    assert ckpt.due(1)
+    timing.stalls.extend([0.4, 0.5, 9.0])  # median 0.5 s
+    timing.run_started = time.time() - 3600
+    monkeypatch.setenv("AVA_ATTEMPT", "2")  # two failures in an hour: MTBF 30 min
+    assert ckpt.interval() == pytest.approx((2 * 0.5 * 1800) ** 0.5, rel=0.01)
+    monkeypatch.setenv("AVA_ATTEMPT", "0")  # no failure yet: the 3 h prior
+    assert ckpt.interval() == pytest.approx((2 * 0.5 * ckpt.MTBF_PRIOR_S) ** 0.5, rel=0.01)
+    timing.background = 500.0  # never so often that a save waits for the previous upload
+    assert ckpt.interval() == 500.0
+
+
+def test_markers_record_the_stall_and_the_auto_interval_and_a_resume_learns_them(
+    timing: ckpt._Timing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ckpt.EVERY_ENV, "auto")
+    monkeypatch.setenv("AVA_RUN_ID", "r-20261201-120000-abcd")
+    ckpt.save(state_of(1.0), 1, dir=tmp_path, async_=True)
+    ckpt.wait()
+    marker = json.loads((tmp_path / "step-00000001.COMMITTED").read_text())
+    assert marker["stall"] >= 0 and marker["run"] == "r-20261201-120000-abcd" and marker["attempt"] == 0
+    assert set(marker["every"]) == {"seconds", "cost", "mtbf", "failures"}
+    assert marker["every"]["seconds"] >= marker["seconds"]
+    # A new attempt's process: its cost and the run's start come from the marker it resumes from.
+    fresh = ckpt._Timing()
+    monkeypatch.setattr(ckpt, "_timing", fresh)
+    monkeypatch.setenv("AVA_ATTEMPT", "1")
+    ckpt.load_latest(dir=tmp_path)
+    assert list(fresh.stalls) == [marker["stall"]] and fresh.run_started == marker["run_started"]
+    assert ckpt.interval() is not None
+
+
 # ----------------------------------------------------------------------- two-rank Gloo jobs
 
 DIST_WORKER = textwrap.dedent("""
@@ -395,6 +587,9 @@ DIST_WORKER = textwrap.dedent("""
     dist.barrier()
     state, step = ckpt.load_latest(dir=d)
     out["ddp_loaded"] = [step, int(state["who"])]
+
+    # A time rule is rank 0's clock, told to every rank: all save, or none does.
+    out["due"] = [ckpt.due(3, "0s"), ckpt.due(3, "1h"), ckpt.due(4, 2)]
 
     # Sharded: a DTensor split over both ranks, each rank writes its own shard.
     mesh = init_device_mesh("cpu", (2,))
@@ -481,6 +676,7 @@ def two_rank_job(tmp_path_factory: pytest.TempPathFactory, s3: Any) -> tuple[Pat
 def test_only_rank_0_writes_in_a_two_rank_job(two_rank_job: tuple[Path, list[dict[str, Any]]]) -> None:
     base, (r0, r1) = two_rank_job
     assert r1["save_returned"] == "None" and r1["async_returned_none"]
+    assert r0["due"] == r1["due"] == [True, False, True]  # rank 0's clock decided for both
     # Both ranks load what rank 0 wrote; there is one state file per step, rank 0's.
     assert r0["ddp_loaded"] == r1["ddp_loaded"] == [2, 0]
     assert names(base / "ddp") == [
