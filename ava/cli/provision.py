@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import typer
 
 from ava.cli import app, epilog, load_inventory
 from ava.cli.complete import complete_nodes
-from ava.errors import EXIT_INFRA, EXIT_OK
+from ava.errors import EXIT_INFRA, EXIT_OK, AvaError
+
+if TYPE_CHECKING:
+    from ava.config import Node
+    from ava.provision import Plan, PlanResult
 
 
 @app.command(
@@ -29,11 +34,8 @@ def provision(
 
     Idempotent: a second run finds everything in place and says "nothing to do".
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from ava import console
-    from ava.errors import AvaError
-    from ava.provision import Plan, PlanResult, Step, apply_all, plan_all
+    from ava.provision import Plan, plan_all
 
     inventory = load_inventory()
     chosen = inventory.select(names) if names else list(inventory.nodes.values())
@@ -61,6 +63,28 @@ def provision(
         )
         return EXIT_INFRA if failed else EXIT_OK
 
+    _print_plans(chosen, plans, failed, width)
+    if dry_run:
+        return EXIT_INFRA if failed else EXIT_OK
+
+    busy = {name: plan for name, plan in plans.items() if not plan.empty}
+    results = _apply(chosen, busy, width) if busy else {}
+    for name, outcome in results.items():
+        if isinstance(outcome, AvaError):
+            failed[name] = outcome
+            console.error(outcome)
+    done = [name for name, outcome in results.items() if not isinstance(outcome, AvaError)]
+    console.info(
+        f"{len(done)} node{'s' if len(done) != 1 else ''} set up, {len(plans) - len(busy)} already in place"
+        + (f", {len(failed)} failed" if failed else "")
+    )
+    return EXIT_INFRA if failed else EXIT_OK
+
+
+def _print_plans(chosen: list[Node], plans: dict[str, Plan], failed: dict[str, AvaError], width: int) -> None:
+    """Each node's steps still needed ("nothing to do" when none) and notes; then its errors."""
+    from ava import console
+
     for node in chosen:
         if node.name in failed:
             continue
@@ -74,51 +98,43 @@ def provision(
             console.out.print(f"{label}  note     {note}", markup=False)
     for error in failed.values():
         console.error(error)
-    if dry_run:
-        return EXIT_INFRA if failed else EXIT_OK
 
-    busy = {name: plan for name, plan in plans.items() if not plan.empty}
-    results: dict[str, PlanResult | AvaError] = {}
-    if busy:
-        lock = threading.Lock()
-        live = console.err.is_terminal
-        with Progress(
-            TextColumn("{task.fields[node]}", style="bold"),
-            BarColumn(bar_width=20),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            console=console.err,
-            transient=False,
-            disable=not live,
-        ) as progress:
-            tasks = {
-                name: progress.add_task("waiting", total=len(p.steps), node=name.ljust(width))
-                for name, p in busy.items()
-            }
 
-            def on_step(name: str, step: Step, state: str) -> None:
-                with lock:
-                    if state == "start":
-                        progress.update(tasks[name], description=step.description)
-                    elif state == "done":
-                        progress.advance(tasks[name])
-                    else:
-                        progress.update(tasks[name], description=f"FAILED: {step.kind}")
-                    if not live and state != "start":
-                        console.info(f"{name}: {step.kind} {state}")
+def _apply(chosen: list[Node], busy: dict[str, Plan], width: int) -> dict[str, PlanResult | AvaError]:
+    """Apply the plans with a bar per node on a terminal, one line per step off one."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-            results = apply_all([n for n in chosen if n.name in busy], busy, on_step)
-            for name, outcome in results.items():
-                if not isinstance(outcome, AvaError):
-                    progress.update(tasks[name], description="done")
+    from ava import console
+    from ava.provision import Step, apply_all
 
-    for name, outcome in results.items():
-        if isinstance(outcome, AvaError):
-            failed[name] = outcome
-            console.error(outcome)
-    done = [name for name, outcome in results.items() if not isinstance(outcome, AvaError)]
-    console.info(
-        f"{len(done)} node{'s' if len(done) != 1 else ''} set up, {len(plans) - len(busy)} already in place"
-        + (f", {len(failed)} failed" if failed else "")
-    )
-    return EXIT_INFRA if failed else EXIT_OK
+    lock = threading.Lock()
+    live = console.err.is_terminal
+    with Progress(
+        TextColumn("{task.fields[node]}", style="bold"),
+        BarColumn(bar_width=20),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        console=console.err,
+        transient=False,
+        disable=not live,
+    ) as progress:
+        tasks = {
+            name: progress.add_task("waiting", total=len(p.steps), node=name.ljust(width)) for name, p in busy.items()
+        }
+
+        def on_step(name: str, step: Step, state: str) -> None:
+            with lock:
+                if state == "start":
+                    progress.update(tasks[name], description=step.description)
+                elif state == "done":
+                    progress.advance(tasks[name])
+                else:
+                    progress.update(tasks[name], description=f"FAILED: {step.kind}")
+                if not live and state != "start":
+                    console.info(f"{name}: {step.kind} {state}")
+
+        results = apply_all([n for n in chosen if n.name in busy], busy, on_step)
+        for name, outcome in results.items():
+            if not isinstance(outcome, AvaError):
+                progress.update(tasks[name], description="done")
+    return results
