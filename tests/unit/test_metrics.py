@@ -246,3 +246,24 @@ def test_steps_ranges_hold_exactly_the_steps_added() -> None:
     for step in range(1_000_000):
         ranges.add(step)
     assert len(ranges.firsts) == 1
+
+
+def test_ps_shows_step_rate_and_first_metric_of_a_running_run(home: Path) -> None:
+    record = make_record(home)
+    record.state = "running"
+    record.save()
+    metrics.record(
+        record,
+        1,
+        "n1",
+        [{"step": s, "time": 1000.0 + s / 4, "rank": 0, "metrics": {"loss": 5.0 - s / 100}} for s in range(1, 41)],
+    )
+    finished = make_record(home, "charlm-20261201-110000-ffff")
+    listed = run_ava("ps", env={"AVA_HOME": str(home)})
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[6:9] == ["step", "steps/s", "metric"]
+    running = next(row for row in rows if row.startswith(RUN)).split()
+    assert running[7:10] == ["40", "4.00", "loss=4.6"]  # "started" is two words: 12-01 16:25
+    assert next(row for row in rows if row.startswith(finished.id)).split()[7] == "-"
+    data = json.loads(run_ava("ps", "--json", env={"AVA_HOME": str(home)}).stdout)
+    assert next(r for r in data if r["id"] == RUN)["progress"]["step"] == 40
