@@ -340,10 +340,28 @@ def _read_checkpoint_dir(f: _Fields, key: str, default: str | None) -> str | Non
     return where
 
 
+def _read_checkpoint_every(f: _Fields, key: str, default: str | None) -> str | None:
+    """An integer = every that many steps, a duration, or "auto" (Young/Daly, in ava.ckpt);
+    kept as AVA_CHECKPOINT_EVERY says it to ava.ckpt.due(): "500", "600s" or "auto"."""
+    if not f.has(key):
+        return default
+    value = f.values[key]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(f.integer(key, 0, low=1))
+    if value == "auto":
+        return "auto"
+    try:
+        seconds = f.duration(key, 0.0, positive=True)
+    except ConfigError:
+        raise f.fail(key, f'expected a step count (500), a duration ("10m") or "auto", got {_show(value)}') from None
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     dir: str | None = _field(None, _read_checkpoint_dir, text=True)  # may hold {name} and {run}
     keep: int = _integer(3, low=1)
+    every: str | None = _field(None, _read_checkpoint_every)  # None: the training script decides
 
 
 def _read_exit_codes(f: _Fields, key: str, default: tuple[int, ...]) -> tuple[int, ...]:

@@ -530,6 +530,20 @@ def test_due_by_duration_counts_from_the_last_save(
         ckpt.due(3, "soon")
 
 
+@pytest.mark.parametrize(("written", "steps"), [("4", [4, 8]), ('"auto"', []), ('"10m"', [])])
+def test_a_recipes_checkpoint_every_reaches_due(
+    timing: ckpt._Timing, monkeypatch: pytest.MonkeyPatch, written: str, steps: list[int]
+) -> None:
+    from ava import config
+
+    text = f'name = "r"\n[run]\nscript = "t.py"\n[checkpoint]\nevery = {written}\n'
+    every = config.parse_recipe(text, "r.toml", ".").checkpoint.every
+    assert every is not None
+    monkeypatch.setenv(ckpt.EVERY_ENV, every)  # as launch passes it to the ranks
+    assert [s for s in range(1, 10) if ckpt.due(s)] == steps
+    assert ckpt.interval() == {"4": None, "auto": None, "600s": 600.0}[every]
+
+
 def test_auto_interval_is_young_daly_from_the_measured_stall_and_the_runs_failures(
     timing: ckpt._Timing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
