@@ -287,7 +287,16 @@ def follow_logs(
         seen += len((text.split(" ", 1)[-1] if timestamps else text).encode()) + 1
         on_line(text)
 
-    connect(node).run(f"echo {LOG_START}; {agent_command(node, *args)}", on_line=line)
+    command = f"echo {LOG_START}; {agent_command(node, *args)}"
+    result = connect(node).run(command, on_line=line)
+    if result is not None and result.exited == 2 and "can't open file" in result.stderr:
+        # A run an earlier ava started: this ava's agent is not on the node yet.
+        sync.ship_agent(node)
+        started = False
+        result = connect(node).run(command, on_line=line)
+    if result is not None and not result.ok and result.exited != ExitCode.FAILED:
+        # (ExitCode.FAILED: no such attempt there, which has no log to show.)
+        raise CommandError(f"{node.name}: reading the log failed (exit {result.exited})", tail=result.tail())
     return seen
 
 

@@ -32,6 +32,7 @@ from ava.agent.protocol import (
     Status,
 )
 from ava.config import Failover
+from ava.units import format_size
 
 
 def liveness_scale() -> float:
@@ -231,7 +232,7 @@ def _judge(observation: Observation, *, hang_timeout: float) -> Verdict:
 
 def _failure(view: NodeView) -> Verdict:
     if view.reason == OOM:
-        limit = f" (limit {_size(view.memory_limit)})" if view.memory_limit else ""
+        limit = f" (limit {format_size(view.memory_limit, exact=True)})" if view.memory_limit else ""
         return Verdict(FAILED, OOM_KIND, f"out of memory on {view.name}{limit}", node=view.name)
     if view.reason == AGENT_DIED:
         return Verdict(FAILED, AGENT_DIED_KIND, f"the agent on {view.name} died", node=view.name)
@@ -330,14 +331,4 @@ def recover(
         else:
             return Plan(False, f"{verdict.cause}; no healthy spare and resources.nodes needs at least {nodes_min}")
     backoff = min(MAX_BACKOFF, failover.backoff * (2**restarts_used))
-    return Plan(True, verdict.cause or "failed", nodes, backoff)
-
-
-def _size(value: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if value >= scale and value % scale == 0:
-            return f"{value // scale}{unit}"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if value >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value}B"
+    return Plan(True, verdict.cause or "the attempt failed", nodes, backoff)

@@ -50,6 +50,7 @@ from ava.errors import AvaError, ConnectError
 from ava.launch import Launch, NodeLaunch, Route, plan
 from ava.runs import Attempt, RunRecord
 from ava.runs import load as runs_load
+from ava.units import format_duration
 
 # The longest one observation waits for news: a poll returns as soon as a node's status changes.
 POLL_INTERVAL = 1.0
@@ -575,7 +576,7 @@ class Supervisor:
         took = time.monotonic() - started
         clean = sorted(name for name, outcome in outcomes.items() if not isinstance(outcome, AvaError))
         if clean and took >= 1.0:  # a quick teardown of a finished job is not news
-            self.sink.event(f"teardown: nothing of the attempt left on {', '.join(clean)} ({took:.1f}s)")
+            self.sink.event(f"teardown: nothing of the attempt left on {', '.join(clean)} ({format_duration(took)})")
 
     def _end_attempt(self, current: Attempt, verdict: Verdict) -> None:
         current.ended = self.clock.now()

@@ -101,14 +101,16 @@ def parse_duration(text: str | int | float, *, source: str, key: str) -> float:
 _BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
-def format_size(value: float | None, *, unknown: str = "-") -> str:
-    """Bytes as "512B", "4.0KiB", "16.0MiB", "1.2GiB" (powers of 1024); `unknown` for None."""
+def format_size(value: float | None, *, unknown: str = "-", exact: bool = False) -> str:
+    """Bytes as "512B", "4.0KiB", "16.0MiB", "1.2GiB" (powers of 1024); `unknown` for None.
+    With `exact`, a whole number of units reads as a recipe writes it: "200MiB", "8GiB"."""
     if value is None:
         return unknown
     amount = float(value)
     for unit in _BINARY_UNITS:
         if abs(amount) < 1024 or unit == _BINARY_UNITS[-1]:
-            return f"{amount:.0f}{unit}" if unit == "B" else f"{amount:.1f}{unit}"
+            whole = unit == "B" or (exact and amount == int(amount))
+            return f"{amount:.0f}{unit}" if whole else f"{amount:.1f}{unit}"
         amount /= 1024
     raise AssertionError("unreachable: the last unit takes any amount")
 

@@ -224,7 +224,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
                         out.flush()
                         return EXIT_OK
                 continue
-            time.sleep(0.2)
+            time.sleep(0.1)  # a log follower ends soon after the attempt: the exit waits for it
     except BrokenPipeError:
         return EXIT_OK
     finally:
