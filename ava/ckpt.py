@@ -634,7 +634,14 @@ def load_latest(
 
     `agree` (default: on when a torch.distributed job of more than one process is initialized)
     makes the ranks settle on the same step: a collective, so call it on every rank.
+
+    A run started with `ava train --from RUN[@STEP]` gets AVA_INIT_CHECKPOINT, another run's
+    committed step directory: while this run has no readable checkpoint of its own (in
+    AVA_CHECKPOINT_DIR), that one is loaded, and only read. It must load: CheckpointError if not.
     """
+    init = os.environ.get(INIT_ENV) or None
+    if init is not None and dir is None and not env.checkpoint_dir():
+        return _load_init(init, map_location, weights_only)
     store = _resolve(dir)
     agree = _distributed() if agree is None else agree
     steps = sorted(store.scan()[0], reverse=True)
@@ -652,11 +659,19 @@ def load_latest(
             ok = _all_ranks(ok)
         if ok:
             return state, step
+    if init is not None and _own(dir):
+        return _load_init(init, map_location, weights_only)
     return None
 
 
-def _load_init(url: str, map_location: Any, weights_only: bool) -> tuple[Any, int]:
-    """The checkpoint AVA_INIT_CHECKPOINT names (…/step-00000100 of another run), read only."""
+def _own(dir: str | os.PathLike[str] | None) -> bool:
+    """Whether `dir` is the run's own checkpoint directory (AVA_CHECKPOINT_DIR, the default)."""
+    own = env.checkpoint_dir()
+    return dir is None or (own is not None and os.fspath(dir).rstrip("/") == own.rstrip("/"))
+
+
+def _init_checkpoint(url: str) -> tuple[_Store, int]:
+    """The store and step of the checkpoint AVA_INIT_CHECKPOINT names (…/step-00000100)."""
     parent, _, name = url.rstrip("/").rpartition("/")
     match = _NAME.match(name)
     if not parent or match is None or match.group(2):
@@ -664,6 +679,12 @@ def _load_init(url: str, map_location: Any, weights_only: bool) -> tuple[Any, in
     store, step = _Store(parent), int(match.group(1))
     if step not in store.scan()[0]:
         raise CheckpointError(f"{INIT_ENV}={url}: no such committed checkpoint")
+    return store, step
+
+
+def _load_init(url: str, map_location: Any, weights_only: bool) -> tuple[Any, int]:
+    """The checkpoint AVA_INIT_CHECKPOINT names (…/step-00000100 of another run), read only."""
+    store, step = _init_checkpoint(url)
     try:
         state = _read_state(store, step, map_location, weights_only)
     except _Unreadable as e:
@@ -876,10 +897,48 @@ def load_sharded(
     A collective: call it on every rank. Rank 0 picks the step (skipping, with a warning, a
     committed step whose `.metadata` or shard files are missing or short) and every rank loads
     it, so all ranks resume from the same step. Other load errors (keys that do not match the
-    state, say) are raised, not skipped.
+    state, say) are raised, not skipped. Like load_latest, a run without a checkpoint of its own
+    loads AVA_INIT_CHECKPOINT (`ava train --from`), only reading it.
     """
     from torch.distributed.checkpoint import state_dict_loader
 
+    init = os.environ.get(INIT_ENV) or None
+    chosen: int | None
+    if init is not None and dir is None and not env.checkpoint_dir():
+        store, chosen = _init_sharded(init)
+    else:
+        store, chosen = _choose_sharded(dir, process_group)
+        if chosen is None and init is not None and _own(dir):
+            store, chosen = _init_sharded(init)
+    if chosen is None:
+        return None
+    with _single_process_quiet():
+        state_dict_loader.load(
+            state,
+            storage_reader=_dcp_reader(store, chosen),
+            process_group=process_group,
+            no_dist=not _initialized(),
+        )
+    return chosen
+
+
+def _init_sharded(url: str) -> tuple[_Store, int]:
+    """AVA_INIT_CHECKPOINT's store and step, checked whole as save_sharded() wrote it."""
+    store, step = _init_checkpoint(url)
+    try:
+        problem = _dcp_problem(store, step)
+    except _OtherFormat as e:
+        raise CheckpointError(f"{INIT_ENV}={url}: {e}") from e
+    if problem is not None:
+        raise CheckpointError(f"{INIT_ENV}={url}: unreadable ({problem})")
+    log.info("ava.ckpt: no checkpoint of this run yet; starting from %s (%s)", url, INIT_ENV)
+    return store, step
+
+
+def _choose_sharded(
+    dir: str | os.PathLike[str] | None, process_group: ProcessGroup | None
+) -> tuple[_Store, int | None]:
+    """The run's newest intact save_sharded() step, rank 0's choice on every rank (a collective)."""
     store = _resolve(dir)
     chosen: int | None = None
     if _rank(process_group) == 0:
@@ -896,13 +955,4 @@ def load_sharded(
             )
     if _distributed(process_group):
         chosen = _from_rank0(chosen, process_group)
-    if chosen is None:
-        return None
-    with _single_process_quiet():
-        state_dict_loader.load(
-            state,
-            storage_reader=_dcp_reader(store, chosen),
-            process_group=process_group,
-            no_dist=not _initialized(),
-        )
-    return chosen
+    return store, chosen
