@@ -1,6 +1,7 @@
 """Benchmark ava's node cache against plain reads, side by side on the same bytes, in one run.
 
     python benchmarks/cache.py [--size-mib 64] [--runs 5] [--index-blocks 100000] [--quick]
+    python benchmarks/cache.py --server s3rver --netem 20ms,1gbit [--block-mib 8] [--readahead 8]
 
 Starts moto's S3 server on loopback (its own process) and a counting proxy, then measures:
 1. warm:  cached object read vs the same bytes in a plain local file (1 MiB reads, and one
@@ -16,6 +17,12 @@ copies the whole object for every ranged GET (an 8 MiB range costs ~0.5 ms more 
 size), so on moto one big GET (s3fs open().read()) beats concurrent block-sized ranges, which is
 the opposite of real S3; the cold section therefore also prints the ratio against a direct s3fs
 read making the same requests as the cache, and `--block-mib 64` shows the one-GET pattern.
+
+`--server s3rver` measures against npm's s3rver instead (it streams a ranged GET from its file,
+as S3 does), in a network namespace behind a veth pair shaped by `--netem RTT,RATE` (tc netem, or
+where the kernel has no netem, tc tbf plus a delay line: tests/support/s3rver.py): the figures a
+real object store's link gives. Needs root and `npm install --prefix /var/cache/ava-test-s3rver
+s3rver`. The dedup section needs moto's counting proxy and is left out there.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import fsspec  # noqa: E402
 
 from ava.cache import AvaCacheFileSystem  # noqa: E402
 from ava.cache.store import BlockStore, ObjectId  # noqa: E402
+from tests.support.s3rver import s3rver_server  # noqa: E402
 from tests.support.s3server import moto_server, s3_proxy  # noqa: E402
 
 MiB = 1 << 20
@@ -92,7 +100,7 @@ def bench_warm(cfs: AvaCacheFileSystem, url: str, local: str, size: int, runs: i
     return out
 
 
-def bench_cold(remote, url: str, size: int, runs: int, work: Path, block: int) -> list:
+def bench_cold(remote, url: str, size: int, runs: int, work: Path, block: int, readahead: int | None = None) -> list:
     print("cold read (nothing cached) vs direct s3fs and fsspec's caches")
     path = url[len("s3://") :]
     cases: dict[str, Callable[[], object]] = {}
@@ -123,7 +131,9 @@ def bench_cold(remote, url: str, size: int, runs: int, work: Path, block: int) -
 
     def ava(reader: Callable) -> Callable[[], object]:
         return lambda: reader(
-            AvaCacheFileSystem(fs=remote, cache_dir=str(store), block_size=block, skip_instance_cache=True).open(url)
+            AvaCacheFileSystem(
+                fs=remote, cache_dir=str(store), block_size=block, readahead=readahead, skip_instance_cache=True
+            ).open(url)
         )
 
     cases["avacache cold read()"] = ava(lambda f: f.read())
@@ -245,6 +255,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--index-blocks", type=int, default=100_000)
     ap.add_argument("--block-mib", type=int, default=8, help="cache block size for the cold case")
+    ap.add_argument("--readahead", type=int, help="cache readahead in blocks (default: the cache's own)")
+    ap.add_argument("--server", choices=("moto", "s3rver"), default="moto")
+    ap.add_argument("--netem", metavar="RTT,RATE", help='with --server s3rver: shape its link, e.g. "20ms,1gbit"')
     ap.add_argument("--quick", action="store_true", help="16 MiB, 3 runs, 10k blocks")
     ap.add_argument("--json", action="store_true", help="also print all rows as one JSON line")
     args = ap.parse_args()
@@ -256,24 +269,42 @@ def main() -> int:
     data = os.urandom(size)
     sha = hashlib.sha256(data).hexdigest()
     rows: list = []
-    with (
-        tempfile.TemporaryDirectory(prefix="ava-bench-") as tmp,
-        moto_server(process=True) as s3,
-        s3_proxy(s3.url) as proxy,
-    ):
-        work = Path(tmp)
-        remote = s3fs.S3FileSystem(**s3.s3fs_kwargs(skip_instance_cache=True))
-        remote.mkdir(BUCKET)
-        remote.pipe(f"{BUCKET}/obj.bin", data)
-        url = f"s3://{BUCKET}/obj.bin"
-        local = work / "local.bin"
-        local.write_bytes(data)
-        print(f"object {args.size_mib} MiB, {args.runs} runs each, medians; {os.cpu_count()} CPUs; cache under {tmp}")
-        warm_fs = AvaCacheFileSystem(fs=remote, cache_dir=str(work / "warm"), skip_instance_cache=True)
-        rows += bench_warm(warm_fs, url, str(local), size, args.runs)
-        rows += bench_cold(remote, url, size, args.runs, work, args.block_mib * MiB)
-        rows += bench_dedup(s3, proxy, url, sha, size, work)
-        rows += bench_bookkeeping(work, args.index_blocks)
+    if args.server == "s3rver":
+        with tempfile.TemporaryDirectory(prefix="ava-bench-") as tmp, s3rver_server(netem=args.netem) as shaped:
+            work = Path(tmp)
+            remote = s3fs.S3FileSystem(**shaped.s3fs_kwargs(skip_instance_cache=True))
+            remote.pipe(f"{BUCKET}/obj.bin", data)
+            url = f"s3://{BUCKET}/obj.bin"
+            local = work / "local.bin"
+            local.write_bytes(data)
+            print(
+                f"s3rver, link: {shaped.shaping}; object {args.size_mib} MiB, {args.runs} runs each, medians; "
+                f"{os.cpu_count()} CPUs; block {args.block_mib} MiB, readahead {args.readahead or 'default'}"
+            )
+            warm_fs = AvaCacheFileSystem(fs=remote, cache_dir=str(work / "warm"), skip_instance_cache=True)
+            rows += bench_warm(warm_fs, url, str(local), size, args.runs)
+            rows += bench_cold(remote, url, size, args.runs, work, args.block_mib * MiB, args.readahead)
+    else:
+        with (
+            tempfile.TemporaryDirectory(prefix="ava-bench-") as tmp,
+            moto_server(process=True) as s3,
+            s3_proxy(s3.url) as proxy,
+        ):
+            work = Path(tmp)
+            remote = s3fs.S3FileSystem(**s3.s3fs_kwargs(skip_instance_cache=True))
+            remote.mkdir(BUCKET)
+            remote.pipe(f"{BUCKET}/obj.bin", data)
+            url = f"s3://{BUCKET}/obj.bin"
+            local = work / "local.bin"
+            local.write_bytes(data)
+            print(
+                f"object {args.size_mib} MiB, {args.runs} runs each, medians; {os.cpu_count()} CPUs; cache under {tmp}"
+            )
+            warm_fs = AvaCacheFileSystem(fs=remote, cache_dir=str(work / "warm"), skip_instance_cache=True)
+            rows += bench_warm(warm_fs, url, str(local), size, args.runs)
+            rows += bench_cold(remote, url, size, args.runs, work, args.block_mib * MiB, args.readahead)
+            rows += bench_dedup(s3, proxy, url, sha, size, work)
+            rows += bench_bookkeeping(work, args.index_blocks)
     if args.json:
         print(json.dumps(rows))
     return 0

@@ -111,7 +111,7 @@ def main() -> int:
         if args.only in (None, "local"):
             rows.append(report("local directory", measure(f"{tmp}/ckpt", state, args.saves, args.gap), args.size_mib))
         if args.only in (None, "s3"):
-            import s3fs
+            import s3fs  # type: ignore[import-untyped]  # s3fs ships no type hints
 
             with moto_server(process=True) as s3:
                 os.environ.update(s3.env)
