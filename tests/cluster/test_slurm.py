@@ -193,6 +193,10 @@ def test_a_detached_run_is_waited_for_and_a_pending_job_says_why(
     assert waited.returncode == 0, waited.stdout + waited.stderr + log.read_text()[-2000:]
     assert re.search(r"^n\d/\d+ \| rank 1 world_size 2$", log.read_text(), re.M), log.read_text()[-2000:]
     assert ps(home)[0]["state"] == "succeeded"
+    shown = run_ava("logs", run_id, "--rank", "1", env=home)
+    assert shown.returncode == 0, shown.stderr
+    assert "rank 1 world_size 2" in shown.stdout
+    assert all(re.match(r"n\d/1 \| ", line) for line in shown.stdout.splitlines()), shown.stdout[-2000:]
 
 
 def test_a_crashed_rank_restarts_in_the_same_allocation_within_the_budget(
