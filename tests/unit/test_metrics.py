@@ -210,11 +210,22 @@ def test_show_export_compare_and_plot_read_a_run_record(home: Path, tmp_path: Pa
 
     compared = run_ava("compare", RUN, other.id, "--json", env=ava_env)
     assert json.loads(compared.stdout)["differing"] == {"resources.nodes": ["2", "1"]}
+    table = run_ava("compare", RUN, other.id, env=ava_env).stdout.splitlines()
+    assert table[0].split() == ["key", RUN, other.id]
+    assert table[1].split() == ["resources.nodes", "2", "1"] and table[2].split()[:2] == ["loss", "(final)"]
 
     picture = tmp_path / "loss.png"
     drawn = run_ava("plot", RUN, other.id, "-o", str(picture), env=ava_env)
     assert drawn.returncode == 0, drawn.stderr
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
+    vector = tmp_path / "loss.svg"
+    assert run_ava("plot", RUN, "--x", "time", "-o", str(vector), env=ava_env).returncode == 0
+    assert vector.read_text().lstrip().startswith("<?xml") and "<svg" in vector.read_text()
+    page = tmp_path / "loss.html"
+    assert run_ava("plot", RUN, "-o", str(page), env=ava_env).returncode == 0
+    assert page.read_text().startswith("<!doctype html>") and "<svg" in page.read_text()
+    wrong = run_ava("plot", RUN, "-o", str(tmp_path / "loss.jpg"), env=ava_env)
+    assert wrong.returncode == 2 and ".png, .svg, .html" in wrong.stderr
 
     listed = json.loads(run_ava("models", "--json", env=ava_env).stdout)
     assert [(m["run"], m["step"], m["size"]) for m in listed] == [(RUN, 100, 1000)]
