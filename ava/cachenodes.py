@@ -209,7 +209,7 @@ def warm_one(
         int(summary["total_bytes"]),
         int(summary["bytes"]),
         int(summary["blocks"]),
-        list(summary.get("failed") or []),
+        list(summary.get("errors") or []),
     )
     if warmed.failed:
         first = warmed.failed[0]

@@ -33,6 +33,7 @@ from ava import sync
 from ava.agent.cgroups import PARENT as CGROUP_PARENT
 from ava.agent.cgroups import ROOT as CGROUP_ROOT
 from ava.agent.cgroups import V1_CONTROLLERS, V2_CONTROLLERS
+from ava.agent.protocol import FAILED
 from ava.cache.settings import DEFAULT_BLOCK_SIZE
 from ava.config import Node, Requirements
 from ava.errors import AvaError, CommandError, ConfigError
@@ -46,7 +47,7 @@ READY = ".ava-ready"
 _PACKAGE_SUFFIXES = (".whl", ".tar.gz", ".zip", ".tar.bz2")
 _FIND_LINKS = re.compile(r"^(--find-links|-f)(?:\s+|=)(\S+)$")
 
-# Called as on_step(node name, step, "start" | "done" | "failed").
+# Called as on_step(node name, step, "start" | "done" | FAILED).
 StepCallback = Callable[[str, "Step", str], None]
 
 
@@ -508,7 +509,7 @@ def apply(plan_: Plan, node: Node, on_step: StepCallback | None = None) -> PlanR
             apply_step(node, step, plan_.want, plan_.facts)
         except AvaError:
             if on_step:
-                on_step(node.name, step, "failed")
+                on_step(node.name, step, FAILED)
             raise
         done.append(step.kind)
         if on_step:

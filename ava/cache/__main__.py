@@ -85,7 +85,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
             "objects": len(urls),
             "done_bytes": done,
             "total_bytes": total,
-            "failed": failed,
+            "errors": failed,
             **{k: v for k, v in cfs.store.status().items() if k in ("dir", "bytes", "blocks", "size_limit")},
         }
     )

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from ava.agent.protocol import FAILED
 from ava.cli import app, epilog, load_inventory, state
 from ava.cli.complete import complete_nodes
 from ava.errors import EXIT_INFRA, EXIT_JOB_FAILED, EXIT_OK, UsageError
@@ -186,7 +187,7 @@ def exec_(
             rows.append([node.name, "-", outcome.message])
         else:
             failed = failed or not outcome.ok
-            rows.append([node.name, str(outcome.exited), "ok" if outcome.ok else "failed"])
+            rows.append([node.name, str(outcome.exited), "ok" if outcome.ok else FAILED])
     console.err.print()
     for name, code, words_ in rows:
         console.err.print(f"{name}: exit {code} {words_}" if code != "-" else f"{name}: {words_}")
