@@ -356,6 +356,13 @@ class AgentClient:
         if self._asking is not None and self._asking != (run_id, attempt):
             self.close()
         self._asking = (run_id, attempt)
+        self._ask(nodes, run_id, attempt)
+        self._wait_for_news(nodes, wait)
+        now = time.time()
+        return {node.name: self._answer(node.name, now) for node in nodes}
+
+    def _ask(self, nodes: list[Node], run_id: str, attempt: int) -> None:
+        """A long poll to every node that has none out and is not waiting to be asked again."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, 2 * len(nodes)))
         now = time.time()
@@ -375,63 +382,58 @@ class AgentClient:
                 metrics_from=self._metrics_from.get(node.name, 0),
             )
             self._pending[node.name] = (future, now, now + (self.long_poll if since else 0.0))
+
+    def _wait_for_news(self, nodes: list[Node], wait: float) -> None:
+        """Until an answer came and every node's state is known (each judgement sees the whole
+        attempt), or WAIT seconds passed."""
+        deadline = time.time() + wait
         waiting = [future for future, _, _ in self._pending.values()]
-        if waiting:
-            # Back when something changed, with every node's state known (each judgement sees
-            # the whole attempt), or at the deadline with what is known then.
-            deadline = now + wait
-            while True:
-                done, _ = concurrent.futures.wait(
-                    waiting, timeout=max(0.0, deadline - time.time()), return_when=concurrent.futures.FIRST_COMPLETED
-                )
-                unknown = [
-                    n.name
-                    for n in nodes
-                    if n.name not in self._latest and n.name in self._pending and not self._pending[n.name][0].done()
-                ]
-                if (done and not unknown) or time.time() >= deadline:
-                    break
-                waiting = [future for future in waiting if not future.done()]
-                if not waiting:
-                    break
-        else:  # every node failed a moment ago: ask again when the first retry is due
-            time.sleep(max(0.0, min(min(self._retry_at.values(), default=now + wait) - now, wait)))
-        now = time.time()
-        answers: dict[str, Answer] = {}
-        for node in nodes:
-            name = node.name
-            if name not in self._pending:  # failed recently, not asked again yet
-                answers[name] = Answer(error="no answer", asked=self._failed_since(name))
-                continue
-            future, sent, due = self._pending[name]
-            if not future.done():
-                latest = self._latest.get(name)
-                if latest is not None and now < due:
-                    # Nothing changed since it answered; its metric lines were handed over then.
-                    answers[name] = Answer(status=replace(latest, metrics=()))
-                elif name in self._failed:  # asked again after failing: silent until it answers
-                    answers[name] = Answer(error="no answer", asked=self._failed[name])
-                else:
-                    answers[name] = Answer(pending=True, asked=sent, due=due)
-                continue
-            del self._pending[name]
-            try:
-                self._latest[name] = future.result()
-                if self._latest[name].metrics_end is not None:
-                    self._metrics_from[name] = self._latest[name].metrics_end or 0
-                self._retry_at.pop(name, None)
-                self._failed.pop(name, None)
-                answers[name] = Answer(status=self._latest[name])
-            except AttemptMissing:
-                self._latest.pop(name, None)
-                self._retry_at[name] = now + RETRY_AFTER
-                answers[name] = Answer(missing=True)
-            except AvaError as error:
-                self._latest.pop(name, None)
-                self._retry_at[name] = now + RETRY_AFTER
-                self._failed.setdefault(name, sent)
-                answers[name] = Answer(error=error.message, asked=self._failed[name])
-        return answers
+        if not waiting:  # every node failed a moment ago: until the first is asked again
+            time.sleep(max(0.0, min(min(self._retry_at.values(), default=deadline) - time.time(), wait)))
+            return
+        while waiting:
+            done, _ = concurrent.futures.wait(
+                waiting, timeout=max(0.0, deadline - time.time()), return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            unknown = [
+                n.name
+                for n in nodes
+                if n.name not in self._latest and n.name in self._pending and not self._pending[n.name][0].done()
+            ]
+            if (done and not unknown) or time.time() >= deadline:
+                return
+            waiting = [future for future in waiting if not future.done()]
+
+    def _answer(self, name: str, now: float) -> Answer:
+        """What NODE's answer is this round, its request settled if it came back."""
+        if name not in self._pending:  # failed recently, not asked again yet
+            return Answer(error="no answer", asked=self._failed_since(name))
+        future, sent, due = self._pending[name]
+        if not future.done():
+            latest = self._latest.get(name)
+            if latest is not None and now < due:
+                # Nothing changed since it answered; its metric lines were handed over then.
+                return Answer(status=replace(latest, metrics=()))
+            if name in self._failed:  # asked again after failing: silent until it answers
+                return Answer(error="no answer", asked=self._failed[name])
+            return Answer(pending=True, asked=sent, due=due)
+        del self._pending[name]
+        try:
+            status = self._latest[name] = future.result()
+        except AttemptMissing:
+            self._latest.pop(name, None)
+            self._retry_at[name] = now + RETRY_AFTER
+            return Answer(missing=True)
+        except AvaError as error:
+            self._latest.pop(name, None)
+            self._retry_at[name] = now + RETRY_AFTER
+            self._failed.setdefault(name, sent)
+            return Answer(error=error.message, asked=self._failed[name])
+        if status.metrics_end is not None:
+            self._metrics_from[name] = status.metrics_end
+        self._retry_at.pop(name, None)
+        self._failed.pop(name, None)
+        return Answer(status=status)
 
     def skip_metrics(self, node: str, offset: int) -> None:
         """Ask NODE for metric lines past OFFSET only (a supervisor taking over a run)."""

@@ -1,0 +1,76 @@
+"""AgentClient.poll's bookkeeping with the node calls replaced: which answer each node gets in a
+round (fresh, unchanged, late, silent, missing), and that a round waits until every node's state
+is known. The transport itself is tested on the cluster."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from ava import attempt
+from ava.agent.protocol import Status
+from ava.config import Node
+from ava.errors import CommandError
+
+NODES = [Node(name="n1", host="10.0.0.1"), Node(name="n2", host="10.0.0.2")]
+
+
+def test_a_round_waits_for_every_node_then_a_late_one_is_pending(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    asked: list[tuple[str, str | None]] = []
+
+    def status_of(node: Node, run: str, number: int, *, since: str | None = None, **_: object) -> Status:
+        asked.append((node.name, since))
+        if node.name == "n2" and not release.is_set():
+            release.wait(5)
+        return Status("running", digest=f"d-{node.name}")
+
+    monkeypatch.setattr(attempt, "status_of", status_of)
+    client = attempt.AgentClient(status_timeout=4.0, long_poll=0.3)
+    try:
+        began = time.monotonic()
+        first = client.poll(NODES, "run", 1, wait=0.4)
+        assert time.monotonic() - began >= 0.35  # n1 answered at once; n2's state still unknown
+        assert first["n1"].status is not None and first["n1"].status.digest == "d-n1"
+        assert first["n2"].pending and first["n2"].status is None
+        release.set()
+        second = client.poll(NODES, "run", 1, wait=2.0)
+        assert second["n2"].status is not None
+        # n1 was asked again with its digest: a long poll, held until something changes.
+        assert ("n1", "d-n1") in asked
+    finally:
+        client.close()
+
+
+def test_a_failed_node_stays_silent_from_its_first_unanswered_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    def status_of(node: Node, run: str, number: int, **_: object) -> Status:
+        if node.name == "n2":
+            raise CommandError("n2: connection refused")
+        return Status("running")
+
+    monkeypatch.setattr(attempt, "status_of", status_of)
+    client = attempt.AgentClient(status_timeout=4.0, long_poll=0.1)
+    try:
+        first = client.poll(NODES, "run", 1, wait=0.5)
+        assert first["n2"].error and not first["n2"].pending
+        since = first["n2"].asked
+        for _ in range(3):
+            later = client.poll(NODES, "run", 1, wait=0.5)
+            assert later["n2"].error is not None and later["n2"].asked == since
+    finally:
+        client.close()
+
+
+def test_an_attempt_missing_on_a_node_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    def status_of(node: Node, run: str, number: int, **_: object) -> Status:
+        raise attempt.AttemptMissing(f"{node.name}: attempt 1 of run never started there")
+
+    monkeypatch.setattr(attempt, "status_of", status_of)
+    client = attempt.AgentClient()
+    try:
+        answers = client.poll(NODES, "run", 1, wait=0.5)
+        assert all(a.missing for a in answers.values())
+    finally:
+        client.close()
