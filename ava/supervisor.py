@@ -522,6 +522,9 @@ class Supervisor:
                 observation = Observation(tuple(views), now - current.started, stop_requested=self.stop_requested())
                 verdict = judge(observation, hang_timeout=self.recipe.failover.hang_timeout)
                 if verdict.outcome != RUNNING:
+                    if verdict.outcome == FAILED:
+                        # Said as it is known: the teardown that follows may take a while.
+                        self.sink.event(f"attempt {current.number} failed: {verdict.cause}; stopping it everywhere")
                     return verdict
         finally:
             self.client.close()

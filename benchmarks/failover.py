@@ -3,8 +3,9 @@
     python benchmarks/failover.py [--trials 3] [--goodput-every 15]
 
 For a rank crash (SIGKILL of one worker), a node kill (its sshd and every process) and a link cut:
-  detect  = fault injected -> ava reports the attempt ended
-  resume  = detection -> first training step printed by the new attempt
+  detect   = fault injected -> ava says the attempt failed (its verdict)
+  teardown = that -> the attempt ended on every node ("attempt 1 ended")
+  resume   = detection -> first training step printed by the new attempt
 Then the effective training time ratio of a run with a rank crash injected every N seconds:
   productive time (the steps' own compute time, counted once) / wall time, beside an unfaulted run.
 Medians over the trials; the machine is shared and noisy, so compare ratios, not absolutes.
@@ -47,7 +48,7 @@ def worker_pid(run_id: str, rank: str) -> int | None:
     return None
 
 
-def one_trial(cluster: Cluster, fault: str, home: dict[str, str]) -> tuple[float, float]:
+def one_trial(cluster: Cluster, fault: str, home: dict[str, str]) -> tuple[float, float, float]:
     args = [
         "train",
         str(STEPS),
@@ -73,7 +74,9 @@ def one_trial(cluster: Cluster, fault: str, home: dict[str, str]) -> tuple[float
             cluster.kill_node("n2")
         else:
             cluster.cut_link("n2")
-        detected, _ = run.wait_line(r"attempt 1 ended", timeout=120)
+        # Known: the supervisor's verdict; ended: after its teardown of the attempt everywhere.
+        detected, _ = run.wait_line(r"attempt 1 failed: ", timeout=120)
+        ended, _ = run.wait_line(r"attempt 1 ended", timeout=120)
         marker = len(run.lines)
         run.wait_line(r"attempt 2 starting", timeout=120)
         deadline = time.monotonic() + 180
@@ -85,7 +88,7 @@ def one_trial(cluster: Cluster, fault: str, home: dict[str, str]) -> tuple[float
                     break
             time.sleep(0.05)
         assert resumed is not None, run.text()[-2000:]
-        return detected - injected, resumed - detected
+        return detected - injected, ended - detected, resumed - detected
     finally:
         run.kill()
         cluster.restore_link("n2")
@@ -138,13 +141,14 @@ def main() -> int:
     home = {"AVA_HOME": tempfile.mkdtemp(prefix="ava-bench-home-")}
     try:
         faults = ["rank crash", "node kill"] + (["link cut"] if cluster.use_namespaces else [])
-        print(f"{'fault':<12} {'detect s (median)':>18} {'resume s (median)':>18}   trials")
+        print(
+            f"{'fault':<12} {'detect s':>9} {'teardown s':>11} {'resume s':>9}   (medians; trials detect/teardown/resume)"
+        )
         for fault in faults:
             results = [one_trial(cluster, fault, home) for _ in range(options.trials)]
-            detect = statistics.median(r[0] for r in results)
-            resume = statistics.median(r[1] for r in results)
-            each = ", ".join(f"{d:.1f}/{r:.1f}" for d, r in results)
-            print(f"{fault:<12} {detect:>18.1f} {resume:>18.1f}   {each}", flush=True)
+            detect, teardown, resume = (statistics.median(r[k] for r in results) for k in range(3))
+            each = ", ".join(f"{d:.1f}/{t:.1f}/{r:.1f}" for d, t, r in results)
+            print(f"{fault:<12} {detect:>9.2f} {teardown:>11.2f} {resume:>9.2f}   {each}", flush=True)
         clean_wall, clean_ratio = goodput(cluster, home, 0, options.goodput_steps)
         faulty_wall, faulty_ratio = goodput(cluster, home, options.goodput_every, options.goodput_steps)
         print(f"\neffective training time ratio ({options.goodput_steps} steps of {STEP_TIME}s, productive/wall):")
