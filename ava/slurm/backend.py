@@ -50,24 +50,34 @@ def code_manifest(recipe: Recipe) -> sync.Manifest:
     return sync.Manifest(tuple(f for f in manifest.files if f.path != leave_out))
 
 
-def ship(login: Node, recipe: Recipe) -> Shipped:
+def node_script_path(login: Node) -> str:
+    source = NODE_SOURCE.read_bytes()
+    return f"{login.workdir.rstrip('/')}/agent/slurm-node-{hashlib.sha256(source).hexdigest()[:16]}.py"
+
+
+def ship(login: Node, recipe: Recipe, run_dir: str) -> Shipped:
     """The agent, node.py, ava's runtime and the recipe's code on the shared filesystem, once
-    (content-addressed: what is there already is not sent again). `login.workdir` is shared_dir."""
+    (content-addressed: what is there already is not sent again), and the run's own folder
+    there. `login.workdir` is shared_dir. All there already: one command on the login node."""
+    transport = connect(login)
+    manifest, runtime_manifest = code_manifest(recipe), sync.runtime_manifest()[0]
+    agent, node_script = sync.agent_path(login), node_script_path(login)
+    wanted = [agent, node_script, *(sync.tree_path(login, m.tree) + ".complete" for m in (manifest, runtime_manifest))]
+    check = " && ".join([f"mkdir -p -m 700 {shell_path(run_dir)}", *(f"test -f {shell_path(p)}" for p in wanted)])
+    if transport.run(check).ok:
+        return Shipped(manifest.tree, runtime_manifest.tree, agent, node_script, 0)
+    transport.run(f"mkdir -p -m 700 {shell_path(run_dir)}").check("making the run's folder")
     sync.ship_agent(login)
     runtime = sync.ship_runtime(login)
-    code = sync.ship_tree(login, code_manifest(recipe), Path(recipe.root).resolve())
-    source = NODE_SOURCE.read_bytes()
-    node_script = f"{login.workdir.rstrip('/')}/agent/slurm-node-{hashlib.sha256(source).hexdigest()[:16]}.py"
-    transport = connect(login)
+    code = sync.ship_tree(login, manifest, Path(recipe.root).resolve())
     if not transport.run(f"test -f {shell_path(node_script)}").ok:
-        transport.put(source, node_script, mode=0o644)
-    return Shipped(code.tree, runtime.tree, sync.agent_path(login), node_script, code.sent_bytes + runtime.sent_bytes)
+        transport.put(NODE_SOURCE.read_bytes(), node_script, mode=0o644)
+    return Shipped(code.tree, runtime.tree, agent, node_script, code.sent_bytes + runtime.sent_bytes)
 
 
 def submit(login: Node, paths: Paths, attempt: int, job: Submission) -> str:
     """Put the attempt's template (0600) and script on the shared filesystem, sbatch it; the job id."""
-    transport = connect(login)
-    transport.run(f"mkdir -p -m 700 {shell_path(paths.run_dir)}").check("making the run's folder")
+    transport = connect(login)  # the run's folder exists: ship() made it
     transport.put(template_text(job.template).encode(), paths.template(attempt), mode=0o600)
     transport.put(job.script.encode(), paths.script(attempt), mode=0o600)
     result = transport.run(f"sbatch --parsable {shell_path(paths.script(attempt))}", timeout=60)

@@ -21,11 +21,6 @@ from ava.slurm.supervise import JobState, Sink, SlurmSupervisor
 from ava.slurm.supervise import stop as stop_jobs
 
 
-def node_script_path(shared_dir: str) -> str:
-    source = backend.NODE_SOURCE.read_bytes()
-    return f"{shared_dir.rstrip('/')}/agent/slurm-node-{hashlib.sha256(source).hexdigest()[:16]}.py"
-
-
 def dry_run(recipe: Recipe, inventory: Inventory, settings: SlurmSettings, run_id: str, *, json_out: bool) -> int:
     """The batch script, whole, and the agents' spec template (env values hidden), as a launch makes them."""
     login = login_node(settings, inventory)
@@ -37,7 +32,7 @@ def dry_run(recipe: Recipe, inventory: Inventory, settings: SlurmSettings, run_i
         login,
         python=compute_python(settings, inventory),
         agent=sync.agent_path(login),
-        node_script=node_script_path(settings.shared_dir),
+        node_script=backend.node_script_path(login),
     )
     template = json.loads(json.dumps(job.template))
     for role in ("master", "worker"):

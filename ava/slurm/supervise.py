@@ -197,7 +197,7 @@ class SlurmSupervisor:
         self.record.supervisor_pid = __import__("os").getpid()
         self.record.state = "starting"
         self.record.save()
-        shipped = backend.ship(self.login, self.recipe)
+        shipped = backend.ship(self.login, self.recipe, self.paths.run_dir)
         self.record.code_tree = shipped.code_tree
         exclude: list[str] = []
         restarts = 0
