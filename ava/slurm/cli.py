@@ -211,3 +211,19 @@ def logs(record: runs.RunRecord, *, node: str | None, rank: int | None, follow: 
         if not follow or final:
             return EXIT_OK
         time.sleep(0.5)
+
+
+def doctor(inventory: Inventory, settings: SlurmSettings, *, json_out: bool) -> int:
+    """`ava doctor` on a Slurm inventory (see ava/slurm/doctor.py)."""
+    from ava.slurm import doctor as checks_of
+
+    found = checks_of.checks(inventory, settings)
+    status = checks_of.worst(found)
+    if json_out:
+        console.print_json({"status": status, "checks": [c.to_json() for c in found], "bandwidth": None})
+    else:
+        console.table(["check", "status", "detail"], [[c.check, c.status, c.detail] for c in found])
+        for c in found:
+            if c.status != checks_of.PASS and c.fix:
+                console.write(f"{c.status.upper()} {c.check}: {c.fix}\n")
+    return EXIT_INFRA if status == checks_of.FAIL else EXIT_OK

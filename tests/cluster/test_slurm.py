@@ -165,6 +165,22 @@ def test_nodes_shows_the_partitions_nodes_from_sinfo(slurm_cluster: SlurmCluster
     assert all(n["partitions"] == [slurm_cluster.partition] and n["version"] == 1 for n in nodes)
 
 
+def test_doctor_says_isolation_is_slurms(slurm_cluster: SlurmCluster) -> None:
+    shown = run_ava("doctor", "--json", inventory=slurm_cluster.inventory())
+    report = json.loads(shown.stdout)
+    checks = {c["check"]: c for c in report["checks"]}
+    assert shown.returncode == 0 and report["status"] == "warn", shown.stdout + shown.stderr
+    assert {k: c["status"] for k, c in checks.items() if k != "isolation"} == {
+        "login": "pass",
+        "slurm": "pass",
+        "shared_dir": "pass",
+        "python": "pass",
+        "accounting": "pass" if slurm_cluster.accounting else "warn",
+    }
+    # The test Slurm runs task/none (several slurmd share one kernel here): said, with the fix.
+    assert "Slurm's (TaskPlugin=task/none" in checks["isolation"]["detail"] and checks["isolation"]["fix"]
+
+
 def test_dry_run_prints_the_whole_batch_script_and_submits_nothing(slurm_cluster: SlurmCluster) -> None:
     shown = run_ava("train", str(DDP), "--dry-run", "--set", "resources.nodes=2", inventory=slurm_cluster.inventory())
     assert shown.returncode == 0, shown.stderr
