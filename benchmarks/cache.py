@@ -22,7 +22,9 @@ read making the same requests as the cache, and `--block-mib 64` shows the one-G
 as S3 does), in a network namespace behind a veth pair shaped by `--netem RTT,RATE` (tc netem, or
 where the kernel has no netem, tc tbf plus a delay line: tests/support/s3rver.py): the figures a
 real object store's link gives. Needs root and `npm install --prefix /var/cache/ava-test-s3rver
-s3rver`. The dedup section needs moto's counting proxy and is left out there.
+s3rver`. The dedup section needs moto's counting proxy and is left out there. Cases run
+interleaved (each once per round), and the cold section prints the client's CPU seconds per GiB:
+on a machine whose cores are shared, a ratio follows CPU as much as the link.
 """
 
 from __future__ import annotations
@@ -40,18 +42,20 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import fsspec  # noqa: E402
+import fsspec  # type: ignore[import-untyped]  # noqa: E402  # fsspec ships no type hints
 
 from ava.cache import AvaCacheFileSystem  # noqa: E402
 from ava.cache.store import BlockStore, ObjectId  # noqa: E402
 from tests.support.s3rver import s3rver_server  # noqa: E402
-from tests.support.s3server import moto_server, s3_proxy  # noqa: E402
+from tests.support.s3server import Proxy, S3Endpoint, moto_server, s3_proxy  # noqa: E402
 
 MiB = 1 << 20
+Row = dict[str, Any]
 BUCKET = "ava-bench"
 
 
@@ -66,16 +70,16 @@ def median_time(fn: Callable[[], object], runs: int, setup: Callable[[], None] |
     return statistics.median(times)
 
 
-def read_chunks(f, n: int = MiB) -> int:
+def read_chunks(f: Any, n: int = MiB) -> int:
     total = 0
     while chunk := f.read(n):
         total += len(chunk)
     return total
 
 
-def row(name: str, seconds: float, size: int, ref: float | None = None, note: str = "") -> dict:
+def row(name: str, seconds: float, size: int, ref: float | None = None, note: str = "") -> Row:
     rate = size / MiB / seconds
-    out = {"case": name, "median_s": round(seconds, 4), "MiB_s": round(rate, 1)}
+    out: Row = {"case": name, "median_s": round(seconds, 4), "MiB_s": round(rate, 1)}
     if ref is not None:
         out["ratio"] = round(ref / seconds, 3)
     if note:
@@ -87,20 +91,25 @@ def row(name: str, seconds: float, size: int, ref: float | None = None, note: st
     return out
 
 
-def bench_warm(cfs: AvaCacheFileSystem, url: str, local: str, size: int, runs: int) -> list:
+def bench_warm(cfs: AvaCacheFileSystem, url: str, local: str, size: int, runs: int) -> list[Row]:
     print("warm read (object fully cached) vs the same bytes in a local file")
     with cfs.open(url) as f:
         f.read()
     out = []
     for label, reader in (("1 MiB reads", read_chunks), ("one read()", lambda f: f.read())):
-        t_local = median_time(lambda: reader(open(local, "rb", buffering=0)), runs)
-        t_cache = median_time(lambda: reader(cfs.open(url)), runs)
+        local_s, cache_s = [], []
+        for _ in range(runs):  # interleaved, as in bench_cold
+            local_s.append(median_time(lambda: reader(open(local, "rb", buffering=0)), 1))
+            cache_s.append(median_time(lambda: reader(cfs.open(url)), 1))
+        t_local, t_cache = statistics.median(local_s), statistics.median(cache_s)
         out.append(row(f"local file, {label}", t_local, size))
         out.append(row(f"avacache warm, {label}", t_cache, size, t_local, "local file"))
     return out
 
 
-def bench_cold(remote, url: str, size: int, runs: int, work: Path, block: int, readahead: int | None = None) -> list:
+def bench_cold(
+    remote: Any, url: str, size: int, runs: int, work: Path, block: int, readahead: int | None = None
+) -> list[Row]:
     print("cold read (nothing cached) vs direct s3fs and fsspec's caches")
     path = url[len("s3://") :]
     cases: dict[str, Callable[[], object]] = {}
@@ -129,7 +138,7 @@ def bench_cold(remote, url: str, size: int, runs: int, work: Path, block: int, r
     cases["fsspec blockcache read()"] = fsspec_cache("blockcache")
     cases["fsspec simplecache read()"] = fsspec_cache("simplecache")
 
-    def ava(reader: Callable) -> Callable[[], object]:
+    def ava(reader: Callable[[Any], object]) -> Callable[[], object]:
         return lambda: reader(
             AvaCacheFileSystem(
                 fs=remote, cache_dir=str(store), block_size=block, readahead=readahead, skip_instance_cache=True
@@ -138,10 +147,24 @@ def bench_cold(remote, url: str, size: int, runs: int, work: Path, block: int, r
 
     cases["avacache cold read()"] = ava(lambda f: f.read())
     cases["avacache cold 1 MiB reads (readahead)"] = ava(read_chunks)
-    times = {name: median_time(fn, runs, setup=fresh) for name, fn in cases.items()}
+    # Interleaved (every case once per round), so a change in the machine's load between rounds
+    # moves every case alike and the ratios hold.
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}  # this process's CPU s, all threads
+    for _ in range(runs):
+        for name, fn in cases.items():
+            before = time.process_time()
+            samples[name].append(median_time(fn, 1, setup=fresh))
+            cpu[name].append(time.process_time() - before)
+    times = {name: statistics.median(values) for name, values in samples.items()}
     best_name = min(("s3fs open().read()", tuned_name), key=lambda n: times[n])
     best = times[best_name]
     out = [row(name, t, size, best, f"best direct s3fs ({best_name})") for name, t in times.items()]
+    print("  client CPU per GiB read (this process, every thread; medians):")
+    for name in cases:
+        per_gib = statistics.median(cpu[name]) * (1 << 30) / size
+        print(f"    {name:<42} {per_gib:6.2f} CPU s/GiB")
+        out.append({"case": name, "cpu_s_per_gib": round(per_gib, 3)})
     print(f"  same requests as the cache ({tuned_name}):")
     for name in ("avacache cold read()", "avacache cold 1 MiB reads (readahead)"):
         print(f"    {name:<42} {times[tuned_name] / times[name]:5.2f}x")
@@ -164,7 +187,7 @@ READER = textwrap.dedent("""
 """)
 
 
-def bench_dedup(s3, proxy, url: str, data_sha: str, size: int, work: Path) -> list:
+def bench_dedup(s3: S3Endpoint, proxy: Proxy, url: str, data_sha: str, size: int, work: Path) -> list[Row]:
     print("8 processes cold-reading the object at once: bytes fetched from S3 / object size")
     out = []
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_", "AVA_"))}
@@ -199,7 +222,7 @@ def bench_dedup(s3, proxy, url: str, data_sha: str, size: int, work: Path) -> li
     return out
 
 
-def bench_bookkeeping(work: Path, nblocks: int, samples: int = 2000) -> list:
+def bench_bookkeeping(work: Path, nblocks: int, samples: int = 2000) -> list[Row]:
     print(f"bookkeeping per miss with {nblocks} blocks cached (in-memory fetch, no network)")
     root = work / "index"
     shutil.rmtree(root, ignore_errors=True)
@@ -263,12 +286,12 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.size_mib, args.runs, args.index_blocks = 16, 3, 10_000
-    import s3fs
+    import s3fs  # type: ignore[import-untyped]  # s3fs ships no type hints
 
     size = args.size_mib * MiB
     data = os.urandom(size)
     sha = hashlib.sha256(data).hexdigest()
-    rows: list = []
+    rows: list[Row] = []
     if args.server == "s3rver":
         with tempfile.TemporaryDirectory(prefix="ava-bench-") as tmp, s3rver_server(netem=args.netem) as shaped:
             work = Path(tmp)
