@@ -12,18 +12,37 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, processes_of, run_ava
 from tests.support import slurm as slurm_support
+from tests.support.leak_check import snapshot
 from tests.support.slurm import SlurmCluster
 
 slurm_cluster = slurm_support.slurm_cluster  # the module's fixture: a 3-node cluster with Slurm
 
 DDP = REPO / "recipes" / "ddp-minimal"
 STEPS = REPO / "tests" / "data" / "recipes" / "steps"
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_in_slurm(slurm_cluster: SlurmCluster) -> Iterator[None]:
+    """After each test, as tests/support/leak_check.py does for the SSH cluster: no process of
+    a run on any node, no lease held, and no job left in the queue."""
+    before = snapshot(slurm_cluster.cluster)
+    yield
+    deadline = time.monotonic() + 15
+    while True:
+        left = snapshot(slurm_cluster.cluster).minus(before)
+        queued = slurm_cluster.sh("squeue", "-h", check=False).stdout.strip()
+        if not (left or queued) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left, f"this test left on the Slurm nodes: {left}"
+    assert not queued, f"this test left jobs in the queue:\n{queued}"
 
 
 @pytest.fixture()
