@@ -44,6 +44,9 @@ CONF = CONF_DIR / "slurm.conf"
 DBD_CONF = CONF_DIR / "slurmdbd.conf"  # beside slurm.conf: where slurmdbd and sacct look
 MARKER = "# ava test slurm cluster"
 LOCK = Path("/tmp/ava-test-slurm.lock")  # one test Slurm per machine: /etc/slurm/slurm.conf is global
+# The daemons a test Slurm started, one "pid name" line each: what a killed session left is
+# ended by the next one (which holds LOCK, so no live test Slurm owns them).
+PIDS = Path("/tmp/ava-test-slurm.pids")
 PARTITION = "debug"
 LOGIN = "n1"
 
@@ -91,6 +94,7 @@ class SlurmCluster:
             os.close(self._lock)
             self._lock = None
             raise RuntimeError("another test Slurm runs on this machine (/etc/slurm/slurm.conf is global)") from None
+        clean_stale_slurm()
         try:
             self.dir.mkdir(mode=0o700)
             self.shared.mkdir(mode=0o755)
@@ -123,6 +127,7 @@ class SlurmCluster:
                 conf.unlink()
         shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.shared, ignore_errors=True)
+        PIDS.unlink(missing_ok=True)
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -326,6 +331,8 @@ class SlurmCluster:
     def _spawn(self, name: str, argv: list[str], out: Path) -> None:
         with open(out, "ab") as log:
             self.daemons[name] = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        with open(PIDS, "a") as pids:
+            pids.write(f"{self.daemons[name].pid} {argv[0]}\n")
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Until every node is idle in the partition."""
@@ -384,6 +391,24 @@ class SlurmCluster:
 
     def node(self, name: str) -> TestNode:
         return self.cluster.node(name)
+
+
+def clean_stale_slurm() -> None:
+    """End the daemons and remove the config a killed test session left (call holding LOCK)."""
+    lines = PIDS.read_text().splitlines() if PIDS.exists() else []
+    for line in lines:
+        pid, _, name = line.partition(" ")
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if os.path.basename(name).encode() in cmdline:  # still that daemon, not a reused pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    PIDS.unlink(missing_ok=True)
+    for conf in (CONF, DBD_CONF):
+        if conf.exists() and MARKER in conf.read_text(errors="replace"):
+            conf.unlink()
 
 
 def _toml(value: object) -> str:
