@@ -166,7 +166,28 @@ def template(
             isolation="none",
         )
         specs[role] = spec.to_json()
-    return {"run": launch.run_id, "attempt": launch.attempt, "nnodes": nnodes, "python": python, **specs}
+    # `[data] prefetch`: each node warms its own cache (node.py, through the agent's `cache`
+    # command) before its attempt starts, with the run's environment (S3 keys) from its spec.
+    prefetch = {
+        "urls": list(recipe.data.prefetch),
+        "runtime": runtime,
+        "args": [
+            "--dir",
+            env["AVA_CACHE_DIR"],
+            "--size-limit",
+            env["AVA_CACHE_SIZE"],
+            "--block-size",
+            env["AVA_CACHE_BLOCK_SIZE"],
+        ],
+    }
+    return {
+        "run": launch.run_id,
+        "attempt": launch.attempt,
+        "nnodes": nnodes,
+        "python": python,
+        **({"prefetch": prefetch} if recipe.data.prefetch else {}),
+        **specs,
+    }
 
 
 def submission(

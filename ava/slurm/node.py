@@ -125,6 +125,23 @@ def slurm_gpus() -> list[int]:
     return [int(g) for g in visible.split(",") if g.strip().isdigit()]
 
 
+def prefetch(agent: str, wanted: dict[str, Any], spec: dict[str, Any], run_dir: str, job: str) -> bool:
+    """Warm the recipe's `[data] prefetch` into this node's cache. A node that cannot ends the
+    job: its peers would otherwise wait for it at the rendezvous until its timeout."""
+    env_file = os.path.join(run_dir, f"cache-env-{os.getpid()}.json")
+    write_json(env_file, spec["env"])  # 0600, read and deleted by the agent's `cache` command
+    argv = [sys.executable, agent, "cache", wanted["runtime"], env_file, "warm", *wanted["args"], "--", *wanted["urls"]]
+    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if os.path.exists(env_file):
+        os.unlink(env_file)
+    if done.returncode == 0:
+        return True
+    name = os.environ.get("SLURMD_NODENAME", "?")
+    print(f"ava: {name}: prefetching {' '.join(wanted['urls'])} failed:\n{done.stdout[-2000:]}", file=sys.stderr)
+    subprocess.run(["scancel", job])
+    return False
+
+
 def next_template(template_path: str, attempt: int, job: str) -> str | None:
     """The next attempt's template when ava restarts the run in this allocation (it names this
     job; a template for a new job after a lost node does not)."""
@@ -191,6 +208,8 @@ def one_attempt(agent: str, template_path: str, template: dict[str, Any], job: s
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     spec_path = os.path.join(run_dir, f"spec-{attempt}.json")
     write_json(spec_path, spec)  # 0600: it holds the run's environment
+    if template.get("prefetch") and not prefetch(agent, fill(template["prefetch"], tokens), spec, run_dir, job):
+        return 1
     return supervise(agent, spec_path, workdir, run, attempt, template_path, job, signals)
 
 

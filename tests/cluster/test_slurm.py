@@ -254,6 +254,42 @@ def test_a_crashed_rank_restarts_in_the_same_allocation_within_the_budget(
     assert processes_of(record["id"]) == []
 
 
+def test_prefetch_warms_the_cache_of_every_allocated_node(slurm_cluster: SlurmCluster, home: dict[str, str]) -> None:
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from tests.support import nodepy
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address=slurm_cluster.cluster.gateway, port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=url)
+        fs.mkdir("data")
+        fs.pipe("data/shards/a.bin", os.urandom(3 << 20))
+        sets = ["resources.nodes=2", 'data.prefetch=["s3://data/shards/*.bin"]', f"env.AWS_ENDPOINT_URL={url}"]
+        sets += [
+            "env.AWS_ACCESS_KEY_ID=testing",
+            "env.AWS_SECRET_ACCESS_KEY=testing",
+            "env.AWS_DEFAULT_REGION=us-east-1",
+        ]
+        inventory = slurm_cluster.inventory(python=nodepy.node_python(s3fs=True))
+        argv = [word for s in sets for word in ("--set", s)]
+        done = run_ava("train", str(DDP), *argv, inventory=inventory, env=home, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    finally:
+        server.stop()
+    (record,) = ps(home)
+    for node in record["nodes"]:
+        cache = slurm_cluster.shared / "ava" / "nodes" / node / "cache"
+        cached = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+        assert cached >= 3 << 20, (node, cached)
+
+
 def test_stop_cancels_the_job_and_leaves_no_process(slurm_cluster: SlurmCluster, home: dict[str, str]) -> None:
     inventory = slurm_cluster.inventory()
     args = ["--set", "resources.nodes=2", "--set", 'run.args=["--steps", "600", "--step-time", "0.2"]']
