@@ -257,7 +257,7 @@ def test_a_crashed_rank_restarts_in_the_same_allocation_within_the_budget(
 def test_prefetch_warms_the_cache_of_every_allocated_node(slurm_cluster: SlurmCluster, home: dict[str, str]) -> None:
     import logging
 
-    import s3fs
+    import s3fs  # type: ignore[import-untyped]  # s3fs ships no type hints
     from moto.server import ThreadedMotoServer
 
     from tests.support import nodepy
