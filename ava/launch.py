@@ -133,6 +133,10 @@ def environment(recipe: Recipe, launch: Launch, node: Node, route: Route) -> dic
     if ckpt is not None:
         env["AVA_CHECKPOINT_DIR"] = ckpt if "://" in ckpt else route.expand(ckpt)
         env["AVA_CHECKPOINT_KEEP"] = str(recipe.checkpoint.keep)
+        # Async saves to a remote store go to the node's own disk first (ava.ckpt), in its workdir.
+        env["AVA_CHECKPOINT_STAGING"] = route.expand(posixpath.join(node.workdir.rstrip("/"), "ckpt-staging"))
+    if recipe.checkpoint.every is not None:
+        env["AVA_CHECKPOINT_EVERY"] = recipe.checkpoint.every
     # The run's code (its own copy, in its run directory) first, then ava's user-side modules
     # (ava.ckpt, ava.env, ava.data).
     paths = [run_dir(node, launch, route), runtime_dir]

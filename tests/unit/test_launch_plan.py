@@ -37,6 +37,7 @@ memory = "8GiB"
 WANDB_MODE = "offline"
 [checkpoint]
 dir = "s3://bucket/{name}/{run}"
+every = "auto"
 """
 
 EXPECTED = """\
@@ -50,7 +51,7 @@ gpu1: {"attempt": 1, "cgroup_parent": "ava", "cpu_slots": null, \
 "user": "ml", "workdir": "~/.ava"}
 gpu1: AVA_ATTEMPT=1 AVA_CACHE_BLOCK_SIZE=8388608 AVA_CACHE_DIR=/home/ml/.ava/cache \
 AVA_CACHE_SIZE=107374182400 AVA_CHECKPOINT_DIR=s3://bucket/ddp/ddp-20261201-1200-abcd \
-AVA_CHECKPOINT_KEEP=3 AVA_NODE=gpu1 AVA_RUN_ID=ddp-20261201-1200-abcd FSSPEC_AVACACHE_BLOCK_SIZE=8388608 \
+AVA_CHECKPOINT_EVERY=auto AVA_CHECKPOINT_KEEP=3 AVA_CHECKPOINT_STAGING=/home/ml/.ava/ckpt-staging AVA_NODE=gpu1 AVA_RUN_ID=ddp-20261201-1200-abcd FSSPEC_AVACACHE_BLOCK_SIZE=8388608 \
 FSSPEC_AVACACHE_CACHE_DIR=/home/ml/.ava/cache FSSPEC_AVACACHE_CACHE_SIZE=107374182400 \
 GLOO_SOCKET_IFNAME=eth0 NCCL_SOCKET_IFNAME=eth0 \
 PYTHONPATH=/home/ml/.ava/runs/ddp-20261201-1200-abcd/work:/home/ml/.ava/trees/a11e PYTHONUNBUFFERED=1 \
@@ -65,7 +66,7 @@ gpu2: {"attempt": 1, "cgroup_parent": "ava", "cpu_slots": null, \
 "run": "ddp-20261201-1200-abcd", "tree": "/home/ml/.ava/trees/c0de", "user": "ml", "workdir": "~/.ava"}
 gpu2: AVA_ATTEMPT=1 AVA_CACHE_BLOCK_SIZE=8388608 AVA_CACHE_DIR=/home/ml/.ava/cache \
 AVA_CACHE_SIZE=107374182400 AVA_CHECKPOINT_DIR=s3://bucket/ddp/ddp-20261201-1200-abcd \
-AVA_CHECKPOINT_KEEP=3 AVA_NODE=gpu2 AVA_RUN_ID=ddp-20261201-1200-abcd FSSPEC_AVACACHE_BLOCK_SIZE=8388608 \
+AVA_CHECKPOINT_EVERY=auto AVA_CHECKPOINT_KEEP=3 AVA_CHECKPOINT_STAGING=/home/ml/.ava/ckpt-staging AVA_NODE=gpu2 AVA_RUN_ID=ddp-20261201-1200-abcd FSSPEC_AVACACHE_BLOCK_SIZE=8388608 \
 FSSPEC_AVACACHE_CACHE_DIR=/home/ml/.ava/cache FSSPEC_AVACACHE_CACHE_SIZE=107374182400 \
 GLOO_SOCKET_IFNAME=eth0 NCCL_SOCKET_IFNAME=eth0 \
 PYTHONPATH=/home/ml/.ava/runs/ddp-20261201-1200-abcd/work:/home/ml/.ava/trees/a11e PYTHONUNBUFFERED=1 \
