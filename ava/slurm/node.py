@@ -219,7 +219,8 @@ def supervise(
     python = sys.executable
     stop = [python, agent, "stop", workdir, run, "--grace", STOP_GRACE]
     # What an earlier attempt left here (a rank still hung when ava restarted the run) goes first.
-    subprocess.run(stop, stdout=subprocess.DEVNULL)
+    if any(n.startswith("attempt-") for n in os.listdir(os.path.join(workdir, "runs", run))):
+        subprocess.run(stop, stdout=subprocess.DEVNULL)
     started = subprocess.run([python, agent, "start", spec_path], stdout=subprocess.PIPE, text=True)
     sys.stdout.write(started.stdout)
     status_path = os.path.join(workdir, "runs", run, f"attempt-{attempt}", "status.json")
