@@ -25,8 +25,6 @@ import shutil
 from typing import Any, Protocol
 
 from .cgroups import PARENT, ROOT, IsolationError, Limits, mounts
-from .cgroupv1 import CgroupV1
-from .cgroupv2 import CgroupV2, SystemdScope
 from .nofence import MARKER, NoFence
 
 __all__ = [
@@ -118,11 +116,19 @@ def open_fence(kind: str | None, parent: str) -> Fence:
     """A fence of back-end KIND ("auto" probes) under the cgroup subtree PARENT."""
     if kind in ("", "auto", None):
         kind = probe()
+    # The cgroup back-ends are imported only when a fence is opened: every agent command imports
+    # this module, and on a slow node compiling code it never runs is what `status` pays for.
     if kind == "v1":
+        from .cgroupv1 import CgroupV1
+
         return CgroupV1(parent)
     if kind == "v2":
+        from .cgroupv2 import CgroupV2
+
         return CgroupV2(parent)
     if kind == "systemd":
+        from .cgroupv2 import SystemdScope
+
         return SystemdScope(parent)
     if kind == "none":
         return NoFence(parent)
