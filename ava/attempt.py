@@ -77,6 +77,7 @@ def prepare(
     recipe: Recipe,
     inventory_dir: Path,
     master: str | None = None,
+    provisioned: bool = False,
 ) -> Prepared:
     """Provision what is missing on every node (agent, runtime, cache config, cgroup parent,
     the run's venv), then put the run's code where it is not yet. With MASTER, the nodes' routes
@@ -85,7 +86,8 @@ def prepare(
     from ava import provision
 
     prepared = Prepared(manifest.tree, sync.runtime_manifest()[0].tree)
-    fail_on_errors(provision.ensure(nodes, recipe=recipe, base=inventory_dir), "provisioning nodes")
+    if not provisioned:  # PROVISIONED: the caller has just made sure, a moment ago
+        fail_on_errors(provision.ensure(nodes, recipe=recipe, base=inventory_dir), "provisioning nodes")
     lacking = nodes
     if master is not None:
         found = probe(nodes, master, trees=[manifest.tree])
@@ -325,8 +327,17 @@ class AgentClient:
         recipe: Recipe,
         inventory_dir: Path,
         master: str | None = None,
+        provisioned: bool = False,
     ) -> Prepared:
-        return prepare(nodes, code_root, manifest, recipe=recipe, inventory_dir=inventory_dir, master=master)
+        return prepare(
+            nodes,
+            code_root,
+            manifest,
+            recipe=recipe,
+            inventory_dir=inventory_dir,
+            master=master,
+            provisioned=provisioned,
+        )
 
     def prefetch(
         self, nodes: list[Node], recipe: Recipe, pythons: dict[str, str], report: Callable[[str], None]

@@ -242,6 +242,7 @@ class Supervisor:
         lock_wait: float = 15.0,
         client: AgentClient | None = None,
         clock: Clock | None = None,
+        provisioned: list[str] | None = None,
     ) -> None:
         self.record, self.recipe, self.inventory, self.sink = record, recipe, inventory, sink
         self.wait_for_leases = wait_for_leases
@@ -255,6 +256,8 @@ class Supervisor:
         self._leave = threading.Event()
         self._unreached: set[str] = set()  # nodes the last teardown could not reach
         self._last_wait = ""  # the holders last reported while waiting for leases
+        # Nodes the CLI has just provisioned in front of the user: the first launch skips that check.
+        self._provisioned = set(provisioned or ())
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -373,7 +376,9 @@ class Supervisor:
             recipe=self.recipe,
             inventory_dir=self.inventory.path.resolve().parent,
             master=master_address(nodes[0]),
+            provisioned={n.name for n in nodes} <= self._provisioned,
         )
+        self._provisioned.clear()  # later attempts check again (a node may have changed meanwhile)
         self.client.prefetch(nodes, self.recipe, prepared.pythons, self.sink.event)
         self.record.code_tree = prepared.code_tree
         current.code_sent_bytes = sum(stats.sent_bytes for stats in prepared.code_stats.values())

@@ -157,9 +157,11 @@ def train(
     if dry_run:
         return _dry_run(recipe, placement, run_id, inventory.path.resolve().parent, json_out=json_out)
 
+    provisioned: list[str] = []
     if not detach:
         # Before the run exists: Ctrl-C during a long venv build leaves no run behind.
-        provision_visibly(list(placement.nodes), recipe, inventory.path.resolve().parent)
+        outcomes = provision_visibly(list(placement.nodes), recipe, inventory.path.resolve().parent)
+        provisioned = [name for name, outcome in outcomes.items() if not isinstance(outcome, AvaError)]
     record = runs.create(run_id, recipe, inventory.path, placement.names, list(overrides), pool=only)
     snapshot_code(record, Path(recipe.root), leave_out=_recipe_file(recipe))
     record.parent = parent
@@ -176,7 +178,9 @@ def train(
     sink = TerminalSink(
         placement.names + [s.name for s in placement.spares], record.dir / "output.log", order=list(inventory.nodes)
     )
-    supervisor = Supervisor(record, _recipe_for(record, recipe), inventory, sink, wait_for_leases=wait)
+    supervisor = Supervisor(
+        record, _recipe_for(record, recipe), inventory, sink, wait_for_leases=wait, provisioned=provisioned
+    )
     return _supervise(supervisor, record, inventory.path.resolve(), stop_on_interrupt=stop_on_interrupt)
 
 
