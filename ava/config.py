@@ -634,7 +634,7 @@ def load_inventory(explicit: str | None = None) -> Inventory:
 
 def parse_inventory(text: str, source: str) -> Inventory:
     data = _load_toml(text, source)
-    _check_keys(source, data, ("defaults", "nodes"))
+    _check_keys(source, data, ("defaults", "nodes", "slurm"))  # [slurm]: ava/slurm/inventory.py
     defaults = _check_table(source, data.get("defaults", {}), "defaults")
     if "host" in defaults:  # _DEFAULT_KEYS lacks it; say why rather than "unknown key"
         raise ConfigError(source, "defaults.host", "each node has its own host; set it per node")

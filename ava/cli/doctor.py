@@ -26,6 +26,12 @@ def doctor(
     from ava.doctor import FAIL, PASS, WARN, measure_bandwidth, observe, verdicts, worst
 
     inventory = load_inventory()
+    from ava.slurm.inventory import load as load_slurm  # a [slurm] table: Slurm's own checks
+
+    if (slurm := load_slurm(inventory)) is not None:
+        from ava.slurm.cli import doctor as slurm_doctor
+
+        return slurm_doctor(inventory, slurm, json_out=json_out)
     chosen = inventory.select(names) if names else list(inventory.nodes.values())
     observations = observe(chosen)
     checks = verdicts(observations)

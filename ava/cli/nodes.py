@@ -36,6 +36,12 @@ def nodes(
     from ava.nodes import probe
 
     inventory = load_inventory()
+    from ava.slurm.inventory import load as load_slurm  # a [slurm] table: sinfo's nodes
+
+    if (slurm := load_slurm(inventory)) is not None:
+        from ava.slurm.cli import nodes as slurm_nodes
+
+        return slurm_nodes(inventory, slurm, json_out=json_out)
     reports = probe(list(inventory.nodes.values()), host_keys="accept-new" if accept_new else None)
     if json_out:
         console.print_json([r.to_json() for r in reports])

@@ -130,6 +130,15 @@ def train(
         overrides = list(overrides) + [f"run.args={runs.toml_value(list(recipe.run.args) + script_args)}"]
         recipe, _text = _recipe(recipe_path, overrides)
     inventory = load_inventory()
+    from ava.slurm.inventory import load as load_slurm  # a [slurm] table: the Slurm back-end
+
+    if (slurm := load_slurm(inventory)) is not None:
+        from ava.slurm import cli as slurm_cli
+
+        if dry_run:
+            return slurm_cli.dry_run(recipe, inventory, slurm, runs.new_run_id(recipe.name), json_out=json_out)
+        sink = TerminalSink  # node/rank lines as on SSH nodes
+        return slurm_cli.train(recipe, inventory, slurm, overrides=list(overrides), detach=detach, make_sink=sink)
     only = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else []
     try:
         placement = place(recipe, inventory, only=only)
@@ -486,6 +495,10 @@ def logs(
     from ava.units import parse_duration
 
     record = runs.resolve(run)
+    from ava.slurm import cli as slurm_cli
+
+    if slurm_cli.is_slurm_run(record):  # its lines came through the login node: the run's copy
+        return slurm_cli.logs(record, node=node, rank=rank, follow=follow)
     names = sorted({n for a in record.attempts for n in a.nodes} | set(record.nodes))
     if node is not None and node not in names:
         raise UsageError(f"run {record.id} ran on {', '.join(names)}; no node {node} there (see `ava ps {record.id}`)")
@@ -568,6 +581,10 @@ def stop(
 
         console.warn(f"{damaged.message}; stopping {run_id} on every node of the inventory")
         return _stop_on(run_id, list(load_inventory().nodes.values()), json_out=json_out)
+    from ava.slurm import cli as slurm_cli
+
+    if slurm_cli.is_slurm_run(record):  # scancel, verified with squeue
+        return slurm_cli.stop_recorded(record, load_inventory_for(record), json_out=json_out)
     return _stop_run(record, by="`ava stop`", json_out=json_out, asked=asked)
 
 
