@@ -10,12 +10,12 @@ import os
 import posixpath
 from dataclasses import dataclass
 
+from ava.agent.cgroups import PARENT as CGROUP_PARENT
 from ava.agent.protocol import SpecLimits, StartSpec
 from ava.config import Node, Recipe
 
 # torchrun prefixes every worker line with its global rank; ava's log streams rely on it.
 RANK_PREFIX_TEMPLATE = "[${rank}]:"
-CGROUP_PARENT = "ava"
 # Hidden, for tests on a node that offers several back-ends (systemd and plain v2 on one
 # systemd + cgroup v2 node): forces that isolation back-end in every spec; unset = the agent probes.
 FORCE_ISOLATION_ENV = "AVA_ISOLATION"
@@ -110,12 +110,11 @@ def torchrun_argv(
 def environment(recipe: Recipe, launch: Launch, node: Node, route: Route) -> dict[str, str]:
     # Imported here: the cache package pulls in fsspec, which commands that never launch skip.
     from ava.cache.settings import job_env
-    from ava.provision import BLOCK_SIZE
 
     _, runtime_dir = tree_dirs(node, launch, route)
     env = dict(recipe.env)
     # The node's cache as WORKDIR/cache.json describes it, for ava.data and `avacache::` URLs.
-    env.update(job_env(route.expand(node.cache_dir), node.cache_size, block_size=BLOCK_SIZE))
+    env.update(job_env(route.expand(node.cache_dir), node.cache_size))
     env.update(
         {
             "AVA_RUN_ID": launch.run_id,

@@ -31,7 +31,6 @@ __all__ = [
     "KINDS",
     "MARKER",
     "Fence",
-    "Isolation",
     "IsolationError",
     "Limits",
     "attach",
@@ -80,9 +79,6 @@ class Fence(Protocol):
 
     def restore(self, info: dict[str, Any]) -> None:
         """Take back the state info() saved, in a process that did not create the fence."""
-
-
-Isolation = Fence  # the interface's former name, still imported by monitor.py
 
 
 def fence_name(run: str, node: str, attempt: int) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout, leases, procs, status
-from .isolation import MARKER, Isolation, IsolationError, fence_name, open_fence
+from .isolation import MARKER, Fence, IsolationError, fence_name, open_fence
 from .protocol import AGENT_DIED, DISK_FULL, EXIT, FAILED, OOM, RUNNING, STARTING, STOPPED, STOPPED_REASON, SUCCEEDED
 from .ranks import RankWatch
 from .spec import Spec
@@ -223,7 +223,7 @@ class Monitor:
             pass
         return code
 
-    def _start_reaper(self, fence: Isolation) -> int:
+    def _start_reaper(self, fence: Fence) -> int:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -278,7 +278,7 @@ class Monitor:
                     self.st.update(reason=DISK_FULL, disk_full=str(path or self.dir / layout.STATUS))
         self._unreserve()
 
-    def _supervise(self, fence: Isolation) -> int:
+    def _supervise(self, fence: Fence) -> int:
         spec = self.spec
         env = job_env(dict(os.environ), spec, self.gpus, self.dir)
         os.makedirs(self.dir / layout.RANK_ERRORS, mode=0o700, exist_ok=True)

@@ -14,6 +14,8 @@ import enum
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
+from .cgroups import PARENT
+
 PROTOCOL = 1
 
 # -- states ----------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ class StartSpec:
     gpus_allowed: tuple[int, ...] = ()
     cpu_slots_want: int | None = None  # None: the attempt leases GPUs, not CPU slots
     cpu_total: int | None = None
-    cgroup_parent: str = "ava"
+    cgroup_parent: str = PARENT
     user: str = ""
     ledger: str = ""
     isolation: str = ""  # "": the agent probes; else a forced back-end (tests, odd nodes)

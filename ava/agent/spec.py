@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rundir
+from .cgroups import PARENT
 from .isolation import KINDS, Limits
 from .layout import check_name
 from .protocol import PROTOCOL
@@ -42,7 +43,7 @@ class Spec:
     gpus_allowed: tuple[int, ...] = ()
     cpu_want: int = 0
     cpu_total: int | None = None
-    cgroup_parent: str = "ava"
+    cgroup_parent: str = PARENT
     user: str = ""
     isolation: str = "auto"  # auto probes; the others force a back-end (tests, odd nodes)
     ledger: str = ""  # a node-wide ledger directory (the inventory's `ledger`); "": WORKDIR's
@@ -101,7 +102,7 @@ class Spec:
                 gpus_allowed=tuple(int(g) for g in gpus.get("allowed") or ()),
                 cpu_want=int(slots["want"]) if slots else 0,
                 cpu_total=int(slots["total"]) if slots else None,
-                cgroup_parent=check_name("cgroup_parent", raw.get("cgroup_parent") or "ava"),
+                cgroup_parent=check_name("cgroup_parent", raw.get("cgroup_parent") or PARENT),
                 user=str(raw.get("user") or ""),
                 isolation=isolation,
                 ledger=os.path.expanduser(str(raw.get("ledger") or "")),

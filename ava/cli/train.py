@@ -137,8 +137,10 @@ def train(
 
         if dry_run:
             return slurm_cli.dry_run(recipe, inventory, slurm, runs.new_run_id(recipe.name), json_out=json_out)
-        sink = TerminalSink  # node/rank lines as on SSH nodes
-        return slurm_cli.train(recipe, inventory, slurm, overrides=list(overrides), detach=detach, make_sink=sink)
+        # node/rank lines as on SSH nodes
+        return slurm_cli.train(
+            recipe, inventory, slurm, overrides=list(overrides), detach=detach, make_sink=TerminalSink
+        )
     only = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else []
     try:
         placement = place(recipe, inventory, only=only)

@@ -17,9 +17,10 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from ava.agent.cgroups import PARENT as CGROUP_PARENT
 from ava.agent.protocol import SpecLimits, StartSpec
 from ava.config import Node, Recipe
-from ava.launch import CGROUP_PARENT, Launch, Route, environment, torchrun_argv
+from ava.launch import Launch, Route, environment, torchrun_argv
 from ava.slurm.inventory import SlurmSettings
 
 # Filled in by node.py on each allocated node (see there).
