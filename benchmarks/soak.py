@@ -13,17 +13,19 @@ same settings) with a fault every --fault-every minutes, rotating through:
   link  rank 1's node's link cut; restored once ava declared the attempt failed
   hang  rank 1's worker stopped with SIGSTOP (hang_timeout is --hang-timeout for both runs)
   oom   rank 1's worker allocates until the kernel's OOM killer ends it: both runs set
-        resources.memory (--memory) and put a sitecustomize.py on the ranks' PYTHONPATH whose thread
-        allocates once a trigger file names its pid (it does nothing else; capped at --memory + 1G)
+        resources.memory (--memory-gib) and put a sitecustomize.py on the ranks' PYTHONPATH whose thread
+        allocates once a trigger file names its pid (it does nothing else; capped at --memory-gib + 1 GiB)
 A fault waits until the run trains again after the previous one.
 
 Per fault, from the lines of `ava train` (time they arrived here):
   detect     fault -> `attempt N failed:` (the supervisor's verdict)
   teardown   -> `attempt N ended`
   plan       -> `attempt N+1 starting`
-  launch     -> the first line any node printed in attempt N+1 (torchrun, torch import, rendezvous,
-                checkpoint load: rank 0's first line is `resumed from step S`, printed after both)
+  torchrun   -> the first line a node's torchrun printed (`nX/- |`: it started and imported torch)
+  workers    -> the first line a rank printed (`nX/R |`: a worker started and imported torch)
+  load       -> rank 0's `resumed from step S` (rendezvous, process group, checkpoint load)
   first step -> the first `step` line of attempt N+1
+  restart    ended -> first step (the sum of the five above; a mark the output lacks folds into the next)
   redone     steps S+1..last of attempt N (computed again: not productive), and their time
 ETTR = productive step time / wall time: each step's time (gap to the previous step line of its
 attempt; an attempt's first step gets that attempt's median) counted once, for the attempt whose
@@ -59,6 +61,8 @@ KINDS = ["rank", "node", "link", "hang", "oom"]
 STEP_LINE = re.compile(r"\| step (\d+)$")
 RESUMED = re.compile(r"\| resumed from step (\d+)$")
 STARTING = re.compile(r"attempt (\d+) starting on (.+)$")
+TORCHRUN = re.compile(r"^\S+/-\s+\| ")
+RANK_OUTPUT = re.compile(r"^\S+/\d+\s+\| ")
 FINAL = re.compile(r"final step \d+ sha256 ([0-9a-f]{64})")
 
 # Runs in every rank of both runs (the recipe's PYTHONPATH, chained by ava's own sitecustomize).
@@ -95,13 +99,16 @@ class Fault:
     detect: float | None = None
     teardown: float | None = None
     plan: float | None = None
-    launch: float | None = None
+    torchrun: float | None = None
+    workers: float | None = None
+    load: float | None = None
     first_step: float | None = None
+    restart: float | None = None
     redone: int | None = None
     redone_time: float | None = None
 
     def lost(self) -> float | None:
-        parts = [self.detect, self.teardown, self.plan, self.launch, self.first_step, self.redone_time]
+        parts = [self.detect, self.teardown, self.restart, self.redone_time]
         return None if any(p is None for p in parts) else sum(p for p in parts if p is not None)
 
 
@@ -235,15 +242,22 @@ def follow(cluster: Cluster, run: LiveRun, fault: Fault, start: int, hang_timeou
         starting = wait_after(run, ended[2], re.compile(rf"attempt {fault.attempt + 1} starting"), 180)
         if starting is None:
             return
-        fault.plan = starting[0] - ended[0]
-        output = wait_after(run, starting[2] + 1, re.compile(r"^\S+ \| "), 300)
-        if output is None:
-            return
-        fault.launch = output[0] - starting[0]
-        step = wait_after(run, output[2], STEP_LINE, 300)
+        step = wait_after(run, starting[2], STEP_LINE, 300)
         if step is None:
             return
-        fault.first_step = step[0] - output[0]
+        fault.plan, fault.restart = starting[0] - ended[0], step[0] - ended[0]
+        window = run.lines[starting[2] : step[2] + 1]
+        previous = starting[0]
+        for name, pattern in (
+            ("torchrun", TORCHRUN),
+            ("workers", RANK_OUTPUT),
+            ("load", RESUMED),
+            ("first_step", STEP_LINE),
+        ):
+            found = next((stamp for stamp, line in window if pattern.search(line)), None)
+            if found is not None and found >= previous:
+                setattr(fault, name, found - previous)
+                previous = found
         resumed = wait_after(run, starting[2], RESUMED, 0.1)
         start_step = int(resumed[1].rsplit(" ", 1)[1]) if resumed and resumed[2] < step[2] else 0
         times = step_times(run.lines[: step[2] + 1], step_time).get(fault.attempt, {})
@@ -328,17 +342,34 @@ def breakdown(faults: list[Fault]) -> None:
                 med("detect"),
                 med("teardown"),
                 med("plan"),
-                med("launch"),
+                med("torchrun"),
+                med("workers"),
+                med("load"),
                 med("first_step"),
+                med("restart"),
                 med("redone"),
                 med("redone_time"),
                 fmt(median([x for x in lost if x is not None])) if any(x is not None for x in lost) else "-",
             ]
         )
     table(
-        ["fault", "n", "detect s", "teardown s", "plan s", "launch s", "first step s", "redone", "redone s", "lost s"],
+        [
+            "fault",
+            "n",
+            "detect",
+            "teardown",
+            "plan",
+            "torchrun",
+            "workers",
+            "load",
+            "1st step",
+            "restart",
+            "redone",
+            "redone s",
+            "lost",
+        ],
         rows,
-        title="time lost per fault (medians per kind)",
+        title="time lost per fault, seconds (medians per kind; restart = plan + torchrun + workers + load + 1st step)",
     )
     each = [
         [
@@ -348,8 +379,11 @@ def breakdown(faults: list[Fault]) -> None:
             fmt(f.detect),
             fmt(f.teardown),
             fmt(f.plan),
-            fmt(f.launch),
+            fmt(f.torchrun),
+            fmt(f.workers),
+            fmt(f.load),
             fmt(f.first_step),
+            fmt(f.restart),
             "-" if f.redone is None else str(f.redone),
             fmt(f.redone_time),
             fmt(f.lost()),
@@ -358,20 +392,8 @@ def breakdown(faults: list[Fault]) -> None:
         for f in faults
     ]
     table(
-        [
-            "fault",
-            "node",
-            "att",
-            "detect",
-            "teardown",
-            "plan",
-            "launch",
-            "1st step",
-            "redone",
-            "redone s",
-            "lost",
-            "verdict",
-        ],
+        ["fault", "node", "att", "detect", "teardown", "plan", "torchrun", "workers", "load", "1st step", "restart"]
+        + ["redone", "redone s", "lost", "verdict"],
         each,
         title="every fault (seconds)",
     )
@@ -385,7 +407,8 @@ def main() -> int:
     parser.add_argument("--step-time", type=float, default=0.2)
     parser.add_argument("--ckpt-every", type=int, default=10)
     parser.add_argument("--hang-timeout", type=float, default=20.0)
-    parser.add_argument("--memory", default="2G", help="resources.memory of both runs (the OOM fault's limit)")
+    parser.add_argument("--log", type=Path, help="write both runs' lines here, each with its time (s)")
+    parser.add_argument("--memory-gib", type=float, default=2.0, help="resources.memory of both runs (the OOM's limit)")
     options = parser.parse_args()
     kinds = [k for k in options.faults.split(",") if k]
     if unknown := [k for k in kinds if k not in KINDS]:
@@ -394,7 +417,7 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="ava-soak-"))
     options.hog_dir = scratch / "hog"
     options.hog_dir.mkdir()
-    cap_mib = int(options.memory.rstrip("G")) * 1024 + 1024 if options.memory.endswith("G") else 4096
+    cap_mib = int(options.memory_gib * 1024) + 1024
     (options.hog_dir / "sitecustomize.py").write_text(HOG.format(folder=str(options.hog_dir), cap_mib=cap_mib))
     settings = [
         "--set",
@@ -408,7 +431,7 @@ def main() -> int:
         "--set",
         f"failover.hang_timeout={options.hang_timeout:g}s",
         "--set",
-        f"resources.memory={options.memory}",
+        f"resources.memory={int(options.memory_gib * 1024)}MiB",
         "--set",
         f"env.PYTHONPATH={options.hog_dir}",
     ]
@@ -433,6 +456,10 @@ def main() -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
+    if options.log:
+        with options.log.open("w") as out:
+            for name, o in (("unfaulted", clean), ("faulted", faulty)):
+                out.writelines(f"{name} {stamp - o.lines[0][0]:8.2f} {line}\n" for stamp, line in o.lines)
     nominal = steps * options.step_time
     rows = []
     for name, o in (("no faults", clean), (f"{len(faulty.faults)} faults", faulty)):
