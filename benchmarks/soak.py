@@ -15,7 +15,9 @@ same settings) with a fault every --fault-every minutes, rotating through:
   oom   rank 1's worker allocates until the kernel's OOM killer ends it: both runs set
         resources.memory (--memory-gib) and put a sitecustomize.py on the ranks' PYTHONPATH whose thread
         allocates once a trigger file names its pid (it does nothing else; capped at --memory-gib + 1 GiB)
-A fault waits until the run trains again after the previous one.
+A fault waits until the run trains again after the previous one. ava does not take a node it declared
+lost back within the same run (a restarted node is not a spare again), so each node or link fault
+uses up one of the --spares (default 1: the 4-node test cluster); one with no spare left is skipped.
 
 Per fault, from the lines of `ava train` (time they arrived here):
   detect     fault -> `attempt N failed:` (the supervisor's verdict)
@@ -56,7 +58,8 @@ from tests.cluster.test_failover import STEPS, LiveRun, run_id_of
 from tests.conftest import processes_of, run_ava
 from tests.support.cluster import Cluster
 
-NODES = ["n1", "n2", "n3", "n4"]  # 3 in the run (the recipe's resources.nodes), n4 the spare
+NODES = ["n1", "n2", "n3", "n4"]  # 3 in the run (the recipe's resources.nodes), the rest spares (--spares)
+LOSSES = ("node", "link")  # faults that lose a node: ava does not take a lost node back within a run
 KINDS = ["rank", "node", "link", "hang", "oom"]
 STEP_LINE = re.compile(r"\| step (\d+)$")
 RESUMED = re.compile(r"\| resumed from step (\d+)$")
@@ -288,12 +291,17 @@ def soak(
     run = LiveRun(["train", str(STEPS), *settings], cluster.inventory(NODES), home)
     run_id: str | None = None
     faults: list[Fault] = []
+    rotation = 0
     try:
         run_id = run_id_of(run)
         next_at = run.started + every
         while run.process.poll() is None:
             if kinds and time.monotonic() >= next_at and training_again(run):
-                kind = kinds[len(faults) % len(kinds)]
+                kind = kinds[rotation % len(kinds)]
+                rotation += 1
+                if kind in LOSSES and sum(f.kind in LOSSES for f in faults) >= options.spares:
+                    print(f"  {time.monotonic() - run.started:6.0f}s  {kind} fault skipped: no spare left", flush=True)
+                    continue
                 marker = len(run.lines)
                 fault = inject(cluster, run_id, kind, options.hog_dir)
                 if fault is not None:
@@ -404,6 +412,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=20.0, help="pure step time of each run")
     parser.add_argument("--fault-every", type=float, default=5.0, help="minutes between faults")
     parser.add_argument("--faults", default=",".join(KINDS), help="rotation, from " + ",".join(KINDS))
+    parser.add_argument("--spares", type=int, default=1, help="test nodes beyond the run's 3 (one per node loss)")
     parser.add_argument("--step-time", type=float, default=0.2)
     parser.add_argument("--ckpt-every", type=int, default=10)
     parser.add_argument("--hang-timeout", type=float, default=20.0)
@@ -413,6 +422,7 @@ def main() -> int:
     kinds = [k for k in options.faults.split(",") if k]
     if unknown := [k for k in kinds if k not in KINDS]:
         parser.error(f"unknown fault {unknown[0]!r} (known: {', '.join(KINDS)})")
+    NODES[:] = [f"n{i}" for i in range(1, 4 + options.spares)]
     steps = max(options.ckpt_every, round(options.minutes * 60 / options.step_time))
     scratch = Path(tempfile.mkdtemp(prefix="ava-soak-"))
     options.hog_dir = scratch / "hog"
@@ -436,13 +446,13 @@ def main() -> int:
         f"env.PYTHONPATH={options.hog_dir}",
     ]
     print(
-        f"soak: steps recipe, {steps} steps of {options.step_time}s on 3 of 4 nodes, checkpoint every "
+        f"soak: steps recipe, {steps} steps of {options.step_time}s on 3 of {len(NODES)} nodes, checkpoint every "
         f"{options.ckpt_every} steps in {scratch}/ckpt (local, shared); a fault every {options.fault_every:g} min: "
         f"{', '.join(kinds)}",
         flush=True,
     )
     try:
-        with test_cluster(4) as cluster:
+        with test_cluster(len(NODES)) as cluster:
             if "link" in kinds and not cluster.use_namespaces:
                 kinds.remove("link")
                 print("  (no link cuts: they need network namespaces, run as root)")
