@@ -59,6 +59,9 @@ from tests.conftest import processes_of, run_ava
 from tests.support.cluster import Cluster
 
 NODES = ["n1", "n2", "n3", "n4"]  # 3 in the run (the recipe's resources.nodes), the rest spares (--spares)
+# What the supervisor's verdict should say for each fault: a fault it names otherwise is flagged.
+NAMED = {"rank": "exited -9", "node": "stopped answering", "link": "stopped answering", "hang": "no training progress"}
+NAMED["oom"] = "out of memory"
 LOSSES = ("node", "link")  # faults that lose a node: ava does not take a lost node back within a run
 KINDS = ["rank", "node", "link", "hang", "oom"]
 STEP_LINE = re.compile(r"\| step (\d+)$")
@@ -395,7 +398,7 @@ def breakdown(faults: list[Fault]) -> None:
             "-" if f.redone is None else str(f.redone),
             fmt(f.redone_time),
             fmt(f.lost()),
-            f.cause[:60],
+            ("" if NAMED[f.kind] in f.cause else "(misnamed) ") + f.cause[:60],
         ]
         for f in faults
     ]
