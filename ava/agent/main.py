@@ -326,6 +326,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return cachecli.run(args.runtime, args.env_file, args.args, umask=monitor.JOB_UMASK)
 
 
+def cmd_slurm(args: argparse.Namespace) -> int:
+    # One agent per node of a Slurm allocation, and the supervisor's look from the login node.
+    if args.command == "slurm-node":
+        from . import slurmnode
+
+        return slurmnode.main(args.args)
+    from . import slurmwatch
+
+    return slurmwatch.main(args.args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ava-agent", description="ava's node agent (see the package doc)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -376,6 +387,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("env_file", help='a JSON file of environment variables, deleted once read; "-" for none')
     s.add_argument("args", nargs=argparse.REMAINDER, help="the cache command and its options")
     s.set_defaults(func=cmd_cache)
+    for name, what in (
+        ("slurm-node", "run one attempt on this node of a Slurm job"),
+        ("slurm-watch", "look at a Slurm attempt"),
+    ):
+        s = sub.add_parser(name, help=what)
+        s.add_argument("args", nargs=argparse.REMAINDER)
+        s.set_defaults(func=cmd_slurm)
     return p
 
 

@@ -8,8 +8,9 @@ lost node in `--exclude`.
 
     inventory.py   the [slurm] table of ava.toml
     batch.py       recipe -> the batch script and the agents' spec template (pure, golden-tested)
-    node.py        runs on each allocated node under srun (stdlib only, shipped as a file)
-    watch.py       runs on the login node: the job's state, the agents' status, new log bytes
+    (agent/slurmnode.py, the agent's slurm-node command: one per allocated node, under srun)
+    (agent/slurmwatch.py, the agent's slurm-watch command: on the login node, the job's state,
+     the agents' status, new log bytes)
     backend.py     submit (sbatch), poll, cancel (scancel, verified), sinfo
     supervise.py   the loop: submit, watch, decide, fail over; the run's record
 """

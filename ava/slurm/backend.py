@@ -6,7 +6,6 @@ Every command runs on the login node over SSH; every value in it is quoted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import time
@@ -17,13 +16,9 @@ from typing import Any
 from ava import sync
 from ava.config import Node, Recipe
 from ava.errors import CommandError
-from ava.slurm import node as node_program
-from ava.slurm import watch as watch_program
 from ava.slurm.batch import Paths, Submission, template_text
 from ava.transport import connect, shell_path
 
-NODE_SOURCE = Path(node_program.__file__)
-WATCH_SOURCE = Path(watch_program.__file__)
 CANCEL_TIMEOUT = 60.0
 
 
@@ -31,8 +26,7 @@ CANCEL_TIMEOUT = 60.0
 class Shipped:
     code_tree: str
     runtime_tree: str
-    agent: str  # paths on the shared filesystem
-    node_script: str
+    agent: str  # its path on the shared filesystem (its slurm-node and slurm-watch commands)
     sent_bytes: int
 
 
@@ -50,29 +44,22 @@ def code_manifest(recipe: Recipe) -> sync.Manifest:
     return sync.Manifest(tuple(f for f in manifest.files if f.path != leave_out))
 
 
-def node_script_path(login: Node) -> str:
-    source = NODE_SOURCE.read_bytes()
-    return f"{login.workdir.rstrip('/')}/agent/slurm-node-{hashlib.sha256(source).hexdigest()[:16]}.py"
-
-
 def ship(login: Node, recipe: Recipe, run_dir: str) -> Shipped:
-    """The agent, node.py, ava's runtime and the recipe's code on the shared filesystem, once
+    """The agent (its slurm-node command runs on each allocated node), ava's runtime and the recipe's code on the shared filesystem, once
     (content-addressed: what is there already is not sent again), and the run's own folder
     there. `login.workdir` is shared_dir. All there already: one command on the login node."""
     transport = connect(login)
     manifest, runtime_manifest = code_manifest(recipe), sync.runtime_manifest()[0]
-    agent, node_script = sync.agent_path(login), node_script_path(login)
-    wanted = [agent, node_script, *(sync.tree_path(login, m.tree) + ".complete" for m in (manifest, runtime_manifest))]
+    agent = sync.agent_path(login)
+    wanted = [agent, *(sync.tree_path(login, m.tree) + ".complete" for m in (manifest, runtime_manifest))]
     check = " && ".join([f"mkdir -p -m 700 {shell_path(run_dir)}", *(f"test -f {shell_path(p)}" for p in wanted)])
     if transport.run(check).ok:
-        return Shipped(manifest.tree, runtime_manifest.tree, agent, node_script, 0)
+        return Shipped(manifest.tree, runtime_manifest.tree, agent, 0)
     transport.run(f"mkdir -p -m 700 {shell_path(run_dir)}").check("making the run's folder")
     sync.ship_agent(login)
     runtime = sync.ship_runtime(login)
     code = sync.ship_tree(login, manifest, Path(recipe.root).resolve())
-    if not transport.run(f"test -f {shell_path(node_script)}").ok:
-        transport.put(NODE_SOURCE.read_bytes(), node_script, mode=0o644)
-    return Shipped(code.tree, runtime.tree, agent, node_script, code.sent_bytes + runtime.sent_bytes)
+    return Shipped(code.tree, runtime.tree, agent, code.sent_bytes + runtime.sent_bytes)
 
 
 def submit(login: Node, paths: Paths, attempt: int, job: Submission) -> str:
@@ -91,18 +78,14 @@ def submit(login: Node, paths: Paths, attempt: int, job: Submission) -> str:
 
 def restart_in(login: Node, paths: Paths, attempt: int, job_files: Submission, job: str) -> None:
     """The next attempt in the same allocation: its template, naming the job, which the job's
-    agents (node.py) wait for after a failed attempt."""
+    agents (agent/slurmnode.py) wait for after a failed attempt."""
     template = {**job_files.template, "job": job}
     connect(login).put(template_text(template).encode(), paths.template(attempt), mode=0o600)
 
 
 def look(login: Node, paths: Paths, attempt: int, job: str, offsets: dict[str, int]) -> dict[str, Any]:
-    """One look at the attempt (see watch.py): job state, agents' status, new log text."""
-    python = shell_path(login.python)
-    args = [paths.shared, paths.run, str(attempt), job, json.dumps(offsets)]
-    command = f"{python} -c {shlex.quote(WATCH_SOURCE.read_text(encoding='utf-8'))} " + " ".join(
-        shlex.quote(a) for a in args
-    )
+    """One look at the attempt (the agent's slurm-watch): job state, agents' status, new log text."""
+    command = sync.agent_command(login, "slurm-watch", paths.shared, paths.run, str(attempt), job, json.dumps(offsets))
     result = connect(login).run(command, timeout=60)
     lines = result.stdout.strip().splitlines()
     if not result.ok or not lines:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ava import runs
+from ava.agent.protocol import FAILED
 from ava.config import load_inventory
 from ava.errors import AvaError
 from ava.slurm.inventory import load
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> int:
             record, recipe_of(record), inventory, settings, FileSink(record.dir / "output.log")
         ).run()
     except AvaError as exc:
-        record.state, record.ended, record.exit_code = "failed", time.time(), 3
+        record.state, record.ended, record.exit_code = FAILED, time.time(), 3
         record.save()
         print(f"ava: {exc.message}", file=sys.stderr)
         return 3

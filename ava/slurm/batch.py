@@ -1,7 +1,7 @@
 """Recipe -> what one Slurm attempt submits: the batch script and the agents' spec template. Pure.
 
 The script asks for the recipe's nodes with one task per node, that task's CPUs, memory and GPUs,
-and runs one ava agent per node with `srun`; each agent (node.py) fills the template with what
+and runs one ava agent per node with `srun`; each agent (the agent's slurm-node command) fills the template with what
 only the allocation knows (its node name, the first node's address and port, its own address and
 interface) and starts torchrun through the node agent. The template holds the recipe's `[env]`
 and travels as a 0600 file: no value of it appears in the script or on a command line.
@@ -23,7 +23,7 @@ from ava.config import Node, Recipe
 from ava.launch import Launch, Route, environment, torchrun_argv
 from ava.slurm.inventory import SlurmSettings
 
-# Filled in by node.py on each allocated node (see there).
+# Filled in by agent/slurmnode.py on each allocated node (see there).
 NODE = "@AVA_NODE@"
 MASTER_ADDR = "@AVA_MASTER_ADDR@"
 MASTER_PORT = "@AVA_MASTER_PORT@"
@@ -100,7 +100,6 @@ def batch_script(
     *,
     python: str,
     agent: str,
-    node_script: str,
     exclude: tuple[str, ...] = (),
 ) -> str:
     lines = ["#!/bin/bash", f"# ava run {paths.run}, attempt {attempt} (recipe {recipe.name})"]
@@ -110,7 +109,7 @@ def batch_script(
     srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "--unbuffered"]
     lines += [
         "set -u",
-        "exec " + shlex.join([*srun, python, node_script, agent, paths.template(attempt)]),
+        "exec " + shlex.join([*srun, python, agent, "slurm-node", agent, paths.template(attempt)]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -167,7 +166,7 @@ def template(
             isolation="none",
         )
         specs[role] = spec.to_json()
-    # `[data] prefetch`: each node warms its own cache (node.py, through the agent's `cache`
+    # `[data] prefetch`: each node warms its own cache (slurm-node, through the agent's `cache`
     # command) before its attempt starts, with the run's environment (S3 keys) from its spec.
     prefetch = {
         "urls": list(recipe.data.prefetch),
@@ -199,13 +198,10 @@ def submission(
     *,
     python: str,
     agent: str,
-    node_script: str,
     exclude: tuple[str, ...] = (),
 ) -> Submission:
     paths = Paths(settings.shared_dir, launch.run_id)
-    script = batch_script(
-        recipe, settings, paths, launch.attempt, python=python, agent=agent, node_script=node_script, exclude=exclude
-    )
+    script = batch_script(recipe, settings, paths, launch.attempt, python=python, agent=agent, exclude=exclude)
     return Submission(script, template(recipe, settings, paths, launch, login, python), exclude)
 
 

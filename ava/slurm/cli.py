@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ava import console, runs, sync
+from ava.agent.protocol import RUNNING, STARTING, STOPPED, STOPPED_KIND
 from ava.config import Inventory, Recipe
 from ava.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from ava.launch import Launch
@@ -32,7 +33,6 @@ def dry_run(recipe: Recipe, inventory: Inventory, settings: SlurmSettings, run_i
         login,
         python=compute_python(settings, inventory),
         agent=sync.agent_path(login),
-        node_script=backend.node_script_path(login),
     )
     template = json.loads(json.dumps(job.template))
     for role in ("master", "worker"):
@@ -102,7 +102,7 @@ def train(
     except KeyboardInterrupt:
         # No background supervisor on Slurm yet: an interrupted `ava train` cancels its job.
         left = stop_jobs(record, inventory, settings)
-        record.state, record.ended, record.exit_code = "stopped", time.time(), 1
+        record.state, record.ended, record.exit_code = STOPPED, time.time(), 1
         record.save()
         console.warn(f"interrupted: run {run_id} stopped" + (f"; squeue still lists {', '.join(left)}" if left else ""))
         return EXIT_INTERRUPTED
@@ -126,13 +126,13 @@ def stop(record: runs.RunRecord, inventory: Inventory, settings: SlurmSettings, 
     jobs = [str(j["job"]) for j in state.jobs] if state else []
     latest = runs.load(record.id)
     if not latest.final:
-        latest.state, latest.ended, latest.exit_code = "stopped", time.time(), 1
+        latest.state, latest.ended, latest.exit_code = STOPPED, time.time(), 1
         current = latest.current()
-        if current is not None and current.state in ("starting", "running"):
+        if current is not None and current.state in (STARTING, RUNNING):
             current.state, current.ended, current.kind, current.cause = (
-                "stopped",
+                STOPPED,
                 time.time(),
-                "stopped",
+                STOPPED_KIND,
                 "stopped by `ava stop`",
             )
         latest.save()

@@ -1,6 +1,6 @@
 """Supervising a run on Slurm: submit an attempt, watch it, decide, fail over. One loop.
 
-Each attempt is one Slurm job. The verdict on a look (see watch.py) is a pure function,
+Each attempt is one Slurm job. The verdict on a look (see agent/slurmwatch.py) is a pure function,
 `judge`; the loop acts on it, within `failover.max_restarts`: a crashed rank restarts the run in
 the same allocation while Slurm still holds it (the agents there wait for the next attempt's
 template); a lost node ends the job (scancel, verified) and submits a new one with every node
@@ -19,7 +19,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ava import runs
-from ava.agent.protocol import FailureKind, State
+from ava.agent.protocol import (
+    CRASH,
+    FAILED,
+    FINAL,
+    HANG,
+    LAUNCH,
+    NODE_LOST,
+    RUNNING,
+    STARTING,
+    STOPPED,
+    STOPPED_KIND,
+    SUCCEEDED,
+    FailureKind,
+    State,
+)
 from ava.config import Inventory, Recipe
 from ava.errors import AvaError
 from ava.launch import Launch
@@ -86,7 +100,7 @@ class Verdict:
     lost: tuple[str, ...] = ()
 
 
-RUNNING = Verdict("running")
+STILL_RUNNING = Verdict(RUNNING)
 
 
 def lost_nodes(look: dict[str, Any], nodes: list[str]) -> tuple[str, ...]:
@@ -96,9 +110,7 @@ def lost_nodes(look: dict[str, Any], nodes: list[str]) -> tuple[str, ...]:
     for name in nodes:
         state = str(states.get(name, "")).lower()
         status = statuses.get(name) or {}
-        stale = (
-            status.get("state") in ("starting", "running") and now - float(status.get("heartbeat") or now) > STALE_AFTER
-        )
+        stale = status.get("state") in (STARTING, RUNNING) and now - float(status.get("heartbeat") or now) > STALE_AFTER
         if any(word in state for word in LOST_NODE_STATES) or state.endswith("*") or stale:
             lost.append(name)
     return tuple(lost)
@@ -106,7 +118,7 @@ def lost_nodes(look: dict[str, Any], nodes: list[str]) -> tuple[str, ...]:
 
 def first_failure(statuses: dict[str, dict[str, Any]]) -> Verdict:
     """The failed node that ended first, and its first failing rank."""
-    failed = [(float(s.get("ended") or 0), n, s) for n, s in statuses.items() if s.get("state") == "failed"]
+    failed = [(float(s.get("ended") or 0), n, s) for n, s in statuses.items() if s.get("state") == FAILED]
     _, node, status = min(failed, key=lambda f: f[0])
     codes = {int(r): int(c) for r, c in (status.get("rank_exit_codes") or {}).items() if int(c) != 0}
     times = {int(r): float(t) for r, t in (status.get("rank_fail_times") or {}).items()}
@@ -115,7 +127,7 @@ def first_failure(statuses: dict[str, dict[str, Any]]) -> Verdict:
     rank = min(codes, key=lambda r: (times.get(r, float("inf")), codes[r] < 0, r)) if codes else None
     code = codes.get(rank) if rank is not None else status.get("exit_code")
     where = f"rank {rank} on {node}" if rank is not None else f"{node}"
-    return Verdict("failed", "crash", f"{where} exited {code}", node=node, rank=rank, exit_code=code)
+    return Verdict(FAILED, CRASH, f"{where} exited {code}", node=node, rank=rank, exit_code=code)
 
 
 def hung(statuses: dict[str, dict[str, Any]], hang_timeout: float) -> str | None:
@@ -126,7 +138,7 @@ def hung(statuses: dict[str, dict[str, Any]], hang_timeout: float) -> str | None
         last = max(
             float(progress.get("time") or 0), float(status.get("output_time") or 0), float(status.get("started") or 0)
         )
-        if status.get("state") == "running" and float(status.get("heartbeat") or 0) - last > hang_timeout:
+        if status.get("state") == RUNNING and float(status.get("heartbeat") or 0) - last > hang_timeout:
             return name
     return None
 
@@ -147,28 +159,26 @@ def judge(
     statuses: dict[str, dict[str, Any]] = look.get("status") or {}
     nodes = sorted(statuses)
     states = [s.get("state") for s in statuses.values()]
-    if len(statuses) >= nnodes and all(s == "succeeded" for s in states):
-        return Verdict("succeeded", exit_code=0)
+    if len(statuses) >= nnodes and all(s == SUCCEEDED for s in states):
+        return Verdict(SUCCEEDED, exit_code=0)
     lost = lost_nodes(look, nodes)
     if job_state == "NODE_FAIL" and not lost:
-        lost = tuple(n for n in nodes if statuses[n].get("state") not in ("succeeded", "failed", "stopped"))
-    if "failed" in states or lost or job_state in FINAL_JOB:
-        settled = all(s.get("state") in ("succeeded", "failed", "stopped") or n in lost for n, s in statuses.items())
+        lost = tuple(n for n in nodes if statuses[n].get("state") not in FINAL)
+    if FAILED in states or lost or job_state in FINAL_JOB:
+        settled = all(s.get("state") in FINAL or n in lost for n, s in statuses.items())
         waited = failing_since is not None and now - failing_since >= SETTLE_AFTER
         if not (settled or waited or job_state in FINAL_JOB):
-            return RUNNING
+            return STILL_RUNNING
         if lost:
-            return Verdict("failed", "node-lost", f"node {', '.join(lost)} lost", node=lost[0], lost=lost)
-        if "failed" in states:
+            return Verdict(FAILED, NODE_LOST, f"node {', '.join(lost)} lost", node=lost[0], lost=lost)
+        if FAILED in states:
             return first_failure(statuses)
         if job_state in FINAL_JOB:
             reason = f" ({job.get('reason')})" if job.get("reason") not in (None, "", "None") else ""
-            return Verdict("failed", "launch", f"Slurm job ended {job_state}{reason} before every agent finished")
+            return Verdict(FAILED, LAUNCH, f"Slurm job ended {job_state}{reason} before every agent finished")
     if elapsed >= max(hang_timeout, STARTUP_GRACE) and (node := hung(statuses, hang_timeout)) is not None:
-        return Verdict(
-            "failed", "hang", f"{node}: no progress for {hang_timeout:g}s (failover.hang_timeout)", node=node
-        )
-    return RUNNING
+        return Verdict(FAILED, HANG, f"{node}: no progress for {hang_timeout:g}s (failover.hang_timeout)", node=node)
+    return STILL_RUNNING
 
 
 class SlurmSupervisor:
@@ -195,7 +205,7 @@ class SlurmSupervisor:
     def run(self) -> int:
         """Supervise to the end; the exit code (0 succeeded, 1 failed or stopped)."""
         self.record.supervisor_pid = __import__("os").getpid()
-        self.record.state = "starting"
+        self.record.state = STARTING
         self.record.save()
         shipped = backend.ship(self.login, self.recipe, self.paths.run_dir)
         self.record.code_tree = shipped.code_tree
@@ -213,7 +223,6 @@ class SlurmSupervisor:
                 self.login,
                 python=self.python,
                 agent=shipped.agent,
-                node_script=shipped.node_script,
                 exclude=tuple(exclude),
             )
             current = runs.Attempt(number=number, nodes=[], started=time.time())
@@ -235,28 +244,28 @@ class SlurmSupervisor:
             current.kind, current.cause = verdict.kind, verdict.cause
             current.exit_code, current.failed_node, current.failed_rank = verdict.exit_code, verdict.node, verdict.rank
             self.record.save()
-            if verdict.outcome == "succeeded":
-                return self._finish("succeeded", 0)
-            if verdict.outcome == "stopped":
+            if verdict.outcome == SUCCEEDED:
+                return self._finish(SUCCEEDED, 0)
+            if verdict.outcome == STOPPED:
                 self._end_job(job, current)
-                return self._finish("stopped", 1)
+                return self._finish(STOPPED, 1)
             self.sink.event(f"attempt {number} failed: {verdict.cause}")
-            if verdict.kind == "launch" and (tail := backend.output_tail(self.login, self.paths, job)):
+            if verdict.kind == LAUNCH and (tail := backend.output_tail(self.login, self.paths, job)):
                 self.sink.event(
                     f"the end of Slurm job {job}'s output ({self.paths.output.replace('%j', job)}):\n{tail}"
                 )
             if verdict.lost:
                 exclude += [n for n in verdict.lost if n not in exclude]
                 self.record.lost_nodes = list(exclude)
-            fatal = verdict.exit_code in self.recipe.failover.fatal_exit_codes and verdict.kind == "crash"
-            if fatal or verdict.kind == "launch" or restarts >= self.recipe.failover.max_restarts:
+            fatal = verdict.exit_code in self.recipe.failover.fatal_exit_codes and verdict.kind == CRASH
+            if fatal or verdict.kind == LAUNCH or restarts >= self.recipe.failover.max_restarts:
                 self._end_job(job, current)
-                why = "fatal exit code" if fatal else "no restart left" if verdict.kind != "launch" else "not retried"
+                why = "fatal exit code" if fatal else "no restart left" if verdict.kind != LAUNCH else "not retried"
                 self.sink.event(f"run failed ({why}): {verdict.cause}")
-                return self._finish("failed", 1)
+                return self._finish(FAILED, 1)
             # A crashed or hung rank restarts in the allocation while Slurm still holds it; a lost node
             # (or an allocation gone) needs a new job, with the lost nodes excluded.
-            if verdict.kind not in ("crash", "hang") or not backend.queued(self.login, job):
+            if verdict.kind not in (CRASH, HANG) or not backend.queued(self.login, job):
                 self._end_job(job, current)
                 job = None
             restarts += 1
@@ -266,7 +275,7 @@ class SlurmSupervisor:
             if self.stop_requested():
                 if job is not None:
                     self._end_job(job, current)
-                return self._finish("stopped", 1)
+                return self._finish(STOPPED, 1)
 
     def _finish(self, state: State, code: int) -> int:
         self.record.state, self.record.ended, self.record.exit_code = state, time.time(), code
@@ -283,7 +292,7 @@ class SlurmSupervisor:
             look = backend.look(self.login, self.paths, current.number, "", {})
             statuses = look.get("status") or {}
             lost = lost_nodes(look, sorted(statuses))
-            if all(s.get("state") in ("succeeded", "failed", "stopped") or n in lost for n, s in statuses.items()):
+            if all(s.get("state") in FINAL or n in lost for n, s in statuses.items()):
                 return
             self.sleep(0.5)
 
@@ -294,7 +303,7 @@ class SlurmSupervisor:
         nnodes = self.recipe.resources.nodes_min
         while True:
             if self.stop_requested():
-                return Verdict("stopped", "stopped", "stopped by `ava stop`")
+                return Verdict(STOPPED, STOPPED_KIND, "stopped by `ava stop`")
             try:
                 look = backend.look(self.login, self.paths, current.number, job, offsets)
             except AvaError as exc:
@@ -315,13 +324,13 @@ class SlurmSupervisor:
             statuses = look.get("status") or {}
             if statuses and sorted(statuses) != current.nodes:
                 current.nodes = sorted(statuses)
-                current.state = "running"
+                current.state = RUNNING
                 self.record.nodes = list(current.nodes)
-                self.record.state = "running"
+                self.record.state = RUNNING
                 self.record.save()
             now = time.monotonic()
             if failing_since is None and (
-                any(s.get("state") == "failed" for s in statuses.values()) or lost_nodes(look, sorted(statuses))
+                any(s.get("state") == FAILED for s in statuses.values()) or lost_nodes(look, sorted(statuses))
             ):
                 failing_since = now
             verdict = judge(
@@ -332,7 +341,7 @@ class SlurmSupervisor:
                 hang_timeout=self.recipe.failover.hang_timeout,
                 elapsed=time.time() - current.started,
             )
-            if verdict.outcome != "running":
+            if verdict.outcome != RUNNING:
                 return verdict
             started = len(statuses) >= nnodes and all(int(s.get("output_size") or 0) for s in statuses.values())
             self.sleep(POLL if started else POLL_STARTING)

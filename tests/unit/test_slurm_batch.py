@@ -42,7 +42,6 @@ def job(exclude: tuple[str, ...] = (), text: str = RECIPE):  # type: ignore[no-u
         LOGIN,
         python="/opt/venv/bin/python3",
         agent="/shared/ava/agent/agent-1234.pyz",
-        node_script="/shared/ava/agent/slurm-node-5678.py",
         exclude=exclude,
     )
 
@@ -66,7 +65,7 @@ def test_batch_script_asks_for_the_recipes_nodes_cpus_and_memory_and_runs_one_ag
         "#SBATCH --open-mode=append\n"
         "set -u\n"
         "exec srun --ntasks-per-node=1 --kill-on-bad-exit=0 --unbuffered /opt/venv/bin/python3 "
-        "/shared/ava/agent/slurm-node-5678.py /shared/ava/agent/agent-1234.pyz "
+        "/shared/ava/agent/agent-1234.pyz slurm-node /shared/ava/agent/agent-1234.pyz "
         "/shared/ava/slurm/ddp-20261201-120000-abcd/attempt-1.json\n"
     )
 

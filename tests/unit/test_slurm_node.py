@@ -1,11 +1,11 @@
-"""The pure parts of the Slurm node program (ava/slurm/node.py) and of the Slurm doctor."""
+"""The pure parts of the Slurm node program (ava/agent/slurmnode.py, the agent's slurm-node command) and of the Slurm doctor."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ava.slurm import node
+from ava.agent import slurmnode as node
 from ava.slurm.batch import MASTER_ADDR, NODE
 from ava.slurm.doctor import PASS, WARN, config_values, isolation
 

@@ -1,7 +1,7 @@
 """One look at a Slurm attempt from the login node: the job's state, every node's agent status
-and the new bytes of every node's log. Stdlib only: ava runs it there with `python3 -c`.
+and the new bytes of every node's log. An agent command (the agent is on the shared filesystem):
 
-    python3 -c SOURCE SHARED RUN ATTEMPT JOB OFFSETS_JSON
+    python3 AGENT.pyz slurm-watch SHARED RUN ATTEMPT JOB OFFSETS_JSON
 
 prints one JSON object: `job` (state, reason, nodes, from squeue, else scontrol, else sacct),
 `states` (every node of the cluster: its sinfo state), `status` (node -> the agent's status.json
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+from .protocol import FINAL
 
 CHUNK = 1 << 18
 
@@ -91,12 +93,8 @@ def main(argv: list[str]) -> int:
         status = read_status(os.path.join(adir, "status.json"))
         if status is not None:
             statuses[node] = status
-        final = bool(status and status.get("state") in ("succeeded", "failed", "stopped"))
+        final = bool(status and status.get("state") in FINAL)
         logs[node] = read_log(os.path.join(adir, "output.log"), int(offsets.get(node, 0)), final)
     result.update(status=statuses, logs=logs, now=time.time())
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,8 +1,8 @@
 """One ava agent on one node of a Slurm allocation: started by the batch script's `srun`.
 
-Stdlib only: it is shipped as one file to the shared filesystem and run by the nodes' python.
+An agent command (the agent is on the shared filesystem), run by the nodes' python:
 
-    python3 node.py AGENT.pyz TEMPLATE.json
+    python3 AGENT.pyz slurm-node AGENT.pyz TEMPLATE.json
 
 The first node of the allocation (SLURM_NODEID 0) publishes its address (Slurm's NodeAddr) and
 a free port for the rendezvous in the job's folder; every node reads it, finds its own address
@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any
 
+from .protocol import FINAL, SUCCEEDED
+
 NODE = "@AVA_NODE@"
 MASTER_ADDR = "@AVA_MASTER_ADDR@"
 MASTER_PORT = "@AVA_MASTER_PORT@"
@@ -33,7 +35,6 @@ IFACE = "@AVA_IFACE@"
 NEXT_WAIT = 120.0  # after a failed attempt: how long ava has to restart the run in this allocation
 MASTER_WAIT = 120.0
 STOP_GRACE = "2"
-FINAL = ("succeeded", "failed", "stopped")
 
 
 def node_address(name: str) -> str:
@@ -233,7 +234,7 @@ def supervise(
         if status is None and started.returncode != 0:
             return 1
         if status and status.get("state") in FINAL:
-            return 0 if status["state"] == "succeeded" else 1
+            return 0 if status["state"] == SUCCEEDED else 1
         if next_template(template_path, attempt, job) is not None:
             return 1  # ava restarts the run while this node's attempt still runs: it is stopped first
         if time.monotonic() - checked > 5:
@@ -243,7 +244,3 @@ def supervise(
                 [python, agent, "status", workdir, run, "--attempt", str(attempt)], stdout=subprocess.DEVNULL
             )
         time.sleep(0.5)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
