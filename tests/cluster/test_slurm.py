@@ -212,7 +212,9 @@ def test_a_detached_run_is_waited_for_and_a_pending_job_says_why(
 ) -> None:
     inventory = slurm_cluster.inventory()
     # Every node busy with a job of someone else's: ava's job waits for Resources, and says so.
-    blocker = slurm_cluster.sh("sbatch", "--parsable", "--exclusive", "-N3", "--wrap", "sleep 300").stdout.strip()
+    blocker = slurm_cluster.sh(
+        "sbatch", "--parsable", "--exclusive", "-N3", "--output=/dev/null", "--wrap", "sleep 300"
+    ).stdout.strip()
     try:
         started = run_ava("train", str(DDP), "--detach", inventory=inventory, env=home)
         assert started.returncode == 0, started.stderr
