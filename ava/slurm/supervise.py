@@ -32,7 +32,9 @@ from ava.agent.protocol import (
     STOPPED_KIND,
     SUCCEEDED,
     FailureKind,
+    ProtocolError,
     State,
+    Status,
 )
 from ava.config import Inventory, Recipe
 from ava.errors import AvaError
@@ -103,48 +105,88 @@ class Verdict:
 STILL_RUNNING = Verdict(RUNNING)
 
 
-def lost_nodes(look: dict[str, Any], nodes: list[str]) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class Look:
+    """One look at an attempt from the login node (the agent's slurm-watch), typed: the job's
+    state and reason, every cluster node's sinfo state, each node's agent status (the protocol's
+    Status), the new log text per node, and the login node's clock."""
+
+    job_state: str = ""
+    job_reason: str = ""
+    states: dict[str, str] = field(default_factory=dict)
+    status: dict[str, Status] = field(default_factory=dict)
+    logs: dict[str, tuple[int, str]] = field(default_factory=dict)  # node -> (next offset, text)
+    now: float = 0.0
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Look:
+        job = raw.get("job") or {}
+        return cls(
+            job_state=str(job.get("state") or ""),
+            job_reason=str(job.get("reason") or ""),
+            states={str(k): str(v) for k, v in (raw.get("states") or {}).items()},
+            status=_statuses(raw.get("status") or {}),
+            logs={
+                str(k): (int(v.get("offset") or 0), str(v.get("text") or ""))
+                for k, v in (raw.get("logs") or {}).items()
+            },
+            now=float(raw.get("now") or 0),
+        )
+
+
+def _statuses(raw: dict[str, Any]) -> dict[str, Status]:
+    found = {}
+    for node, status in raw.items():
+        try:
+            found[str(node)] = Status.from_json(status)
+        except (ProtocolError, TypeError, ValueError):
+            continue  # not (yet) a status: as if the agent had written none
+    return found
+
+
+def lost_nodes(look: Look, nodes: list[str]) -> tuple[str, ...]:
     """Nodes of the attempt that Slurm calls down, or whose agent heartbeat went stale."""
-    states, statuses, now = look.get("states", {}), look.get("status", {}), float(look.get("now") or 0)
     lost = []
     for name in nodes:
-        state = str(states.get(name, "")).lower()
-        status = statuses.get(name) or {}
-        stale = status.get("state") in (STARTING, RUNNING) and now - float(status.get("heartbeat") or now) > STALE_AFTER
+        state = look.states.get(name, "").lower()
+        status = look.status.get(name)
+        stale = (
+            status is not None
+            and status.state in (STARTING, RUNNING)
+            and look.now - (status.heartbeat or look.now) > STALE_AFTER
+        )
         if any(word in state for word in LOST_NODE_STATES) or state.endswith("*") or stale:
             lost.append(name)
     return tuple(lost)
 
 
-def first_failure(statuses: dict[str, dict[str, Any]]) -> Verdict:
+def first_failure(statuses: dict[str, Status]) -> Verdict:
     """The failed node that ended first, and its first failing rank."""
-    failed = [(float(s.get("ended") or 0), n, s) for n, s in statuses.items() if s.get("state") == FAILED]
+    failed = [(s.ended or 0.0, n, s) for n, s in statuses.items() if s.state == FAILED]
     _, node, status = min(failed, key=lambda f: f[0])
-    codes = {int(r): int(c) for r, c in (status.get("rank_exit_codes") or {}).items() if int(c) != 0}
-    times = {int(r): float(t) for r, t in (status.get("rank_fail_times") or {}).items()}
+    codes = {int(r): c for r, c in status.rank_exit_codes.items() if c != 0}
+    times = {int(r): t for r, t in status.rank_fail_times.items()}
     # As on SSH nodes (ava.decide): the rank that failed first; without times, one that exited
     # on its own beats one killed by a signal (torchrun ending its others), then the lowest.
     rank = min(codes, key=lambda r: (times.get(r, float("inf")), codes[r] < 0, r)) if codes else None
-    code = codes.get(rank) if rank is not None else status.get("exit_code")
+    code = codes.get(rank) if rank is not None else status.exit_code
     where = f"rank {rank} on {node}" if rank is not None else f"{node}"
     return Verdict(FAILED, CRASH, f"{where} exited {code}", node=node, rank=rank, exit_code=code)
 
 
-def hung(statuses: dict[str, dict[str, Any]], hang_timeout: float) -> str | None:
+def hung(statuses: dict[str, Status], hang_timeout: float) -> str | None:
     """A running node whose ranks neither reported progress nor wrote output for hang_timeout
     (on its own clock: the heartbeat against the last progress or output)."""
     for name, status in sorted(statuses.items()):
-        progress = status.get("progress") or {}
-        last = max(
-            float(progress.get("time") or 0), float(status.get("output_time") or 0), float(status.get("started") or 0)
-        )
-        if status.get("state") == RUNNING and float(status.get("heartbeat") or 0) - last > hang_timeout:
+        progress = status.progress.time if status.progress else 0.0
+        last = max(progress, status.output_time or 0.0, status.started or 0.0)
+        if status.state == RUNNING and (status.heartbeat or 0.0) - last > hang_timeout:
             return name
     return None
 
 
 def judge(
-    look: dict[str, Any],
+    look: Look,
     nnodes: int,
     failing_since: float | None,
     now: float,
@@ -154,18 +196,17 @@ def judge(
 ) -> Verdict:
     """The attempt's verdict from one look. Pure. `failing_since`: when a first failure was seen;
     `elapsed`: since the attempt was submitted (a hang needs STARTUP_GRACE at least)."""
-    job = look.get("job") or {}
-    job_state = str(job.get("state") or "").split()[0] if job.get("state") else ""
-    statuses: dict[str, dict[str, Any]] = look.get("status") or {}
+    job_state = look.job_state.split()[0] if look.job_state else ""
+    statuses = look.status
     nodes = sorted(statuses)
-    states = [s.get("state") for s in statuses.values()]
+    states = [s.state for s in statuses.values()]
     if len(statuses) >= nnodes and all(s == SUCCEEDED for s in states):
         return Verdict(SUCCEEDED, exit_code=0)
     lost = lost_nodes(look, nodes)
     if job_state == "NODE_FAIL" and not lost:
-        lost = tuple(n for n in nodes if statuses[n].get("state") not in FINAL)
+        lost = tuple(n for n in nodes if statuses[n].state not in FINAL)
     if FAILED in states or lost or job_state in FINAL_JOB:
-        settled = all(s.get("state") in FINAL or n in lost for n, s in statuses.items())
+        settled = all(s.state in FINAL or n in lost for n, s in statuses.items())
         waited = failing_since is not None and now - failing_since >= SETTLE_AFTER
         if not (settled or waited or job_state in FINAL_JOB):
             return STILL_RUNNING
@@ -174,7 +215,7 @@ def judge(
         if FAILED in states:
             return first_failure(statuses)
         if job_state in FINAL_JOB:
-            reason = f" ({job.get('reason')})" if job.get("reason") not in (None, "", "None") else ""
+            reason = f" ({look.job_reason})" if look.job_reason not in ("", "None") else ""
             return Verdict(FAILED, LAUNCH, f"Slurm job ended {job_state}{reason} before every agent finished")
     if elapsed >= max(hang_timeout, STARTUP_GRACE) and (node := hung(statuses, hang_timeout)) is not None:
         return Verdict(FAILED, HANG, f"{node}: no progress for {hang_timeout:g}s (failover.hang_timeout)", node=node)
@@ -289,10 +330,9 @@ class SlurmSupervisor:
         # The agents stop their attempt on SIGTERM; wait until every answering node says so.
         end = time.monotonic() + 30
         while time.monotonic() < end:
-            look = backend.look(self.login, self.paths, current.number, "", {})
-            statuses = look.get("status") or {}
-            lost = lost_nodes(look, sorted(statuses))
-            if all(s.get("state") in FINAL or n in lost for n, s in statuses.items()):
+            look = Look.from_json(backend.look(self.login, self.paths, current.number, "", {}))
+            lost = lost_nodes(look, sorted(look.status))
+            if all(s.state in FINAL or n in lost for n, s in look.status.items()):
                 return
             self.sleep(0.5)
 
@@ -305,23 +345,22 @@ class SlurmSupervisor:
             if self.stop_requested():
                 return Verdict(STOPPED, STOPPED_KIND, "stopped by `ava stop`")
             try:
-                look = backend.look(self.login, self.paths, current.number, job, offsets)
+                look = Look.from_json(backend.look(self.login, self.paths, current.number, job, offsets))
             except AvaError as exc:
                 self.sink.event(f"could not look at job {job}: {exc.message}")
                 self.sleep(POLL)
                 continue
-            for name, chunk in sorted((look.get("logs") or {}).items()):
-                offsets[name] = int(chunk.get("offset") or 0)
-                for text in str(chunk.get("text") or "").splitlines():
+            for name, (offset, chunk) in sorted(look.logs.items()):
+                offsets[name] = offset
+                for text in chunk.splitlines():
                     m = _RANK.match(text)
                     self.sink.line(name, m.group(1) if m else None, m.group(2) if m else text)
-            state = str((look.get("job") or {}).get("state") or "")
-            if state == "PENDING":
-                reason = str(look["job"].get("reason") or "")
+            if look.job_state == "PENDING":
+                reason = look.job_reason
                 if reason != pending_reason and reason not in ("", "None"):
                     pending_reason = reason
                     self.sink.event(f"Slurm job {job} pending ({reason})")
-            statuses = look.get("status") or {}
+            statuses = look.status
             if statuses and sorted(statuses) != current.nodes:
                 current.nodes = sorted(statuses)
                 current.state = RUNNING
@@ -330,7 +369,7 @@ class SlurmSupervisor:
                 self.record.save()
             now = time.monotonic()
             if failing_since is None and (
-                any(s.get("state") == FAILED for s in statuses.values()) or lost_nodes(look, sorted(statuses))
+                any(s.state == FAILED for s in statuses.values()) or lost_nodes(look, sorted(statuses))
             ):
                 failing_since = now
             verdict = judge(
@@ -343,7 +382,7 @@ class SlurmSupervisor:
             )
             if verdict.outcome != RUNNING:
                 return verdict
-            started = len(statuses) >= nnodes and all(int(s.get("output_size") or 0) for s in statuses.values())
+            started = len(statuses) >= nnodes and all(s.output_size for s in statuses.values())
             self.sleep(POLL if started else POLL_STARTING)
 
 

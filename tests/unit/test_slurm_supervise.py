@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ava.slurm.supervise import SETTLE_AFTER, STALE_AFTER, STARTUP_GRACE, judge
+from ava.slurm.supervise import SETTLE_AFTER, STALE_AFTER, STARTUP_GRACE, Look, judge
 
 NOW = 1000.0
 
 
-def look(
-    statuses: dict[str, dict[str, Any]], job: str = "RUNNING", states: dict[str, str] | None = None
-) -> dict[str, Any]:
-    return {"job": {"state": job}, "status": statuses, "states": states or {}, "now": NOW}
+def look(statuses: dict[str, dict[str, Any]], job: str = "RUNNING", states: dict[str, str] | None = None) -> Look:
+    # As the agent's slurm-watch prints it, read the way the supervisor reads it.
+    return Look.from_json({"job": {"state": job}, "status": statuses, "states": states or {}, "now": NOW})
 
 
 def running(heartbeat: float = NOW) -> dict[str, Any]:
