@@ -114,7 +114,6 @@ def train(
 ) -> int:
     """Run a recipe on the inventory's nodes with torchrun; stream logs; fail over on faults."""
     from ava import runs
-    from ava.placement import NotEnoughNodes, checkpoint_reach_warning, place
     from ava.supervisor import Supervisor, snapshot_code, spawn_background
 
     if detach and stop_on_interrupt:
@@ -142,23 +141,7 @@ def train(
             recipe, inventory, slurm, overrides=list(overrides), detach=detach, make_sink=TerminalSink
         )
     only = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else []
-    try:
-        placement = place(recipe, inventory, only=only)
-    except NotEnoughNodes as never:
-        # Placement reads the inventory only: waiting or retrying will not change the answer.
-        raise UsageError(
-            f"{never.message}; change the recipe's resources or the inventory ({inventory.path})"
-        ) from None
-    if (reach := checkpoint_reach_warning(recipe, placement)) is not None:
-        from ava import console
-
-        console.warn(reach)
-    if not dry_run:
-        from ava import provision
-
-        # A requirement the recipe may not name is a usage error, found before any run exists.
-        for node in placement.nodes:
-            provision.venv_python(node, recipe=recipe, root=inventory.path.resolve().parent)
+    placement = _place(recipe, inventory, only, check_venvs=not dry_run)
     run_id = runs.new_run_id(recipe.name)
     parent = None
     if start_from is not None:
@@ -193,6 +176,31 @@ def train(
         record, _recipe_for(record, recipe), inventory, sink, wait_for_leases=wait, provisioned=provisioned
     )
     return _supervise(supervisor, record, inventory.path.resolve(), stop_on_interrupt=stop_on_interrupt)
+
+
+def _place(recipe: Recipe, inventory: Inventory, only: list[str], *, check_venvs: bool) -> Placement:
+    """The run's nodes, or a usage error saying why there are not enough; warns where a later
+    attempt may not see the checkpoints; with CHECK_VENVS, a requirement the recipe may not name
+    is a usage error too, found before any run exists."""
+    from ava.placement import NotEnoughNodes, checkpoint_reach_warning, place
+
+    try:
+        placement = place(recipe, inventory, only=only)
+    except NotEnoughNodes as never:
+        # Placement reads the inventory only: waiting or retrying will not change the answer.
+        raise UsageError(
+            f"{never.message}; change the recipe's resources or the inventory ({inventory.path})"
+        ) from None
+    if (reach := checkpoint_reach_warning(recipe, placement)) is not None:
+        from ava import console
+
+        console.warn(reach)
+    if check_venvs:
+        from ava import provision
+
+        for node in placement.nodes:
+            provision.venv_python(node, recipe=recipe, root=inventory.path.resolve().parent)
+    return placement
 
 
 def provision_visibly(nodes: list[Node], recipe: Recipe | None, base: Path) -> dict[str, PlanResult | AvaError]:
