@@ -30,9 +30,9 @@ from ava.sync import agent_command
 from ava.transport import connect, run_all
 
 STATUS_TIMEOUT = 4.0 * liveness_scale()  # a status poll slower than this counts as the node not answering
-STORE_TIMEOUT = 120.0
+STORE_TIMEOUT = 120.0  # how long the workers' start waits for the master's rendezvous store
 LONG_POLL = 1.0  # the longest an agent holds a status request before answering unchanged
-RETRY_AFTER = 1.0  # after a failed status request, how long before asking that node again  # how long the workers' start waits for the master's rendezvous store
+RETRY_AFTER = 0.2  # after a failed status request, how long before asking that node again
 # Printed before the log's bytes: lines ahead of it come from the node's shell start-up files
 # (conda's and pyenv's init print on every SSH command), not from the run, and count for no offset.
 LOG_START = "ava-logs-start"
@@ -361,9 +361,9 @@ class AgentClient:
 
         Each node has one long poll out at a time (`status --since`): the agent answers when what
         the supervisor judges by changes, or after `long_poll` seconds with a fresh heartbeat. A
-        node whose answer is overdue shows as pending (see decide.node_view), however long its
-        transport takes to give up; one that failed is asked again a second later, and counts as
-        silent from the moment its first unanswered request went out until one is answered."""
+        node whose answer is overdue shows as pending (late, then silent: see decide.node_view),
+        however long its transport takes to give up; one that failed is asked again at once, and
+        its silence counts from its first unanswered request until one is answered."""
         if self._asking is not None and self._asking != (run_id, attempt):
             self.close()
         self._asking = (run_id, attempt)
@@ -425,8 +425,10 @@ class AgentClient:
             if latest is not None and now < due:
                 # Nothing changed since it answered; its metric lines were handed over then.
                 return Answer(status=replace(latest, metrics=()))
-            if name in self._failed:  # asked again after failing: silent until it answers
-                return Answer(error="no answer", asked=self._failed[name])
+            if name in self._failed:
+                # Asked again after failing: late while this request is young (a loaded node answers
+                # slowly), then silent since the first unanswered request went out.
+                return Answer(pending=True, asked=self._failed[name], due=sent)
             return Answer(pending=True, asked=sent, due=due)
         del self._pending[name]
         try:

@@ -68,6 +68,15 @@ class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,unus
             handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
 
 
+def _stalled(error: BaseException | None) -> bool:
+    """A handshake that ran out of time (banner or authentication timeout), not one refused."""
+    # The TCP connect's own timeout (a node that does not answer at all) is not retried.
+    text = str(error).lower()
+    return isinstance(error, paramiko.SSHException) and (
+        "timeout" in text or "banner" in text or "no existing session" in text
+    )
+
+
 def plain_reason(error: BaseException) -> str:
     """Words a user can act on, for an error raised while connecting."""
     if isinstance(error, UnknownHostKey):
@@ -118,56 +127,63 @@ class SSHTransport:
         with self._lock:
             if self._connection is not None and self._connection.is_connected:
                 return self._connection
-            node = self.node
-            connect_kwargs: dict[str, object] = {
-                "banner_timeout": node.connect_timeout,
-                "auth_timeout": node.connect_timeout,
-            }
-            if node.identity:
-                connect_kwargs["key_filename"] = [os.path.expanduser(node.identity)]
-            connection = Connection(
-                node.host,
-                user=node.user,
-                port=node.port,
-                # fabric takes whole seconds; never round a short timeout down to "none".
-                connect_timeout=max(1, math.ceil(node.connect_timeout)),
-                connect_kwargs=connect_kwargs,
-            )
-            known_hosts = Path(os.path.expanduser(node.known_hosts))
-            # Every hop of a ProxyJump chain (fabric builds one Connection per hop from
-            # ~/.ssh/config, each trusting any key) is held to the same file and policy.
-            for client in _clients(connection):
-                try:
-                    if known_hosts.exists():
-                        client.load_host_keys(str(known_hosts))
-                except (OSError, paramiko.SSHException) as error:
-                    # This node's connect fails naming the file; the other nodes still report.
-                    why = getattr(error, "strerror", None) or str(error) or type(error).__name__
-                    raise ConnectError(
-                        node.name, self._address, f"cannot read known_hosts {known_hosts}: {why}"
-                    ) from error
-                if self.host_keys == "accept-new":
-                    client.set_missing_host_key_policy(_AcceptNewPolicy(known_hosts))
-                else:
-                    client.set_missing_host_key_policy(_StrictPolicy())
-            for hop in _gateways(connection):
-                if hop.connect_timeout is None:
-                    hop.connect_timeout = connection.connect_timeout
             try:
-                connection.open()
-                transport = connection.client.get_transport()
-                if transport is not None:
-                    # Notice a dead peer on an idle connection within a few seconds.
-                    transport.set_keepalive(5)
-            except Exception as error:  # every way a connect fails ends up here, once
-                for hop in [connection, *_gateways(connection)]:
-                    hop.close()
-                raise ConnectError(
-                    node.name, self._address, plain_reason(error) + _hop_note(error, node.host)
-                ) from error
-            self._connection = connection
-            self._sftp_missing = False
-            return connection
+                return self._open()
+            except ConnectError as error:
+                if not _stalled(error.__cause__):
+                    raise
+                # A handshake whose deadline passed while this process could not run (stopped,
+                # or starved on a loaded machine) says nothing of the node: try once more.
+                return self._open()
+
+    def _open(self) -> Connection:
+        """A new connection to the node (under _connect's lock), its host key checked."""
+        node = self.node
+        connect_kwargs: dict[str, object] = {
+            "banner_timeout": node.connect_timeout,
+            "auth_timeout": node.connect_timeout,
+        }
+        if node.identity:
+            connect_kwargs["key_filename"] = [os.path.expanduser(node.identity)]
+        connection = Connection(
+            node.host,
+            user=node.user,
+            port=node.port,
+            # fabric takes whole seconds; never round a short timeout down to "none".
+            connect_timeout=max(1, math.ceil(node.connect_timeout)),
+            connect_kwargs=connect_kwargs,
+        )
+        known_hosts = Path(os.path.expanduser(node.known_hosts))
+        # Every hop of a ProxyJump chain (fabric builds one Connection per hop from
+        # ~/.ssh/config, each trusting any key) is held to the same file and policy.
+        for client in _clients(connection):
+            try:
+                if known_hosts.exists():
+                    client.load_host_keys(str(known_hosts))
+            except (OSError, paramiko.SSHException) as error:
+                # This node's connect fails naming the file; the other nodes still report.
+                why = getattr(error, "strerror", None) or str(error) or type(error).__name__
+                raise ConnectError(node.name, self._address, f"cannot read known_hosts {known_hosts}: {why}") from error
+            if self.host_keys == "accept-new":
+                client.set_missing_host_key_policy(_AcceptNewPolicy(known_hosts))
+            else:
+                client.set_missing_host_key_policy(_StrictPolicy())
+        for hop in _gateways(connection):
+            if hop.connect_timeout is None:
+                hop.connect_timeout = connection.connect_timeout
+        try:
+            connection.open()
+            transport = connection.client.get_transport()
+            if transport is not None:
+                # Notice a dead peer on an idle connection within a few seconds.
+                transport.set_keepalive(5)
+        except Exception as error:  # every way a connect fails ends up here, once
+            for hop in [connection, *_gateways(connection)]:
+                hop.close()
+            raise ConnectError(node.name, self._address, plain_reason(error) + _hop_note(error, node.host)) from error
+        self._connection = connection
+        self._sftp_missing = False
+        return connection
 
     def run(
         self,
