@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cluster.test_failover import s3, s3_settings
+from tests.cluster.test_failover import s3_settings
 from tests.conftest import REPO, processes_of, run_ava
 from tests.support.cluster import Cluster
 
@@ -28,6 +29,30 @@ LINE_RGB = (0x1F / 255, 0x77 / 255, 0xB4 / 255)
 @pytest.fixture()
 def home(tmp_path: Path) -> dict[str, str]:
     return {"AVA_HOME": str(tmp_path / "home")}
+
+
+@pytest.fixture(scope="module")
+def s3(cluster: Cluster) -> Iterator[str]:
+    """moto's S3 server on the address the nodes see this machine at, with a `ckpt` bucket.
+
+    Its own, not test_failover's, whose fixture makes the bucket anew: moto keeps its buckets in
+    this process across servers, so after test_failover the bucket is there already."""
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address=cluster.gateway, port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=url, skip_instance_cache=True)
+    fs.makedirs("ckpt", exist_ok=True)
+    try:
+        yield url
+    finally:
+        server.stop()
 
 
 def train(cluster: Cluster, s3: str, home: dict[str, str], steps: int, *extra: str, more: tuple[str, ...] = ()) -> str:
