@@ -54,6 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import median, table, test_cluster
+from benchmarks.failover import worker_pid
 from tests.cluster.test_failover import STEPS, LiveRun, run_id_of
 from tests.conftest import processes_of, run_ava
 from tests.support.cluster import Cluster
@@ -128,18 +129,6 @@ class Outcome:
     left: list[int]
     faults: list[Fault] = field(default_factory=list)
     lines: list[tuple[float, str]] = field(default_factory=list)
-
-
-def worker_pid(run_id: str, rank: str) -> int | None:
-    for pid in processes_of(run_id):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and b"steps.py" in cmd:
-            return pid
-    return None
 
 
 def node_of(cluster: Cluster, pid: int) -> str | None:
