@@ -138,7 +138,13 @@ def train(
             return slurm_cli.dry_run(recipe, inventory, slurm, runs.new_run_id(recipe.name), json_out=json_out)
         # node/rank lines as on SSH nodes
         return slurm_cli.train(
-            recipe, inventory, slurm, overrides=list(overrides), detach=detach, make_sink=TerminalSink
+            recipe,
+            inventory,
+            slurm,
+            overrides=list(overrides),
+            detach=detach,
+            stop_on_interrupt=stop_on_interrupt,
+            make_sink=TerminalSink,
         )
     only = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else []
     placement = _place(recipe, inventory, only, check_venvs=not dry_run)
@@ -267,7 +273,7 @@ def _recipe_for(record: RunRecord, recipe: Recipe) -> Recipe:
 def _supervise(
     supervisor: Supervisor, record: RunRecord, inventory_path: Path, *, stop_on_interrupt: bool = False
 ) -> int:
-    from ava import console, runs
+    from ava import runs
     from ava.supervisor import spawn_background
 
     started = time.time()
@@ -299,16 +305,21 @@ def _supervise(
     if not record.final:
         # Ctrl-C: the run goes on; a background supervisor keeps failing over for it.
         spawn_background(record, inventory_path)
-        try:
-            console.info(f"\nava: detached from {record.id}; it keeps running under a background supervisor.")
-            console.info(
-                f"     reattach: ava attach {record.id}    logs: ava logs {record.id} -f    stop: ava stop {record.id}"
-            )
-        except OSError:
-            pass  # after SIGHUP the terminal may be gone; the run is in good hands either way
+        say_detached(record.id)
         return EXIT_INTERRUPTED
     _summary(outcome, time.time() - started)
     return outcome.exit_code
+
+
+def say_detached(run_id: str) -> None:
+    """What an interrupted foreground supervisor says (SSH nodes and Slurm alike)."""
+    from ava import console
+
+    try:
+        console.info(f"\nava: detached from {run_id}; it keeps running under a background supervisor.")
+        console.info(f"     reattach: ava attach {run_id}    logs: ava logs {run_id} -f    stop: ava stop {run_id}")
+    except OSError:
+        pass  # after SIGHUP the terminal may be gone; the run is in good hands either way
 
 
 def _say(text: str) -> None:
@@ -676,6 +687,10 @@ def attach(
         while _alive(pid) and time.time() < deadline:
             time.sleep(0.1)
         record = runs.load(record.id)
+    from ava.slurm import cli as slurm_cli
+
+    if slurm_cli.is_slurm_run(record):  # its job, through the login node
+        return slurm_cli.attach(record, load_inventory_for(record), make_sink=TerminalSink)
     inventory = load_inventory_for(record)
     sink = TerminalSink(list(inventory.nodes), record.dir / "output.log", order=list(inventory.nodes))
     supervisor = Supervisor(record, recipe_of(record), inventory, sink, wait_for_leases=wait, role="ava attach")

@@ -2,14 +2,17 @@
 
     python -m ava.slurm.background RUN INVENTORY
 
-It supervises the run exactly as `ava train` does in the foreground, writing `node/rank |` lines
-and events to the run's output.log; `ava ps`, `ava wait` and `ava stop` read and act on the
-run's record as for any run.
+It supervises the run exactly as `ava train` does in the foreground, from where the run is,
+writing `node/rank |` lines and events to the run's output.log. An interrupted foreground
+`ava train` or `ava attach` hands the run over to it; `ava attach` takes it back (SIGTERM: it
+leaves the job alone and exits). `ava ps`, `ava wait` and `ava stop` act on the run's record as
+for any run.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,18 +57,33 @@ def spawn(record: runs.RunRecord, inventory_path: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from ava.supervisor import recipe_of  # the recipe as launched: its copied text, code and env
+    from ava.supervisor import Supervised, recipe_of  # the recipe as launched: its copied text, code and env
 
+    os.umask(0o077)  # as the CLI: what the run's records gain stays the user's own
     record = runs.load(argv[0])
     inventory = load_inventory(argv[1])
     settings = load(inventory)
     if settings is None:
         print(f"ava: {argv[1]}: no [slurm] table", file=sys.stderr)
         return 2
+    supervisor = SlurmSupervisor(
+        record,
+        recipe_of(record),
+        inventory,
+        settings,
+        FileSink(record.dir / "output.log"),
+        role="a background supervisor",
+        lock_wait=60.0,
+    )
+    # SIGHUP too: a background supervisor outlives the terminal that started it. SIGTERM
+    # (`ava attach` taking over): leave the job alone and exit.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.leave())
     try:
-        return SlurmSupervisor(
-            record, recipe_of(record), inventory, settings, FileSink(record.dir / "output.log")
-        ).run()
+        return supervisor.run()
+    except Supervised as taken:
+        print(f"{time.strftime('%H:%M:%S')} ava: {taken.message}", file=sys.stderr)
+        return 0
     except AvaError as exc:
         record.state, record.ended, record.exit_code = FAILED, time.time(), 3
         record.save()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,8 +64,13 @@ def train(
     *,
     overrides: list[str],
     detach: bool,
+    stop_on_interrupt: bool,
     make_sink: Callable[[list[str], Path], Sink],
 ) -> int:
+    from dataclasses import replace
+
+    from ava.supervisor import snapshot_code
+
     run_id = runs.new_run_id(recipe.name)
     record = runs.RunRecord(
         id=run_id,
@@ -79,47 +85,103 @@ def train(
     record.dir.mkdir(parents=True, exist_ok=True)
     runs.private_recipe(record, recipe.raw, dict(recipe.env))
     record.save()
+    # Every attempt ships the code as launched, and a supervisor taking over (the background
+    # one, `ava attach`) reads the recipe back from the record: its text, env and this copy.
+    source = Path(recipe.source)
+    recipe_file = (source / "recipe.toml" if source.is_dir() else source).resolve()
+    root = Path(recipe.root).resolve()
+    leave_out = recipe_file.relative_to(root).as_posix() if recipe_file.is_relative_to(root) else None
+    recipe = replace(recipe, root=str(snapshot_code(record, root, leave_out=leave_out)))
+    inventory_path = Path(inventory.path).resolve()
     if detach:
         from ava.slurm import background
-        from ava.supervisor import snapshot_code
 
-        # The detached supervisor reads the recipe back from the record: its text, env and code.
-        source = Path(recipe.source)
-        recipe_file = (source / "recipe.toml" if source.is_dir() else source).resolve()
-        root = Path(recipe.root).resolve()
-        leave_out = recipe_file.relative_to(root).as_posix() if recipe_file.is_relative_to(root) else None
-        snapshot_code(record, root, leave_out=leave_out)
-        background.spawn(record, Path(inventory.path).resolve())
+        background.spawn(record, inventory_path)
         console.write(run_id + "\n")
-        console.info(f"wait: ava wait {run_id}    stop: ava stop {run_id}")
+        console.info(f"follow: ava logs {run_id} -f    wait: ava wait {run_id}    stop: ava stop {run_id}")
         return EXIT_OK
     console.info(f"ava: run {run_id} on Slurm through {settings.login}")
     sink = make_sink([], record.dir / "output.log")
     supervisor = SlurmSupervisor(record, recipe, inventory, settings, sink)
+    return supervise(supervisor, inventory, settings, stop_on_interrupt=stop_on_interrupt)
+
+
+def attach(record: runs.RunRecord, inventory: Inventory, *, make_sink: Callable[[list[str], Path], Sink]) -> int:
+    """`ava attach` of a Slurm run whose background supervisor has let go: supervise it here,
+    from where it is (its job, its attempt, its logs from where output.log has them)."""
+    from ava.slurm.inventory import load
+    from ava.supervisor import recipe_of
+
+    settings = load(inventory)
+    if settings is None:
+        raise UsageError(f"run {record.id} runs on Slurm, but {inventory.path} has no [slurm] table any more")
+    current = record.current()
+    where = f"attempt {current.number}" if current is not None else "its first attempt"
+    console.info(f"ava: attached to {record.id} ({where}) on Slurm through {settings.login}")
+    sink = make_sink([], record.dir / "output.log")
+    supervisor = SlurmSupervisor(record, recipe_of(record), inventory, settings, sink, role="ava attach")
+    return supervise(supervisor, inventory, settings, stop_on_interrupt=False)
+
+
+def supervise(
+    supervisor: SlurmSupervisor, inventory: Inventory, settings: SlurmSettings, *, stop_on_interrupt: bool
+) -> int:
+    """Supervise in the foreground, as on SSH nodes (ava/cli/train.py _supervise): Ctrl-C, SIGTERM
+    or SIGHUP hand the run to a background supervisor (the job keeps running), or with
+    --stop-on-interrupt cancel its job, verified; exit 130 either way."""
+    from ava.cli.train import say_detached  # the same words as on SSH nodes
+    from ava.slurm import background
+
+    record = supervisor.record
     started = time.monotonic()
+    received: list[int] = []
+
+    def leave(number: int, _frame: object) -> None:
+        received.append(number)
+        supervisor.leave()
+
+    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         code = supervisor.run()
-    except KeyboardInterrupt:
-        # No background supervisor on Slurm yet: an interrupted `ava train` cancels its job.
-        left = stop_jobs(record, inventory, settings)
-        record.state, record.ended, record.exit_code = STOPPED, time.time(), 1
-        record.save()
-        console.warn(f"interrupted: run {run_id} stopped" + (f"; squeue still lists {', '.join(left)}" if left else ""))
+        if stop_on_interrupt and not record.final:
+            # Signals again while stopping are ignored: half a stop would leave the job queued.
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+            name = signal.Signals(received[0]).name if received else "interrupted"
+            _say(f"\nava: {name}: stopping {record.id}: scancel, verified (--stop-on-interrupt)")
+            stopped = stop(runs.load(record.id), inventory, settings, json_out=False, by="--stop-on-interrupt")
+            return EXIT_INTERRUPTED if stopped == EXIT_OK else stopped
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not record.final:
+        # The job goes on; a background supervisor keeps watching it and failing over for it.
+        background.spawn(record, Path(inventory.path).resolve())
+        say_detached(record.id)
         return EXIT_INTERRUPTED
     attempts = len(record.attempts)
-    console.info(
-        f"ava: run {run_id} {record.state} in {time.monotonic() - started:.1f}s, "
+    _say(
+        f"ava: run {record.id} {record.state} in {time.monotonic() - started:.1f}s, "
         f"{attempts} attempt{'s' if attempts != 1 else ''}"
         + (f", nodes lost: {', '.join(record.lost_nodes)}" if record.lost_nodes else "")
     )
     return code
 
 
+def _say(text: str) -> None:
+    try:
+        console.info(text)
+    except OSError:
+        pass  # after SIGHUP the terminal may be gone
+
+
 def is_slurm_run(record: runs.RunRecord) -> bool:
     return JobState.load(record.dir) is not None
 
 
-def stop(record: runs.RunRecord, inventory: Inventory, settings: SlurmSettings, *, json_out: bool) -> int:
+def stop(
+    record: runs.RunRecord, inventory: Inventory, settings: SlurmSettings, *, json_out: bool, by: str = "`ava stop`"
+) -> int:
     """scancel every job of the run, verified with squeue; the record says stopped."""
     left = stop_jobs(record, inventory, settings)
     state = JobState.load(record.dir)
@@ -133,7 +195,7 @@ def stop(record: runs.RunRecord, inventory: Inventory, settings: SlurmSettings, 
                 STOPPED,
                 time.time(),
                 STOPPED_KIND,
-                "stopped by `ava stop`",
+                f"stopped by {by}",
             )
         latest.save()
     if json_out:

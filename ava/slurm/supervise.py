@@ -11,7 +11,9 @@ lost so far in `--exclude`. The recipe's checkpoint makes each attempt resume. T
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,14 +75,20 @@ class Sink(Protocol):
 
 @dataclass
 class JobState:
-    """What ava keeps of a Slurm run beside its record: the login node and every attempt's job."""
+    """What ava keeps of a Slurm run beside its record: the login node, every attempt's job, and
+    how far into each node's log of the current attempt the run's output.log has got (so that a
+    supervisor taking over, `ava attach` or the background one, neither skips nor repeats lines)."""
 
     login: str
     shared: str
     jobs: list[dict[str, Any]] = field(default_factory=list)  # attempt, job, exclude
+    offsets: dict[str, dict[str, int]] = field(default_factory=dict)  # attempt -> node -> offset
 
     def save(self, folder: Path) -> None:
-        (folder / STATE_FILE).write_text(json.dumps({"login": self.login, "shared": self.shared, "jobs": self.jobs}))
+        text = json.dumps({"login": self.login, "shared": self.shared, "jobs": self.jobs, "offsets": self.offsets})
+        temp = folder / f"{STATE_FILE}.{os.getpid()}"
+        temp.write_text(text)
+        temp.replace(folder / STATE_FILE)  # `ava ps` and `ava stop` read it at any time
 
     @classmethod
     def load(cls, folder: Path) -> JobState | None:
@@ -88,7 +96,11 @@ class JobState:
             data = json.loads((folder / STATE_FILE).read_text())
         except (OSError, ValueError):
             return None
-        return cls(str(data["login"]), str(data["shared"]), list(data.get("jobs") or []))
+        offsets = {
+            str(attempt): {str(node): int(at) for node, at in nodes.items()}
+            for attempt, nodes in (data.get("offsets") or {}).items()
+        }
+        return cls(str(data["login"]), str(data["shared"]), list(data.get("jobs") or []), offsets)
 
 
 @dataclass(frozen=True)
@@ -222,7 +234,14 @@ def judge(
     return STILL_RUNNING
 
 
+class Left(Exception):
+    """The supervisor was asked to leave the run alone (Ctrl-C, `ava attach` taking over)."""
+
+
 class SlurmSupervisor:
+    """Drives one run to its end, or until asked to leave it; a supervisor started later on the
+    same run (the background one, `ava attach`) picks it up where its record says it is."""
+
     def __init__(
         self,
         record: runs.RunRecord,
@@ -231,73 +250,99 @@ class SlurmSupervisor:
         settings: SlurmSettings,
         sink: Sink,
         *,
-        sleep: Callable[[float], None] = time.sleep,
+        role: str = "ava train",
+        lock_wait: float = 15.0,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.record, self.recipe, self.inventory, self.settings, self.sink = record, recipe, inventory, settings, sink
+        self.role, self.lock_wait = role, lock_wait
         self.login = login_node(settings, inventory)
         self.python = compute_python(settings, inventory)
         self.paths = Paths(settings.shared_dir, record.id)
         self.state = JobState(settings.login, settings.shared_dir)
-        self.sleep = sleep
+        self._leave = threading.Event()
+        self._sleep = sleep
+
+    def leave(self) -> None:
+        """Stop supervising without touching the job (safe from a signal handler)."""
+        self._leave.set()
+
+    def sleep(self, seconds: float) -> None:
+        """Wait, unless asked to leave first (then raise Left)."""
+        if self._sleep is not None:
+            self._sleep(seconds)
+        elif self._leave.wait(seconds):
+            raise Left
+        if self._leave.is_set():
+            raise Left
 
     def stop_requested(self) -> bool:
         return (self.record.dir / STOP_FILE).exists()
 
     def run(self) -> int:
-        """Supervise to the end; the exit code (0 succeeded, 1 failed or stopped)."""
-        self.record.supervisor_pid = __import__("os").getpid()
-        self.record.state = STARTING
-        self.record.save()
-        shipped = backend.ship(self.login, self.recipe, self.paths.run_dir)
-        self.record.code_tree = shipped.code_tree
-        exclude: list[str] = []
-        restarts = 0
-        number = 0
-        job: str | None = None  # the allocation an attempt may restart in
+        """Supervise to the end; the exit code (0 succeeded, 1 failed or stopped). Asked to
+        leave, it returns with the run not final (`record.final` is False) and its job untouched."""
+        from ava.supervisor import hold_supervision  # one supervisor per run, SSH or Slurm
+
+        lock = hold_supervision(self.record, self.role, self.lock_wait)
+        record = self.record
+        # The holder before us may have moved the run on: read it again under the lock.
+        record.__dict__.update(runs.load(record.id).__dict__)
+        self.state = JobState.load(record.dir) or self.state
+        record.supervisor_pid = os.getpid()
+        record.save()
+        try:
+            return self._drive()
+        except Left:
+            return 1
+        finally:
+            if record.supervisor_pid == os.getpid():
+                record.supervisor_pid = None
+                record.save()
+            os.close(lock)
+
+    def _drive(self) -> int:
+        record = self.record
+        if record.final:
+            return record.exit_code if record.exit_code is not None else 1
+        current = record.current()
+        job = str(self.state.jobs[-1]["job"]) if self.state.jobs else None
+        if current is not None and current.state not in (STARTING, RUNNING):
+            # Left between attempts (a restart's backoff): the next attempt, in the same
+            # allocation only while a crash or hang left Slurm holding it.
+            if job is not None and not (current.kind in (CRASH, HANG) and backend.queued(self.login, job)):
+                job = None
+            current = None
+        elif current is None:
+            record.state = STARTING
+            record.save()
+        shipped: backend.Shipped | None = None
         while True:
-            number += 1
-            launch = Launch(self.record.id, number, "", 0, shipped.code_tree, shipped.runtime_tree, _user())
-            job_files = submission(
-                self.recipe,
-                self.settings,
-                launch,
-                self.login,
-                python=self.python,
-                agent=shipped.agent,
-                exclude=tuple(exclude),
-            )
-            current = runs.Attempt(number=number, nodes=[], started=time.time())
-            current.code_sent_bytes = shipped.sent_bytes if number == 1 else 0
-            self.record.attempts.append(current)
-            if job is None:
-                job = backend.submit(self.login, self.paths, number, job_files)
-                how = f"Slurm job {job}" + (f" (excluding {', '.join(exclude)})" if exclude else "")
-            else:
-                backend.restart_in(self.login, self.paths, number, job_files, job)
-                how = f"in the same allocation (Slurm job {job})"
-            self.state.jobs.append({"attempt": number, "job": job, "exclude": list(exclude)})
-            self.state.save(self.record.dir)
-            self.record.save()
-            self.sink.event(f"attempt {number}: {how}")
+            if current is None:
+                if shipped is None:
+                    shipped = backend.ship(self.login, self.recipe, self.paths.run_dir)
+                    record.code_tree = shipped.code_tree
+                current, job = self._start(shipped, job)
+            assert job is not None
             verdict = self._watch(current, job)
             current.ended = time.time()
             current.state = verdict.outcome
             current.kind, current.cause = verdict.kind, verdict.cause
             current.exit_code, current.failed_node, current.failed_rank = verdict.exit_code, verdict.node, verdict.rank
-            self.record.save()
+            record.save()
             if verdict.outcome == SUCCEEDED:
                 return self._finish(SUCCEEDED, 0)
             if verdict.outcome == STOPPED:
                 self._end_job(job, current)
                 return self._finish(STOPPED, 1)
-            self.sink.event(f"attempt {number} failed: {verdict.cause}")
+            self.sink.event(f"attempt {current.number} failed: {verdict.cause}")
             if verdict.kind == LAUNCH and (tail := backend.output_tail(self.login, self.paths, job)):
                 self.sink.event(
                     f"the end of Slurm job {job}'s output ({self.paths.output.replace('%j', job)}):\n{tail}"
                 )
             if verdict.lost:
-                exclude += [n for n in verdict.lost if n not in exclude]
-                self.record.lost_nodes = list(exclude)
+                record.lost_nodes = [*record.lost_nodes, *(n for n in verdict.lost if n not in record.lost_nodes)]
+            restarts = len(record.attempts) - 1
             fatal = verdict.exit_code in self.recipe.failover.fatal_exit_codes and verdict.kind == CRASH
             if fatal or verdict.kind == LAUNCH or restarts >= self.recipe.failover.max_restarts:
                 self._end_job(job, current)
@@ -309,14 +354,39 @@ class SlurmSupervisor:
             if verdict.kind not in (CRASH, HANG) or not backend.queued(self.login, job):
                 self._end_job(job, current)
                 job = None
-            restarts += 1
+            record.save()
             where = "a new Slurm job" if job is None else f"the same allocation (Slurm job {job})"
-            self.sink.event(f"restart {restarts} of {self.recipe.failover.max_restarts}: {where}")
-            self.sleep(min(60.0, self.recipe.failover.backoff * 2 ** (restarts - 1)))
+            self.sink.event(f"restart {restarts + 1} of {self.recipe.failover.max_restarts}: {where}")
+            self.sleep(min(60.0, self.recipe.failover.backoff * 2**restarts))
             if self.stop_requested():
                 if job is not None:
                     self._end_job(job, current)
                 return self._finish(STOPPED, 1)
+            current = None
+
+    def _start(self, shipped: backend.Shipped, job: str | None) -> tuple[runs.Attempt, str]:
+        """Submit the next attempt (a new job, or a restart in JOB's allocation); it and its job."""
+        record = self.record
+        number = len(record.attempts) + 1
+        exclude = tuple(record.lost_nodes)
+        launch = Launch(record.id, number, "", 0, shipped.code_tree, shipped.runtime_tree, _user())
+        job_files = submission(
+            self.recipe, self.settings, launch, self.login, python=self.python, agent=shipped.agent, exclude=exclude
+        )
+        current = runs.Attempt(number=number, nodes=[], started=time.time())
+        current.code_sent_bytes = shipped.sent_bytes if number == 1 else 0
+        record.attempts.append(current)
+        if job is None:
+            job = backend.submit(self.login, self.paths, number, job_files)
+            how = f"Slurm job {job}" + (f" (excluding {', '.join(exclude)})" if exclude else "")
+        else:
+            backend.restart_in(self.login, self.paths, number, job_files, job)
+            how = f"in the same allocation (Slurm job {job})"
+        self.state.jobs.append({"attempt": number, "job": job, "exclude": list(exclude)})
+        self.state.save(record.dir)
+        record.save()
+        self.sink.event(f"attempt {number}: {how}")
+        return current, job
 
     def _finish(self, state: State, code: int) -> int:
         self.record.state, self.record.ended, self.record.exit_code = state, time.time(), code
@@ -334,14 +404,17 @@ class SlurmSupervisor:
             lost = lost_nodes(look, sorted(look.status))
             if all(s.state in FINAL or n in lost for n, s in look.status.items()):
                 return
-            self.sleep(0.5)
+            time.sleep(0.5)
 
     def _watch(self, current: runs.Attempt, job: str) -> Verdict:
-        offsets: dict[str, int] = {}
+        key = str(current.number)
+        offsets: dict[str, int] = dict(self.state.offsets.get(key, {}))
         failing_since: float | None = None
         pending_reason = ""
         nnodes = self.recipe.resources.nodes_min
         while True:
+            if self._leave.is_set():
+                raise Left
             if self.stop_requested():
                 return Verdict(STOPPED, STOPPED_KIND, "stopped by `ava stop`")
             try:
@@ -355,6 +428,9 @@ class SlurmSupervisor:
                 for text in chunk.splitlines():
                     m = _RANK.match(text)
                     self.sink.line(name, m.group(1) if m else None, m.group(2) if m else text)
+            if offsets != self.state.offsets.get(key):
+                self.state.offsets = {key: dict(offsets)}
+                self.state.save(self.record.dir)
             if look.job_state == "PENDING":
                 reason = look.job_reason
                 if reason != pending_reason and reason not in ("", "None"):

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -313,6 +314,113 @@ def test_stop_cancels_the_job_and_leaves_no_process(slurm_cluster: SlurmCluster,
     assert processes_of(run_id) == []
     (record,) = ps(home)
     assert record["state"] == "stopped"
+
+
+def steps_args(slurm: SlurmCluster, steps: int) -> list[str]:
+    """The steps recipe on 2 nodes, a step every 0.2 s, its checkpoints on the shared filesystem."""
+    args = ["resources.nodes=2", f'run.args=["--steps", "{steps}", "--step-time", "0.2"]']
+    args.append(f"checkpoint.dir={slurm.shared}/ckpt/{{run}}")
+    return [word for a in args for word in ("--set", a)]
+
+
+def output_log(home: dict[str, str], run_id: str) -> str:
+    path = Path(home["AVA_HOME"]) / "runs" / run_id / "output.log"
+    return path.read_text() if path.exists() else ""  # a background supervisor makes it
+
+
+def wait_for_step_after(home: dict[str, str], run_id: str, step: int, timeout: float = 60.0) -> int:
+    """The highest step rank 0 reported in the run's output.log, once it is past STEP."""
+    deadline = time.monotonic() + timeout
+    while True:
+        steps = [int(s) for s in re.findall(r"^n\d/0 \| step (\d+)$", output_log(home, run_id), re.M)]
+        if steps and max(steps) > step:
+            return max(steps)
+        assert time.monotonic() < deadline, f"no step after {step}:\n" + output_log(home, run_id)[-2000:]
+        time.sleep(0.5)
+
+
+def test_ctrl_c_detaches_and_the_job_keeps_running_until_ava_stop(
+    slurm_cluster: SlurmCluster, home: dict[str, str]
+) -> None:
+    inventory = slurm_cluster.inventory()
+    run = LiveRun(["train", str(STEPS), *steps_args(slurm_cluster, 600)], inventory, home)
+    try:
+        run.wait_line(r"\| step 3$")
+        run_id = run_id_in(run.text())
+        run.process.send_signal(signal.SIGINT)
+        assert run.finish(timeout=60) == 130, run.text()[-3000:]
+    finally:
+        run.kill()
+    assert f"detached from {run_id}" in run.text() and f"reattach: ava attach {run_id}" in run.text(), run.text()
+    (job,) = jobs_of(home, run_id)
+    assert slurm_cluster.sh("squeue", "-h", "-j", job, "-o", "%T", check=False).stdout.strip() == "RUNNING"
+    # A background supervisor took over: ps and wait see the run going on, its lines keep coming.
+    (record,) = ps(home)
+    assert record["state"] == "running", record
+    waited = run_ava("wait", run_id, "--timeout", "3s", env=home, timeout=60)
+    assert waited.returncode == 3 and "still running" in waited.stderr, waited.stderr
+    last = max(int(s) for s in re.findall(r"\| step (\d+)$", run.text(), re.M))
+    wait_for_step_after(home, run_id, last + 3)
+    stopped = run_ava("stop", run_id, inventory=inventory, env=home, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert slurm_cluster.sh("squeue", "-h", "-j", job, check=False).stdout.strip() == ""
+    deadline = time.monotonic() + 20
+    while (processes_of(run_id) or ps(home)[0]["state"] != "stopped") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(run_id) == []
+    assert ps(home)[0]["state"] == "stopped"
+
+
+def test_ctrl_c_with_stop_on_interrupt_cancels_the_job(slurm_cluster: SlurmCluster, home: dict[str, str]) -> None:
+    inventory = slurm_cluster.inventory()
+    run = LiveRun(["train", str(STEPS), *steps_args(slurm_cluster, 600), "--stop-on-interrupt"], inventory, home)
+    try:
+        run.wait_line(r"\| step 3$")
+        run_id = run_id_in(run.text())
+        run.process.send_signal(signal.SIGINT)
+        assert run.finish(timeout=90) == 130, run.text()[-3000:]
+    finally:
+        run.kill()
+    assert "(--stop-on-interrupt)" in run.text() and "squeue lists none of it" in run.text(), run.text()[-2000:]
+    (job,) = jobs_of(home, run_id)
+    assert slurm_cluster.sh("squeue", "-h", "-j", job, check=False).stdout.strip() == ""
+    deadline = time.monotonic() + 10
+    while processes_of(run_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(run_id) == []
+    (record,) = ps(home)
+    assert record["state"] == "stopped" and record["attempts"][0]["cause"] == "stopped by --stop-on-interrupt"
+
+
+def test_attach_takes_over_a_detached_run_and_hands_it_back_on_ctrl_c(
+    slurm_cluster: SlurmCluster, home: dict[str, str]
+) -> None:
+    inventory = slurm_cluster.inventory()
+    args = steps_args(slurm_cluster, 90)
+    started = run_ava("train", str(STEPS), *args, "--detach", inventory=inventory, env=home)
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.strip()
+    seen = wait_for_step_after(home, run_id, 2, timeout=120)
+    attached = LiveRun(["attach", run_id], inventory, home)
+    try:
+        attached.wait_line(rf"ava: attached to {run_id} \(attempt 1\)")
+        # Its lines now come to this terminal: a step after those the background supervisor wrote.
+        line = attached.wait_line(r"^n\d/0\s*\| step \d+$", timeout=60)
+        assert int(line.rsplit(" ", 1)[1]) > seen, (line, seen)
+        attached.process.send_signal(signal.SIGINT)
+        assert attached.finish(timeout=60) == 130, attached.text()[-3000:]
+    finally:
+        attached.kill()
+    assert f"reattach: ava attach {run_id}" in attached.text()
+    waited = run_ava("wait", run_id, "--timeout", "3m", env=home, timeout=240)
+    assert waited.returncode == 0, waited.stdout + waited.stderr + output_log(home, run_id)[-2000:]
+    # Three supervisors in turn (background, attach, background) wrote the run's output.log:
+    # every step once, none skipped, none repeated; one attempt, one job.
+    steps = [int(s) for s in re.findall(r"^n\d/0 \| step (\d+)$", output_log(home, run_id), re.M)]
+    assert steps == list(range(1, 91)), steps
+    (record,) = ps(home)
+    assert record["state"] == "succeeded" and len(record["attempts"]) == 1
+    assert len(jobs_of(home, run_id)) == 1
 
 
 def test_a_killed_node_is_excluded_and_the_run_ends_with_the_unfaulted_weights(
