@@ -8,6 +8,7 @@ up and why). Nothing here touches a node or a clock.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 
 from ava.agent.protocol import (
@@ -51,6 +52,10 @@ STALE_AFTER = 10.0 * liveness_scale()
 MAX_BACKOFF = 60.0
 # How long a failure waits for a node still running whose rank raised earlier to end too.
 SETTLE_AFTER = 10.0
+# A failure reported while torchrun there still winds down, with an exit code a rank that lost
+# its peer gives too, waits this long at most for the other nodes to report past it (a lost node
+# is the cause, not the ranks that lost it; see _settled).
+SETTLE_EARLY = 2.0
 # Start-up (imports, rendezvous, loading a checkpoint) reports no progress yet: until an attempt
 # has progressed, a hang needs this long at least, however short hang_timeout is.
 STARTUP_GRACE = 60.0
@@ -87,6 +92,7 @@ class NodeView:
     rank_exit_codes: dict[str, int] = field(default_factory=dict)
     rank_fail_times: dict[str, float] = field(default_factory=dict)  # on the node's clock
     heartbeat_age: float | None = 0.0
+    reported: float | None = None  # when the agent answered, on the node's clock
     ended: float | None = None  # on the node's clock: orders failures, first is the cause
     memory_limit: int | None = None
     progress_age: float | None = None  # since the last progress report (or output line)
@@ -148,6 +154,7 @@ def view_of(name: str, status: Status) -> NodeView:
         rank_exit_codes=dict(status.rank_exit_codes),
         rank_fail_times=dict(status.rank_fail_times),
         heartbeat_age=status.age,
+        reported=None if status.heartbeat is None or status.age is None else status.heartbeat + status.age,
         ended=status.ended,
         memory_limit=status.memory_limit,
         progress_age=progress_age,
@@ -198,7 +205,7 @@ def _judge(observation: Observation, *, hang_timeout: float) -> Verdict:
             node=missing[0],
         )
 
-    failed = sorted((v for v in views if v.state == FAILED), key=_first_failure)
+    failed = sorted((v for v in views if _failing(v)), key=_first_failure)
     silent = tuple(v.name for v in views if not v.reachable)
     if failed and any(v.reachable and v.state is None for v in views):
         # A node's answer is late: it may be the node whose loss made these ranks fail. Its
@@ -211,11 +218,15 @@ def _judge(observation: Observation, *, hang_timeout: float) -> Verdict:
     if failed:
         first = _first_failure(failed[0])
         earlier = [
-            v for v in views if v.state in (STARTING, RUNNING) and any(t < first for t in v.rank_fail_times.values())
+            v
+            for v in views
+            if v.state in (STARTING, RUNNING) and not _failing(v) and any(t < first for t in v.rank_fail_times.values())
         ]
         if earlier and (failed[0].heartbeat_age or 0.0) < SETTLE_AFTER:
             # A rank on a node still winding down raised before this failure: that node's
             # torchrun ends within moments, and its rank is the cause.
+            return STILL_RUNNING
+        if not _settled(failed[0], first, views):
             return STILL_RUNNING
         return _failure(failed[0])
     if views and all(v.state == SUCCEEDED for v in views):
@@ -228,6 +239,36 @@ def _judge(observation: Observation, *, hang_timeout: float) -> Verdict:
     if started and observation.elapsed >= hang_timeout and quiet_for >= hang_timeout:
         return Verdict(FAILED, HANG, f"no training progress for {quiet_for:.0f}s (hang_timeout {hang_timeout:g}s)")
     return STILL_RUNNING
+
+
+def _failing(view: NodeView) -> bool:
+    """The attempt failed on this node: it ended so, or it still runs (torchrun winding down)
+    but a rank already exited non-zero, or ran out of memory. The agent says so as it happens."""
+    if view.state == FAILED:
+        return True
+    return view.state in (STARTING, RUNNING) and (
+        view.reason == OOM or any(code != 0 for code in view.rank_exit_codes.values())
+    )
+
+
+def _settled(view: NodeView, first: float, views: tuple[NodeView, ...]) -> bool:
+    """Whether VIEW's failure at FIRST can be judged now. A node whose attempt ended, an
+    out-of-memory kill and a rank killed by a signal other than torchrun's (SIGKILL, SIGSEGV,
+    SIGABRT) name their cause at once. A rank that exited with a code may have lost a peer whose
+    node just died: then every other node must have answered since the failure (a dead one
+    turns late, then silent, and is the cause), or SETTLE_EARLY passed (clocks apart)."""
+    if view.state == FAILED or view.reason == OOM:
+        return True
+    codes = {int(r): c for r, c in view.rank_exit_codes.items() if c != 0}
+    if codes and codes[_first_rank(view, codes)] < 0 and -codes[_first_rank(view, codes)] not in _STOP_SIGNALS:
+        return True
+    others = [v for v in views if v.name != view.name and v.state in (STARTING, RUNNING)]
+    if all(v.reported is not None and v.reported >= first for v in others):
+        return True
+    return view.reported is not None and view.reported - first >= SETTLE_EARLY
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _failure(view: NodeView) -> Verdict:

@@ -316,14 +316,21 @@ class Monitor:
                 oom = True
                 break
             if self._stop_requested():
-                self._terminate(job)
+                self._terminate(job, fence)
                 break
-            raised = ranks.raised()
-            if raised != self.st["rank_fail_times"] or time.monotonic() - last >= HEARTBEAT:
-                # While running: the ranks that raised, written as soon as one does (a long poll
-                # answers on it), so the supervisor can tell that a failure here came before one
-                # another node already reported.
-                self.st["rank_fail_times"] = raised
+            failed = ranks.failed_codes()
+            fail_times = _failing(ranks, failed)
+            if (
+                fail_times != self.st["rank_fail_times"]
+                or failed != self.st["rank_exit_codes"]
+                or time.monotonic() - last >= HEARTBEAT
+            ):
+                # While running: the ranks that raised or exited non-zero, written as soon as
+                # one does (a long poll answers on it). The supervisor ends the attempt on a
+                # crash from here, and can tell that a failure here came before one another
+                # node reported.
+                self.st["rank_fail_times"] = fail_times
+                self.st["rank_exit_codes"] = failed
                 self._save()
                 last = time.monotonic()
             ranks.scan()
@@ -334,6 +341,12 @@ class Monitor:
         # Orphaned workers (torchrun killed, a rank that double-forked) die with the fence.
         oom = oom or fence.oom_happened()
         if oom:
+            # Said at once, before the drain: the ranks on other nodes that lose this one fail
+            # within moments, and the supervisor must know the cause is memory, here.
+            self.st["reason"] = OOM
+            self.st["rank_exit_codes"] = ranks.failed_codes()
+            self.st["rank_fail_times"] = _failing(ranks, self.st["rank_exit_codes"])
+            self._save()
             # Let torchrun end its other ranks and copy their last lines to the log first;
             # the fence is killed whole right after either way.
             try:
@@ -365,7 +378,8 @@ class Monitor:
         if rc == 0:
             self._finish(SUCCEEDED, EXIT)
             return 0
-        codes = status.parse_rank_exit_codes(status.tail(self.dir / layout.OUTPUT))
+        # torchrun's summary, and the codes read as ranks exited for ranks it leaves out.
+        codes = {**ranks.failed_codes(), **status.parse_rank_exit_codes(status.tail(self.dir / layout.OUTPUT))}
         for rank in ranks.raised():
             if codes.get(rank, 0) < 0:
                 # Its exception reached the top, then torchrun ended it by signal while its
@@ -387,9 +401,17 @@ class Monitor:
         except OSError:
             pass  # a full disk: the log matters more than its dates
 
-    def _terminate(self, job: subprocess.Popen[bytes]) -> None:
+    def _terminate(self, job: subprocess.Popen[bytes], fence: Fence) -> None:
         """SIGTERM the job's process group and give it the grace to exit on its own."""
         procs.signal_group(job.pid, signal.SIGTERM)
+        # A stopped process (SIGSTOP, a hang the supervisor ends) would hold its SIGTERM, and
+        # the job its whole grace, until the kill: let every process of the fence act on it.
+        procs.signal_pids(fence.pids(), signal.SIGCONT)
         end = time.monotonic() + (self.stop_grace or 0.0)
         while job.poll() is None and time.monotonic() < end:
             time.sleep(0.05)
+
+
+def _failing(ranks: RankWatch, failed: dict[str, int]) -> dict[str, float]:
+    """When each rank that raised or exited non-zero failed, while the job runs."""
+    return {rank: t for rank, t in ranks.failures().items() if rank in failed or rank in ranks.raised()}

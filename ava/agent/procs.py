@@ -24,6 +24,19 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields and len(fields) > 19 else None
 
 
+def exit_code(pid: int) -> int | None:
+    """The exit code of PID while it is a zombie (its parent has not reaped it yet), as
+    subprocess gives it: negative for a signal. None when it runs, or is gone."""
+    fields = _stat_fields(pid)
+    # Field 52 (Linux 3.5+): the wait status its parent is about to collect.
+    if not fields or fields[0] != "Z" or len(fields) < 50:
+        return None
+    try:
+        return os.waitstatus_to_exitcode(int(fields[49]))
+    except ValueError:
+        return None
+
+
 def alive(pid: int | None, started: int | None = None) -> bool:
     """True if PID runs (not a zombie) and, when STARTED is given, is that same process."""
     if not pid or pid <= 0:

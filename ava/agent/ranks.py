@@ -8,6 +8,11 @@ exit. Exits alone mislead: a rank that raised winds its interpreter down for a w
 that lost it can exit first. The monitor watches torchrun's children (the ranks: its direct
 children carrying RANK in their environment); with pidfds (Linux 5.3+) the wait itself is the
 clock, elsewhere exits are seen at the next tick.
+
+A rank's exit code is known the moment it exits, before torchrun notices: the pidfd wakes the
+monitor while the rank is a zombie, and /proc/PID/stat holds the status torchrun is about to
+reap (it looks every 0.1 s). A crash is reported from there, not ~2 s later when torchrun has
+stopped the other ranks and ended itself.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class RankWatch:
         self.parent = torchrun_pid
         self.errors = errors
         self.exits: dict[str, float] = {}
+        self.codes: dict[str, int] = {}  # rank -> exit code, where read before torchrun reaped it
         self._live: dict[int, tuple[str, int | None]] = {}  # pid -> (rank, pidfd)
         self._seen: set[int] = set()
 
@@ -112,6 +118,9 @@ class RankWatch:
 
     def _exited(self, pid: int, rank: str, fd: int | None) -> None:
         self.exits.setdefault(rank, time.time())
+        code = procs.exit_code(pid)
+        if code is not None:
+            self.codes.setdefault(rank, code)
         if fd is not None:
             os.close(fd)
 
@@ -127,6 +136,13 @@ class RankWatch:
         """Ranks whose uncaught exception reached the top so far: failures for certain, known
         while the job still runs (exits are not: their codes come at the end)."""
         return _raised(self.errors)
+
+    def failed_codes(self) -> dict[str, int]:
+        """Ranks seen to exit non-zero so far. One that raised and was then ended by a signal
+        while its interpreter wound down (torchrun stopping the others) failed with the code
+        its exception gives, 1."""
+        raised = self.raised()
+        return {rank: (1 if code < 0 and rank in raised else code) for rank, code in self.codes.items() if code != 0}
 
     def failures(self) -> dict[str, float]:
         found = dict(self.exits)

@@ -12,6 +12,7 @@ from ava.decide import (
     LOST_AFTER,
     MAX_BACKOFF,
     SETTLE_AFTER,
+    SETTLE_EARLY,
     STALE_AFTER,
     STARTUP_GRACE,
     STILL_RUNNING,
@@ -332,3 +333,49 @@ def test_a_long_poll_is_late_until_its_answer_is_overdue_then_silent_since_it_wa
     failed = Answer(error="connection refused", asked=100.0)
     view, since = node_view("n1", failed, now=107.0, silent_since=100.0, status_timeout=4.0)
     assert not view.reachable and view.unreachable_for == 7.0 >= LOST_AFTER
+
+
+def early(name: str, codes: dict[str, int], failed_at: float, reported: float, **kw: object) -> NodeView:
+    """A node whose torchrun still winds down, a rank already seen to exit with CODES."""
+    times = {rank: failed_at for rank in codes}
+    return NodeView(name, state="running", rank_exit_codes=codes, rank_fail_times=times, reported=reported, **kw)  # type: ignore[arg-type]
+
+
+def test_a_rank_killed_by_a_signal_is_judged_as_it_exits_before_torchrun_ends() -> None:
+    # SIGKILL (-9) names its cause: no wait for torchrun there, nor for the other nodes.
+    verdict = observe(running("a", reported=99.0), early("b", {"3": -9}, 100.0, 100.05))
+    assert (verdict.kind, verdict.node, verdict.rank, verdict.exit_code) == ("crash", "b", 3, -9)
+
+
+def test_an_early_exit_with_a_code_waits_for_the_other_nodes_to_answer_past_it() -> None:
+    # Rank 3 exited 1: it may have lost a peer on a node that just died. Until "a" answers
+    # after the failure it may be that node; once it has, the crash is b's.
+    b = early("b", {"3": 1}, 100.0, 100.05)
+    assert observe(running("a", reported=99.5), b) == STILL_RUNNING
+    assert observe(running("a", reported=100.2), b).rank == 3
+    # A node silent since then is the cause.
+    silent = NodeView("a", reachable=False, unreachable_for=0.5, state=None)
+    assert observe(silent, b).kind == "node-lost"
+    # Clocks apart: the failure is judged SETTLE_EARLY after it at the latest.
+    assert observe(running("a", reported=90.0), early("b", {"3": 1}, 100.0, 100.0 + SETTLE_EARLY)).rank == 3
+
+
+def test_a_rank_ended_by_torchruns_sigterm_is_not_a_cause_on_its_own() -> None:
+    assert observe(running("a", reported=99.5), early("b", {"0": -15}, 100.0, 100.05)) == STILL_RUNNING
+
+
+def test_an_out_of_memory_kill_is_judged_before_the_node_drains() -> None:
+    # The OOM node says so while torchrun drains; a peer that lost its rank a moment later
+    # (exit 1) is not the cause.
+    oom = early("a", {"0": -9}, 100.0, 100.1, reason="oom", memory_limit=2**30)
+    peer = early("b", {"1": 1}, 100.02, 100.08)
+    verdict = observe(peer, oom)
+    assert (verdict.kind, verdict.node) == ("oom", "a")
+
+
+def test_an_early_failure_after_a_rank_that_raised_elsewhere_waits_for_it() -> None:
+    # a's rank 0 raised at 100.0 (its torchrun has not reported an exit yet); b's rank 1
+    # exited at 100.3 having lost it: a is the cause.
+    a = NodeView("a", state="running", rank_fail_times={"0": 100.0}, reported=100.35)
+    b = early("b", {"1": 1}, 100.3, 100.35)
+    assert observe(a, b) == STILL_RUNNING
