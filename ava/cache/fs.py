@@ -4,8 +4,9 @@
     AvaCacheFileSystem().open("s3://bucket/key")       # or give the remote URL directly
 
 Reads are served from block files (see store.py). A sequential reader makes the next
-`readahead` blocks download concurrently in the background; a random reader fetches only the
-blocks its reads touch. Writes and listings go straight to the remote filesystem.
+`readahead` blocks download concurrently in the background; a block downloaded ahead is handed
+to the reader from memory as it is written, never read back from its file. A random reader
+fetches only the blocks its reads touch. Writes and listings go straight to the remote filesystem.
 Imports only the standard library and fsspec; the remote backend (s3fs, ...) loads lazily.
 """
 
@@ -305,21 +306,38 @@ class AvaCacheFile(AbstractBufferedFile):  # type: ignore[misc]
 
         self._fetch = fetch_or_forget
         self._blocks: OrderedDict[int, Block] = OrderedDict()
-        self._ahead: dict[int, Future[None] | None] = {}  # readahead done by this file, never twice
+        # Readahead started by this file (never twice); a future's block is the one it fetched,
+        # in memory, until the reader takes it (None: already in the cache, or taken).
+        self._ahead: dict[int, Future[Block | None] | None] = {}
         self._last_end = -1
         self._ahead_upto = 0  # readahead has been considered for every block below this
+        self._writes: list[Future[None]] = []  # blocks of this file still being written
 
     def _block(self, index: int) -> Block:
         block = self._blocks.get(index)
         if block is not None:
             self._blocks.move_to_end(index)
             return block
-        block = self.store.get(self.obj, index, self._fetch)
+        block = self._fetched_ahead(index)
+        if block is None:
+            block = self.store.get(self.obj, index, self._fetch, write_behind=True)
         self._keep(index, block, pin_all=True)  # trimmed when the read is done
         return block
 
+    def _fetched_ahead(self, index: int) -> Block | None:
+        """The block readahead fetched for `index` (waiting for it if in flight), or None."""
+        fut = self._ahead.get(index)
+        if fut is None:
+            return None
+        self._ahead[index] = None
+        try:
+            return fut.result()
+        except Exception:
+            return None  # logged by _prefetch; the caller fetches it itself and raises
+
     def _keep(self, index: int, block: Block, pin_all: bool = False) -> None:
         """Hold a block open (pinned); `pin_all` defers trimming until the read is done."""
+        self._note_write(block)
         old = self._blocks.pop(index, None)
         if old is not None and old is not block:
             old.close()
@@ -393,13 +411,13 @@ class AvaCacheFile(AbstractBufferedFile):  # type: ignore[misc]
         pending: dict[int, Future[Block]] = {}
         if last > first:  # a read spanning blocks fetches the missing ones concurrently
             for i in range(first + 1, last + 1):
-                if i not in self._blocks:
+                if i not in self._blocks and self._ahead.get(i) is None:
                     block = self.store.open_block(self.obj, i)
                     if block is not None:
                         self.store.stats.add(hits=1)
                         self._keep(i, block, pin_all=True)
                     else:
-                        pending[i] = _pool().submit(self.store.get, self.obj, i, self._fetch)
+                        pending[i] = _pool().submit(self.store.get, self.obj, i, self._fetch, True)
         try:
             for i in range(first, last + 1):
                 if i in pending:
@@ -424,6 +442,7 @@ class AvaCacheFile(AbstractBufferedFile):  # type: ignore[misc]
         else:
             window = 0
             self._ahead_upto = 0  # after a jump, consider the window afresh when it resumes
+            self._drop_ahead()
         self._last_end = end
         stop = min(last + 1 + window, self.obj.nblocks)
         if window and stop > self._ahead_upto:
@@ -438,13 +457,33 @@ class AvaCacheFile(AbstractBufferedFile):  # type: ignore[misc]
             if not os.path.exists(self.store.block_path(self.obj, i)):  # warm: nothing to do
                 self._ahead[i] = _pool().submit(_prefetch, self.store, self.obj, i, self._fetch)
 
+    def _note_write(self, block: Block) -> None:
+        if block.written is not None and not block.written.done():
+            self._writes.append(block.written)
+            self._writes = [w for w in self._writes if not w.done()]
+
+    def _drop_ahead(self) -> None:
+        """After a jump, let go of the readahead blocks already fetched: they are cached, and
+        this reader may never come back for them (memory stays bounded by the window)."""
+        for i, fut in self._ahead.items():
+            if fut is not None and fut.done():
+                self._ahead[i] = None
+                if not fut.cancelled() and fut.exception() is None and (block := fut.result()) is not None:
+                    self._note_write(block)
+
     def close(self) -> None:
+        """Close; once it returns, every block this file fetched is in the cache's files
+        (running readahead of blocks never read finishes on its own)."""
         if getattr(self, "closed", True):
             return
+        self._drop_ahead()
         for fut in self._ahead.values():
             if fut is not None:
                 fut.cancel()  # queued ones only; running downloads finish and stay cached
         self._ahead.clear()
+        for written in self._writes:
+            written.result()  # never raises: a failed write is logged and the cache degraded
+        self._writes.clear()
         for block in self._blocks.values():
             block.close()
         self._blocks.clear()
@@ -492,9 +531,16 @@ def _discard(fut: Future[Block]) -> None:
         fut.add_done_callback(lambda f: f.result().close() if not f.cancelled() and f.exception() is None else None)
 
 
-def _prefetch(store: BlockStore, obj: ObjectId, index: int, fetch: Callable[[int, int], bytes]) -> None:
-    """Download one block ahead of the reader and unpin it; the reader reopens it (cheap)."""
+def _prefetch(store: BlockStore, obj: ObjectId, index: int, fetch: Callable[[int, int], bytes]) -> Block | None:
+    """Download one block ahead of the reader. The bytes just fetched go to the reader from
+    memory (no read back from the file just written); a block that was already cached is
+    unpinned and the reader reopens it (cheap)."""
     try:
-        store.get(obj, index, fetch).close()
+        block = store.get(obj, index, fetch, write_behind=True)
     except Exception as e:
         log.debug("readahead of %s block %d failed: %s", obj.url, index, e)
+        raise
+    if block.cached:
+        block.close()
+        return None
+    return block

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +40,21 @@ _HEAD = struct.Struct("<4sI")  # magic, header JSON length
 _PEEK = 4096  # one read normally covers the whole header
 _DEGRADED_S = 30.0  # after a cache write fails, read around the cache this long before retrying
 
+_WRITERS = 4  # threads that write fetched blocks to their files behind the readers
+
 log = logging.getLogger("ava.cache")
+_writer_state: tuple[int, ThreadPoolExecutor] | None = None
+_writer_lock = threading.Lock()
+
+
+def _writer() -> ThreadPoolExecutor:
+    """One block writer pool per process (a forked child builds its own). Its threads are not
+    daemons: an interpreter that exits finishes the writes it started first."""
+    global _writer_state
+    with _writer_lock:
+        if _writer_state is None or _writer_state[0] != os.getpid():
+            _writer_state = (os.getpid(), ThreadPoolExecutor(_WRITERS, "avacache-write"))
+        return _writer_state[1]
 
 
 @dataclass(frozen=True)
@@ -50,8 +66,8 @@ class ObjectId:
     size: int
     block_size: int
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # cached: a hashlib call costs tens of µs on OpenSSL 3, once per block read
         text = f"{self.url}\n{self.etag}\n{self.size}\n{self.block_size}"
         return hashlib.sha256(text.encode()).hexdigest()[:40]
 
@@ -67,9 +83,18 @@ class ObjectId:
 class Block:
     """Readable bytes of one block, from its cache file (pinned by a shared flock) or memory."""
 
-    def __init__(self, index: int, length: int, fd: int = -1, base: int = 0, data: bytes | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        length: int,
+        fd: int = -1,
+        base: int = 0,
+        data: bytes | None = None,
+        written: Future[None] | None = None,
+    ) -> None:
         self.index, self.length = index, length
         self._fd, self._base, self._data = fd, base, data
+        self.written = written  # a fetched block's file write still under way (write-behind)
 
     @property
     def cached(self) -> bool:
@@ -239,13 +264,15 @@ class BlockStore:
             os.close(fd)
             return None
 
-    def get(self, obj: ObjectId, index: int, fetch: Callable[[int, int], bytes]) -> Block:
+    def get(self, obj: ObjectId, index: int, fetch: Callable[[int, int], bytes], write_behind: bool = False) -> Block:
         """Block `index` of `obj`: from the cache, or fetched once across every process.
 
         `fetch(start, end)` must return exactly those bytes or raise; it is called at most once
         here (retries are the caller's), and nothing is recorded when it fails. When the cache
         directory is unusable (full, read-only, missing) the bytes come back from memory and
-        the store warns once.
+        the store warns once. A fetched block comes back in memory; with `write_behind` it comes
+        back before its file is written: a writer thread writes it, still holding the block's
+        download lock, so another reader of it (any process) waits and then finds the file.
         """
         block = self.open_block(obj, index)
         if block is not None:
@@ -259,6 +286,7 @@ class BlockStore:
         except OSError as e:
             self._degrade(e)
             return self._fetch_to_memory(obj, index, fetch)
+        unlock = True
         try:
             block = self.open_block(obj, index)  # another process may have fetched it meanwhile
             if block is not None:
@@ -266,15 +294,31 @@ class BlockStore:
                 return block
             data = self._fetch_to_memory(obj, index, fetch)._data
             assert data is not None
-            try:
-                self._commit(obj, index, path, data)
-            except OSError as e:
-                self._degrade(e)
-                return Block(index, len(data), data=data)
-            return Block(index, len(data), data=data)  # the bytes just written, no re-read
+            written = None
+            if write_behind:
+                written = _writer().submit(self._commit_and_unlock, obj, index, path, data, lock)
+                unlock = False  # the writer's now
+            else:
+                self._commit_or_degrade(obj, index, path, data)
+            return Block(index, len(data), data=data, written=written)  # never read back
         finally:
-            unlink(path + ".lock")  # while still holding it: waiters then re-check the inode
-            os.close(lock)
+            if unlock:
+                _unlock(path, lock)
+
+    def _commit_or_degrade(self, obj: ObjectId, index: int, path: str, data: bytes) -> None:
+        try:
+            self._commit(obj, index, path, data)
+        except OSError as e:
+            self._degrade(e)
+
+    def _commit_and_unlock(self, obj: ObjectId, index: int, path: str, data: bytes, lock: int) -> None:
+        """Write-behind: commit a fetched block's file, then release its download lock."""
+        try:
+            self._commit_or_degrade(obj, index, path, data)
+        except Exception as e:  # no reader waits on this thread: say it, never lose it silently
+            log.warning("cache %s: writing block %d of %s failed: %s", self.root, index, obj.url, e)
+        finally:
+            _unlock(path, lock)
 
     def _fetch_to_memory(self, obj: ObjectId, index: int, fetch: Callable[[int, int], bytes]) -> Block:
         start, end = obj.span(index)
@@ -559,6 +603,13 @@ class _UsageLock:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             self.store._mutex.release()
+
+
+def _unlock(path: str, lock: int) -> None:
+    """Release a block's download lock: unlink while still holding it, so waiters re-check the
+    inode and never lock a file nobody else will see."""
+    unlink(path + ".lock")
+    os.close(lock)
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -165,6 +165,37 @@ def test_sequential_reader_triggers_readahead(s3, proxy, direct, tmp_path):
     assert fs.store.status()["blocks"] >= 6  # blocks 2..5 arrived before they were read
 
 
+def test_a_cold_sequential_read_never_reads_a_fetched_block_back_and_close_leaves_it_cached(
+    s3, proxy, direct, tmp_path, monkeypatch
+):
+    data = os.urandom(12 * MiB + 5)
+    url = put(direct, "behind.bin", data)
+    proxy.reset()
+    fs = cachefs(s3, proxy, tmp_path, block_size=MiB, readahead=4)
+    reopened = []
+    open_block = fs.store.open_block
+
+    def spy(obj, index, touch=True):
+        block = open_block(obj, index, touch)
+        if block is not None:
+            reopened.append(index)
+        return block
+
+    monkeypatch.setattr(fs.store, "open_block", spy)
+    with fs.open(url) as f:
+        chunks = []
+        while chunk := f.read(256 * 1024):
+            chunks.append(chunk)
+    assert b"".join(chunks) == data
+    assert reopened == []  # readahead handed every block over from memory
+    assert proxy.stats()["get_bytes"] == len(data)
+    assert fs.store.status()["blocks"] == 13  # written behind the reader, all done by close()
+    proxy.reset()
+    with fs.open(url) as f:
+        assert f.read() == data
+    assert proxy.stats()["get_bytes"] == 0
+
+
 def test_overwritten_object_is_seen_after_the_ttl(s3, proxy, direct, tmp_path):
     ttl = 2.0
     url = put(direct, "mutable.bin", b"A" * 1000)
