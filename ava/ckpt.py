@@ -302,28 +302,37 @@ def _host_copy(t: torch.Tensor, place: str) -> torch.Tensor:
 def _to_cpu(obj: Any, place: str = "") -> Any:
     """A private CPU copy of `obj`: training may change the original as soon as we return."""
     devices: set[torch.device] = set()
-    copied = _copy_tree(obj, place, devices)
+    copied = _copy_tree(obj, place, devices, {})
     for device in devices:
         torch.cuda.synchronize(device)  # the device-to-host copies were queued, not waited for
     return copied
 
 
-def _copy_tree(obj: Any, place: str, devices: set[torch.device]) -> Any:
+_View = tuple[torch.device, int, int, tuple[int, ...], tuple[int, ...], torch.dtype]
+
+
+def _copy_tree(obj: Any, place: str, devices: set[torch.device], seen: dict[_View, torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         if obj.is_cuda:
             devices.add(obj.device)
-        return _host_copy(obj, place)
+        # Tied weights (an embedding shared with the output layer) are one tensor under two
+        # names: copied once, and saved once, as torch.save stores the original.
+        storage = obj.untyped_storage().data_ptr()
+        view: _View = (obj.device, storage, int(obj.storage_offset()), tuple(obj.shape), obj.stride(), obj.dtype)
+        if view not in seen:
+            seen[view] = _host_copy(obj, place)
+        return seen[view]
     if isinstance(obj, Mapping):
-        out: Any = {k: _copy_tree(v, f"{place}/{k!r}", devices) for k, v in obj.items()}
+        out: Any = {k: _copy_tree(v, f"{place}/{k!r}", devices, seen) for k, v in obj.items()}
         # nn.Module.state_dict() keeps per-module versions in `_metadata`; load_state_dict reads them.
         if hasattr(obj, "_metadata"):
             out = collections.OrderedDict(out)
             out._metadata = copy.deepcopy(obj._metadata)
         return out
     if isinstance(obj, list):
-        return [_copy_tree(v, f"{place}/{i}", devices) for i, v in enumerate(obj)]
+        return [_copy_tree(v, f"{place}/{i}", devices, seen) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        items = [_copy_tree(v, f"{place}/{i}", devices) for i, v in enumerate(obj)]
+        items = [_copy_tree(v, f"{place}/{i}", devices, seen) for i, v in enumerate(obj)]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return copy.deepcopy(obj)
 

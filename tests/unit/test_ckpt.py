@@ -494,6 +494,23 @@ def test_async_saves_reuse_their_host_copies_without_changing_a_committed_step(t
         assert float(state["w"][0]) == step and float(state["w"][-1]) == step
 
 
+def test_an_async_save_copies_and_stores_tied_weights_once_as_a_sync_save_does(tmp_path: Path) -> None:
+    embed = torch.nn.Embedding(512, 64)
+    head = torch.nn.Linear(64, 512, bias=False)
+    head.weight = embed.weight  # tied, as GPT-style models tie the output layer to the embedding
+    state = {"model": torch.nn.ModuleDict({"embed": embed, "head": head}).state_dict()}
+    ckpt.save(state, 1, dir=tmp_path / "sync")
+    ckpt.save(state, 1, dir=tmp_path / "async", async_=True)
+    ckpt.wait()
+    sync_file = tmp_path / "sync" / "step-00000001" / ckpt.STATE_FILE
+    async_file = tmp_path / "async" / "step-00000001" / ckpt.STATE_FILE
+    assert async_file.stat().st_size == sync_file.stat().st_size  # one copy of the tied weight
+    loaded, _ = ckpt.load_latest(dir=tmp_path / "async")
+    weights = loaded["model"]
+    assert weights["embed.weight"].data_ptr() == weights["head.weight"].data_ptr()
+    assert torch.equal(weights["head.weight"], embed.weight.detach())
+
+
 # ------------------------------------------------------------------ how often: checkpoint.every
 
 
