@@ -7,7 +7,7 @@ An agent command (the agent is on the shared filesystem), run by the nodes' pyth
 The first node of the allocation (SLURM_NODEID 0) publishes its address (Slurm's NodeAddr) and
 a free port for the rendezvous in the job's folder; every node reads it, finds its own address
 and interface on the path there, fills the template (batch.py's tokens), and starts the attempt
-through the node agent (`AGENT start SPEC`). It then stays in the foreground, as Slurm expects of
+as the node agent's `start` does (in this process: it is the agent). It then stays in the foreground, as Slurm expects of
 a task, until the attempt ends, and exits 0 only if it succeeded. After a failed attempt it waits
 (NEXT_WAIT) for ava to restart the run in this same allocation (the next attempt's template,
 naming this job, beside this one), and runs that. SIGTERM (scancel, the end of the time limit)
@@ -214,6 +214,18 @@ def one_attempt(agent: str, template_path: str, template: dict[str, Any], job: s
     return supervise(agent, spec_path, workdir, run, attempt, template_path, job, signals)
 
 
+def start(spec_path: str) -> int:
+    """The agent's `start` of the attempt, in this process: one interpreter start less before
+    torchrun (this program is the agent already). Its answer goes to this task's output."""
+    from . import main as agent
+    from . import monitor
+
+    # The agent's main takes the umask it finds as the job's (monitor.JOB_UMASK) and narrows its
+    # own: give it the one this program was started with, as a separate `start` would have.
+    os.umask(monitor.JOB_UMASK)
+    return agent.main(["start", spec_path])
+
+
 def supervise(
     agent: str, spec_path: str, workdir: str, run: str, attempt: int, template_path: str, job: str, signals: Signals
 ) -> int:
@@ -222,8 +234,7 @@ def supervise(
     # What an earlier attempt left here (a rank still hung when ava restarted the run) goes first.
     if any(n.startswith("attempt-") for n in os.listdir(os.path.join(workdir, "runs", run))):
         subprocess.run(stop, stdout=subprocess.DEVNULL)
-    started = subprocess.run([python, agent, "start", spec_path], stdout=subprocess.PIPE, text=True)
-    sys.stdout.write(started.stdout)
+    started = start(spec_path)
     status_path = os.path.join(workdir, "runs", run, f"attempt-{attempt}", "status.json")
     checked = time.monotonic()
     while True:
@@ -231,7 +242,7 @@ def supervise(
             subprocess.run(stop, stdout=subprocess.DEVNULL)
             return 143
         status = read_json(status_path)
-        if status is None and started.returncode != 0:
+        if status is None and started != 0:
             return 1
         if status and status.get("state") in FINAL:
             return 0 if status["state"] == SUCCEEDED else 1

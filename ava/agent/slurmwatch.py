@@ -1,11 +1,16 @@
 """One look at a Slurm attempt from the login node: the job's state, every node's agent status
 and the new bytes of every node's log. An agent command (the agent is on the shared filesystem):
 
-    python3 AGENT.pyz slurm-watch SHARED RUN ATTEMPT JOB OFFSETS_JSON
+    python3 AGENT.pyz slurm-watch SHARED RUN ATTEMPT JOB OFFSETS_JSON [WAIT KNOWN_JSON]
 
 prints one JSON object: `job` (state, reason, nodes, from squeue, else scontrol, else sacct),
 `states` (every node of the cluster: its sinfo state), `status` (node -> the agent's status.json
 for the attempt), `logs` (node -> {offset, text}: whole lines from the given offset), `now`.
+
+With WAIT (seconds), a long poll: it answers as soon as there is news (a whole new log line, or
+a node whose agent state is not the one in KNOWN_JSON, node -> state), else after WAIT. Reading
+the shared filesystem is cheap; what costs (an SSH command, this interpreter, squeue, sinfo) is
+then paid once per answer, not once per short poll, on a login node that may be busy.
 """
 
 from __future__ import annotations
@@ -83,9 +88,11 @@ def read_log(path: str, offset: int, final: bool) -> dict[str, Any]:
     return {"offset": offset + len(data), "text": data.decode("utf-8", "replace")}
 
 
-def main(argv: list[str]) -> int:
-    shared, run_id, attempt, job, offsets = argv[0], argv[1], int(argv[2]), argv[3], json.loads(argv[4])
-    result: dict[str, Any] = {"job": job_state(job) if job else {}, "states": node_states()}
+TICK = 0.05  # how often a long poll reads the attempt's files again
+
+
+def scan(shared: str, run_id: str, attempt: int, offsets: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every node's agent status for the attempt, and its log's whole new lines."""
     statuses, logs = {}, {}
     pattern = os.path.join(shared, "nodes", "*", "runs", run_id, f"attempt-{attempt}")
     for adir in sorted(glob.glob(pattern)):
@@ -95,6 +102,25 @@ def main(argv: list[str]) -> int:
             statuses[node] = status
         final = bool(status and status.get("state") in FINAL)
         logs[node] = read_log(os.path.join(adir, "output.log"), int(offsets.get(node, 0)), final)
+    return statuses, logs
+
+
+def news(statuses: dict[str, Any], logs: dict[str, Any], known: dict[str, Any]) -> bool:
+    states = {node: status.get("state") for node, status in statuses.items()}
+    return states != known or any(log["text"] for log in logs.values())
+
+
+def main(argv: list[str]) -> int:
+    shared, run_id, attempt, job, offsets = argv[0], argv[1], int(argv[2]), argv[3], json.loads(argv[4])
+    wait = float(argv[5]) if len(argv) > 5 else 0.0
+    known = json.loads(argv[6]) if len(argv) > 6 else {}
+    end = time.monotonic() + wait
+    statuses, logs = scan(shared, run_id, attempt, offsets)
+    while time.monotonic() < end and not news(statuses, logs, known):
+        time.sleep(TICK)
+        statuses, logs = scan(shared, run_id, attempt, offsets)
+    # The job's and the nodes' states last: they are as of the answer.
+    result: dict[str, Any] = {"job": job_state(job) if job else {}, "states": node_states()}
     result.update(status=statuses, logs=logs, now=time.time())
     sys.stdout.write(json.dumps(result) + "\n")
     return 0

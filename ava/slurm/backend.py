@@ -44,30 +44,62 @@ def code_manifest(recipe: Recipe) -> sync.Manifest:
     return sync.Manifest(tuple(f for f in manifest.files if f.path != leave_out))
 
 
-def ship(login: Node, recipe: Recipe, run_dir: str) -> Shipped:
-    """The agent (its slurm-node command runs on each allocated node), ava's runtime and the recipe's code on the shared filesystem, once
-    (content-addressed: what is there already is not sent again), and the run's own folder
-    there. `login.workdir` is shared_dir. All there already: one command on the login node."""
-    transport = connect(login)
+def planned(login: Node, recipe: Recipe) -> Shipped:
+    """What `ship` leaves on the shared filesystem, known here (content-addressed): a launch
+    takes it for granted and `submit` checks it in its one command."""
     manifest, runtime_manifest = code_manifest(recipe), sync.runtime_manifest()[0]
-    agent = sync.agent_path(login)
-    wanted = [agent, *(sync.tree_path(login, m.tree) + ".complete" for m in (manifest, runtime_manifest))]
+    return Shipped(manifest.tree, runtime_manifest.tree, sync.agent_path(login), 0)
+
+
+def _wanted(login: Node, shipped: Shipped) -> list[str]:
+    return [shipped.agent, *(sync.tree_path(login, t) + ".complete" for t in (shipped.code_tree, shipped.runtime_tree))]
+
+
+def ship(login: Node, recipe: Recipe, run_dir: str) -> Shipped:
+    """The agent (its slurm-node command runs on each allocated node), ava's runtime and the
+    recipe's code on the shared filesystem, once (content-addressed: what is there already is
+    not sent again), and the run's own folder there. `login.workdir` is shared_dir. All there
+    already: one command on the login node."""
+    transport = connect(login)
+    manifest = code_manifest(recipe)
+    wanted = _wanted(login, planned(login, recipe))
     check = " && ".join([f"mkdir -p -m 700 {shell_path(run_dir)}", *(f"test -f {shell_path(p)}" for p in wanted)])
     if transport.run(check).ok:
-        return Shipped(manifest.tree, runtime_manifest.tree, agent, 0)
+        return planned(login, recipe)
     transport.run(f"mkdir -p -m 700 {shell_path(run_dir)}").check("making the run's folder")
+    agent = sync.agent_path(login)
     sync.ship_agent(login)
     runtime = sync.ship_runtime(login)
     code = sync.ship_tree(login, manifest, Path(recipe.root).resolve())
     return Shipped(code.tree, runtime.tree, agent, code.sent_bytes + runtime.sent_bytes)
 
 
-def submit(login: Node, paths: Paths, attempt: int, job: Submission) -> str:
-    """Put the attempt's template (0600) and script on the shared filesystem, sbatch it; the job id."""
-    transport = connect(login)  # the run's folder exists: ship() made it
+NOT_SHIPPED = 97  # the exit of submit's command when what it takes for granted is not there
+
+
+def submit(login: Node, paths: Paths, attempt: int, job: Submission, *, shipped: Shipped | None = None) -> str | None:
+    """Put the attempt's template (0600) and script on the shared filesystem, sbatch it; the job
+    id. Two trips to the login node: the template's put (it holds the recipe's env, so it never
+    goes on a command line), then one command that writes the script and runs sbatch. With
+    SHIPPED, that command first checks that its agent and trees are there: None when not
+    (nothing submitted; `ship`, then submit again)."""
+    transport = connect(login)
     transport.put(template_text(job.template).encode(), paths.template(attempt), mode=0o600)
-    transport.put(job.script.encode(), paths.script(attempt), mode=0o600)
-    result = transport.run(f"sbatch --parsable {shell_path(paths.script(attempt))}", timeout=60)
+    script = paths.script(attempt)
+    temp = f"{script}.part"
+    steps = [f"chmod 700 {shell_path(paths.run_dir)}"]  # the put may have made it
+    if shipped is not None:
+        present = " && ".join(f"test -f {shell_path(p)}" for p in _wanted(login, shipped))
+        steps.append(f"{{ {present} || exit {NOT_SHIPPED}; }}")
+    # The script holds no value of the recipe's env (batch.py): it may go on a command line.
+    steps += [
+        f"(umask 077 && printf %s {shlex.quote(job.script)} > {shell_path(temp)})",
+        f"mv -f {shell_path(temp)} {shell_path(script)}",
+        f"sbatch --parsable {shell_path(script)}",
+    ]
+    result = transport.run(" && ".join(steps), timeout=60)
+    if shipped is not None and result.exited == NOT_SHIPPED:
+        return None
     if not result.ok:
         raise CommandError(f"{login.name}: sbatch refused attempt {attempt} (exit {result.exited})", tail=result.tail())
     words = result.stdout.strip().splitlines()[-1].split(";") if result.stdout.strip() else [""]
@@ -83,9 +115,23 @@ def restart_in(login: Node, paths: Paths, attempt: int, job_files: Submission, j
     connect(login).put(template_text(template).encode(), paths.template(attempt), mode=0o600)
 
 
-def look(login: Node, paths: Paths, attempt: int, job: str, offsets: dict[str, int]) -> dict[str, Any]:
-    """One look at the attempt (the agent's slurm-watch): job state, agents' status, new log text."""
-    command = sync.agent_command(login, "slurm-watch", paths.shared, paths.run, str(attempt), job, json.dumps(offsets))
+def look(
+    login: Node,
+    paths: Paths,
+    attempt: int,
+    job: str,
+    offsets: dict[str, int],
+    *,
+    wait: float = 0.0,
+    known: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One look at the attempt (the agent's slurm-watch): job state, agents' status, new log text.
+    With WAIT, a long poll: it answers once there is news (a new log line, an agent state other
+    than in KNOWN), else after WAIT seconds."""
+    words = [paths.shared, paths.run, str(attempt), job, json.dumps(offsets)]
+    if wait > 0:
+        words += [f"{wait:g}", json.dumps(known or {})]
+    command = sync.agent_command(login, "slurm-watch", *words)
     result = connect(login).run(command, timeout=60)
     lines = result.stdout.strip().splitlines()
     if not result.ok or not lines:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from ava import console, runs, sync
 from ava.agent.protocol import RUNNING, STARTING, STOPPED, STOPPED_KIND
-from ava.config import Inventory, Recipe
+from ava.config import Inventory, Node, Recipe
 from ava.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from ava.launch import Launch
 from ava.slurm import backend
@@ -71,6 +72,10 @@ def train(
 
     from ava.supervisor import snapshot_code
 
+    if not detach:
+        # The SSH connection to the login node (and its SFTP session, which the submission
+        # uses) is made while the run's records are written here: the start is what users wait on.
+        threading.Thread(target=_connect, args=(login_node(settings, inventory),), daemon=True).start()
     run_id = runs.new_run_id(recipe.name)
     record = runs.RunRecord(
         id=run_id,
@@ -104,6 +109,20 @@ def train(
     sink = make_sink([], record.dir / "output.log")
     supervisor = SlurmSupervisor(record, recipe, inventory, settings, sink)
     return supervise(supervisor, inventory, settings, stop_on_interrupt=stop_on_interrupt)
+
+
+def _connect(login: Node) -> None:
+    from ava.errors import AvaError
+    from ava.transport import connect
+
+    try:
+        transport = connect(login)
+        from ava.transport.ssh import SSHTransport  # fabric's import too, while the main thread works
+
+        if isinstance(transport, SSHTransport):
+            transport.sftp_offered()
+    except AvaError:
+        pass  # the submission connects again and reports it
 
 
 def attach(record: runs.RunRecord, inventory: Inventory, *, make_sink: Callable[[list[str], Path], Sink]) -> int:

@@ -47,11 +47,15 @@ from ava.slurm.inventory import SlurmSettings, compute_python, login_node
 
 STOP_FILE = "stop"  # ava.supervisor.STOP_FILE: `ava stop` touches it in the run's record folder
 STATE_FILE = "slurm.json"  # the run's jobs, beside record.json
-POLL = 1.0  # one look is one SSH command on the login node (squeue, sinfo, file reads)
-POLL_STARTING = 0.25  # until every node's ranks have written: the start is what users wait on
+# One look is one SSH command on the login node (an interpreter, squeue, sinfo, file reads), a
+# long poll (agent/slurmwatch.py) that answers at once when there is news, else after LONG_POLL.
+LONG_POLL = 2.0  # also how long Ctrl-C or `ava stop` may wait for the look in flight
+POLL = 1.0  # after news, once every node's ranks have written: lines come in batches
+POLL_STARTING = 0.05  # after news while starting: the start is what users wait on
 STALE_AFTER = 12.0  # a heartbeat this old (login node's clock) on a running attempt: node lost
 STARTUP_GRACE = 60.0  # imports, rendezvous, loading a checkpoint: no hang before this
 SETTLE_AFTER = 15.0  # after a first failure, how long the other nodes get to end or go stale
+CANCEL_WAIT = 30.0  # for a job to leave the queue, or its agents to stop, at the end of an attempt
 FINAL_JOB = (
     "COMPLETED",
     "FAILED",
@@ -316,12 +320,12 @@ class SlurmSupervisor:
         elif current is None:
             record.state = STARTING
             record.save()
-        shipped: backend.Shipped | None = None
+        # What the first submission takes for granted (agent, code on the shared filesystem), and
+        # checks in its one command; shipped only where it is not there (a first launch).
+        shipped = backend.planned(self.login, self.recipe)
+        record.code_tree = shipped.code_tree
         while True:
             if current is None:
-                if shipped is None:
-                    shipped = backend.ship(self.login, self.recipe, self.paths.run_dir)
-                    record.code_tree = shipped.code_tree
                 current, job = self._start(shipped, job)
             assert job is not None
             verdict = self._watch(current, job)
@@ -331,6 +335,7 @@ class SlurmSupervisor:
             current.exit_code, current.failed_node, current.failed_rank = verdict.exit_code, verdict.node, verdict.rank
             record.save()
             if verdict.outcome == SUCCEEDED:
+                self._job_gone(job)
                 return self._finish(SUCCEEDED, 0)
             if verdict.outcome == STOPPED:
                 self._end_job(job, current)
@@ -374,10 +379,14 @@ class SlurmSupervisor:
             self.recipe, self.settings, launch, self.login, python=self.python, agent=shipped.agent, exclude=exclude
         )
         current = runs.Attempt(number=number, nodes=[], started=time.time())
-        current.code_sent_bytes = shipped.sent_bytes if number == 1 else 0
         record.attempts.append(current)
         if job is None:
-            job = backend.submit(self.login, self.paths, number, job_files)
+            found = backend.submit(self.login, self.paths, number, job_files, shipped=shipped)
+            if found is None:
+                current.code_sent_bytes = backend.ship(self.login, self.recipe, self.paths.run_dir).sent_bytes
+                found = backend.submit(self.login, self.paths, number, job_files)
+            assert found is not None
+            job = found
             how = f"Slurm job {job}" + (f" (excluding {', '.join(exclude)})" if exclude else "")
         else:
             backend.restart_in(self.login, self.paths, number, job_files, job)
@@ -393,12 +402,23 @@ class SlurmSupervisor:
         self.record.save()
         return code
 
+    def _job_gone(self, job: str) -> None:
+        """Every agent succeeded: the job ends by itself (its tasks exit, then the batch shell).
+        Wait for squeue to stop listing it, so that the run is over in Slurm too (sacct says
+        COMPLETED, no process of it is left) when `ava train` returns."""
+        end = time.monotonic() + CANCEL_WAIT
+        while backend.queued(self.login, job):
+            if time.monotonic() > end:
+                self.sink.event(f"Slurm job {job} still listed by squeue {CANCEL_WAIT:g}s after every node succeeded")
+                return
+            time.sleep(0.2)
+
     def _end_job(self, job: str, current: runs.Attempt) -> None:
         left = backend.cancel(self.login, [job])
         if left:
             self.sink.event(f"Slurm job {job} still listed by squeue after scancel")
         # The agents stop their attempt on SIGTERM; wait until every answering node says so.
-        end = time.monotonic() + 30
+        end = time.monotonic() + CANCEL_WAIT
         while time.monotonic() < end:
             look = Look.from_json(backend.look(self.login, self.paths, current.number, "", {}))
             lost = lost_nodes(look, sorted(look.status))
@@ -412,13 +432,15 @@ class SlurmSupervisor:
         failing_since: float | None = None
         pending_reason = ""
         nnodes = self.recipe.resources.nodes_min
+        known: dict[str, str] = {}  # each node's agent state as of the last look
         while True:
             if self._leave.is_set():
                 raise Left
             if self.stop_requested():
                 return Verdict(STOPPED, STOPPED_KIND, "stopped by `ava stop`")
             try:
-                look = Look.from_json(backend.look(self.login, self.paths, current.number, job, offsets))
+                raw = backend.look(self.login, self.paths, current.number, job, offsets, wait=LONG_POLL, known=known)
+                look = Look.from_json(raw)
             except AvaError as exc:
                 self.sink.event(f"could not look at job {job}: {exc.message}")
                 self.sleep(POLL)
@@ -458,8 +480,11 @@ class SlurmSupervisor:
             )
             if verdict.outcome != RUNNING:
                 return verdict
-            started = len(statuses) >= nnodes and all(s.output_size for s in statuses.values())
-            self.sleep(POLL if started else POLL_STARTING)
+            states: dict[str, str] = {name: status.state for name, status in statuses.items()}
+            if states != known or any(chunk for _, chunk in look.logs.values()):
+                started = len(statuses) >= nnodes and all(s.output_size for s in statuses.values())
+                self.sleep(POLL if started else POLL_STARTING)
+            known = states
 
 
 def _user() -> str:

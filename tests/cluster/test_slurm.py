@@ -126,8 +126,13 @@ def accounted(slurm: SlurmCluster, job: str) -> str:
     """The job's final state as Slurm's accounting has it: sacct where slurmdbd runs, else the
     jobcomp record and scontrol (what this Slurm keeps without a database)."""
     if slurm.accounting:
-        out = slurm.sh("sacct", "-n", "-P", "-X", "-j", job, "-o", "State").stdout.split()
-        return out[0] if out else ""
+        # slurmctld hands the job's end to slurmdbd a moment after squeue stops listing it.
+        deadline = time.monotonic() + 20
+        while True:
+            out = slurm.sh("sacct", "-n", "-P", "-X", "-j", job, "-o", "State").stdout.split()
+            if (out and out[0] not in ("PENDING", "RUNNING", "COMPLETING")) or time.monotonic() > deadline:
+                return out[0] if out else ""
+            time.sleep(0.5)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and f"JobId={job} " not in slurm.completed():
         time.sleep(0.5)
