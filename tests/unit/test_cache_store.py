@@ -266,3 +266,35 @@ def test_counters_of_gone_processes_are_folded_not_lost(tmp_path: Path) -> None:
     assert not gone.exists() and (tmp_path / "stats" / "archive.json").exists()
     again = store.status()
     assert (again["hits"], again["misses"]) == (6, 8)
+
+
+def test_a_block_written_behind_its_reader_is_found_by_the_next_reader_who_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    o = obj("behind")
+    first = BlockStore(str(tmp_path), 1 << 30)
+    other = BlockStore(str(tmp_path), 1 << 30)  # another handle: its flocks conflict, as another process's
+    commit = BlockStore._commit
+    writing = threading.Event()
+
+    def slow_commit(self: BlockStore, *args: object) -> None:
+        writing.set()
+        threading.Event().wait(0.5)  # the file lands well after the first reader has its bytes
+        commit(self, *args)
+
+    monkeypatch.setattr(BlockStore, "_commit", slow_commit)
+    block = first.get(o, 1, fetcher(o), write_behind=True)
+    assert not block.cached and block.read(0, block.length) == payload(o.url, BS, 2 * BS)
+    assert writing.wait(5)
+
+    def never(start: int, end: int) -> bytes:
+        raise AssertionError("fetched a block whose download was already done")
+
+    again = other.get(o, 1, never)  # waits on the block's lock until the file is committed
+    try:
+        assert again.cached and again.read(0, again.length) == payload(o.url, BS, 2 * BS)
+    finally:
+        again.close()
+    assert block.written is not None
+    block.written.result(timeout=5)
+    assert verify_block_file(first.block_path(o, 1))
