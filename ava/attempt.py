@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ava import sync
+from ava import launchcache, sync
 from ava.agent import protocol
 from ava.agent.protocol import ExitCode, Holder, Status, StopReport
 from ava.config import Node, Recipe
 from ava.decide import Answer, liveness_scale
 from ava.errors import AvaError, CommandError
-from ava.launch import NodeLaunch, Route
+from ava.launch import Expect, NodeLaunch, Route
 from ava.sync import agent_command
 from ava.transport import connect, run_all
 
@@ -36,6 +37,13 @@ RETRY_AFTER = 0.2  # after a failed status request, how long before asking that 
 # Printed before the log's bytes: lines ahead of it come from the node's shell start-up files
 # (conda's and pyenv's init print on every SSH command), not from the run, and count for no offset.
 LOG_START = "ava-logs-start"
+# In the agent's final status answer (agent/main.py's cmd_status): nothing of the attempt is left
+# on the node. A key of its own until ava.agent.protocol's Status carries it.
+ENDED_CLEAN = "ended_clean"
+STALE = "stale"  # a one-trip start's answer when what it took for granted is not so (agent/main.py)
+# A warm launch picks the master's rendezvous port itself (its agent checks that it is free):
+# below Linux's ephemeral range, so outgoing connections do not hold it.
+PORTS = (20000, 32000)
 
 
 class LeaseBusy(AvaError):
@@ -49,6 +57,18 @@ class AttemptMissing(AvaError):
     """The node's agent answered that it has no such attempt: reachable, never started there."""
 
 
+class Stale(CommandError):
+    """A one-trip start refused by the node's agent: what the launch took for granted there (its
+    launch.Expect) is not so. Nothing started; the facts for a second try come with it."""
+
+    def __init__(self, node: str, trees: list[str], route: Route | None, port: int | None) -> None:
+        what = [f"code trees {', '.join(trees)} missing"] if trees else []
+        what += ["its route to the master changed"] if route is not None else []
+        what += [f"the rendezvous port is taken (port {port} is free)"] if port is not None else []
+        super().__init__(f"{node}: {'; '.join(what) or 'the start was refused'}")
+        self.node, self.trees, self.route, self.port = node, trees, route, port
+
+
 @dataclass
 class Prepared:
     code_tree: str
@@ -57,6 +77,9 @@ class Prepared:
     pythons: dict[str, str] = field(default_factory=dict)  # the interpreter of the run, per node
     routes: dict[str, Route] | None = None  # found while preparing (see prepare's MASTER)
     port: int | None = None
+    # The routes and port were not asked for but remembered (launchcache) or picked: the start
+    # takes them for granted and each agent checks them (see expecting).
+    remembered: bool = False
 
 
 def fail_on_errors(outcomes: dict[str, Any], what: str) -> None:
@@ -89,16 +112,25 @@ def prepare(
     if not provisioned:  # PROVISIONED: the caller has just made sure, a moment ago
         fail_on_errors(provision.ensure(nodes, recipe=recipe, base=inventory_dir), "provisioning nodes")
     lacking = nodes
-    if master is not None:
+    known = launchcache.load(nodes, master) if master is not None else {}
+    if master is not None and len(known) == len(nodes):
+        # A warm launch: the routes are remembered and the start checks them (no probe).
+        prepared.routes = {name: entry.route for name, entry in known.items()}
+        prepared.port, prepared.remembered = random.randrange(*PORTS), True
+        lacking = [node for node in nodes if manifest.tree not in known[node.name].trees]
+    elif master is not None:
         found = probe(nodes, master, trees=[manifest.tree])
         prepared.routes, prepared.port = found.routes, found.port
         lacking = [node for node in nodes if manifest.tree in found.missing.get(node.name, ())]
-        prepared.code_stats = {
-            node.name: sync.SyncStats(manifest.tree, len(manifest.files), 0, 0) for node in nodes if node not in lacking
-        }
+    prepared.code_stats = {
+        node.name: sync.SyncStats(manifest.tree, len(manifest.files), 0, 0) for node in nodes if node not in lacking
+    }
     outcomes = run_all(lacking, lambda node: sync.ship_tree(node, manifest, code_root))
     fail_on_errors(outcomes, "sending the code")
     prepared.code_stats.update({name: o for name, o in outcomes.items() if isinstance(o, sync.SyncStats)})
+    if master is not None and prepared.routes is not None and not prepared.remembered:
+        trees = (prepared.code_tree, prepared.runtime_tree)
+        launchcache.remember(master, [(node, prepared.routes[node.name], trees) for node in nodes])
     prepared.pythons = {node.name: provision.venv_python(node, recipe=recipe, root=inventory_dir) for node in nodes}
     return prepared
 
@@ -156,8 +188,39 @@ def probe(nodes: list[Node], master: str, *, trees: Sequence[str] = ()) -> Probe
     return Probe(found, int(first["port"]), missing)
 
 
-def start(launches: list[NodeLaunch], master_address: str, port: int) -> None:
-    """Master first; once its store listens, every other node at once. All or nothing.
+# Every node's launch again, for these routes and this rendezvous port (the supervisor's plan).
+Replan = Callable[[dict[str, Route], int], list[NodeLaunch]]
+
+
+@dataclass(frozen=True)
+class Again:
+    """How `start` makes good a node's Stale answer: the code to ship, and the plan to redo."""
+
+    manifest: sync.Manifest
+    code_root: Path
+    replan: Replan
+
+
+def expecting(
+    launches: list[NodeLaunch], master: str, routes: dict[str, Route], port: int, trees: tuple[str, ...]
+) -> list[NodeLaunch]:
+    """The launches as one-trip starts: each agent checks the route and trees they were planned
+    with (and the master, that the port is free) before it starts."""
+    return [
+        replace(
+            launch,
+            expect=Expect(master, launch.node.interface, routes[launch.node.name], trees, port if i == 0 else None),
+        )
+        for i, launch in enumerate(launches)
+    ]
+
+
+def start(launches: list[NodeLaunch], master_address: str, port: int, *, again: Again | None = None) -> int:
+    """Master first; once its store listens, every other node at once. All or nothing. Returns
+    the rendezvous port (a Stale master may have named another).
+
+    One agent call per node when its launch's expectations hold; a node that answers Stale is
+    given what it lacks (code, a fresh route, another port) and started again, once.
 
     On failure every node tried is stopped, not only those that answered: a start whose reply
     was lost (timeout, dropped connection) may have started the attempt there. Stop is idempotent.
@@ -166,11 +229,26 @@ def start(launches: list[NodeLaunch], master_address: str, port: int) -> None:
     try:
         tried.append(launches[0].node)
         # One trip to the master: it starts, then answers once its rendezvous store listens.
-        start_one(replace(launches[0], wait_store=(master_address, port)))
+        try:
+            start_one(replace(launches[0], wait_store=(master_address, port)))
+        except Stale as refused:
+            if again is None:
+                raise
+            port = refused.port or port  # the others' plans change with it too
+            launches = _made_good(launches, {refused.node: refused}, port, again)
+            start_one(replace(launches[0], wait_store=(master_address, port)))
         others = launches[1:]
         tried += [launch.node for launch in others]
         by_node = {launch.node.name: launch for launch in others}
         outcomes = run_all([launch.node for launch in others], lambda node: start_one(by_node[node.name]))
+        stale = {name: o for name, o in outcomes.items() if isinstance(o, Stale)}
+        if stale and again is not None:
+            fixed = {launch.node.name: launch for launch in _made_good(launches, stale, port, again)}
+            outcomes.update(run_all([fixed[name].node for name in stale], lambda node: start_one(fixed[node.name])))
+            launches = [fixed[launch.node.name] if launch.node.name in stale else launch for launch in launches]
+        for name, outcome in outcomes.items():
+            if isinstance(outcome, Stale):  # made good once already (or no way to): a plain failure
+                outcomes[name] = CommandError(outcome.message + (" (again after a second try)" if again else ""))
         busy = [o for o in outcomes.values() if isinstance(o, LeaseBusy)]
         if busy:
             raise busy[0]
@@ -178,6 +256,30 @@ def start(launches: list[NodeLaunch], master_address: str, port: int) -> None:
     except BaseException:
         stop(tried, launches[0].spec.run)
         raise
+    if launches[0].expect is not None:
+        found = [(launch.node, launch.expect.route, launch.expect.trees) for launch in launches if launch.expect]
+        launchcache.remember(launches[0].expect.master, found)
+    return port
+
+
+def _made_good(launches: list[NodeLaunch], stale: dict[str, Stale], port: int, again: Again) -> list[NodeLaunch]:
+    """Ship the trees the STALE nodes lack, take their fresh routes; every launch planned anew."""
+    by_name = {launch.node.name: launch for launch in launches}
+
+    def ship(node: Node) -> None:
+        for tree in stale[node.name].trees:
+            if tree == again.manifest.tree:
+                sync.ship_tree(node, again.manifest, again.code_root)
+            else:  # the only other tree a launch expects: ava's runtime
+                sync.ship_runtime(node)
+
+    fail_on_errors(run_all([by_name[name].node for name in stale], ship), "sending the code")
+    routes = {}
+    for launch in launches:
+        assert launch.expect is not None, "only a one-trip start answers Stale"
+        fresh = stale[launch.node.name].route if launch.node.name in stale else None
+        routes[launch.node.name] = fresh or launch.expect.route
+    return again.replan(routes, port)
 
 
 def start_one(launch: NodeLaunch) -> Status:
@@ -190,8 +292,12 @@ def start_one(launch: NodeLaunch) -> Status:
     if launch.wait_store is not None:
         address, port = launch.wait_store
         args += ["--wait-store", address, str(port), "--store-timeout", f"{STORE_TIMEOUT:g}"]
+    if launch.expect is not None:
+        args += _expect_args(launch.expect)
     result = transport.run(agent_command(node, *args), timeout=120 + STORE_TIMEOUT)
     payload = _last_json(result.stdout)
+    if payload.get("error") == STALE and launch.expect is not None:
+        raise _stale(node, payload, launch.expect)
     if result.exited == ExitCode.BUSY:
         raise LeaseBusy(node.name, [Holder.from_json(h) for h in payload.get("holders", [])])
     if result.exited == ExitCode.PROTOCOL:
@@ -208,6 +314,48 @@ def start_one(launch: NodeLaunch) -> Status:
             f"{node.name}: the agent could not start the attempt (exit {result.exited})", tail=result.tail()
         )
     return _status(node, payload, result.tail())
+
+
+def _expect_args(expect: Expect) -> list[str]:
+    route = expect.route
+    args = [
+        "--expect-route",
+        expect.master,
+        expect.interface,
+        route.address,
+        route.interface,
+        route.home,
+        str(route.cpus),
+    ]
+    for tree in expect.trees:
+        args += ["--expect-tree", tree]
+    if expect.port is not None:
+        args += ["--expect-port", str(expect.port)]
+    return args
+
+
+def _stale(node: Node, payload: dict[str, Any], expect: Expect) -> CommandError:
+    """What a Stale answer says: the trees missing, a route other than the one expected, a free port."""
+    facts = payload.get("route")
+    route = None
+    if isinstance(facts, dict):
+        if facts.get("error"):
+            return CommandError(f"{node.name}: {facts['error']}")
+        if not facts.get("interface"):
+            return CommandError(f"{node.name}: no interface holds {facts.get('address')}; set `interface` in ava.toml")
+        route = Route(
+            str(facts.get("address")),
+            str(facts.get("interface")),
+            str(facts.get("home") or "/"),
+            int(facts.get("cpus") or 1),
+        )
+    port = payload.get("port")
+    return Stale(
+        node.name,
+        [str(t) for t in payload.get("trees_missing") or ()],
+        route if route != expect.route else None,
+        int(port) if isinstance(port, int) else None,
+    )
 
 
 def status_of(
@@ -242,7 +390,16 @@ def status_of(
         payload["age"] = float(lines[-1]) - float(payload.get("heartbeat") or 0)
     except ValueError:
         payload["age"] = None
-    return _status(node, payload, result.tail())
+    status = _status(node, payload, result.tail())
+    if payload.get(ENDED_CLEAN) is True:
+        return EndedClean(**{f.name: getattr(status, f.name) for f in fields(status)})
+    return status
+
+
+@dataclass(frozen=True)
+class EndedClean(Status):
+    """A final status whose agent verified that nothing of the attempt is left on its node (no
+    process, no fence; its leases went with its final state): no `stop` trip is needed there."""
 
 
 def stop(nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, StopReport | AvaError]:
@@ -350,8 +507,8 @@ class AgentClient:
     def routes(self, nodes: list[Node], master: str) -> tuple[dict[str, Route], int]:
         return routes(nodes, master)
 
-    def start(self, launches: list[NodeLaunch], master_address: str, port: int) -> None:
-        start(launches, master_address, port)
+    def start(self, launches: list[NodeLaunch], master_address: str, port: int, *, again: Again | None = None) -> int:
+        return start(launches, master_address, port, again=again)
 
     def status(self, node: Node, run_id: str, attempt: int) -> Status:
         return status_of(node, run_id, attempt, timeout=self.status_timeout)
@@ -381,6 +538,8 @@ class AgentClient:
             if node.name in self._pending or self._retry_at.get(node.name, 0.0) > now:
                 continue
             latest = self._latest.get(node.name)
+            if latest is not None and latest.final and not latest.metrics:
+                continue  # it ended and handed over its last metric lines: nothing more to learn
             since = latest.digest if latest is not None and latest.digest else None
             future = self._pool.submit(
                 status_of,
@@ -417,7 +576,11 @@ class AgentClient:
 
     def _answer(self, name: str, now: float) -> Answer:
         """What NODE's answer is this round, its request settled if it came back."""
-        if name not in self._pending:  # failed recently, not asked again yet
+        if name not in self._pending:
+            latest = self._latest.get(name)
+            if latest is not None and latest.final:  # ended: not asked again
+                return Answer(status=replace(latest, metrics=()))
+            # failed recently, not asked again yet
             return Answer(error="no answer", asked=self._failed_since(name))
         future, sent, due = self._pending[name]
         if not future.done():
@@ -447,6 +610,13 @@ class AgentClient:
         self._retry_at.pop(name, None)
         self._failed.pop(name, None)
         return Answer(status=status)
+
+    def ended_clean(self, nodes: list[Node], run_id: str, attempt: int) -> list[str]:
+        """The nodes whose agent last answered, for this attempt, that it ended and left nothing
+        behind there (see EndedClean): a teardown skips their `stop`."""
+        if self._asking != (run_id, attempt):
+            return []
+        return [n.name for n in nodes if isinstance(self._latest.get(n.name), EndedClean)]
 
     def skip_metrics(self, node: str, offset: int) -> None:
         """Ask NODE for metric lines past OFFSET only (a supervisor taking over a run)."""

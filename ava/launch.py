@@ -52,11 +52,25 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class Expect:
+    """What a launch took for granted on a node without asking it first (a warm launch, from
+    ava.launchcache): its agent checks each at start and, where one is not so, answers what
+    instead of starting (see attempt.start)."""
+
+    master: str
+    interface: str  # the inventory's setting for the node: "auto" or a name
+    route: Route
+    trees: tuple[str, ...]  # code and runtime trees that must be complete there
+    port: int | None = None  # on the master: the rendezvous port must be free
+
+
+@dataclass(frozen=True)
 class NodeLaunch:
     node: Node
     argv: list[str]
     spec: StartSpec
     wait_store: tuple[str, int] | None = None  # the master: its start waits for the rendezvous store
+    expect: Expect | None = None  # a one-trip start: what its agent checks before starting
 
 
 def checkpoint_dir(recipe: Recipe, run_id: str) -> str | None:

@@ -34,7 +34,7 @@ from ava.agent.protocol import (
     Status,
     is_final,
 )
-from ava.attempt import AgentClient, LeaseBusy
+from ava.attempt import Again, AgentClient, LeaseBusy, expecting
 from ava.config import Inventory, Node, Recipe, parse_recipe
 from ava.decide import (
     STARTUP_GRACE,
@@ -389,21 +389,28 @@ class Supervisor:
                 f"code: sent {files} file{'s' if files != 1 else ''}, {current.code_sent_bytes:,} bytes"
                 f" to {', '.join(sorted(sent))}"
             )
-        launches, master, port = plan_attempt(
-            self.recipe,
-            nodes,
-            self.record.id,
-            current.number,
-            prepared.code_tree,
-            prepared.runtime_tree,
-            prepared.pythons,
-            client=self.client,
-            found=(prepared.routes, prepared.port)
-            if prepared.routes is not None and prepared.port is not None
-            else None,
-        )
-        current.master_port = port
-        self.client.start(launches, master, port)
+        master = master_address(nodes[0])
+        if prepared.routes is None or prepared.port is None:
+            prepared.routes, prepared.port = self.client.routes(nodes, master)
+        trees = (prepared.code_tree, prepared.runtime_tree)
+
+        def replan(routes: dict[str, Route], port: int) -> list[NodeLaunch]:
+            launches, _, _ = plan_attempt(
+                self.recipe,
+                nodes,
+                self.record.id,
+                current.number,
+                prepared.code_tree,
+                prepared.runtime_tree,
+                prepared.pythons,
+                found=(routes, port),
+            )
+            # Remembered routes and a picked port: each agent checks them before it starts.
+            return expecting(launches, master, routes, port, trees) if prepared.remembered else launches
+
+        launches = replan(prepared.routes, prepared.port)
+        again = Again(self.manifest, self.code_root, replan)
+        current.master_port = self.client.start(launches, master, prepared.port, again=again)
 
     def _stopped_at_launch(self, current: Attempt, cause: str) -> Action:
         current.state, current.ended, current.kind = STOPPED, self.clock.now(), STOPPED_KIND
@@ -532,9 +539,11 @@ class Supervisor:
                         self.sink.event(f"attempt {current.number} failed: {verdict.cause}; stopping it everywhere")
                     return verdict
         finally:
+            # Nodes whose last answer verified that the attempt left nothing there need no stop.
+            ended = set(self.client.ended_clean(nodes, self.record.id, current.number))
             self.client.close()
             if not self._leave.is_set():
-                self._teardown(nodes, silent_since)
+                self._teardown([n for n in nodes if n.name not in ended], silent_since)
             done.set()
             for follower in followers:
                 follower.join(timeout=5)
@@ -576,6 +585,8 @@ class Supervisor:
     def _teardown(self, nodes: list[Node], unreachable: dict[str, float]) -> None:
         self._unreached.update(unreachable)
         reachable = [n for n in nodes if n.name not in unreachable]
+        if not reachable:
+            return
         started = time.monotonic()
         outcomes = self.client.stop(reachable, self.record.id)
         for name, outcome in outcomes.items():

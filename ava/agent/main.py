@@ -29,7 +29,7 @@ from .protocol import (
     ExitCode,
 )
 from .spec import ProtocolMismatch, Spec, SpecError
-from .teardown import end_fence, settle, teardown
+from .teardown import end_fence, ended_clean, settle, teardown
 
 EXIT_OK = ExitCode.OK
 EXIT_FAILED = ExitCode.FAILED
@@ -38,6 +38,11 @@ EXIT_BUSY = ExitCode.BUSY
 START_TIMEOUT = 60.0
 STATUS_TICK = 0.02  # how often a long poll looks at the status
 STOP_SLACK = 20.0  # beyond the grace, how long `stop` waits for the monitor's own teardown
+LOGS_TICK = 0.05  # how often `logs --follow` looks for more output: the CLI's exit waits for its end
+# In a final status answer: nothing of the attempt is left on this node (no process, no fence).
+ENDED_CLEAN = "ended_clean"
+# A start's answer when what it was to take for granted is not so (see _stale): nothing started.
+STALE = "stale"
 
 
 def _emit(obj: Any) -> None:
@@ -52,6 +57,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         # The same start again (a retried SSH command): report, do not start twice.
         _emit(existing)
         return EXIT_FAILED if existing["state"] in (FAILED, STOPPED) else EXIT_OK
+    if (stale := _stale(spec, args)) is not None:
+        # What the launch took for granted is not so here: say what, start nothing.
+        _emit(stale)
+        return EXIT_FAILED
     try:
         rundir.prepare(spec)  # the run's own copy of its code, kept across its attempts here
     except rundir.RunDirError as exc:
@@ -91,6 +100,51 @@ def cmd_start(args: argparse.Namespace) -> int:
     return EXIT_OK if st.get("state") in (RUNNING, SUCCEEDED) else EXIT_FAILED
 
 
+def _stale(spec: Spec, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Check what a one-trip start took for granted (its --expect-* options: code trees complete
+    here, this node's route to the master, the rendezvous port free on the master); None when all
+    holds, else the answer naming what does not, with the facts for a second try."""
+    trees = spec.workdir / "trees"
+    missing = [tree for tree in args.expect_tree if not (trees / f"{tree}.complete").is_file()]
+    answer: dict[str, Any] = {"error": STALE, "trees_missing": missing}
+    stale = bool(missing)
+    if args.expect_route:
+        from .facts import route
+
+        master, interface, address, ifname, home, cpus = args.expect_route
+        found = route(master, interface, False)
+        answer["route"] = found
+        stale = stale or (found["address"], found["interface"], found["home"], str(found["cpus"])) != (
+            address,
+            ifname,
+            home,
+            cpus,
+        )
+    if args.expect_port is not None and not _port_free(args.expect_port):
+        answer["port"] = _free_port()
+        stale = True
+    return answer if stale else None
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET) as sock:
+            sock.bind(("", port))
+        return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
 def _copy_private(source: Path, target: Path) -> None:
     """Copy the spec as 0600 whatever the umask: it holds the run's environment values."""
     data = source.read_bytes()
@@ -110,7 +164,7 @@ def _wait_started(work: Path, adir: Path, pid: int) -> dict[str, Any]:
             return st
         if not procs.alive(pid) and (st is None or st.get("state") == STARTING):
             return settle(work, adir) or {"state": FAILED, "reason": AGENT_DIED, "pid": pid}
-        time.sleep(0.05)
+        time.sleep(STATUS_TICK)  # a worker node's start answers as its job runs
     return status.read(adir) or {"state": STARTING, "pid": pid}
 
 
@@ -129,14 +183,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     if adir is not None and args.since is not None:
         # A long poll: answer as soon as what the supervisor judges by changes (a rank failed,
         # the attempt ended), else after --wait seconds with a fresh heartbeat.
+        # A final status changes no more: it is answered at once.
         end = time.monotonic() + args.wait
-        while st is not None and status.digest(st) == args.since and time.monotonic() < end:
+        while st is not None and not status.is_final(st) and status.digest(st) == args.since and time.monotonic() < end:
             time.sleep(STATUS_TICK)
             st = settle(work, adir)
     if st is None:
         _emit({"error": NOT_FOUND, "run": args.run, "attempt": args.attempt})
         return EXIT_FAILED
     answer = {**st, "digest": status.digest(st)}
+    if status.is_final(st):
+        # Verified here, so that a supervisor ending the run needs no `stop` trip to this node.
+        answer[ENDED_CLEAN] = ended_clean(st)
     if adir is not None and args.metrics_from is not None:
         answer["metrics"], answer["metrics_end"] = status.read_metrics(adir, args.metrics_from)
     _emit(answer)
@@ -224,7 +282,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
                         out.flush()
                         return EXIT_OK
                 continue
-            time.sleep(0.1)  # a log follower ends soon after the attempt: the exit waits for it
+            time.sleep(LOGS_TICK)
     except BrokenPipeError:
         return EXIT_OK
     finally:
@@ -347,6 +405,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("spec")
     s.add_argument("--wait-store", nargs=2, metavar=("ADDRESS", "PORT"), help="then wait for the rendezvous store")
     s.add_argument("--store-timeout", type=float, default=120.0)
+    # A one-trip start: what the launch took for granted, checked here before anything starts.
+    s.add_argument("--expect-tree", action="append", default=[], help="this code tree must be complete here")
+    s.add_argument(
+        "--expect-route",
+        nargs=6,
+        metavar=("MASTER", "INTERFACE", "ADDRESS", "IFNAME", "HOME", "CPUS"),
+        help="this node's route to MASTER (with the inventory's INTERFACE) must be this one",
+    )
+    s.add_argument("--expect-port", type=int, help="this port must be free here (the master's rendezvous)")
     s.set_defaults(func=cmd_start)
     s = sub.add_parser("status", help="status of an attempt (default: the latest)")
     s.add_argument("workdir")

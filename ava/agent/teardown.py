@@ -32,6 +32,21 @@ def end_fence(st: dict[str, Any]) -> tuple[list[int], bool]:
     return remaining, removed
 
 
+def ended_clean(st: dict[str, Any] | None) -> bool:
+    """True when nothing of an ended attempt is left here: neither its job nor a process the
+    kill left behind, nor its fence. (Its leases went before its final state was written.)
+    The supervisor needs no `stop` call for such an attempt."""
+    if not status.is_final(st):
+        return False
+    assert st is not None
+    if procs.alive(st.get("job_pid"), st.get("job_start")):
+        return False
+    if any(procs.alive(pid) for pid in st.get("left_pids") or []):
+        return False
+    fence = isolation.attach(st.get("cgroup"))
+    return fence is None or not fence.exists()
+
+
 def teardown(work: Path, attempt_dir: Path, st: dict[str, Any], state: str, reason: str, **extra: Any) -> Teardown:
     remaining, removed = end_fence(st)
     # Processes that survived the kill still hold their GPUs: their leases stay, draining.

@@ -327,3 +327,29 @@ def test_status_long_poll_answers_when_the_attempt_ends_not_at_its_timeout(agent
     assert time.monotonic() - asked < 10.0
     assert final["state"] == "succeeded" and final["digest"] != first["digest"]
     assert_gone(agent, run)
+    # Ended and verified here: a final answer comes at once and says nothing is left to stop.
+    asked = time.monotonic()
+    _, again = agent.cli("status", str(agent.work), run, "--since", final["digest"], "--wait", "20")
+    assert time.monotonic() - asked < 10.0
+    assert again["state"] == "succeeded" and again["ended_clean"] is True
+
+
+def test_a_start_whose_expectations_do_not_hold_says_what_and_starts_nothing(agent: Agent) -> None:
+    run = agent.new_run("stale")
+    spec = agent.spec(run, [sys.executable, "-c", "print('ran')"])
+    path = agent.jobs / f"spec-{run}-1.json"
+    path.write_text(json.dumps(spec))
+    listener = __import__("socket").socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    taken = listener.getsockname()[1]
+    try:
+        expect = ["--expect-tree", "0123456789abcdef", "--expect-port", str(taken)]
+        route = ["--expect-route", "127.0.0.1", "auto", "127.0.0.9", "lo", "/nowhere", "1"]
+        rc, answer = agent.cli("start", str(path), *expect, *route)
+    finally:
+        listener.close()
+    assert rc == 1 and answer["error"] == "stale", answer
+    assert answer["trees_missing"] == ["0123456789abcdef"]
+    assert answer["route"]["address"] == "127.0.0.1" and answer["port"] != taken
+    assert not (agent.work / "runs" / run / "attempt-1").exists()  # nothing started

@@ -74,3 +74,29 @@ def test_an_attempt_missing_on_a_node_is_said_so(monkeypatch: pytest.MonkeyPatch
         assert all(a.missing for a in answers.values())
     finally:
         client.close()
+
+
+def test_a_node_that_ended_is_not_asked_again_and_its_verified_end_needs_no_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[str] = []
+
+    def status_of(node: Node, run: str, number: int, **_: object) -> Status:
+        asked.append(node.name)
+        if node.name == "n1":
+            return attempt.EndedClean("succeeded", digest="d-n1")
+        return Status("running", digest="d-n2")
+
+    monkeypatch.setattr(attempt, "status_of", status_of)
+    client = attempt.AgentClient(status_timeout=4.0, long_poll=0.1)
+    try:
+        client.poll(NODES, "run", 1, wait=0.5)
+        for _ in range(3):
+            later = client.poll(NODES, "run", 1, wait=0.5)
+            assert later["n1"].status is not None and later["n1"].status.state == "succeeded"
+        # An ended node's answer stands: no further long poll holds the CLI's exit back.
+        assert asked.count("n1") == 1 and asked.count("n2") > 1
+        assert client.ended_clean(NODES, "run", 1) == ["n1"]
+        assert client.ended_clean(NODES, "run", 2) == []  # another attempt's teardown stops every node
+    finally:
+        client.close()

@@ -59,11 +59,12 @@ class FakeAgents(AgentClient):
     def routes(self, nodes: list[Node], master: str) -> tuple[dict[str, Route], int]:
         return {n.name: Route(n.host or "", "eth0", "/home/u", 4) for n in nodes}, 29500
 
-    def start(self, launches: list[NodeLaunch], master_address: str, port: int) -> None:
+    def start(self, launches: list[NodeLaunch], master_address: str, port: int, **_: Any) -> int:
         self.attempt = launches[0].spec.attempt
         if self.on_start is not None:
             self.on_start(self.attempt)
         self.started.append((self.attempt, [launch.node.name for launch in launches]))
+        return port
 
     def poll(self, nodes: list[Node], run_id: str, attempt: int, wait: float) -> dict[str, Answer]:
         self.clock.t += 0.05
