@@ -60,6 +60,8 @@ ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 TRACE = "AVA-TRACE"
 TARGET_VS_MASTER_FIRST = 1.2
 TARGET_VS_ALL_AT_ONCE = 0.5
+TARGET_EXIT_VS_MASTER_FIRST = 1.15
+TARGET_EXIT_TAIL = 0.3  # seconds from the last agent's final status to ava's exit
 RANKS_TIMEOUT = 150.0  # an all-at-once worker may back off for tens of seconds before it joins
 EXIT_TIMEOUT = 60.0
 METHODS = ("ava", "all-at-once", "master-first")
@@ -133,6 +135,7 @@ class Bench:
         else:
             argv = [sys.executable, "-m", "ava", *args]
         run.spawn("ava", argv, env=clean_env(AVA_HOME=str(self.home)))
+        wall_start = time.time() - run.now()  # the nodes date their statuses on this clock
         trial = self._collect("ava-traced" if traced else "ava", size, run)
         if trial.exit is None:
             run_line = next((l.text for l in run.lines if l.text.startswith("ava: run ")), "")
@@ -150,11 +153,27 @@ class Bench:
             "first node output": run.first(lambda l: l.stream == "out" and " | " in l.text),
             "first ECHO": run.first(lambda l: echo_rank(l) is not None),
             "all ranks": trial.ranks,
+            "agents ended": self._agents_ended(run, size, wall_start, cold=cold),
             "exit": trial.exit,
         }
         if traced:
             trial.marks.update(_trace_marks(run))
         return trial
+
+    def _agents_ended(self, run: Stamped, size: int, wall_start: float, *, cold: bool) -> float | None:
+        """When the last node's agent wrote the attempt's final status (its job gone, its fence
+        verified empty and removed): from there on, what ava takes to exit is its own tail."""
+        run_line = next((l.text for l in run.lines if l.text.startswith("ava: run ")), "")
+        if not run_line or cold:
+            return None
+        ended = []
+        for node in self.cluster.nodes[:size]:
+            path = node.workdir / "runs" / run_line.split()[2] / "attempt-1" / "status.json"
+            try:
+                ended.append(float(json.loads(path.read_text())["ended"]) - wall_start)
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        return max(ended)
 
     # -- torchrun over ssh, by hand ---------------------------------------------------------
 
@@ -293,6 +312,8 @@ TRACED_STEPS = [
     ("ava.attempt", "probe", "route probe"),
     ("ava.sync", "ship_tree", "code sync"),
     ("ava.attempt", "start_one", "agent start"),
+    ("ava.supervisor", "judge", "judge"),
+    ("ava.attempt", "stop", "teardown"),
 ]
 
 
@@ -350,6 +371,9 @@ def _trace_marks(run: Stamped) -> dict[str, float | None]:
         # The master's start answers once its rendezvous store listens.
         "master started": at("end", "agent start", who=master),
         "others started": at("end", "agent start", max) if len(starts) > 1 else None,
+        "verdict": at("end", "judge", max),  # the last judgement: the attempt is over
+        "teardown begin": at("begin", "teardown", max),
+        "teardown end": at("end", "teardown", max),
     }
 
 
@@ -401,6 +425,11 @@ def report(trials: list[Trial], cold: list[Trial], traced: list[Trial], sizes: l
     rows = []
     for size in sizes:
         ava = median(pick("ava", size))
+        tails = []
+        for trial in trials:
+            exited, ended = trial.marks.get("exit"), trial.marks.get("agents ended")
+            if trial.method == "ava" and trial.size == size and exited is not None and ended is not None:
+                tails.append(exited - ended)
         rows.append(
             [
                 str(size),
@@ -408,11 +437,38 @@ def report(trials: list[Trial], cold: list[Trial], traced: list[Trial], sizes: l
                 f"<= {TARGET_VS_MASTER_FIRST}",
                 ratio(ava, median(pick("all-at-once", size))),
                 f"<= {TARGET_VS_ALL_AT_ONCE}",
+                ratio(median(pick("ava", size, "exit")), median(pick("master-first", size, "exit"))),
+                f"<= {TARGET_EXIT_VS_MASTER_FIRST}",
+                seconds(median(tails)),
+                f"<= {TARGET_EXIT_TAIL:g} s",
             ]
         )
-    table(["nodes", "ava/master-first", "target", "ava/all-at-once", "target"], rows, title="Ratios of the medians")
+    table(
+        [
+            "nodes",
+            "ava/master-first",
+            "target",
+            "ava/all-at-once",
+            "target",
+            "exit: ava/master-first",
+            "target",
+            "ava's exit tail",
+            "target",
+        ],
+        rows,
+        title="Ratios of the medians (exit tail: from the last agent's final status to ava's exit)",
+    )
 
-    marks = ["run record", "attempt 1 starting", "store up", "first node output", "first ECHO", "all ranks", "exit"]
+    marks = [
+        "run record",
+        "attempt 1 starting",
+        "store up",
+        "first node output",
+        "first ECHO",
+        "all ranks",
+        "agents ended",
+        "exit",
+    ]
     rows = []
     for size in sizes:
         for method in ("ava", "master-first"):
@@ -466,7 +522,10 @@ def traced_steps(trial: Trial) -> list[tuple[str, float, float]]:
             m.get("others started") or m.get("master started"),
             trial.ranks,
         ),
-        ("after every rank ran: poll, teardown, exit", None, trial.exit),
+        ("torchrun exits, the agent's final status (verified)", None, m.get("agents ended")),
+        ("the supervisor's verdict (long poll answers)", None, m.get("verdict")),
+        ("teardown calls (nodes not verified clean)", m.get("teardown begin"), m.get("teardown end")),
+        ("log followers end, records, CLI exit", None, trial.exit),
     ]
     found = []
     previous = 0.0
