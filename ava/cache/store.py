@@ -41,20 +41,24 @@ _PEEK = 4096  # one read normally covers the whole header
 _DEGRADED_S = 30.0  # after a cache write fails, read around the cache this long before retrying
 
 _WRITERS = 4  # threads that write fetched blocks to their files behind the readers
+# Blocks waiting for their file write, at most, per process: past it a fetcher writes its block
+# itself, so a disk slower than the network holds back the downloads instead of filling memory.
+_BEHIND = 16
 
 log = logging.getLogger("ava.cache")
-_writer_state: tuple[int, ThreadPoolExecutor] | None = None
+_writer_state: tuple[int, ThreadPoolExecutor, threading.BoundedSemaphore] | None = None
 _writer_lock = threading.Lock()
 
 
-def _writer() -> ThreadPoolExecutor:
-    """One block writer pool per process (a forked child builds its own). Its threads are not
-    daemons: an interpreter that exits finishes the writes it started first."""
+def _writer() -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
+    """One block writer pool per process, and its slots (a forked child builds its own). Its
+    threads are not daemons: an interpreter that exits finishes the writes it started first."""
     global _writer_state
     with _writer_lock:
         if _writer_state is None or _writer_state[0] != os.getpid():
-            _writer_state = (os.getpid(), ThreadPoolExecutor(_WRITERS, "avacache-write"))
-        return _writer_state[1]
+            pool = ThreadPoolExecutor(_WRITERS, "avacache-write")
+            _writer_state = (os.getpid(), pool, threading.BoundedSemaphore(_BEHIND))
+        return _writer_state[1], _writer_state[2]
 
 
 @dataclass(frozen=True)
@@ -295,8 +299,9 @@ class BlockStore:
             data = self._fetch_to_memory(obj, index, fetch)._data
             assert data is not None
             written = None
-            if write_behind:
-                written = _writer().submit(self._commit_and_unlock, obj, index, path, data, lock)
+            pool, slots = _writer() if write_behind else (None, None)
+            if pool is not None and slots is not None and slots.acquire(blocking=False):
+                written = pool.submit(self._commit_and_unlock, obj, index, path, data, lock, slots)
                 unlock = False  # the writer's now
             else:
                 self._commit_or_degrade(obj, index, path, data)
@@ -311,7 +316,9 @@ class BlockStore:
         except OSError as e:
             self._degrade(e)
 
-    def _commit_and_unlock(self, obj: ObjectId, index: int, path: str, data: bytes, lock: int) -> None:
+    def _commit_and_unlock(
+        self, obj: ObjectId, index: int, path: str, data: bytes, lock: int, slots: threading.BoundedSemaphore
+    ) -> None:
         """Write-behind: commit a fetched block's file, then release its download lock."""
         try:
             self._commit_or_degrade(obj, index, path, data)
@@ -319,6 +326,7 @@ class BlockStore:
             log.warning("cache %s: writing block %d of %s failed: %s", self.root, index, obj.url, e)
         finally:
             _unlock(path, lock)
+            slots.release()
 
     def _fetch_to_memory(self, obj: ObjectId, index: int, fetch: Callable[[int, int], bytes]) -> Block:
         start, end = obj.span(index)

@@ -298,3 +298,28 @@ def test_a_block_written_behind_its_reader_is_found_by_the_next_reader_who_waits
     assert block.written is not None
     block.written.result(timeout=5)
     assert verify_block_file(first.block_path(o, 1))
+
+
+def test_blocks_waiting_for_a_slow_disk_are_bounded_and_the_fetcher_writes_past_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    o = obj("slowdisk", size=24 * BS)
+    store = BlockStore(str(tmp_path), 1 << 30)
+    commit = BlockStore._commit
+    release = threading.Event()
+
+    def slow_commit(self: BlockStore, *args: object) -> None:
+        if threading.current_thread().name.startswith("avacache-write"):
+            release.wait(10)  # the disk is stuck until the test says
+        commit(self, *args)
+
+    monkeypatch.setattr(BlockStore, "_commit", slow_commit)
+    blocks = [store.get(o, i, fetcher(o), write_behind=True) for i in range(24)]
+    behind = [b for b in blocks if b.written is not None]
+    assert len(behind) == 16  # the rest were written by their fetcher, already on disk
+    assert all(os.path.exists(store.block_path(o, b.index)) for b in blocks if b.written is None)
+    release.set()
+    for b in behind:
+        assert b.written is not None
+        b.written.result(timeout=10)
+    assert all(verify_block_file(store.block_path(o, i)) for i in range(24))
