@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -119,8 +120,13 @@ def main(argv: list[str]) -> int:
     while time.monotonic() < end and not news(statuses, logs, known):
         time.sleep(TICK)
         statuses, logs = scan(shared, run_id, attempt, offsets)
-    # The job's and the nodes' states last: they are as of the answer.
-    result: dict[str, Any] = {"job": job_state(job) if job else {}, "states": node_states()}
+    # The job's and the nodes' states last, as of the answer; squeue and sinfo side by side.
+    states: dict[str, str] = {}
+    sinfo = threading.Thread(target=lambda: states.update(node_states()))
+    sinfo.start()
+    result: dict[str, Any] = {"job": job_state(job) if job else {}}
+    sinfo.join()
+    result["states"] = states
     result.update(status=statuses, logs=logs, now=time.time())
     sys.stdout.write(json.dumps(result) + "\n")
     return 0

@@ -433,6 +433,7 @@ class SlurmSupervisor:
         pending_reason = ""
         nnodes = self.recipe.resources.nodes_min
         known: dict[str, str] = {}  # each node's agent state as of the last look
+        ranked: set[str] = set()  # the nodes whose ranks have printed a line
         while True:
             if self._leave.is_set():
                 raise Left
@@ -450,6 +451,8 @@ class SlurmSupervisor:
                 for text in chunk.splitlines():
                     m = _RANK.match(text)
                     self.sink.line(name, m.group(1) if m else None, m.group(2) if m else text)
+                    if m:
+                        ranked.add(name)
             if offsets != self.state.offsets.get(key):
                 self.state.offsets = {key: dict(offsets)}
                 self.state.save(self.record.dir)
@@ -482,8 +485,8 @@ class SlurmSupervisor:
                 return verdict
             states: dict[str, str] = {name: status.state for name, status in statuses.items()}
             if states != known or any(chunk for _, chunk in look.logs.values()):
-                started = len(statuses) >= nnodes and all(s.output_size for s in statuses.values())
-                self.sleep(POLL if started else POLL_STARTING)
+                # Started once a rank of every node has printed (torchrun's own lines come first).
+                self.sleep(POLL if len(ranked) >= nnodes else POLL_STARTING)
             known = states
 
 

@@ -277,6 +277,9 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
             "SchedulerType=sched/backfill",
+            # A batch job is scheduled at submission, not within Slurm's default 3 s batching
+            # window: launch times (benchmarks/slurm_launch.py) measure launchers, not that window.
+            "SchedulerParameters=batch_sched_delay=0",
             "MpiDefault=none",
             "SwitchType=switch/none",
             "LaunchParameters=use_interactive_step",
