@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from ava.slurm.supervise import SETTLE_AFTER, STALE_AFTER, STARTUP_GRACE, Look, judge
+from ava.slurm.supervise import SETTLE_AFTER, STALE_AFTER, STARTUP_GRACE, JobState, Look, judge
 
 NOW = 1000.0
 
@@ -86,3 +87,13 @@ def test_a_running_node_without_progress_or_output_for_hang_timeout_is_hung_afte
     verdict = judge(look({"n1": busy, "n2": quiet}), 2, None, 0, hang_timeout=30, elapsed=STARTUP_GRACE)
     assert (verdict.kind, verdict.node) == ("hang", "n2")
     assert judge(look({"n1": busy, "n2": busy}), 2, None, 0, hang_timeout=30, elapsed=999).outcome == "running"
+
+
+def test_the_job_state_keeps_each_nodes_log_offset_for_a_supervisor_taking_over(tmp_path: Path) -> None:
+    state = JobState("n1", "/shared/ava", [{"attempt": 1, "job": "7", "exclude": []}], {"1": {"n1": 120, "n2": 64}})
+    state.save(tmp_path)
+    assert JobState.load(tmp_path) == state
+    assert [p.name for p in tmp_path.iterdir()] == ["slurm.json"]  # written whole, no temporary left
+    # A record from before the offsets: the lines of the current attempt are read from the start.
+    (tmp_path / "slurm.json").write_text('{"login": "n1", "shared": "/s", "jobs": []}')
+    assert JobState.load(tmp_path) == JobState("n1", "/s")
