@@ -277,8 +277,9 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
             "SchedulerType=sched/backfill",
-            # A batch job is scheduled at submission, not within Slurm's default 3 s batching
-            # window: launch times (benchmarks/slurm_launch.py) measure launchers, not that window.
+            # A batch job is scheduled at slurmctld's next pass (within a second), not within the
+            # default 3 s batching window: launch times (benchmarks/slurm_launch.py) then measure
+            # launchers more than that window.
             "SchedulerParameters=batch_sched_delay=0",
             "MpiDefault=none",
             "SwitchType=switch/none",
