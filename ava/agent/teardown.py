@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -43,8 +44,24 @@ def ended_clean(st: dict[str, Any] | None) -> bool:
         return False
     if any(procs.alive(pid) for pid in st.get("left_pids") or []):
         return False
+    dirs = _fence_dirs(st.get("cgroup"))
+    if dirs is not None:
+        return not any(os.path.isdir(d) for d in dirs)
     fence = isolation.attach(st.get("cgroup"))
     return fence is None or not fence.exists()
+
+
+def _fence_dirs(info: dict[str, Any] | None) -> list[str] | None:
+    """The cgroup directories a fence's status.json entry names (its back-end's info()), read
+    without importing the back-end: a status answer pays for compiling it on a slow node.
+    None for a back-end whose entry names none (then ask the back-end itself)."""
+    if not info or not info.get("name"):
+        return []
+    if info.get("backend") == "v1":
+        return [str(d) for d in (info.get("dirs") or {}).values()]
+    if info.get("backend") in ("v2", "systemd"):
+        return [str(info["path"])] if info.get("path") else []
+    return None
 
 
 def teardown(work: Path, attempt_dir: Path, st: dict[str, Any], state: str, reason: str, **extra: Any) -> Teardown:
