@@ -118,3 +118,30 @@ def test_an_out_of_memory_start_is_still_retried(cluster: Cluster, home: dict[st
     record = only_run(home)
     assert [a["kind"] for a in record["attempts"]] == ["oom", "oom", "oom"]
     assert "restart budget exhausted" in done.stderr
+
+
+def test_an_out_of_memory_kill_is_the_cause_not_the_peer_that_lost_its_rank(
+    cluster: Cluster, home: dict[str, str]
+) -> None:
+    # Rank 1 on n2 is killed by the OOM killer; rank 0 on n1 dies of the closed connection,
+    # with exit 1, while n2's torchrun still drains. The cause is n2's memory.
+    done = run_ava(
+        "train",
+        str(FIRSTFAIL),
+        "--set",
+        "resources.nodes=2",
+        "--set",
+        "resources.procs_per_node=1",
+        "--set",
+        "resources.memory=300MiB",
+        "--set",
+        "env.FIRSTFAIL_MODE=oom",
+        inventory=cluster.inventory(["n1", "n2"]),
+        env=home,
+        timeout=180,
+    )
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "rank 0 lost its peer" in done.stdout
+    attempt = only_run(home)["attempts"][-1]
+    assert attempt["kind"] == "oom", attempt
+    assert attempt["cause"].startswith("out of memory on n2"), attempt["cause"]
