@@ -16,7 +16,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,6 @@ RETRY_AFTER = 0.2  # after a failed status request, how long before asking that 
 # Printed before the log's bytes: lines ahead of it come from the node's shell start-up files
 # (conda's and pyenv's init print on every SSH command), not from the run, and count for no offset.
 LOG_START = "ava-logs-start"
-# In the agent's final status answer (agent/main.py's cmd_status): nothing of the attempt is left
-# on the node. A key of its own until ava.agent.protocol's Status carries it.
-ENDED_CLEAN = "ended_clean"
-STALE = "stale"  # a one-trip start's answer when what it took for granted is not so (agent/main.py)
 # A warm launch picks the master's rendezvous port itself (its agent checks that it is free):
 # below Linux's ephemeral range, so outgoing connections do not hold it.
 PORTS = (20000, 32000)
@@ -296,7 +292,7 @@ def start_one(launch: NodeLaunch) -> Status:
         args += _expect_args(launch.expect)
     result = transport.run(agent_command(node, *args), timeout=120 + STORE_TIMEOUT)
     payload = _last_json(result.stdout)
-    if payload.get("error") == STALE and launch.expect is not None:
+    if payload.get("error") == protocol.STALE and launch.expect is not None:
         raise _stale(node, payload, launch.expect)
     if result.exited == ExitCode.BUSY:
         raise LeaseBusy(node.name, [Holder.from_json(h) for h in payload.get("holders", [])])
@@ -390,16 +386,7 @@ def status_of(
         payload["age"] = float(lines[-1]) - float(payload.get("heartbeat") or 0)
     except ValueError:
         payload["age"] = None
-    status = _status(node, payload, result.tail())
-    if payload.get(ENDED_CLEAN) is True:
-        return EndedClean(**{f.name: getattr(status, f.name) for f in fields(status)})
-    return status
-
-
-@dataclass(frozen=True)
-class EndedClean(Status):
-    """A final status whose agent verified that nothing of the attempt is left on its node (no
-    process, no fence; its leases went with its final state): no `stop` trip is needed there."""
+    return _status(node, payload, result.tail())
 
 
 def stop(nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, StopReport | AvaError]:
@@ -613,10 +600,10 @@ class AgentClient:
 
     def ended_clean(self, nodes: list[Node], run_id: str, attempt: int) -> list[str]:
         """The nodes whose agent last answered, for this attempt, that it ended and left nothing
-        behind there (see EndedClean): a teardown skips their `stop`."""
+        behind there (Status.ended_clean): a teardown skips their `stop`."""
         if self._asking != (run_id, attempt):
             return []
-        return [n.name for n in nodes if isinstance(self._latest.get(n.name), EndedClean)]
+        return [n.name for n in nodes if (latest := self._latest.get(n.name)) is not None and latest.ended_clean]
 
     def skip_metrics(self, node: str, offset: int) -> None:
         """Ask NODE for metric lines past OFFSET only (a supervisor taking over a run)."""

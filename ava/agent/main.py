@@ -22,6 +22,7 @@ from .protocol import (
     PROTOCOL_MISMATCH,
     RUN_DIRECTORY,
     RUNNING,
+    STALE,
     STARTING,
     STOPPED,
     STOPPED_REASON,
@@ -39,10 +40,6 @@ START_TIMEOUT = 60.0
 STATUS_TICK = 0.02  # how often a long poll looks at the status
 STOP_SLACK = 20.0  # beyond the grace, how long `stop` waits for the monitor's own teardown
 LOGS_TICK = 0.05  # how often `logs --follow` looks for more output: the CLI's exit waits for its end
-# In a final status answer: nothing of the attempt is left on this node (no process, no fence).
-ENDED_CLEAN = "ended_clean"
-# A start's answer when what it was to take for granted is not so (see _stale): nothing started.
-STALE = "stale"
 
 
 def _emit(obj: Any) -> None:
@@ -194,7 +191,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     answer = {**st, "digest": status.digest(st)}
     if status.is_final(st):
         # Verified here, so that a supervisor ending the run needs no `stop` trip to this node.
-        answer[ENDED_CLEAN] = ended_clean(st)
+        answer["ended_clean"] = ended_clean(st)  # see protocol.Status
     if adir is not None and args.metrics_from is not None:
         answer["metrics"], answer["metrics_end"] = status.read_metrics(adir, args.metrics_from)
     _emit(answer)

@@ -69,12 +69,15 @@ class ExitCode(enum.IntEnum):
 
 
 # Errors the agent answers with (`{"error": ..., ...}`) instead of a status.
-AgentError = Literal["not-found", "busy", "bad-spec", "run-directory", "protocol"]
+AgentError = Literal["not-found", "busy", "bad-spec", "run-directory", "protocol", "stale"]
 NOT_FOUND: AgentError = "not-found"
 BUSY: AgentError = "busy"
 BAD_SPEC: AgentError = "bad-spec"
 RUN_DIRECTORY: AgentError = "run-directory"
 PROTOCOL_MISMATCH: AgentError = "protocol"
+# A one-trip start's answer when what it took for granted (route, code trees, port) is not so:
+# nothing started; the answer says what is missing (`trees_missing`, `route`, `port`).
+STALE: AgentError = "stale"
 
 
 # -- JSON helpers ----------------------------------------------------------------------------
@@ -202,6 +205,9 @@ class Status:
     metrics: tuple[dict[str, Any], ...] = ()
     metrics_end: int | None = None
     store: str | None = None  # `start --wait-store`: "ready", or why the rendezvous store never came up
+    # A final status whose agent verified that nothing of the attempt is left on its node (no
+    # process, no fence; its leases went with its final state): no `stop` trip is needed there.
+    ended_clean: bool = False
     protocol: int = PROTOCOL
 
     @classmethod
@@ -243,6 +249,7 @@ class Status:
             metrics=tuple(m for m in raw.get("metrics") or () if isinstance(m, dict)),
             metrics_end=_opt_int(raw.get("metrics_end")),
             store=_opt_str(raw.get("store")),
+            ended_clean=raw.get("ended_clean") is True,
             protocol=int(raw.get("protocol") or PROTOCOL),
         )
 

@@ -84,7 +84,7 @@ def test_a_node_that_ended_is_not_asked_again_and_its_verified_end_needs_no_stop
     def status_of(node: Node, run: str, number: int, **_: object) -> Status:
         asked.append(node.name)
         if node.name == "n1":
-            return attempt.EndedClean("succeeded", digest="d-n1")
+            return Status("succeeded", digest="d-n1", ended_clean=True)
         return Status("running", digest="d-n2")
 
     monkeypatch.setattr(attempt, "status_of", status_of)
