@@ -233,6 +233,11 @@ def _judge(observation: Observation, *, hang_timeout: float) -> Verdict:
         return Verdict(SUCCEEDED, exit_code=0)
     if any(v.state == STOPPED for v in views):
         return STOP
+    if any(v.state is None for v in views):
+        # A node's answer is late: it carries no progress this round, and the progress it would
+        # report is unknown. A hang is judged on answers, never on their absence (on a loaded
+        # machine every long poll can be overdue at once).
+        return STILL_RUNNING
     ages = [v.progress_age for v in views if v.progress_age is not None]
     quiet_for = min(ages) if ages else observation.elapsed
     started = any(v.progressed for v in views) or observation.elapsed >= STARTUP_GRACE

@@ -379,3 +379,15 @@ def test_an_early_failure_after_a_rank_that_raised_elsewhere_waits_for_it() -> N
     a = NodeView("a", state="running", rank_fail_times={"0": 100.0}, reported=100.35)
     b = early("b", {"1": 1}, 100.3, 100.35)
     assert observe(a, b) == STILL_RUNNING
+
+
+def test_no_hang_is_declared_on_answers_that_are_late() -> None:
+    # A loaded machine: every node's long poll is overdue this round, so no view carries its
+    # progress. That is no evidence of a hang (the soak restarted a training run every minute).
+    late = [NodeView(name, reachable=True, state=None) for name in ("a", "b", "c")]
+    assert observe(*late, elapsed=STARTUP_GRACE + 46) == STILL_RUNNING
+    # One node late, the others answering with fresh progress: still running, of course.
+    assert observe(late[0], running("b"), running("c"), elapsed=STARTUP_GRACE + 46) == STILL_RUNNING
+    # Answers without progress for hang_timeout past the start-up grace are a hang.
+    quiet = [NodeView(name, state="running") for name in ("a", "b")]
+    assert observe(*quiet, elapsed=STARTUP_GRACE + 46).kind == "hang"
