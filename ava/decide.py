@@ -265,12 +265,17 @@ def _settled(view: NodeView, first: float, views: tuple[NodeView, ...]) -> bool:
     if view.state == FAILED or view.reason == OOM:
         return True
     codes = {int(r): c for r, c in view.rank_exit_codes.items() if c != 0}
+    since = None if view.reported is None else view.reported - first
+    if any(t < first for r, t in view.rank_fail_times.items() if int(r) not in codes):
+        # A rank here failed earlier (it raised, or torchrun reaped it before its code was
+        # read): this node's final status, within moments, names it.
+        return since is not None and since >= SETTLE_AFTER
     if codes and codes[_first_rank(view, codes)] < 0 and -codes[_first_rank(view, codes)] not in _STOP_SIGNALS:
         return True
     others = [v for v in views if v.name != view.name and v.state in (STARTING, RUNNING)]
     if all(v.reported is not None and v.reported >= first for v in others):
         return True
-    return view.reported is not None and view.reported - first >= SETTLE_EARLY
+    return since is not None and since >= SETTLE_EARLY
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -413,5 +413,8 @@ class Monitor:
 
 
 def _failing(ranks: RankWatch, failed: dict[str, int]) -> dict[str, float]:
-    """When each rank that raised or exited non-zero failed, while the job runs."""
-    return {rank: t for rank, t in ranks.failures().items() if rank in failed or rank in ranks.raised()}
+    """When each rank that raised or exited non-zero failed, while the job runs. A rank whose
+    exit code was lost to torchrun's reaping is dated too: the supervisor waits for this node's
+    final status before it blames a failure that came after it."""
+    suspects = failed.keys() | ranks.raised().keys() | ranks.unread
+    return {rank: t for rank, t in ranks.failures().items() if rank in suspects}

@@ -77,6 +77,7 @@ class RankWatch:
         self.errors = errors
         self.exits: dict[str, float] = {}
         self.codes: dict[str, int] = {}  # rank -> exit code, where read before torchrun reaped it
+        self.unread: set[str] = set()  # ranks that exited while the job ran, reaped before their code was read
         self._live: dict[int, tuple[str, int | None]] = {}  # pid -> (rank, pidfd)
         self._seen: set[int] = set()
 
@@ -116,18 +117,22 @@ class RankWatch:
                 del self._live[pid]
                 self._exited(pid, rank, None)
 
-    def _exited(self, pid: int, rank: str, fd: int | None) -> None:
+    def _exited(self, pid: int, rank: str, fd: int | None, *, read_code: bool = True) -> None:
         self.exits.setdefault(rank, time.time())
-        code = procs.exit_code(pid)
+        code = procs.exit_code(pid) if read_code else None
         if code is not None:
             self.codes.setdefault(rank, code)
+        elif read_code and rank not in self.codes:
+            self.unread.add(rank)  # torchrun was quicker (a loaded machine): its summary will say
         if fd is not None:
             os.close(fd)
 
     def close(self) -> None:
+        """After the job: the ranks still here were ended by the fence's kill (torchrun died
+        first): their exits are dated, their codes are not the failure's."""
         for pid, (rank, fd) in list(self._live.items()):
             if not procs.alive(pid):
-                self._exited(pid, rank, None)
+                self._exited(pid, rank, None, read_code=False)
             if fd is not None:
                 os.close(fd)
         self._live.clear()
@@ -142,7 +147,11 @@ class RankWatch:
         while its interpreter wound down (torchrun stopping the others) failed with the code
         its exception gives, 1."""
         raised = self.raised()
-        return {rank: (1 if code < 0 and rank in raised else code) for rank, code in self.codes.items() if code != 0}
+        failed = {rank: (1 if code < 0 and rank in raised else code) for rank, code in self.codes.items() if code != 0}
+        # A rank whose exception reached the top failed, with the code it gives, even where
+        # torchrun reaped it before its code could be read.
+        failed.update({rank: 1 for rank in self.unread & raised.keys()})
+        return failed
 
     def failures(self) -> dict[str, float]:
         found = dict(self.exits)

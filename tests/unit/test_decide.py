@@ -391,3 +391,16 @@ def test_no_hang_is_declared_on_answers_that_are_late() -> None:
     # Answers without progress for hang_timeout past the start-up grace are a hang.
     quiet = [NodeView(name, state="running") for name in ("a", "b")]
     assert observe(*quiet, elapsed=STARTUP_GRACE + 46).kind == "hang"
+
+
+def test_an_early_failure_waits_for_an_earlier_rank_of_its_own_node_whose_code_is_unknown() -> None:
+    # On n1 rank 1 exited at 100.0 but torchrun reaped it before its code was read; rank 0,
+    # its victim, exited 1 at 100.2. Blaming rank 0 would be wrong: wait for n1's summary.
+    n1 = NodeView(
+        "n1", state="running", rank_exit_codes={"0": 1}, rank_fail_times={"1": 100.0, "0": 100.2}, reported=100.3
+    )
+    assert observe(n1) == STILL_RUNNING
+    final = NodeView(
+        "n1", state="failed", reason="exit", rank_exit_codes={"0": 1, "1": -9}, rank_fail_times={"1": 100.0, "0": 100.2}
+    )
+    assert observe(final).rank == 1
