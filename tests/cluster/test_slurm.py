@@ -4,6 +4,7 @@ No mock of sbatch, squeue, scancel or sinfo."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,18 +33,39 @@ STEPS = REPO / "tests" / "data" / "recipes" / "steps"
 @pytest.fixture(autouse=True)
 def nothing_left_in_slurm(slurm_cluster: SlurmCluster) -> Iterator[None]:
     """After each test, as tests/support/leak_check.py does for the SSH cluster: no process of
-    a run on any node, no lease held, and no job left in the queue."""
+    a run on any node, no lease held, no job left in the queue, and no background supervisor
+    left running here. What is left is ended too, so that one failing test leaves nothing to
+    the next ones (a detached run's supervisor would watch its job forever)."""
     before = snapshot(slurm_cluster.cluster)
+    supervisors_before = background_supervisors()
     yield
     deadline = time.monotonic() + 15
     while True:
         left = snapshot(slurm_cluster.cluster).minus(before)
         queued = slurm_cluster.sh("squeue", "-h", check=False).stdout.strip()
-        if not (left or queued) or time.monotonic() > deadline:
+        supervisors = background_supervisors() - supervisors_before
+        if not (left or queued or supervisors) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
+    for pid in supervisors:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if queued:
+        slurm_cluster.sh("scancel", "--full", "--partition", slurm_cluster.partition, check=False)
+    assert not supervisors, f"this test left background supervisors running: {sorted(supervisors)}"
     assert not left, f"this test left on the Slurm nodes: {left}"
     assert not queued, f"this test left jobs in the queue:\n{queued}"
+
+
+def background_supervisors() -> set[int]:
+    """Pids of ava's background Slurm supervisors on this machine."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if b"ava.slurm.background" in (entry / "cmdline").read_bytes():
+                    found.add(int(entry.name))
+    return found
 
 
 @pytest.fixture()
