@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from .protocol import FINAL
+from .slurmnode import read_json
 
 CHUNK = 1 << 18
 
@@ -68,15 +69,6 @@ def node_states() -> dict[str, str]:
     return found
 
 
-def read_status(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def read_log(path: str, offset: int, final: bool) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -98,7 +90,7 @@ def scan(shared: str, run_id: str, attempt: int, offsets: dict[str, Any]) -> tup
     pattern = os.path.join(shared, "nodes", "*", "runs", run_id, f"attempt-{attempt}")
     for adir in sorted(glob.glob(pattern)):
         node = adir.split(os.sep)[-4]
-        status = read_status(os.path.join(adir, "status.json"))
+        status = read_json(os.path.join(adir, "status.json"))
         if status is not None:
             statuses[node] = status
         final = bool(status and status.get("state") in FINAL)
