@@ -270,7 +270,8 @@ def _settled(view: NodeView, first: float, views: tuple[NodeView, ...]) -> bool:
         # A rank here failed earlier (it raised, or torchrun reaped it before its code was
         # read): this node's final status, within moments, names it.
         return since is not None and since >= SETTLE_AFTER
-    if codes and codes[_first_rank(view, codes)] < 0 and -codes[_first_rank(view, codes)] not in _STOP_SIGNALS:
+    code = codes[_first_rank(view, codes)] if codes else 0
+    if code < 0 and -code not in _STOP_SIGNALS:
         return True
     others = [v for v in views if v.name != view.name and v.state in (STARTING, RUNNING)]
     if all(v.reported is not None and v.reported >= first for v in others):

@@ -366,18 +366,26 @@ def wait_for_step_after(home: dict[str, str], run_id: str, step: int, timeout: f
         time.sleep(0.5)
 
 
-def test_ctrl_c_detaches_and_the_job_keeps_running_until_ava_stop(
-    slurm_cluster: SlurmCluster, home: dict[str, str]
-) -> None:
-    inventory = slurm_cluster.inventory()
-    run = LiveRun(["train", str(STEPS), *steps_args(slurm_cluster, 600)], inventory, home)
+def interrupted(
+    slurm_cluster: SlurmCluster, inventory: Path, home: dict[str, str], *extra: str, timeout: float = 60
+) -> tuple[LiveRun, str]:
+    """A foreground `ava train` of the steps recipe, Ctrl-C'd once it trains: it exits 130."""
+    run = LiveRun(["train", str(STEPS), *steps_args(slurm_cluster, 600), *extra], inventory, home)
     try:
         run.wait_line(r"\| step 3$")
         run_id = run_id_in(run.text())
         run.process.send_signal(signal.SIGINT)
-        assert run.finish(timeout=60) == 130, run.text()[-3000:]
+        assert run.finish(timeout=timeout) == 130, run.text()[-3000:]
     finally:
         run.kill()
+    return run, run_id
+
+
+def test_ctrl_c_detaches_and_the_job_keeps_running_until_ava_stop(
+    slurm_cluster: SlurmCluster, home: dict[str, str]
+) -> None:
+    inventory = slurm_cluster.inventory()
+    run, run_id = interrupted(slurm_cluster, inventory, home)
     assert f"detached from {run_id}" in run.text() and f"reattach: ava attach {run_id}" in run.text(), run.text()
     (job,) = jobs_of(home, run_id)
     assert slurm_cluster.sh("squeue", "-h", "-j", job, "-o", "%T", check=False).stdout.strip() == "RUNNING"
@@ -400,14 +408,7 @@ def test_ctrl_c_detaches_and_the_job_keeps_running_until_ava_stop(
 
 def test_ctrl_c_with_stop_on_interrupt_cancels_the_job(slurm_cluster: SlurmCluster, home: dict[str, str]) -> None:
     inventory = slurm_cluster.inventory()
-    run = LiveRun(["train", str(STEPS), *steps_args(slurm_cluster, 600), "--stop-on-interrupt"], inventory, home)
-    try:
-        run.wait_line(r"\| step 3$")
-        run_id = run_id_in(run.text())
-        run.process.send_signal(signal.SIGINT)
-        assert run.finish(timeout=90) == 130, run.text()[-3000:]
-    finally:
-        run.kill()
+    run, run_id = interrupted(slurm_cluster, inventory, home, "--stop-on-interrupt", timeout=90)
     assert "(--stop-on-interrupt)" in run.text() and "squeue lists none of it" in run.text(), run.text()[-2000:]
     (job,) = jobs_of(home, run_id)
     assert slurm_cluster.sh("squeue", "-h", "-j", job, check=False).stdout.strip() == ""
