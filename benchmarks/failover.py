@@ -1,6 +1,7 @@
 """Failover timings on a real 4-node test cluster (3 in the run, 1 spare).
 
     python benchmarks/failover.py [--trials 3] [--goodput-every 15] [--faults "rank crash"] [--no-goodput]
+                                  [--spares off|on|both]
 
 For a rank crash (SIGKILL of one worker), a node kill (its sshd and every process) and a link cut:
   detect   = fault injected -> ava says the attempt failed (its verdict)
@@ -9,11 +10,14 @@ For a rank crash (SIGKILL of one worker), a node kill (its sshd and every proces
 Then the effective training time ratio of a run with a rank crash injected every N seconds:
   productive time (the steps' own compute time, counted once) / wall time, beside an unfaulted run.
 Medians over the trials; the machine is shared and noisy, so compare ratios, not absolutes.
+--spares on runs the fault trials with spare torchrun interpreters (env AVA_WARM_SPARES=1, see
+ava/agent/warm.py); "warm" counts the nodes whose attempt 2 took its torchrun from a spare.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -48,7 +52,19 @@ def worker_pid(run_id: str, rank: str) -> int | None:
     return None
 
 
-def one_trial(cluster: Cluster, fault: str, home: dict[str, str]) -> tuple[float, float, float]:
+def warm_nodes(cluster: Cluster, run_id: str) -> int:
+    """How many nodes started attempt 2 from a spare (its status names the spare it used)."""
+    found = 0
+    for node in cluster.nodes:
+        try:
+            st = json.loads((node.workdir / "runs" / run_id / "attempt-2" / "status.json").read_text())
+        except (OSError, ValueError):
+            continue
+        found += bool(st.get("from_spare"))
+    return found
+
+
+def one_trial(cluster: Cluster, fault: str, home: dict[str, str], spares: bool) -> tuple[float, float, float, int]:
     args = [
         "train",
         str(STEPS),
@@ -59,6 +75,8 @@ def one_trial(cluster: Cluster, fault: str, home: dict[str, str]) -> tuple[float
         "--set",
         "failover.backoff=0s",
     ]
+    if spares:
+        args += ["--set", "env.AVA_WARM_SPARES=1"]
     # A local checkpoint dir per node works here because every test node shares this disk.
     run = LiveRun(args, cluster.inventory(MAIN + ["n4"]), home)
     run_id = None
@@ -88,7 +106,7 @@ def one_trial(cluster: Cluster, fault: str, home: dict[str, str]) -> tuple[float
                     break
             time.sleep(0.05)
         assert resumed is not None, run.text()[-2000:]
-        return detected - injected, ended - detected, resumed - detected
+        return detected - injected, ended - detected, resumed - detected, warm_nodes(cluster, run_id)
     finally:
         run.kill()
         cluster.restore_link("n2")
@@ -136,6 +154,7 @@ def main() -> int:
     parser.add_argument("--goodput-steps", type=int, default=300)
     parser.add_argument("--faults", default="rank crash,node kill,link cut", help="which faults, comma-separated")
     parser.add_argument("--no-goodput", action="store_true", help="only the fault timings")
+    parser.add_argument("--spares", choices=("off", "on", "both"), default="both", help="spare torchrun interpreters")
     options = parser.parse_args()
     clean_stale()
     cluster = Cluster(4)
@@ -145,14 +164,20 @@ def main() -> int:
         faults = [f.strip() for f in options.faults.split(",") if f.strip()]
         if not cluster.use_namespaces and "link cut" in faults:
             faults.remove("link cut")  # a cut needs a namespace per node (root)
+        print(f"load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
         print(
-            f"{'fault':<12} {'detect s':>9} {'teardown s':>11} {'resume s':>9}   (medians; trials detect/teardown/resume)"
+            f"{'fault':<12} {'spares':<7} {'detect s':>9} {'teardown s':>11} {'resume s':>9}"
+            "   (medians; trials detect/teardown/resume/warm nodes)"
         )
+        modes = {"off": [False], "on": [True], "both": [False, True]}[options.spares]
         for fault in faults:
-            results = [one_trial(cluster, fault, home) for _ in range(options.trials)]
-            detect, teardown, resume = (statistics.median(r[k] for r in results) for k in range(3))
-            each = ", ".join(f"{d:.1f}/{t:.1f}/{r:.1f}" for d, t, r in results)
-            print(f"{fault:<12} {detect:>9.2f} {teardown:>11.2f} {resume:>9.2f}   {each}", flush=True)
+            for spares in modes:
+                results = [one_trial(cluster, fault, home, spares) for _ in range(options.trials)]
+                detect, teardown, resume = (statistics.median(r[k] for r in results) for k in range(3))
+                each = ", ".join(f"{d:.1f}/{t:.1f}/{r:.1f}/{w}" for d, t, r, w in results)
+                mode = "on" if spares else "off"
+                print(f"{fault:<12} {mode:<7} {detect:>9.2f} {teardown:>11.2f} {resume:>9.2f}   {each}", flush=True)
+        print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
         if options.no_goodput:
             return 0
         clean_wall, clean_ratio = goodput(cluster, home, 0, options.goodput_steps)

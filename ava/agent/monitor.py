@@ -17,12 +17,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import layout, leases, procs, status
+from . import layout, leases, procs, status, warm
 from .isolation import MARKER, Fence, IsolationError, fence_name, open_fence
 from .protocol import AGENT_DIED, DISK_FULL, EXIT, FAILED, OOM, RUNNING, STARTING, STOPPED, STOPPED_REASON, SUCCEEDED
 from .ranks import RankWatch
 from .spec import Spec
 from .teardown import end_fence, teardown
+from .zygote import SOCKET as ZYGOTE_SOCKET
 
 TICK = 0.2  # how often the monitor looks at the job
 OOM_DRAIN = 3.0  # seconds torchrun gets to wind down after an out-of-memory kill
@@ -114,6 +115,7 @@ class Monitor:
         self.gpus = gpus
         self.stop_grace: float | None = None
         self._noted = 0  # output.log's size at the last note in output.times
+        self._spare: subprocess.Popen[bytes] | None = None  # this attempt's spare for the next
         me = os.getpid()
         self.st: dict[str, Any] = {
             "run": spec.run,
@@ -283,19 +285,24 @@ class Monitor:
         env = job_env(dict(os.environ), spec, self.gpus, self.dir)
         os.makedirs(self.dir / layout.RANK_ERRORS, mode=0o700, exist_ok=True)
         log = os.open(self.dir / layout.OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        spares = warm.wanted(spec.env, spec.argv, fence.backend)
         try:
-            job = subprocess.Popen(
-                fence.command(spec.argv),
-                cwd=spec.cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                # In the child, before exec: the whole job tree starts inside the fence.
-                preexec_fn=fence.add_self,
-                umask=JOB_UMASK,
-            )
+            job: warm.Job | None = None
+            if spares:
+                job = self._from_spare(fence, env, log)
+            if job is None:
+                job = subprocess.Popen(
+                    fence.command(spec.argv),
+                    cwd=spec.cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    # In the child, before exec: the whole job tree starts inside the fence.
+                    preexec_fn=fence.add_self,
+                    umask=JOB_UMASK,
+                )
         except (OSError, subprocess.SubprocessError) as exc:
             return self._give_up(f"cannot start {spec.argv[0]!r}: {exc}")
         finally:
@@ -304,6 +311,13 @@ class Monitor:
         self._save()
         fence.adopt(job.pid)
         self.st["cgroup"] = fence.info()
+        if spares:
+            # The next attempt's torchrun, imported while this one runs (see warm.py).
+            run_dir = layout.run_dir(spec.workdir, spec.run)
+            self._spare = warm.start(spec.run, spec.node, run_dir, self.dir / layout.AGENT_LOG, spec.argv, env)
+            if self._spare is not None:
+                self.st.update(spare_pid=self._spare.pid, spare_start=procs.start_time(self._spare.pid))
+                self._save()
         oom = False
         ranks = RankWatch(job.pid, self.dir / layout.RANK_ERRORS)
         try:
@@ -336,6 +350,8 @@ class Monitor:
             ranks.scan()
             ranks.wait(TICK, also=job_fd)
             self._note_output()
+            if self._spare is not None:
+                self._spare.poll()  # reaped here should it end while this attempt runs
         if job_fd is not None:
             os.close(job_fd)
         # Orphaned workers (torchrun killed, a rank that double-forked) die with the fence.
@@ -376,6 +392,8 @@ class Monitor:
             self._finish(STOPPED, STOPPED_REASON)
             return 0
         if rc == 0:
+            # No attempt comes after a success: its spares go with it.
+            warm.end_spares(spec.run, spec.node, layout.run_dir(spec.workdir, spec.run))
             self._finish(SUCCEEDED, EXIT)
             return 0
         # torchrun's summary, and the codes read as ranks exited for ranks it leaves out.
@@ -401,7 +419,29 @@ class Monitor:
         except OSError:
             pass  # a full disk: the log matters more than its dates
 
-    def _terminate(self, job: subprocess.Popen[bytes], fence: Fence) -> None:
+    def _from_spare(self, fence: Fence, env: dict[str, str], log: int) -> warm.Job | None:
+        """torchrun started by the run's spare here, in the fence; None when there is none."""
+        spec = self.spec
+        dirs = [str(d) for d in (fence.info().get("dirs") or {}).values()] or [str(fence.info().get("path") or "")]
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            job = warm.claim(
+                layout.run_dir(spec.workdir, spec.run),
+                [d for d in dirs if d],
+                fence.command(spec.argv),
+                env,
+                spec.cwd,
+                (null, log, log),
+                JOB_UMASK,
+                zygote_path=str(self.dir / ZYGOTE_SOCKET),
+            )
+        finally:
+            os.close(null)
+        if job is not None:
+            self.st["from_spare"] = job.spare_pid
+        return job
+
+    def _terminate(self, job: warm.Job, fence: Fence) -> None:
         """SIGTERM the job's process group and give it the grace to exit on its own."""
         procs.signal_group(job.pid, signal.SIGTERM)
         # A stopped process (SIGSTOP, a hang the supervisor ends) would hold its SIGTERM, and

@@ -1,0 +1,414 @@
+"""Spare torchrun interpreters: a resume does not wait for `import torch` on the node.
+
+Each attempt's monitor starts one spare for its run: a low-priority interpreter that imports
+torch.distributed.run, then waits on the run's unix socket (RUN_DIR/spare.sock, 0600). The
+next attempt's monitor claims it, moves it into the new attempt's fence and hands it the job's
+argv, env, cwd, umask and stdio (SCM_RIGHTS); the spare forks a child that becomes torchrun and
+reports the child's pid, then its exit status, over the socket (`SpareJob`, which the monitor
+watches as it would a Popen). No spare, or one that does not fit: the monitor spawns as before.
+
+    monitor N ──spawn──► spare ──(attempt N ends)──► monitor N+1 claims ──► spare forks torchrun
+
+A spare never outlives its run: it carries AVA_RUN_ID, exits IDLE seconds after the monitor
+that started it is gone with no claim, when a newer spare takes the socket, or when the run
+succeeds (`end_spares`); claimed, it is in the attempt's fence and dies with it.
+Opt-in per run (env AVA_WARM_SPARES=1) until the run's final stop ends its spares too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import procs
+from .zygote import ENV as ZYGOTE_ENV
+from .zygote import Zygote, run_program
+
+SOCKET = "spare.sock"  # in the run's directory on the node (layout.run_dir)
+ENABLE = "AVA_WARM_SPARES"  # "1" in a run's env: its attempts keep a spare
+MARK = "AVA_SPARE"  # <run>.<node> in a spare's environment: end_spares finds it by that
+IDLE = 10.0  # seconds a spare waits for a claim once the monitor that started it is gone
+LOOK = 0.25  # how often an idle spare looks at its creator and its socket
+NICE = 10  # added while it imports and waits: the running job comes first
+HELLO_TIMEOUT = 1.0
+FORK_TIMEOUT = 10.0
+EXIT_WAIT = 1.0  # once torchrun is gone, how long poll() waits for the spare's report of it
+BACKENDS = ("v1", "v2")  # fences a running process can be moved into by pid
+TORCHRUN = ["-m", "torch.distributed.run"]
+KILLED = -signal.SIGKILL  # torchrun's code when the spare died before it could say
+
+
+class Job(Protocol):
+    """What the monitor needs of a started job: a Popen, or a SpareJob."""
+
+    pid: int
+    returncode: Any
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+def wanted(env: dict[str, str], argv: list[str], backend: str) -> bool:
+    """Whether an attempt with this spec env and argv, fenced by BACKEND, uses and keeps spares."""
+    return env.get(ENABLE) == "1" and backend in BACKENDS and argv[1:3] == TORCHRUN
+
+
+def fit(argv: list[str], env: dict[str, str]) -> str:
+    """What must be equal between the job a spare was made for and the one it runs: the
+    interpreter and the PYTHON* variables that shaped its start."""
+    shaping = {k: v for k, v in sorted(env.items()) if k.startswith("PYTHON")}
+    return hashlib.sha256(json.dumps([argv[0], shaping]).encode()).hexdigest()[:32]
+
+
+def _code_root() -> tuple[str, str]:
+    """This module's name and the sys.path entry it is imported from (the agent's zipapp or
+    the source tree), so a new interpreter can run it with -m."""
+    name = __spec__.name if __spec__ is not None else __name__
+    root = os.path.abspath(__file__)
+    for _ in name.split("."):
+        root = os.path.dirname(root)
+    return name, root
+
+
+def start(
+    run: str, node: str, run_dir: Path, log: Path, argv: list[str], env: dict[str, str]
+) -> subprocess.Popen[bytes] | None:
+    """Start a spare for the next attempt of RUN here; ARGV and ENV are this attempt's job's.
+    Its own session, outside the fence (the attempt's end must not end it)."""
+    name, root = _code_root()
+    spare_env = {k: v for k, v in env.items() if k not in ("AVA_JOB_TAG", "CUDA_VISIBLE_DEVICES")}
+    spare_env[MARK] = f"{run}.{node}"
+    spare_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    me = os.getpid()
+    command = [argv[0], "-m", name, str(run_dir), str(me), str(procs.start_time(me)), fit(argv, env)]
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        return subprocess.Popen(
+            command,
+            cwd=run_dir,
+            env=spare_env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    except OSError:
+        return None  # no spare: the next attempt starts torchrun as before
+    finally:
+        os.close(out)
+
+
+def end_spares(run: str, node: str, run_dir: Path) -> None:
+    """Kill every spare of RUN on NODE and remove its socket (no attempt comes after this one)."""
+    procs.signal_pids(procs.pids_with_env(f"{MARK}={run}.{node}"), signal.SIGKILL)
+    try:
+        os.unlink(run_dir / SOCKET)
+    except OSError:
+        pass
+
+
+# -- the monitor's side: claim a spare ---------------------------------------------------------
+
+
+class SpareJob:
+    """torchrun as a spare's child: its pid and exit status come over the spare's socket."""
+
+    def __init__(self, sock: socket.socket, pid: int, spare_pid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.spare_pid = spare_pid
+        self.returncode: int | None = None
+        self._started = procs.start_time(pid)
+        self._buf = b""
+        self._eof = False
+
+    def _read(self, timeout: float) -> None:
+        if self._eof:
+            return
+        ready, _, _ = select.select([self.sock], [], [], max(timeout, 0.0))
+        if not ready:
+            return
+        try:
+            data = self.sock.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            self._eof = True
+            return
+        self._buf += data
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if "exit" in msg:
+                self.returncode = int(msg["exit"])
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            gone = not procs.alive(self.pid, self._started)
+            # torchrun gone: its spare reaps it and says how it ended within moments.
+            self._read(EXIT_WAIT if gone else 0.0)
+            if self.returncode is None and gone and self._eof:
+                self.returncode = KILLED  # the spare died with it (the fence's kill)
+        if self.returncode is not None and self.sock.fileno() >= 0:
+            self.sock.close()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if end is not None and time.monotonic() >= end:
+                raise subprocess.TimeoutExpired(["torchrun"], timeout or 0.0)
+            left = LOOK if end is None else min(LOOK, end - time.monotonic())
+            self._read(left)
+        assert self.returncode is not None
+        return self.returncode
+
+
+def _lines(sock: socket.socket, timeout: float) -> dict[str, Any]:
+    """One JSON line from SOCK within TIMEOUT seconds."""
+    sock.settimeout(timeout)
+    buf = b""
+    while b"\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("spare closed the socket")
+        buf += chunk
+    line, _ = buf.split(b"\n", 1)
+    found = json.loads(line)
+    if not isinstance(found, dict):
+        raise ValueError("not a JSON object")
+    return found
+
+
+def _connect(run_dir: Path) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Through a directory fd: a unix socket path holds at most 107 bytes, a workdir more.
+        dfd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sock.settimeout(HELLO_TIMEOUT)
+            sock.connect(f"/proc/self/fd/{dfd}/{SOCKET}")
+        finally:
+            os.close(dfd)
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def claim(
+    run_dir: Path,
+    fence_dirs: list[str],
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    stdio: tuple[int, int, int],
+    umask: int,
+    zygote_path: str = "",
+) -> SpareJob | None:
+    """Start the job through the run's spare here, if one is ready and fits; None: start it
+    as before. FENCE_DIRS are the attempt's cgroup directories: the spare joins them first, so
+    torchrun and everything it starts are fenced from their first instruction. With
+    ZYGOTE_PATH, the spare also forks the attempt's ranks from there (see zygote.py)."""
+    sock = _connect(run_dir)
+    if sock is None:
+        return None
+    spare_pid = 0
+    try:
+        hello = _lines(sock, HELLO_TIMEOUT)
+        spare_pid = int(hello["pid"])
+        if hello.get("fit") != fit(argv, env):
+            sock.sendall(b'{"op": "exit"}\n')
+            sock.close()
+            return None
+        for d in fence_dirs:
+            with open(os.path.join(d, "cgroup.procs"), "w", encoding="ascii") as f:
+                f.write(str(spare_pid))
+        request = {"op": "run", "argv": argv, "env": env, "cwd": cwd, "umask": umask, "zygote": zygote_path}
+        data = json.dumps(request).encode() + b"\n"
+        sent = socket.send_fds(sock, [data], list(stdio))
+        sock.sendall(data[sent:])
+        reply = _lines(sock, FORK_TIMEOUT)
+        sock.settimeout(None)
+        return SpareJob(sock, int(reply["pid"]), spare_pid)
+    except (OSError, ValueError, KeyError, TypeError):
+        # Half-way: whatever the spare started is in the fence, which the attempt kills.
+        procs.signal_pids([spare_pid] if spare_pid > 0 else [], signal.SIGKILL)
+        sock.close()
+        return None
+
+
+# -- the spare's side -------------------------------------------------------------------------
+
+
+def _renice() -> int | None:
+    """Lower this process's priority by NICE where it can be raised back for torchrun (root,
+    or RLIMIT_NICE allows it); the niceness to restore, None when left as it was."""
+    now = os.getpriority(os.PRIO_PROCESS, 0)
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    may_restore = os.geteuid() == 0 or (soft != resource.RLIM_INFINITY and 20 - soft <= now)
+    if not may_restore:
+        return None
+    os.setpriority(os.PRIO_PROCESS, 0, min(now + NICE, 19))
+    return now
+
+
+class Spare:
+    def __init__(self, run_dir: str, creator: int, creator_start: int | None, fit_key: str) -> None:
+        self.dir = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        self.creator = creator
+        self.creator_start = creator_start
+        self.fit = fit_key
+        self.restore = _renice()
+        self.listener: socket.socket | None = None
+        self.inode = 0
+
+    def _path(self, name: str) -> str:
+        return f"/proc/self/fd/{self.dir}/{name}"
+
+    def listen(self) -> None:
+        """Bind a private name, then move it onto the run's socket: a newer spare replaces an
+        older one, which sees the name is no longer its own and exits."""
+        temp = f".spare-{os.getpid()}.sock"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self._path(temp))
+        os.chmod(temp, 0o600, dir_fd=self.dir)
+        sock.listen(1)
+        self.inode = os.stat(temp, dir_fd=self.dir).st_ino
+        os.rename(temp, SOCKET, src_dir_fd=self.dir, dst_dir_fd=self.dir)
+        self.listener = sock
+
+    def _owns_socket(self) -> bool:
+        try:
+            return os.stat(SOCKET, dir_fd=self.dir).st_ino == self.inode
+        except OSError:
+            return False
+
+    def _unlisten(self) -> None:
+        if self._owns_socket():
+            try:
+                os.unlink(SOCKET, dir_fd=self.dir)
+            except OSError:
+                pass
+        if self.listener is not None:
+            self.listener.close()
+
+    def wait_claim(self) -> socket.socket | None:
+        """The claiming monitor's connection; None once idle too long or replaced."""
+        assert self.listener is not None
+        gone_at: float | None = None
+        while True:
+            ready, _, _ = select.select([self.listener], [], [], LOOK)
+            if ready:
+                conn, _ = self.listener.accept()
+                uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+                if uid == os.getuid():
+                    self._unlisten()
+                    return conn
+                conn.close()
+                continue
+            if not self._owns_socket():
+                return None
+            if gone_at is None and not procs.alive(self.creator, self.creator_start):
+                gone_at = time.monotonic()
+            if gone_at is not None and time.monotonic() - gone_at > IDLE:
+                self._unlisten()
+                return None
+
+    def serve(self, conn: socket.socket) -> int:
+        conn.sendall(json.dumps({"pid": os.getpid(), "fit": self.fit}).encode() + b"\n")
+        conn.settimeout(FORK_TIMEOUT)
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+        while not data.endswith(b"\n"):
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                return 0
+            data += chunk
+        request = json.loads(data)
+        if request.get("op") != "run" or len(fds) != 3:
+            return 0
+        ranks = Zygote(request["zygote"], self.restore, [self.dir, conn.fileno()]) if request.get("zygote") else None
+        if ranks is not None:
+            request["env"][ZYGOTE_ENV] = ranks.path
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            self._become_torchrun(request, fds, ranks.fds() if ranks else [])  # never returns
+        for fd in fds:
+            os.close(fd)
+        conn.settimeout(None)
+        try:
+            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        except OSError:
+            pass
+        if ranks is not None:
+            code = ranks.run(pid)
+        else:
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        try:
+            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+        except OSError:
+            pass
+        return 0
+
+    def _become_torchrun(self, request: dict[str, Any], fds: list[int], close: list[int]) -> None:
+        code = 1
+        try:
+            os.setsid()  # its own process group: the monitor signals the job by it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # As the monitor's Popen child gets them (the monitor ignores these two).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            if self.restore is not None:
+                os.setpriority(os.PRIO_PROCESS, 0, self.restore)
+            os.umask(int(request["umask"]))
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+            for fd in {*fds, *close, self.dir} - {0, 1, 2}:
+                os.close(fd)
+            os.chdir(request["cwd"])
+            os.environ.clear()
+            os.environ.update(request["env"])
+            run = importlib.import_module("torch.distributed.run")
+            sys.argv = [str(run.__file__), *request["argv"][3:]]
+            code = run_program(run.main)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+
+
+def main(argv: list[str]) -> int:
+    """python -m ava.agent.warm RUN_DIR CREATOR_PID CREATOR_START FIT"""
+    run_dir, creator, creator_start, fit_key = argv
+    spare = Spare(run_dir, int(creator), int(creator_start) if creator_start.isdigit() else None, fit_key)
+    importlib.import_module("torch.distributed.run")  # what the spare is for
+    spare.listen()
+    try:
+        conn = spare.wait_claim()
+    finally:
+        spare._unlisten()
+    if conn is None:
+        return 0
+    return spare.serve(conn)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
