@@ -233,6 +233,11 @@ def judge(
         if job_state in FINAL_JOB:
             reason = f" ({look.job_reason})" if look.job_reason not in ("", "None") else ""
             return Verdict(FAILED, LAUNCH, f"Slurm job ended {job_state}{reason} before every agent finished")
+    if len(statuses) < nnodes:
+        # A node's status is missing from this look (not written yet, or unreadable as it was
+        # read): its progress is unknown, not stale. A hang is judged on every node's answer,
+        # never on its absence (as on SSH nodes, ava.decide).
+        return STILL_RUNNING
     if elapsed >= max(hang_timeout, STARTUP_GRACE) and (node := hung(statuses, hang_timeout)) is not None:
         return Verdict(FAILED, HANG, f"{node}: no progress for {hang_timeout:g}s (failover.hang_timeout)", node=node)
     return STILL_RUNNING

@@ -89,6 +89,20 @@ def test_a_running_node_without_progress_or_output_for_hang_timeout_is_hung_afte
     assert judge(look({"n1": busy, "n2": busy}), 2, None, 0, hang_timeout=30, elapsed=999).outcome == "running"
 
 
+def test_no_hang_is_declared_on_a_look_that_misses_a_nodes_status() -> None:
+    # n2's status is not in this look (not yet written, or unreadable as it was read): its
+    # progress is unknown, which is no evidence of a hang on n1 or anywhere (ava.decide does
+    # the same for a late answer on SSH nodes).
+    quiet = {"state": "running", "heartbeat": NOW, "started": NOW - 100, "output_time": NOW - 31}
+    late = judge(look({"n1": quiet}), 2, None, 0, hang_timeout=30, elapsed=STARTUP_GRACE + 46)
+    assert late.outcome == "running"
+    unreadable = judge(look({"n1": quiet, "n2": {"state": 7}}), 2, None, 0, hang_timeout=30, elapsed=999)
+    assert unreadable.outcome == "running"
+    # Both answering, n1 quiet for hang_timeout past the grace: a hang.
+    both = judge(look({"n1": quiet, "n2": quiet}), 2, None, 0, hang_timeout=30, elapsed=STARTUP_GRACE + 46)
+    assert (both.kind, both.node) == ("hang", "n1")
+
+
 def test_the_job_state_keeps_each_nodes_log_offset_for_a_supervisor_taking_over(tmp_path: Path) -> None:
     state = JobState("n1", "/shared/ava", [{"attempt": 1, "job": "7", "exclude": []}], {"1": {"n1": 120, "n2": 64}})
     state.save(tmp_path)
