@@ -89,6 +89,10 @@ class LineSplitter:
         return len(chunk)
 
     def flush(self) -> None:
+        """Nothing: invoke flushes after every chunk it reads, mid-line as often as not; a line
+        is delivered when its newline comes (or at `end`), never cut at a chunk's edge."""
+
+    def end(self) -> None:
         """Deliver a last line that had no newline."""
         with self._lock:
             if self.callback is not None and self._pending:

@@ -69,8 +69,8 @@ class LocalTransport:
         finally:
             for reader in readers:
                 reader.join(timeout=5)
-        out.flush()
-        err.flush()
+        out.end()
+        err.end()
         return Result(self.node.name, command, exited, out.text(), err.text())
 
     def put(self, local: Path | bytes, remote: str, *, mode: int | None = None) -> None:

@@ -233,8 +233,8 @@ class SSHTransport:
             # The channel closed without an exit status: the connection itself went away.
             self._drop()
             raise ConnectError(self.node.name, self._address, "connection lost")
-        out.flush()
-        err.flush()
+        out.end()
+        err.end()
         return Result(self.node.name, command, result.exited, out.text(), err.text())
 
     def sftp_offered(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -187,3 +188,29 @@ def test_an_unknown_proxyjump_bastion_is_refused_under_strict_and_recorded_under
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     bastion_key = Path(f"{cluster.node('n1').host_key}.pub").read_text().split()[1]
     assert bastion_key in unknown.read_text()
+
+
+@pytest.mark.parametrize("kind", ["ssh", "local"])
+def test_a_line_longer_than_a_read_reaches_on_line_whole(cluster: Cluster, tmp_path: Path, kind: str) -> None:
+    """invoke flushes its output stream after every chunk it reads: a line that spans two chunks
+    used to reach `on_line` as two lines (a rank's long log line printed broken; the master's
+    first answer to `start` never recognised)."""
+    node = load_inventory(str(cluster.inventory(["n1"], path=tmp_path / "ava.toml"))).nodes["n1"]
+    if kind == "local":
+        node = dataclasses.replace(node, transport="local")
+    long = "x" * 100_000
+    seen: list[tuple[str, str]] = []
+    try:
+        result = connect(node).run(
+            """python3 -c 'print("x" * 100000); print("short"); print("tail", end="")'""",
+            on_line=lambda stream, text: seen.append((stream, text)),
+        )
+    finally:
+        close_all()
+    assert result.ok, result.stderr
+    assert [(s, t if len(t) < 100 else f"{len(t)} chars") for s, t in seen if s == "out"] == [
+        ("out", f"{len(long)} chars"),
+        ("out", "short"),
+        ("out", "tail"),
+    ]
+    assert result.stdout == long + "\nshort\ntail"
