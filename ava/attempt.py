@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -212,8 +213,9 @@ def expecting(
 
 
 def start(launches: list[NodeLaunch], master_address: str, port: int, *, again: Again | None = None) -> int:
-    """Master first; once its store listens, every other node at once. All or nothing. Returns
-    the rendezvous port (a Stale master may have named another).
+    """Master first; once its torchrun is started, every other node at once (their torchruns wait
+    for its store). All or nothing. Returns the rendezvous port (a Stale master may have named
+    another).
 
     One agent call per node when its launch's expectations hold; a node that answers Stale is
     given what it lacks (code, a fresh route, another port) and started again, once.
@@ -223,20 +225,14 @@ def start(launches: list[NodeLaunch], master_address: str, port: int, *, again: 
     """
     tried: list[Node] = []
     try:
-        tried.append(launches[0].node)
-        # One trip to the master: it starts, then answers once its rendezvous store listens.
         try:
-            start_one(replace(launches[0], wait_store=(master_address, port)))
-        except Stale as refused:
+            outcomes = _start_all(launches, master_address, port, tried)
+        except Stale as refused:  # the master's: nothing started anywhere
             if again is None:
                 raise
             port = refused.port or port  # the others' plans change with it too
             launches = _made_good(launches, {refused.node: refused}, port, again)
-            start_one(replace(launches[0], wait_store=(master_address, port)))
-        others = launches[1:]
-        tried += [launch.node for launch in others]
-        by_node = {launch.node.name: launch for launch in others}
-        outcomes = run_all([launch.node for launch in others], lambda node: start_one(by_node[node.name]))
+            outcomes = _start_all(launches, master_address, port, tried)
         stale = {name: o for name, o in outcomes.items() if isinstance(o, Stale)}
         if stale and again is not None:
             fixed = {launch.node.name: launch for launch in _made_good(launches, stale, port, again)}
@@ -256,6 +252,29 @@ def start(launches: list[NodeLaunch], master_address: str, port: int, *, again: 
         found = [(launch.node, launch.expect.route, launch.expect.trees) for launch in launches if launch.expect]
         launchcache.remember(launches[0].expect.master, found)
     return port
+
+
+def _start_all(
+    launches: list[NodeLaunch], master_address: str, port: int, tried: list[Node]
+) -> dict[str, Status | AvaError]:
+    """Start the master, then the others as soon as its agent says its torchrun is started,
+    not when its store listens: every node's torch import runs at the same time. Raises the
+    master's failure (Stale, LeaseBusy, ...) when it comes before that; the others' outcomes
+    are returned. Every node asked is added to TRIED, for the caller's stop on failure."""
+    master = replace(launches[0], wait_store=(master_address, port))
+    started = threading.Event()
+    tried += [master.node] if master.node not in tried else []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(start_one, master, on_started=started.set)
+        first.add_done_callback(lambda _: started.set())
+        started.wait()
+        if first.done():
+            first.result()  # failed before starting anything (or an agent that answers once)
+        others = {launch.node.name: launch for launch in launches[1:]}
+        tried += [launch.node for launch in others.values() if launch.node not in tried]
+        outcomes = run_all([launch.node for launch in others.values()], lambda node: start_one(others[node.name]))
+        first.result()  # its store listens; or its failure, the others already started: the caller stops all
+    return outcomes
 
 
 def _made_good(launches: list[NodeLaunch], stale: dict[str, Stale], port: int, again: Again) -> list[NodeLaunch]:
@@ -278,7 +297,9 @@ def _made_good(launches: list[NodeLaunch], stale: dict[str, Stale], port: int, a
     return again.replan(routes, port)
 
 
-def start_one(launch: NodeLaunch) -> Status:
+def start_one(launch: NodeLaunch, *, on_started: Callable[[], None] | None = None) -> Status:
+    """Start LAUNCH on its node. The master's (`wait_store`) answers once its store listens;
+    ON_STARTED is called before that, when its agent says its torchrun is started."""
     node, spec = launch.node, launch.spec
     spec_path = f"{node.workdir.rstrip('/')}/runs/{spec.run}/spec-{spec.attempt}.json"
     transport = connect(node)
@@ -290,7 +311,12 @@ def start_one(launch: NodeLaunch) -> Status:
         args += ["--wait-store", address, str(port), "--store-timeout", f"{STORE_TIMEOUT:g}"]
     if launch.expect is not None:
         args += _expect_args(launch.expect)
-    result = transport.run(agent_command(node, *args), timeout=120 + STORE_TIMEOUT)
+
+    def said(stream: str, text: str) -> None:
+        if on_started is not None and stream == "out" and _last_json(text).get("store") == protocol.STORE_WAITING:
+            on_started()
+
+    result = transport.run(agent_command(node, *args), timeout=120 + STORE_TIMEOUT, on_line=said)
     payload = _last_json(result.stdout)
     if payload.get("error") == protocol.STALE and launch.expect is not None:
         raise _stale(node, payload, launch.expect)
@@ -302,7 +328,11 @@ def start_one(launch: NodeLaunch) -> Status:
             "`ava provision` installs this version's agent"
         )
     started = payload.get("state") in (protocol.RUNNING, protocol.SUCCEEDED)
-    if launch.wait_store is not None and (payload.get("store") or started) and payload.get("store") != "ready":
+    if (
+        launch.wait_store is not None
+        and (payload.get("store") or started)
+        and payload.get("store") != protocol.STORE_READY
+    ):
         why = payload.get("store") or payload.get("state")
         raise CommandError(f"{node.name}: the master's rendezvous never came up ({why})", tail=result.tail())
     if not result.ok:

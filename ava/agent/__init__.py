@@ -37,7 +37,9 @@ Commands
     (``<run>.<node>.a<attempt>``, also the cgroup name). stdout+stderr go to
     ``attempt-N/output.log``. The status records each rank's exit code and when it failed.
     Starting the same attempt again reports it, starts nothing. With ``--wait-store`` (the
-    master) it answers once the rendezvous store at ADDRESS:PORT listens (``"store": "ready"``).
+    master) it answers twice: a first line once its torchrun is started (``"store": "waiting"``;
+    the launcher starts the other nodes on it), the last once the rendezvous store at
+    ADDRESS:PORT listens (``"store": "ready"``) or why it never did.
 ``status WORKDIR RUN [--attempt N] [--since DIGEST --wait S] [--metrics-from K]``
     The status object (see ``status.py`` for every key, plus its ``digest``) of the given or
     latest attempt. A non-final attempt whose monitor is dead is ended and reported failed /

@@ -26,6 +26,8 @@ from .protocol import (
     STARTING,
     STOPPED,
     STOPPED_REASON,
+    STORE_READY,
+    STORE_WAITING,
     SUCCEEDED,
     ExitCode,
 )
@@ -90,9 +92,12 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.wait_store and st.get("state") == RUNNING:
         # The master: answer once its rendezvous store listens, so the others can start at once.
         address, port = args.wait_store
+        # Said at once: the port is checked and torchrun started, so the others can start now,
+        # their torchrun imports beside the master's (they wait for its store themselves).
+        _emit({**st, "store": STORE_WAITING})
         st = {**st, "store": _wait_store(adir, address, int(port), args.store_timeout)}
         _emit(st)
-        return EXIT_OK if st["store"] == "ready" else EXIT_FAILED
+        return EXIT_OK if st["store"] == STORE_READY else EXIT_FAILED
     _emit(st)
     return EXIT_OK if st.get("state") in (RUNNING, SUCCEEDED) else EXIT_FAILED
 
@@ -364,7 +369,7 @@ def _wait_store(adir: Path, address: str, port: int, timeout: float) -> str:
     while time.monotonic() < end:
         try:
             socket.create_connection((address, port), timeout=1).close()
-            return "ready"
+            return STORE_READY
         except OSError:
             pass
         st = status.read(adir)

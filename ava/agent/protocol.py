@@ -79,6 +79,12 @@ PROTOCOL_MISMATCH: AgentError = "protocol"
 # nothing started; the answer says what is missing (`trees_missing`, `route`, `port`).
 STALE: AgentError = "stale"
 
+# The master's `start --wait-store` answers twice: "waiting" as soon as its torchrun is started
+# (the launcher starts the other nodes on it), then "ready" once the rendezvous store listens,
+# or why it never came up (the attempt's state, or "timeout").
+STORE_WAITING = "waiting"
+STORE_READY = "ready"
+
 
 # -- JSON helpers ----------------------------------------------------------------------------
 

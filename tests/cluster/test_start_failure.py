@@ -25,8 +25,8 @@ LOST_REPLY = textwrap.dedent("""
 
     real = attempt.start_one
 
-    def start_one(launch):
-        payload = real(launch)
+    def start_one(launch, **options):
+        payload = real(launch, **options)
         if launch.node.name == "n2":
             raise CommandError("n2: the connection dropped before the agent's reply")
         return payload
