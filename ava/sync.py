@@ -215,8 +215,17 @@ def ship_agent(node: Node) -> bool:
     path = agent_path(node)
     if transport.run(f"test -f {shell_path(path)}").ok:
         return False
-    transport.put(agent_bundle()[0], path, mode=0o755)
+    transport.put(agent_shipped(), path, mode=0o755)
     return True
+
+
+@lru_cache(maxsize=1)
+def agent_shipped() -> bytes:
+    """What goes to the nodes: the zipapp with its bytecode (compiled here, once per process that
+    ships it; a launch whose nodes have this agent never compiles)."""
+    from ava.agent import with_bytecode
+
+    return with_bytecode(agent_bundle()[0])
 
 
 def ship_runtime(node: Node) -> SyncStats:

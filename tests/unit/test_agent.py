@@ -9,9 +9,12 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
-from ava.agent import build_zipapp
+import pytest
+
+from ava.agent import build_zipapp, with_bytecode
 from ava.agent.status import parse_rank_exit_codes
 from tests.support.agent_helpers import (
     REPO,
@@ -286,9 +289,32 @@ def test_zipapp_is_deterministic() -> None:
     assert build_zipapp() == (blob, digest) and len(digest) == 64
 
 
+def _code_file(pyz: Path) -> str:
+    """Where the code of a module the zipapp runs came from, as its functions say."""
+    probe = f"import sys; sys.path.insert(0, {str(pyz)!r}); import avaagent.layout as m; print(m.run_dir.__code__.co_filename)"
+    done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_shipped_zipapp_runs_its_bytecode_and_falls_back_to_sources_on_another_python(tmp_path: Path) -> None:
+    shipped = tmp_path / "shipped.pyz"
+    shipped.write_bytes(with_bytecode(build_zipapp()[0]))
+    assert _code_file(shipped) == "avaagent/layout.py"  # compiled at build time: no compile here
+    # Another Python's magic number: zipimport skips the pycs and compiles the sources.
+    other = tmp_path / "other.pyz"
+    with zipfile.ZipFile(shipped) as source, zipfile.ZipFile(other, "w") as out:
+        for info in source.infolist():
+            data = source.read(info)
+            out.writestr(info, (b"\0\0" + data[2:]) if info.filename.endswith(".pyc") else data)
+    assert _code_file(other) == f"{other}/avaagent/layout.py"
+
+
 @needs_cgroups
-def test_zipapp_runs_isolated_from_a_temp_dir(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shipped", [False, True], ids=["sources", "with-bytecode"])
+def test_zipapp_runs_isolated_from_a_temp_dir(tmp_path: Path, shipped: bool) -> None:
     blob, _ = build_zipapp()
+    blob = with_bytecode(blob) if shipped else blob
     pyz = tmp_path / "x" / "agent.pyz"
     pyz.parent.mkdir()
     pyz.write_bytes(blob)
