@@ -11,6 +11,14 @@ With WAIT (seconds), a long poll: it answers as soon as there is news (a whole n
 a node whose agent state is not the one in KNOWN_JSON, node -> state), else after WAIT. Reading
 the shared filesystem is cheap; what costs (an SSH command, this interpreter, squeue, sinfo) is
 then paid once per answer, not once per short poll, on a login node that may be busy.
+
+With STREAM_JSON too ({"life": S, "nnodes": N, "gap": G, "starting": G0}), a stream: one answer
+per line, each from where the one before it left off (offsets and states), until LIFE seconds
+have passed, the job has left the queue, or the next attempt's template is there. Answers come
+on news, at most one per G seconds once a rank of N nodes has printed (G0 before: the start is
+what users wait on), and after WAIT seconds without news; squeue and sinfo at most once a
+second. One SSH command and one interpreter per stream instead of per answer: while ranks
+start (importing torch on the same nodes), each look at them costs next to nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -103,22 +112,82 @@ def news(statuses: dict[str, Any], logs: dict[str, Any], known: dict[str, Any]) 
     return states != known or any(log["text"] for log in logs.values())
 
 
+def slurm_facts(job: str) -> dict[str, Any]:
+    """The job's state and every node's sinfo state, squeue and sinfo side by side."""
+    states: dict[str, str] = {}
+    sinfo = threading.Thread(target=lambda: states.update(node_states()))
+    sinfo.start()
+    facts: dict[str, Any] = {"job": job_state(job) if job else {}}
+    sinfo.join()
+    facts["states"] = states
+    return facts
+
+
+def answer(facts: dict[str, Any], statuses: dict[str, Any], logs: dict[str, Any]) -> str:
+    return json.dumps({**facts, "status": statuses, "logs": logs, "now": time.time()}) + "\n"
+
+
 def main(argv: list[str]) -> int:
     shared, run_id, attempt, job, offsets = argv[0], argv[1], int(argv[2]), argv[3], json.loads(argv[4])
     wait = float(argv[5]) if len(argv) > 5 else 0.0
     known = json.loads(argv[6]) if len(argv) > 6 else {}
+    if len(argv) > 7:
+        return stream(shared, run_id, attempt, job, offsets, known, wait, json.loads(argv[7]))
     end = time.monotonic() + wait
     statuses, logs = scan(shared, run_id, attempt, offsets)
     while time.monotonic() < end and not news(statuses, logs, known):
         time.sleep(TICK)
         statuses, logs = scan(shared, run_id, attempt, offsets)
-    # The job's and the nodes' states last, as of the answer; squeue and sinfo side by side.
-    states: dict[str, str] = {}
-    sinfo = threading.Thread(target=lambda: states.update(node_states()))
-    sinfo.start()
-    result: dict[str, Any] = {"job": job_state(job) if job else {}}
-    sinfo.join()
-    result["states"] = states
-    result.update(status=statuses, logs=logs, now=time.time())
-    sys.stdout.write(json.dumps(result) + "\n")
+    # The job's and the nodes' states last, as of the answer.
+    sys.stdout.write(answer(slurm_facts(job), statuses, logs))
     return 0
+
+
+FACTS_EVERY = 1.0  # a stream's squeue and sinfo, at most this often
+_RANK_LINE = re.compile(r"^\[\d+\]:", re.M)  # a rank's line, as torchrun prefixes it
+GONE = ("", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL")
+
+
+def stream(
+    shared: str,
+    run_id: str,
+    attempt: int,
+    job: str,
+    offsets: dict[str, Any],
+    known: dict[str, Any],
+    wait: float,
+    options: dict[str, Any],
+) -> int:
+    """Answer line after line (see the module's doc); 0 when done, or when no one reads."""
+    started = time.monotonic()
+    nnodes = int(options.get("nnodes", 1))
+    gap, starting = float(options.get("gap", 1.0)), float(options.get("starting", TICK))
+    following = os.path.join(shared, "slurm", run_id, f"attempt-{attempt + 1}.json")
+    offsets = dict(offsets)
+    ranked: set[str] = set()
+    facts: dict[str, Any] = {}
+    facts_at = answered = float("-inf")
+    while True:
+        statuses, logs = scan(shared, run_id, attempt, offsets)
+        now = time.monotonic()
+        last = now - started >= float(options.get("life", 30.0))
+        soon = gap if len(ranked) >= nnodes else starting
+        due = now - answered >= wait or last or os.path.exists(following)
+        if due or (news(statuses, logs, known) and now - answered >= soon):
+            if due or now - facts_at >= FACTS_EVERY:
+                facts, facts_at = slurm_facts(job), now
+            try:
+                sys.stdout.write(answer(facts, statuses, logs))
+                sys.stdout.flush()
+            except OSError:  # the supervisor went away (its SSH session closed)
+                return 0
+            answered = now
+            known = {node: status.get("state") for node, status in statuses.items()}
+            for node, log in logs.items():
+                offsets[node] = log["offset"]
+                if _RANK_LINE.search(log["text"]):
+                    ranked.add(node)
+            job_now = facts.get("job") or {}
+            if last or os.path.exists(following) or (job and job_now.get("state", "").split(" ")[0] in GONE):
+                return 0
+        time.sleep(TICK)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,43 @@ def look(
     data = json.loads(lines[-1])
     assert isinstance(data, dict)
     return data
+
+
+def watch(
+    login: Node,
+    paths: Paths,
+    attempt: int,
+    job: str,
+    offsets: dict[str, int],
+    known: dict[str, str],
+    on_look: Callable[[dict[str, Any]], None],
+    *,
+    wait: float,
+    nnodes: int,
+    gap: float,
+    starting: float,
+    life: float = 30.0,
+) -> None:
+    """Looks at the attempt as a stream (the agent's slurm-watch with a stream's options): each
+    answer, from where the one before it left off, to ON_LOOK as it arrives. Returns when the
+    stream ends (after LIFE seconds, or once the job has left the queue); a lost connection, or
+    no end within LIFE and a margin, raises."""
+
+    def line(stream: str, text: str) -> None:
+        if stream == "out" and text.startswith("{"):
+            try:
+                data = json.loads(text)
+            except ValueError:
+                return  # not an answer (a line the login's shell printed)
+            if isinstance(data, dict):
+                on_look(data)
+
+    options = {"life": life, "nnodes": nnodes, "gap": gap, "starting": starting}
+    words = [paths.shared, paths.run, str(attempt), job, json.dumps(offsets), f"{wait:g}", json.dumps(known)]
+    command = sync.agent_command(login, "slurm-watch", *words, json.dumps(options))
+    result = connect(login).run(command, timeout=life + 30, on_line=line)
+    if not result.ok:
+        raise CommandError(f"{login.name}: could not look at job {job} (exit {result.exited})", tail=result.tail())
 
 
 def output_tail(login: Node, paths: Paths, job: str, lines: int = 15) -> str:

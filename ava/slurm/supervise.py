@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import threading
 import time
@@ -47,11 +48,13 @@ from ava.slurm.inventory import SlurmSettings, compute_python, login_node
 
 STOP_FILE = "stop"  # ava.supervisor.STOP_FILE: `ava stop` touches it in the run's record folder
 STATE_FILE = "slurm.json"  # the run's jobs, beside record.json
-# One look is one SSH command on the login node (an interpreter, squeue, sinfo, file reads), a
-# long poll (agent/slurmwatch.py) that answers at once when there is news, else after LONG_POLL.
-LONG_POLL = 2.0  # also how long Ctrl-C or `ava stop` may wait for the look in flight
-POLL = 1.0  # after news, once every node's ranks have written: lines come in batches
-POLL_STARTING = 0.05  # after news while starting: the start is what users wait on
+# The looks at an attempt are a stream (agent/slurmwatch.py): one SSH command and one interpreter
+# on the login node for up to STREAM_LIFE seconds, answering on news, else after LONG_POLL.
+LONG_POLL = 2.0
+POLL = 1.0  # between answers with news once every node's ranks have written: lines come in batches
+POLL_STARTING = 0.05  # between answers with news while starting: the start is what users wait on
+STREAM_LIFE = 30.0
+WAKE = 0.2  # how often the loop checks for Ctrl-C and `ava stop` while it waits for an answer
 STALE_AFTER = 12.0  # a heartbeat this old (login node's clock) on a running attempt: node lost
 STARTUP_GRACE = 60.0  # imports, rendezvous, loading a checkpoint: no hang before this
 SETTLE_AFTER = 15.0  # after a first failure, how long the other nodes get to end or go stale
@@ -438,26 +441,27 @@ class SlurmSupervisor:
         pending_reason = ""
         nnodes = self.recipe.resources.nodes_min
         known: dict[str, str] = {}  # each node's agent state as of the last look
-        ranked: set[str] = set()  # the nodes whose ranks have printed a line
+        stream: _Stream | None = None
         while True:
             if self._leave.is_set():
                 raise Left
             if self.stop_requested():
                 return Verdict(STOPPED, STOPPED_KIND, "stopped by `ava stop`")
-            try:
-                raw = backend.look(self.login, self.paths, current.number, job, offsets, wait=LONG_POLL, known=known)
-                look = Look.from_json(raw)
-            except AvaError as exc:
-                self.sink.event(f"could not look at job {job}: {exc.message}")
-                self.sleep(POLL)
+            if stream is None or stream.ended():
+                if stream is not None and stream.error is not None:
+                    self.sink.event(f"could not look at job {job}: {stream.error.message}")
+                if stream is not None and time.monotonic() - stream.started < POLL:
+                    self.sleep(POLL)  # a stream that ended at once (the job left the queue)
+                stream = self._stream(current.number, job, offsets, known, nnodes)
+            raw = stream.next(WAKE)
+            if raw is None:
                 continue
+            look = Look.from_json(raw)
             for name, (offset, chunk) in sorted(look.logs.items()):
                 offsets[name] = offset
                 for text in chunk.splitlines():
                     m = _RANK.match(text)
                     self.sink.line(name, m.group(1) if m else None, m.group(2) if m else text)
-                    if m:
-                        ranked.add(name)
             if offsets != self.state.offsets.get(key):
                 self.state.offsets = {key: dict(offsets)}
                 self.state.save(self.record.dir)
@@ -488,11 +492,58 @@ class SlurmSupervisor:
             )
             if verdict.outcome != RUNNING:
                 return verdict
-            states: dict[str, str] = {name: status.state for name, status in statuses.items()}
-            if states != known or any(chunk for _, chunk in look.logs.values()):
-                # Started once a rank of every node has printed (torchrun's own lines come first).
-                self.sleep(POLL if len(ranked) >= nnodes else POLL_STARTING)
-            known = states
+            known = {name: status.state for name, status in statuses.items()}
+
+    def _stream(self, attempt: int, job: str, offsets: dict[str, int], known: dict[str, str], nnodes: int) -> _Stream:
+        """Looks at the attempt from where the supervisor has got to (its offsets and states)."""
+        login, paths, at, seen = self.login, self.paths, dict(offsets), dict(known)
+
+        def looks(on_look: Callable[[dict[str, Any]], None]) -> None:
+            backend.watch(
+                login,
+                paths,
+                attempt,
+                job,
+                at,
+                seen,
+                on_look,
+                wait=LONG_POLL,
+                nnodes=nnodes,
+                gap=POLL,
+                starting=POLL_STARTING,
+                life=STREAM_LIFE,
+            )
+
+        return _Stream(looks)
+
+
+class _Stream:
+    """One stream of looks (backend.watch) read in a thread: its answers, in order, and how it
+    ended. It ends by itself (its life, the job gone); a supervisor done with it leaves it to end."""
+
+    def __init__(self, looks: Callable[[Callable[[dict[str, Any]], None]], None]) -> None:
+        self.answers: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.error: AvaError | None = None
+        self.started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, args=(looks,), name="slurm-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self, looks: Callable[[Callable[[dict[str, Any]], None]], None]) -> None:
+        try:
+            looks(self.answers.put)
+        except AvaError as exc:
+            self.error = exc
+
+    def next(self, timeout: float) -> dict[str, Any] | None:
+        """The next answer, or None if none came within TIMEOUT."""
+        try:
+            return self.answers.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def ended(self) -> bool:
+        """The stream is over and every answer of it was taken."""
+        return not self._thread.is_alive() and self.answers.empty()
 
 
 def _user() -> str:
