@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from common import REPO, Stamped, clean_env, median, ratio, seconds, spread, table
@@ -39,27 +41,87 @@ _STAMP = re.compile(r'STAMP (\{"rank": \d+, .*\})$')
 def stamps(lines: list[str], key: str = "time") -> dict[int, float]:
     """Each rank's start time (wall clock) from its STAMP line; with KEY "torchrun", when its
     torchrun started."""
-    found = {}
+    return {rank: data[key] for rank, data in stamped(lines).items()}
+
+
+def stamped(lines: list[str]) -> dict[int, dict[str, float]]:
+    """Each rank's STAMP line: when it started and when its torchrun did (wall clock)."""
+    found: dict[int, dict[str, float]] = {}
     for line in lines:
         if m := _STAMP.search(line):
             data = json.loads(m.group(1))
-            found.setdefault(int(data["rank"]), float(data[key]))
+            found.setdefault(int(data["rank"]), {k: float(data[k]) for k in ("time", "torchrun")})
     return found
 
 
-def ava_trial(inventory: Path, nodes: int, home: Path) -> tuple[float, float]:
-    """Seconds from `ava train` to every rank running, and to ava's terminal showing it."""
+PHASES = (
+    "submitted",
+    "allocated",
+    "step launched",
+    "torchrun started",
+    "every rank running",
+)
+_LOGGED = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)\] (.*)$")
+
+
+def logged(path: Path, text: str) -> list[float]:
+    """When Slurm's log at PATH wrote a line holding TEXT (wall clock, ms)."""
+    found = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        if (m := _LOGGED.match(line)) and text in m.group(2):
+            found.append(datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f").timestamp())
+    return found
+
+
+def phases(slurm: SlurmCluster, job: str, began: float, found: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Seconds from the start to each step of the launch: the job submitted and allocated
+    (slurmctld's log), its step launched on the last node (slurmd's logs), the last torchrun
+    started, every rank running (the ranks' stamps)."""
+    launched = [t for path in slurm.dir.glob("slurmd-*.log") for t in logged(path, f"launch task StepId={job}.0 ")]
+    at = {
+        "submitted": min(
+            logged(slurm.dir / "slurmctld.log", f"submit_batch_job: JobId={job} "),
+            default=math.nan,
+        ),
+        "allocated": min(
+            logged(slurm.dir / "slurmctld.log", f"Allocate JobId={job} "),
+            default=math.nan,
+        ),
+        "step launched": max(launched, default=math.nan),
+        "torchrun started": max(s["torchrun"] for s in found.values()),
+        "every rank running": max(s["time"] for s in found.values()),
+    }
+    return {name: value - began for name, value in at.items()}
+
+
+def ava_trial(inventory: Path, nodes: int, home: Path, slurm: SlurmCluster) -> tuple[float, float, dict[str, float]]:
+    """Seconds from `ava train` to every rank running, to ava's terminal showing it, and to
+    each step of the launch."""
     run = Stamped()
-    argv = [sys.executable, "-m", "ava", "--inventory", str(inventory), "train", str(STAMP)]
+    argv = [
+        sys.executable,
+        "-m",
+        "ava",
+        "--inventory",
+        str(inventory),
+        "train",
+        str(STAMP),
+    ]
     began = time.time()
-    run.spawn("ava", [*argv, "--set", f"resources.nodes={nodes}"], env=clean_env(AVA_HOME=str(home)))
+    run.spawn(
+        "ava",
+        [*argv, "--set", f"resources.nodes={nodes}"],
+        env=clean_env(AVA_HOME=str(home)),
+    )
     ok = run.wait_for(lambda lines: len(stamps([l.text for l in lines])) >= nodes, timeout=180)
     seen = max((l.at for l in run.lines if "STAMP" in l.text), default=float("nan"))
     run.finish(timeout=120)
     found = stamps([l.text for l in run.lines])
     if not ok or len(found) < nodes:
         raise SystemExit("ava never had every rank running:\n" + run.text()[-3000:])
-    return max(found.values()) - began, seen
+    job = re.search(r"Slurm job (\d+)", run.text())
+    steps = phases(slurm, job.group(1), began, stamped([l.text for l in run.lines])) if job else {}
+    return max(found.values()) - began, seen, steps
 
 
 def hand_script(slurm: SlurmCluster, nodes: int, out: str) -> str:
@@ -79,27 +141,61 @@ def hand_script(slurm: SlurmCluster, nodes: int, out: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sbatch_trial(slurm: SlurmCluster, nodes: int, number: int) -> float:
+def sbatch_trial(slurm: SlurmCluster, nodes: int, number: int) -> tuple[float, dict[str, float]]:
     folder = slurm.shared / "hand"
     folder.mkdir(exist_ok=True)
     out = folder / f"out-{number}.txt"
     script = folder / f"job-{number}.sbatch"
     script.write_text(hand_script(slurm, nodes, str(out)))
     cluster, login = slurm.cluster, slurm.node(slurm.login)
-    ssh = ["ssh", "-i", str(cluster.key), "-o", f"UserKnownHostsFile={cluster.known_hosts}", "-o", "BatchMode=yes"]
+    ssh = [
+        "ssh",
+        "-i",
+        str(cluster.key),
+        "-o",
+        f"UserKnownHostsFile={cluster.known_hosts}",
+        "-o",
+        "BatchMode=yes",
+    ]
     began = time.time()
-    subprocess.run(
-        [*ssh, f"root@{login.address}", f"sbatch --parsable {shlex.quote(str(script))}"],
+    job = subprocess.run(
+        [
+            *ssh,
+            f"root@{login.address}",
+            f"sbatch --parsable {shlex.quote(str(script))}",
+        ],
         check=True,
         capture_output=True,
-    )
+        text=True,
+    ).stdout.strip()
     while time.time() - began < 180:
-        found = stamps(out.read_text(errors="replace").splitlines() if out.exists() else [])
+        found = stamped(out.read_text(errors="replace").splitlines() if out.exists() else [])
         if len(found) >= nodes:
             wait_idle(slurm)
-            return max(found.values()) - began
+            return max(s["time"] for s in found.values()) - began, phases(slurm, job, began, found)
         time.sleep(0.05)
     raise SystemExit(f"the hand-written job never had every rank running: {out}")
+
+
+def step_table(steps: dict[str, list[dict[str, float]]]) -> None:
+    """Medians of when each launch step ended, and of how long it took, side by side."""
+    rows = []
+    for number, name in enumerate(PHASES):
+        row = [name]
+        for side in ("ava", "sbatch"):
+            at = [s.get(name, math.nan) for s in steps[side]]
+            before = [s.get(PHASES[number - 1], math.nan) if number else 0.0 for s in steps[side]]
+            row += [
+                seconds(median(at)),
+                seconds(median([a - b for a, b in zip(at, before)])),
+            ]
+        rows.append(row)
+    table(
+        ["step (from the start)", "ava: at", "ava: took", "sbatch: at", "sbatch: took"],
+        rows,
+        title="Where the time goes: medians (submitted and allocated from slurmctld's log, the step from "
+        "slurmd's, torchrun and the ranks from their stamps)",
+    )
 
 
 def load() -> str:
@@ -121,33 +217,46 @@ def main(argv: list[str]) -> int:
     with running_slurm(3) as slurm:
         inventory = slurm.inventory()
         home = slurm.cluster.root / "home"
-        cold, _ = ava_trial(inventory, args.nodes, home)
+        cold, _, _ = ava_trial(inventory, args.nodes, home, slurm)
         wait_idle(slurm)
         before = load()
         ava_times: list[float] = []
         seen_times: list[float] = []
         hand_times: list[float] = []
+        steps: dict[str, list[dict[str, float]]] = {"ava": [], "sbatch": []}
         for number in range(args.trials):
             for name in ("ava", "sbatch") if number % 2 == 0 else ("sbatch", "ava"):
                 if name == "ava":
-                    took, seen = ava_trial(inventory, args.nodes, home)
+                    took, seen, launch = ava_trial(inventory, args.nodes, home, slurm)
                     ava_times.append(took)
                     seen_times.append(seen)
+                    steps["ava"].append(launch)
                     wait_idle(slurm)
                 else:
-                    hand_times.append(sbatch_trial(slurm, args.nodes, number))
+                    took, launch = sbatch_trial(slurm, args.nodes, number)
+                    hand_times.append(took)
+                    steps["sbatch"].append(launch)
         after = load()
         table(
             ["launcher", "median", "samples (s)"],
             [
                 ["ava train (first launch)", seconds(cold), "-"],
                 ["ava train", seconds(median(ava_times)), spread(ava_times)],
-                ["  its terminal shows it", seconds(median(seen_times)), spread(seen_times)],
-                ["sbatch hand-written", seconds(median(hand_times)), spread(hand_times)],
+                [
+                    "  its terminal shows it",
+                    seconds(median(seen_times)),
+                    spread(seen_times),
+                ],
+                [
+                    "sbatch hand-written",
+                    seconds(median(hand_times)),
+                    spread(hand_times),
+                ],
             ],
             title=f"Slurm: start to every rank running, {args.nodes} nodes, {args.trials} trials "
             f"(os.cpu_count()={os.cpu_count()})",
         )
+        step_table(steps)
         pairs = [a / h for a, h in zip(ava_times, hand_times, strict=True)]
         print(f"\nmachine: {before} before, {after} after")
         print(f"ava / sbatch hand-written, per trial: {', '.join(f'{r:.2f}' for r in pairs)}")
