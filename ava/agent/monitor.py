@@ -330,7 +330,7 @@ class Monitor:
                 oom = True
                 break
             if self._stop_requested():
-                self._terminate(job, fence)
+                self._terminate(job, fence, ranks)
                 break
             failed = ranks.failed_codes()
             fail_times = _failing(ranks, failed)
@@ -441,15 +441,20 @@ class Monitor:
             self.st["from_spare"] = job.spare_pid
         return job
 
-    def _terminate(self, job: warm.Job, fence: Fence) -> None:
-        """SIGTERM the job's process group and give it the grace to exit on its own."""
+    def _terminate(self, job: warm.Job, fence: Fence, ranks: RankWatch) -> None:
+        """SIGTERM the job's process group and give it the grace to exit on its own. The grace
+        is the ranks': once all have exited, torchrun's own wind-down (its summary, ~1 s on a
+        busy node) is not waited for, the fence's kill ends it (a failover waits on this)."""
         procs.signal_group(job.pid, signal.SIGTERM)
         # A stopped process (SIGSTOP, a hang the supervisor ends) would hold its SIGTERM, and
         # the job its whole grace, until the kill: let every process of the fence act on it.
         procs.signal_pids(fence.pids(), signal.SIGCONT)
         end = time.monotonic() + (self.stop_grace or 0.0)
         while job.poll() is None and time.monotonic() < end:
-            time.sleep(0.05)
+            ranks.scan()
+            if ranks.all_exited():
+                break
+            ranks.wait(0.05)
 
 
 def _failing(ranks: RankWatch, failed: dict[str, int]) -> dict[str, float]:

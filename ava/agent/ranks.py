@@ -127,6 +127,10 @@ class RankWatch:
         if fd is not None:
             os.close(fd)
 
+    def all_exited(self) -> bool:
+        """Ranks were started and every one seen has exited."""
+        return bool(self._seen) and not self._live
+
     def close(self) -> None:
         """After the job: the ranks still here were ended by the fence's kill (torchrun died
         first): their exits are dated, their codes are not the failure's."""
