@@ -21,13 +21,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ava import launchcache, sync
+from ava import launchcache, provision, sync
 from ava.agent import protocol
 from ava.agent.protocol import ExitCode, Holder, Status, StopReport
 from ava.config import Node, Recipe
 from ava.decide import Answer, liveness_scale
 from ava.errors import AvaError, CommandError
 from ava.launch import Expect, NodeLaunch, Route
+from ava.provision import ReadyCheck
 from ava.sync import agent_command
 from ava.transport import connect, run_all
 
@@ -58,12 +59,16 @@ class Stale(CommandError):
     """A one-trip start refused by the node's agent: what the launch took for granted there (its
     launch.Expect) is not so. Nothing started; the facts for a second try come with it."""
 
-    def __init__(self, node: str, trees: list[str], route: Route | None, port: int | None) -> None:
-        what = [f"code trees {', '.join(trees)} missing"] if trees else []
+    def __init__(
+        self, node: str, trees: list[str], route: Route | None, port: int | None, *, unready: bool = False
+    ) -> None:
+        what = ["its setup changed since it was last found ready"] if unready else []
+        what += [f"code trees {', '.join(trees)} missing"] if trees else []
         what += ["its route to the master changed"] if route is not None else []
         what += [f"the rendezvous port is taken (port {port} is free)"] if port is not None else []
         super().__init__(f"{node}: {'; '.join(what) or 'the start was refused'}")
         self.node, self.trees, self.route, self.port = node, trees, route, port
+        self.unready = unready  # the provision facts changed: provision it before the second try
 
 
 @dataclass
@@ -77,6 +82,8 @@ class Prepared:
     # The routes and port were not asked for but remembered (launchcache) or picked: the start
     # takes them for granted and each agent checks them (see expecting).
     remembered: bool = False
+    # Nodes whose provision check rides in their start (see expecting): not checked before it.
+    ready: dict[str, ReadyCheck] = field(default_factory=dict)
 
 
 def fail_on_errors(outcomes: dict[str, Any], what: str) -> None:
@@ -102,14 +109,17 @@ def prepare(
     """Provision what is missing on every node (agent, runtime, cache config, cgroup parent,
     the run's venv), then put the run's code where it is not yet. With MASTER, the nodes' routes
     to it are found in the same trip that asks whether the code is there: on a warm launch that
-    is two trips per node (the provision check, this probe), and the start is the third."""
-    from ava import provision
-
+    is two trips per node (the provision check, this probe), and the start is the third; on a
+    warm one, the start alone (the provision check rides in it: `ready`)."""
     prepared = Prepared(manifest.tree, sync.runtime_manifest()[0].tree)
-    if not provisioned:  # PROVISIONED: the caller has just made sure, a moment ago
-        fail_on_errors(provision.ensure(nodes, recipe=recipe, base=inventory_dir), "provisioning nodes")
-    lacking = nodes
     known = launchcache.load(nodes, master) if master is not None else {}
+    if not provisioned and master is not None and len(known) == len(nodes):
+        prepared.ready = ready_checks(nodes, recipe=recipe, base=inventory_dir)
+    if not provisioned and len(prepared.ready) < len(nodes):
+        # PROVISIONED: the caller has just made sure, a moment ago
+        fail_on_errors(provision.ensure(nodes, recipe=recipe, base=inventory_dir), "provisioning nodes")
+        prepared.ready = {}
+    lacking = nodes
     if master is not None and len(known) == len(nodes):
         # A warm launch: the routes are remembered and the start checks them (no probe).
         prepared.routes = {name: entry.route for name, entry in known.items()}
@@ -130,6 +140,20 @@ def prepare(
         launchcache.remember(master, [(node, prepared.routes[node.name], trees) for node in nodes])
     prepared.pythons = {node.name: provision.venv_python(node, recipe=recipe, root=inventory_dir) for node in nodes}
     return prepared
+
+
+def ready_checks(nodes: list[Node], *, recipe: Recipe, base: Path) -> dict[str, ReadyCheck]:
+    """Each node's remembered provision check for RECIPE (ava.launchcache), where it has one."""
+    checks = {node.name: provision.ready_check(node, recipe=recipe, base=base) for node in nodes}
+    return {name: check for name, check in checks.items() if check is not None}
+
+
+def one_trip(nodes: list[Node], master: str, *, recipe: Recipe, base: Path) -> bool:
+    """Whether a launch on NODES can be one trip per node: each one's route to MASTER and its
+    provision check are remembered (`ava train` then leaves the check to the start)."""
+    return len(launchcache.load(nodes, master)) == len(nodes) and len(
+        ready_checks(nodes, recipe=recipe, base=base)
+    ) == len(nodes)
 
 
 @dataclass(frozen=True)
@@ -196,17 +220,32 @@ class Again:
     manifest: sync.Manifest
     code_root: Path
     replan: Replan
+    provision: Callable[[Node], None] | None = None  # for a node whose setup changed (Stale.unready)
 
 
 def expecting(
-    launches: list[NodeLaunch], master: str, routes: dict[str, Route], port: int, trees: tuple[str, ...]
+    launches: list[NodeLaunch],
+    master: str,
+    routes: dict[str, Route],
+    port: int,
+    trees: tuple[str, ...],
+    ready: dict[str, ReadyCheck] | None = None,
 ) -> list[NodeLaunch]:
     """The launches as one-trip starts: each agent checks the route and trees they were planned
-    with (and the master, that the port is free) before it starts."""
+    with (and the master, that the port is free) before it starts; where READY has the node, its
+    provision facts are checked in the same trip (provision.guarded)."""
+    ready = ready or {}
     return [
         replace(
             launch,
-            expect=Expect(master, launch.node.interface, routes[launch.node.name], trees, port if i == 0 else None),
+            expect=Expect(
+                master,
+                launch.node.interface,
+                routes[launch.node.name],
+                trees,
+                port if i == 0 else None,
+                ready.get(launch.node.name),
+            ),
         )
         for i, launch in enumerate(launches)
     ]
@@ -282,6 +321,10 @@ def _made_good(launches: list[NodeLaunch], stale: dict[str, Stale], port: int, a
     by_name = {launch.node.name: launch for launch in launches}
 
     def ship(node: Node) -> None:
+        if stale[node.name].unready:
+            if again.provision is None:
+                raise stale[node.name]
+            again.provision(node)  # first: a new agent or runtime may come with it
         for tree in stale[node.name].trees:
             if tree == again.manifest.tree:
                 sync.ship_tree(node, again.manifest, again.code_root)
@@ -294,7 +337,13 @@ def _made_good(launches: list[NodeLaunch], stale: dict[str, Stale], port: int, a
         assert launch.expect is not None, "only a one-trip start answers Stale"
         fresh = stale[launch.node.name].route if launch.node.name in stale else None
         routes[launch.node.name] = fresh or launch.expect.route
-    return again.replan(routes, port)
+    # A node provisioned just now: its facts changed, so the old check would refuse it again.
+    return [
+        replace(launch, expect=replace(launch.expect, ready=None))
+        if launch.expect is not None and launch.node.name in stale
+        else launch
+        for launch in again.replan(routes, port)
+    ]
 
 
 def start_one(launch: NodeLaunch, *, on_started: Callable[[], None] | None = None) -> Status:
@@ -316,7 +365,12 @@ def start_one(launch: NodeLaunch, *, on_started: Callable[[], None] | None = Non
         if on_started is not None and stream == "out" and _last_json(text).get("store") == protocol.STORE_WAITING:
             on_started()
 
-    result = transport.run(agent_command(node, *args), timeout=120 + STORE_TIMEOUT, on_line=said)
+    command = agent_command(node, *args)
+    if launch.expect is not None and launch.expect.ready is not None:
+        command = provision.guarded(command, launch.expect.ready)
+    result = transport.run(command, timeout=120 + STORE_TIMEOUT, on_line=said)
+    if launch.expect is not None and provision.FACTS_CHANGED in result.stdout.split():
+        raise Stale(node.name, [], None, None, unready=True)
     payload = _last_json(result.stdout)
     if payload.get("error") == protocol.STALE and launch.expect is not None:
         raise _stale(node, payload, launch.expect)

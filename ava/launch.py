@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 import posixpath
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ava.agent.cgroups import PARENT as CGROUP_PARENT
 from ava.agent.protocol import SpecLimits, StartSpec
 from ava.config import Node, Recipe
+
+if TYPE_CHECKING:
+    from ava.provision import ReadyCheck
 
 # torchrun prefixes every worker line with its global rank; ava's log streams rely on it.
 RANK_PREFIX_TEMPLATE = "[${rank}]:"
@@ -62,6 +66,7 @@ class Expect:
     route: Route
     trees: tuple[str, ...]  # code and runtime trees that must be complete there
     port: int | None = None  # on the master: the rendezvous port must be free
+    ready: ReadyCheck | None = None  # the provision facts must read as when last found ready
 
 
 @dataclass(frozen=True)

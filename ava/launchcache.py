@@ -1,5 +1,6 @@
-"""What launches remember of each node between runs: its route to a master, and the code trees
-seen complete there (`$AVA_HOME/launch-cache.json`).
+"""What launches remember of each node between runs: its route to a master, the code trees
+seen complete there, and what its provision facts read when they last showed nothing to do
+(`$AVA_HOME/launch-cache.json`).
 
 A warm launch builds its specs from this without asking the nodes first; each node's agent
 checks it at start (launch.Expect) and answers what is not so instead of starting. A wrong or
@@ -8,10 +9,11 @@ old entry costs a second trip to that node, never a wrong launch; a missing one,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from ava.launch import Route
 
 FILE = "launch-cache.json"
 KEEP_TREES = 16  # per node: code trees are content-addressed, a handful of recent ones is plenty
+KEEP_FACTS = 8  # per node: one per recipe environment (a facts command) recently launched there
 _lock = threading.Lock()
 
 
@@ -67,11 +70,38 @@ def load(nodes: Sequence[Node], master: str) -> dict[str, Known]:
     return known
 
 
+def _facts_key(node: Node) -> str:
+    return json.dumps(["facts", node.name, node.transport, node.host, node.user, node.port, node.workdir])
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def ready_facts(node: Node, command: str) -> str | None:
+    """The sha256 of what COMMAND (provision's facts) printed on NODE when it last found nothing
+    to do there, or None: a launch whose node still prints exactly that needs no provisioning."""
+    entry = _read().get(_facts_key(node))
+    found = entry.get(_digest(command)) if isinstance(entry, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def remember_ready_facts(node: Node, command: str, output: str) -> None:
+    """Note that COMMAND printed OUTPUT on NODE, and that nothing was missing there."""
+
+    def update(data: dict[str, Any]) -> None:
+        old = data.get(_facts_key(node))
+        kept = [(k, v) for k, v in old.items() if k != _digest(command)] if isinstance(old, dict) else []
+        data[_facts_key(node)] = dict([(_digest(command), _digest(output)), *kept][:KEEP_FACTS])
+
+    _update(update)
+
+
 def remember(master: str, found: Sequence[tuple[Node, Route, Sequence[str]]]) -> None:
     """Note each node's route to MASTER and trees now complete there. Best effort: a cache that
     cannot be written only costs the next launch its probe."""
-    with _lock:
-        data = _read()
+
+    def update(data: dict[str, Any]) -> None:
         for node, route, trees in found:
             key = _key(node, master)
             old = data.get(key)
@@ -84,6 +114,14 @@ def remember(master: str, found: Sequence[tuple[Node, Route, Sequence[str]]]) ->
                 "cpus": route.cpus,
                 "trees": [*trees, *kept][:KEEP_TREES],
             }
+
+    _update(update)
+
+
+def _update(change: Callable[[dict[str, Any]], None]) -> None:
+    with _lock:
+        data = _read()
+        change(data)
         target = path()
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

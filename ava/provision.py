@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from ava import sync
+from ava import launchcache, sync
 from ava.agent.cgroups import PARENT as CGROUP_PARENT
 from ava.agent.cgroups import ROOT as CGROUP_ROOT
 from ava.agent.cgroups import V1_CONTROLLERS, V2_CONTROLLERS
@@ -402,10 +402,50 @@ def plan(want: Wanted, facts: Facts) -> Plan:
 
 def plan_node(node: Node, *, recipe: Recipe | None = None, base: Path | None = None) -> Plan:
     want = wanted(node, environment(node, requirement_sources(node, recipe, base=base)))
-    result = connect(node).run(facts_command(want), timeout=60)
+    command = facts_command(want)
+    result = connect(node).run(command, timeout=60)
     if not result.ok:
         raise CommandError(f"{node.name}: could not read provision facts (exit {result.exited})", tail=result.tail())
-    return plan(want, parse_facts(want, result.stdout))
+    found = plan(want, parse_facts(want, result.stdout))
+    if not found.steps:  # the next launch's start checks that the facts still read so (guarded)
+        launchcache.remember_ready_facts(node, command, _facts_output(result.stdout))
+    return found
+
+
+def _facts_output(stdout: str) -> str:
+    """The facts command's own output, without what the login shell printed before it (an rc
+    file's greeting): what `guarded` hashes on the node."""
+    at = stdout.find("present=")
+    return stdout[at:] if at >= 0 else stdout
+
+
+# What a guarded command prints instead of running where the facts changed.
+FACTS_CHANGED = "AVA-FACTS-CHANGED"
+
+
+@dataclass(frozen=True)
+class ReadyCheck:
+    """The facts command for a node and recipe, and the sha256 of its output when it last
+    found nothing to do there."""
+
+    command: str
+    digest: str
+
+
+def ready_check(node: Node, *, recipe: Recipe | None = None, base: Path | None = None) -> ReadyCheck | None:
+    """NODE's ReadyCheck for RECIPE when a check found it ready before (ava.launchcache), else
+    None: then only `ensure` can say what it needs."""
+    command = facts_command(wanted(node, environment(node, requirement_sources(node, recipe, base=base))))
+    digest = launchcache.ready_facts(node, command)
+    return ReadyCheck(command, digest) if digest is not None else None
+
+
+def guarded(command: str, check: ReadyCheck) -> str:
+    """Shell text running COMMAND only where the facts still read as when the node was last
+    found ready, else printing FACTS_CHANGED and running nothing: a warm launch's provision
+    check rides in its start (one trip), and a node that changed since is provisioned first."""
+    expected = shlex.quote(f"{check.digest}  -")  # sha256sum's line for its stdin
+    return f'if [ "$( ( {check.command} ) | sha256sum)" = {expected} ]; then {command}; else echo {FACTS_CHANGED}; fi'
 
 
 def plan_all(

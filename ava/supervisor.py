@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from ava import placement, sync
+from ava import placement, provision, sync
 from ava.agent.protocol import (
     FAILED,
     INTERRUPTED,
@@ -34,7 +34,7 @@ from ava.agent.protocol import (
     Status,
     is_final,
 )
-from ava.attempt import Again, AgentClient, LeaseBusy, expecting
+from ava.attempt import Again, AgentClient, LeaseBusy, expecting, fail_on_errors
 from ava.config import Inventory, Node, Recipe, parse_recipe
 from ava.decide import (
     STARTUP_GRACE,
@@ -406,10 +406,21 @@ class Supervisor:
                 found=(routes, port),
             )
             # Remembered routes and a picked port: each agent checks them before it starts.
-            return expecting(launches, master, routes, port, trees) if prepared.remembered else launches
+            if not prepared.remembered:
+                return launches
+            return expecting(launches, master, routes, port, trees, prepared.ready)
+
+        def provision_node(node: Node) -> None:  # its setup changed since last found ready
+            def said(name: str, step: provision.Step, state: str) -> None:
+                self.sink.event(
+                    f"{name}: {step.kind}: {step.description} …" if state == "start" else f"{name}: {step.kind} {state}"
+                )
+
+            base = self.inventory.path.resolve().parent
+            fail_on_errors(provision.ensure([node], recipe=self.recipe, base=base, on_step=said), "provisioning nodes")
 
         launches = replan(prepared.routes, prepared.port)
-        again = Again(self.manifest, self.code_root, replan)
+        again = Again(self.manifest, self.code_root, replan, provision_node)
         current.master_port = self.client.start(launches, master, prepared.port, again=again)
 
     def _stopped_at_launch(self, current: Attempt, cause: str) -> Action:

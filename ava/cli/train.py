@@ -158,9 +158,10 @@ def train(
         return _dry_run(recipe, placement, run_id, inventory.path.resolve().parent, json_out=json_out)
 
     provisioned: list[str] = []
-    if not detach:
+    base = inventory.path.resolve().parent
+    if not detach and not _one_trip(list(placement.nodes), recipe, base):
         # Before the run exists: Ctrl-C during a long venv build leaves no run behind.
-        outcomes = provision_visibly(list(placement.nodes), recipe, inventory.path.resolve().parent)
+        outcomes = provision_visibly(list(placement.nodes), recipe, base)
         provisioned = [name for name, outcome in outcomes.items() if not isinstance(outcome, AvaError)]
     record = runs.create(run_id, recipe, inventory.path, placement.names, list(overrides), pool=only)
     snapshot_code(record, Path(recipe.root), leave_out=_recipe_file(recipe))
@@ -207,6 +208,15 @@ def _place(recipe: Recipe, inventory: Inventory, only: list[str], *, check_venvs
         for node in placement.nodes:
             provision.venv_python(node, recipe=recipe, root=inventory.path.resolve().parent)
     return placement
+
+
+def _one_trip(nodes: list[Node], recipe: Recipe, base: Path) -> bool:
+    """Every node was found ready by a check the launch cache remembers: its start checks the
+    facts again itself, and provisions there only where they changed (one trip, not two)."""
+    from ava.attempt import one_trip
+    from ava.supervisor import master_address
+
+    return one_trip(nodes, master_address(nodes[0]), recipe=recipe, base=base)
 
 
 def provision_visibly(nodes: list[Node], recipe: Recipe | None, base: Path) -> dict[str, PlanResult | AvaError]:
