@@ -8,6 +8,7 @@ and ends it; and its reaper, which ends the job if the monitor itself is killed.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import subprocess
@@ -116,6 +117,7 @@ class Monitor:
         self.stop_grace: float | None = None
         self._noted = 0  # output.log's size at the last note in output.times
         self._spare: subprocess.Popen[bytes] | None = None  # this attempt's spare for the next
+        self._children: list[subprocess.Popen[bytes]] = []  # a spare it started for itself
         me = os.getpid()
         self.st: dict[str, Any] = {
             "run": spec.run,
@@ -350,8 +352,9 @@ class Monitor:
             ranks.scan()
             ranks.wait(TICK, also=job_fd)
             self._note_output()
-            if self._spare is not None:
-                self._spare.poll()  # reaped here should it end while this attempt runs
+            for child in [self._spare, *self._children]:
+                if child is not None:
+                    child.poll()  # reaped here should it end while this attempt runs
         if job_fd is not None:
             os.close(job_fd)
         # Orphaned workers (torchrun killed, a rank that double-forked) die with the fence.
@@ -420,21 +423,32 @@ class Monitor:
             pass  # a full disk: the log matters more than its dates
 
     def _from_spare(self, fence: Fence, env: dict[str, str], log: int) -> warm.Job | None:
-        """torchrun started by the run's spare here, in the fence; None when there is none."""
+        """torchrun started by the run's spare here, in the fence. Without a spare ready, one
+        started now: its ranks are then forked with torch imported, not each importing it."""
         spec = self.spec
         dirs = [str(d) for d in (fence.info().get("dirs") or {}).values()] or [str(fence.info().get("path") or "")]
+        run_dir = layout.run_dir(spec.workdir, spec.run)
         null = os.open(os.devnull, os.O_RDONLY)
+        handover = functools.partial(
+            warm.claim,
+            run_dir,
+            [d for d in dirs if d],
+            fence.command(spec.argv),
+            env,
+            spec.cwd,
+            (null, log, log),
+            JOB_UMASK,
+            zygote_path=str(self.dir / ZYGOTE_SOCKET),
+        )
         try:
-            job = warm.claim(
-                layout.run_dir(spec.workdir, spec.run),
-                [d for d in dirs if d],
-                fence.command(spec.argv),
-                env,
-                spec.cwd,
-                (null, log, log),
-                JOB_UMASK,
-                zygote_path=str(self.dir / ZYGOTE_SOCKET),
-            )
+            job = handover()
+            if job is None:
+                fresh = warm.start(
+                    spec.run, spec.node, run_dir, self.dir / layout.AGENT_LOG, spec.argv, env, niced=False
+                )
+                if fresh is not None:
+                    self._children.append(fresh)
+                    job = warm.claim_when_ready(fresh, handover, give_up=self._stop_requested)
         finally:
             os.close(null)
         if job is not None:

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +44,7 @@ IDLE = 10.0  # seconds a spare waits for a claim once the monitor that started i
 LOOK = 0.25  # how often an idle spare looks at its creator and its socket
 NICE = 10  # added while it imports and waits: the running job comes first
 HELLO_TIMEOUT = 1.0
+FRESH_TIMEOUT = 60.0  # the longest an attempt waits for a spare it started itself to import torch
 FORK_TIMEOUT = 10.0
 EXIT_WAIT = 1.0  # once torchrun is gone, how long poll() waits for the spare's report of it
 BACKENDS = ("v1", "v2")  # fences a running process can be moved into by pid
@@ -85,16 +87,18 @@ def _code_root() -> tuple[str, str]:
 
 
 def start(
-    run: str, node: str, run_dir: Path, log: Path, argv: list[str], env: dict[str, str]
+    run: str, node: str, run_dir: Path, log: Path, argv: list[str], env: dict[str, str], *, niced: bool = True
 ) -> subprocess.Popen[bytes] | None:
     """Start a spare for the next attempt of RUN here; ARGV and ENV are this attempt's job's.
-    Its own session, outside the fence (the attempt's end must not end it)."""
+    Its own session, outside the fence (the attempt's end must not end it). NICED: at low
+    priority (a spare for later); else at the job's (one this attempt waits for)."""
     name, root = _code_root()
     spare_env = {k: v for k, v in env.items() if k not in ("AVA_JOB_TAG", "CUDA_VISIBLE_DEVICES")}
     spare_env[MARK] = f"{run}.{node}"
     spare_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     me = os.getpid()
     command = [argv[0], "-m", name, str(run_dir), str(me), str(procs.start_time(me)), fit(argv, env)]
+    command.append("niced" if niced else "now")
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         return subprocess.Popen(
@@ -252,6 +256,23 @@ def claim(
         return None
 
 
+def claim_when_ready(
+    fresh: subprocess.Popen[bytes], handover: Callable[[], SpareJob | None], give_up: Callable[[], bool]
+) -> SpareJob | None:
+    """HANDOVER (a claim) once the spare FRESH, started for this attempt, has imported torch and
+    listens; None (FRESH killed) if it dies, takes past FRESH_TIMEOUT, or GIVE_UP says so."""
+    end = time.monotonic() + FRESH_TIMEOUT
+    while fresh.poll() is None and time.monotonic() < end and not give_up():
+        job = handover()
+        if job is not None:
+            return job
+        time.sleep(0.02)
+    if fresh.poll() is None:
+        fresh.kill()
+        fresh.wait()
+    return None
+
+
 # -- the spare's side -------------------------------------------------------------------------
 
 
@@ -270,12 +291,12 @@ def _renice() -> int | None:
 
 
 class Spare:
-    def __init__(self, run_dir: str, creator: int, creator_start: int | None, fit_key: str) -> None:
+    def __init__(self, run_dir: str, creator: int, creator_start: int | None, fit_key: str, niced: bool) -> None:
         self.dir = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
         self.creator = creator
         self.creator_start = creator_start
         self.fit = fit_key
-        self.restore = _renice()
+        self.restore = _renice() if niced else None
         self.listener: socket.socket | None = None
         self.inode = 0
 
@@ -420,9 +441,10 @@ def _quick_rendezvous() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """python -m ava.agent.warm RUN_DIR CREATOR_PID CREATOR_START FIT"""
-    run_dir, creator, creator_start, fit_key = argv
-    spare = Spare(run_dir, int(creator), int(creator_start) if creator_start.isdigit() else None, fit_key)
+    """python -m ava.agent.warm RUN_DIR CREATOR_PID CREATOR_START FIT niced|now"""
+    run_dir, creator, creator_start, fit_key, priority = argv
+    started = int(creator_start) if creator_start.isdigit() else None
+    spare = Spare(run_dir, int(creator), started, fit_key, priority == "niced")
     importlib.import_module("torch.distributed.run")  # what the spare is for
     spare.listen()
     try:

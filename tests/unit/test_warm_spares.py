@@ -73,8 +73,10 @@ def test_the_next_attempt_runs_torchrun_and_its_ranks_from_the_spare_with_its_ow
     assert wait_for(lambda: _spare_ready(agent, run), 30.0, 0.1), "no spare listening"
     first = agent.wait_final(run)
     assert first["state"] == "failed" and first["rank_exit_codes"] == {"1": 3}, first
-    assert "from_spare" not in first  # nothing to claim at the run's first attempt
-    assert not json.loads((agent.jobs / "rank0-one.json").read_text())["preloaded"]
+    # Nothing to claim at the run's first attempt: it started a spare for itself (not niced),
+    # so that its ranks too are forked with torch imported; then one for the next attempt.
+    assert first["from_spare"] and first["from_spare"] != first["spare_pid"], first
+    assert json.loads((agent.jobs / "rank0-one.json").read_text())["preloaded"]
 
     rc, st = agent.start(_spec(agent, run, 2, "two", second_cwd, "4"))
     assert rc == 0, st
