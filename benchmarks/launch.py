@@ -14,8 +14,9 @@ rank (tests/data/recipes/echo, one process per node). The launchers:
   master-first   the master's ssh+torchrun, then (once its store port accepts TCP) the others.
 
 Trials interleave the launchers (in a rotating order) so that the shared machine's noise falls
-on all of them alike. Prints medians, every sample, the ratios ava/master-first (target <= 1.2)
-and ava/all-at-once (target <= 0.5), and where ava's time goes: from its output (medians over
+on all of them alike. Prints medians, every sample, the ratios ava/master-first (issue 14's
+targets: <= 1.1 to every rank running, <= 1.15 to exit) and ava/all-at-once (for reference),
+and where ava's time goes: from its output (medians over
 the trials) and from `--traced` extra runs that timestamp ava's own launch steps.
 """
 
@@ -58,8 +59,7 @@ from tests.support.cluster import Cluster, TestNode
 
 ECHO = REPO / "tests" / "data" / "recipes" / "echo"
 TRACE = "AVA-TRACE"
-TARGET_VS_MASTER_FIRST = 1.2
-TARGET_VS_ALL_AT_ONCE = 0.5
+TARGET_VS_MASTER_FIRST = 1.1
 TARGET_EXIT_VS_MASTER_FIRST = 1.15
 TARGET_EXIT_TAIL = 0.3  # seconds from the last agent's final status to ava's exit
 RANKS_TIMEOUT = 150.0  # an all-at-once worker may back off for tens of seconds before it joins
@@ -436,7 +436,6 @@ def report(trials: list[Trial], cold: list[Trial], traced: list[Trial], sizes: l
                 ratio(ava, median(pick("master-first", size))),
                 f"<= {TARGET_VS_MASTER_FIRST}",
                 ratio(ava, median(pick("all-at-once", size))),
-                f"<= {TARGET_VS_ALL_AT_ONCE}",
                 ratio(median(pick("ava", size, "exit")), median(pick("master-first", size, "exit"))),
                 f"<= {TARGET_EXIT_VS_MASTER_FIRST}",
                 seconds(median(tails)),
@@ -449,7 +448,6 @@ def report(trials: list[Trial], cold: list[Trial], traced: list[Trial], sizes: l
             "ava/master-first",
             "target",
             "ava/all-at-once",
-            "target",
             "exit: ava/master-first",
             "target",
             "ava's exit tail",
