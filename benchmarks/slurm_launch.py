@@ -11,8 +11,12 @@ command starts on this machine: `python -m ava train` for ava, `ssh LOGIN sbatch
 other. How late ava's terminal shows the last STAMP line is reported apart ("seen"), as is ava's
 first launch (agent and code not yet on the shared filesystem). Trials alternate the two; the
 machine's load average is printed before and after. Prints medians, every sample, the median of
-the per-trial ratios and the ratio of the medians (target <= 1.2). Slurm starts a submitted batch
-job at slurmctld's next pass, up to a second later on either side: use enough trials.
+the per-trial ratios and the ratio of the medians (target <= 1.2), and where the time goes on
+each side: when the job was submitted and allocated (slurmctld's log), when its step was launched
+on the last node (slurmd's logs), when the last torchrun started and every rank ran (the stamps).
+Slurm starts a submitted batch job at slurmctld's next pass, up to a second later on either side:
+use enough trials. On a loaded machine every CPU-second either side spends slows it: compare
+figures taken at the same load.
 """
 
 from __future__ import annotations
