@@ -31,6 +31,7 @@ OOM_DRAIN = 3.0  # seconds torchrun gets to wind down after an out-of-memory kil
 HEARTBEAT = 1.0  # how often it rewrites status.json
 DEFAULT_GRACE = 10.0
 JOB_REAP_TIMEOUT = 10.0
+SPARE_DELAY = 30.0  # the next attempt's spare starts at the job's first progress, or after this
 # The umask the job runs under: the one the agent was started with (its own files are 0600,
 # but a job's checkpoints and outputs follow the user's umask). Set by the agent's main().
 JOB_UMASK = 0o022
@@ -313,13 +314,9 @@ class Monitor:
         self._save()
         fence.adopt(job.pid)
         self.st["cgroup"] = fence.info()
-        if spares:
-            # The next attempt's torchrun, imported while this one runs (see warm.py).
-            run_dir = layout.run_dir(spec.workdir, spec.run)
-            self._spare = warm.start(spec.run, spec.node, run_dir, self.dir / layout.AGENT_LOG, spec.argv, env)
-            if self._spare is not None:
-                self.st.update(spare_pid=self._spare.pid, spare_start=procs.start_time(self._spare.pid))
-                self._save()
+        # The next attempt's spare waits until this one trains: started during a resume, even
+        # niced, its import would slow the resume down on a busy node.
+        spare_due = time.monotonic() + SPARE_DELAY if spares else None
         oom = False
         ranks = RankWatch(job.pid, self.dir / layout.RANK_ERRORS)
         try:
@@ -355,6 +352,9 @@ class Monitor:
             for child in [self._spare, *self._children]:
                 if child is not None:
                     child.poll()  # reaped here should it end while this attempt runs
+            if spare_due is not None and (self.st["progress"] is not None or time.monotonic() >= spare_due):
+                spare_due = None
+                self._start_spare(env)
         if job_fd is not None:
             os.close(job_fd)
         # Orphaned workers (torchrun killed, a rank that double-forked) die with the fence.
@@ -421,6 +421,15 @@ class Monitor:
                 self._noted = size
         except OSError:
             pass  # a full disk: the log matters more than its dates
+
+    def _start_spare(self, env: dict[str, str]) -> None:
+        """The next attempt's torchrun, imported while this one runs (see warm.py)."""
+        spec = self.spec
+        run_dir = layout.run_dir(spec.workdir, spec.run)
+        self._spare = warm.start(spec.run, spec.node, run_dir, self.dir / layout.AGENT_LOG, spec.argv, env)
+        if self._spare is not None:
+            self.st.update(spare_pid=self._spare.pid, spare_start=procs.start_time(self._spare.pid))
+            self._save()
 
     def _from_spare(self, fence: Fence, env: dict[str, str], log: int) -> warm.Job | None:
         """torchrun started by the run's spare here, in the fence. Without a spare ready, one

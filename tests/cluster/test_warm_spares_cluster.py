@@ -1,0 +1,89 @@
+"""Spare torchrun interpreters through `ava train` on the real test cluster (ava/agent/warm.py):
+after a crashed rank every node's attempt 2 takes torchrun and its ranks from the spare that
+attempt 1 left, the run ends as it would have, and its success leaves no spare behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from ava.agent import warm
+from tests.cluster.test_failover import STEPS, LiveRun, final_sha, run_id_of
+from tests.conftest import processes_of, run_ava
+from tests.support.agent_helpers import wait_for
+from tests.support.cluster import Cluster
+
+MAIN = ["n1", "n2", "n3"]
+
+
+@pytest.fixture()
+def home(tmp_path: Path) -> dict[str, str]:
+    return {"AVA_HOME": str(tmp_path / "home")}
+
+
+def _rank_pid(run_id: str, rank: str) -> int | None:
+    """The process torchrun started for RANK (with spares: the rank's proxy, see zygote.py)."""
+    for pid in processes_of(run_id):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"steps.py" in cmd:
+            return pid
+    return None
+
+
+def _status(cluster: Cluster, node: str, run_id: str, attempt: int) -> dict[str, object]:
+    workdir = next(n.workdir for n in cluster.nodes if n.name == node)
+    found = json.loads((workdir / "runs" / run_id / f"attempt-{attempt}" / "status.json").read_text())
+    assert isinstance(found, dict)
+    return found
+
+
+def _spare_listens(cluster: Cluster, run_id: str) -> bool:
+    return all((n.workdir / "runs" / run_id / warm.SOCKET).exists() for n in cluster.nodes if n.name in MAIN)
+
+
+def test_a_resume_takes_torchrun_and_ranks_from_spares_and_a_success_leaves_none(
+    cluster: Cluster, home: dict[str, str], tmp_path: Path
+) -> None:
+    args = [
+        "train",
+        str(STEPS),
+        "--set",
+        'run.args=["--steps", "150", "--ckpt-every", "10", "--step-time", "0.1"]',
+        "--set",
+        f"checkpoint.dir={tmp_path}/ckpt/{{run}}",  # every test node shares this disk
+        "--set",
+        "failover.backoff=0s",
+        "--set",
+        f"env.{warm.ENABLE}=1",
+    ]
+    run = LiveRun(args, cluster.inventory(MAIN), home)
+    run_id = None
+    try:
+        run_id = run_id_of(run)
+        run.wait_line(r"\| step 12$", timeout=180)
+        assert wait_for(lambda: _spare_listens(cluster, run_id), 60.0, 0.1), "no spare on some node"
+        pid = _rank_pid(run_id, "1")
+        assert pid, "no rank 1"
+        os.kill(pid, signal.SIGKILL)
+        run.wait_line(r"attempt 2 starting", timeout=120)
+        assert run.finish(timeout=240) == 0, run.text()[-3000:]
+        assert "resumed from step" in run.text()
+        final_sha(run.text())
+        for node in MAIN:
+            first, second = _status(cluster, node, run_id, 1), _status(cluster, node, run_id, 2)
+            assert second["from_spare"] and second["from_spare"] == first["spare_pid"], (node, first, second)
+        # The success ended every spare of the run on its nodes: nothing of the run is left.
+        assert wait_for(lambda: not processes_of(run_id), 5.0, 0.1), processes_of(run_id)
+        assert not any((n.workdir / "runs" / run_id / warm.SOCKET).exists() for n in cluster.nodes)
+    finally:
+        run.kill()
+        if run_id:
+            run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
