@@ -31,6 +31,7 @@ from typing import Any
 ENV = "AVA_ZYGOTE"  # the zygote socket's path, in torchrun's and the ranks' environment
 SOCKET = "zygote.sock"  # in the attempt's directory
 REQUEST_TIMEOUT = 5.0
+LOOK = 0.2  # how often the zygote looks whether a rank was stopped (SIGSTOP) or continued
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGHUP": signal.SIGHUP, "SIGTERM": signal.SIGTERM}
 
 
@@ -77,6 +78,8 @@ class Zygote:
             os.close(dfd)
         self.listener = sock
         self.workers: dict[int, tuple[socket.socket, int, int]] = {}  # conn fd -> (conn, pid, pidfd)
+        self.ranks: dict[int, int] = {}  # worker pid -> its rank's pid
+        self.stopped: set[int] = set()  # workers stopped because their rank is
 
     def fds(self) -> list[int]:
         return [self.listener.fileno()]
@@ -88,7 +91,8 @@ class Zygote:
             while True:
                 by_pidfd = {w[2]: fd for fd, w in self.workers.items()}
                 watched = [self.listener.fileno(), tfd, *self.workers, *by_pidfd]
-                ready, _, _ = select.select(watched, [], [])
+                ready, _, _ = select.select(watched, [], [], LOOK)
+                self._mirror_stops()
                 for fd in ready:
                     if fd in by_pidfd and by_pidfd[fd] in self.workers:
                         self._ended(by_pidfd[fd])
@@ -103,6 +107,18 @@ class Zygote:
         finally:
             os.close(tfd)
             self.close()
+
+    def _mirror_stops(self) -> None:
+        """A rank stopped (SIGSTOP: a debugger, a test's hang) stops its worker; continued, it
+        continues it. Stop signals cannot be caught, so the rank cannot forward them."""
+        for worker, rank in self.ranks.items():
+            stopped = _state(rank) in ("T", "t")
+            if stopped and worker not in self.stopped:
+                os.kill(worker, signal.SIGSTOP)
+                self.stopped.add(worker)
+            elif not stopped and worker in self.stopped:
+                os.kill(worker, signal.SIGCONT)
+                self.stopped.discard(worker)
 
     def close(self) -> None:
         for fd in list(self.workers):
@@ -119,6 +135,8 @@ class Zygote:
 
     def _ended(self, fd: int) -> None:
         conn, pid, pidfd = self.workers.pop(fd)
+        self.ranks.pop(pid, None)
+        self.stopped.discard(pid)
         _, status = os.waitpid(pid, 0)
         os.close(pidfd)
         _send(conn, {"exit": os.waitstatus_to_exitcode(status)})
@@ -136,7 +154,7 @@ class Zygote:
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
         try:
-            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            peer, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             if uid != os.getuid():
                 raise PermissionError("another user")
             conn.settimeout(REQUEST_TIMEOUT)
@@ -164,6 +182,7 @@ class Zygote:
         conn.settimeout(None)
         _send(conn, {"pid": pid})
         self.workers[conn.fileno()] = (conn, pid, os.pidfd_open(pid))
+        self.ranks[pid] = peer  # the rank's own process
 
     def _become_worker(self, request: dict[str, Any], fds: list[int]) -> int:
         os.setsid()  # the rank forwards what it is sent; nothing else reaches the worker
@@ -198,6 +217,15 @@ class Zygote:
         if hook is not None and hasattr(hook, "_install") and where and rank is not None and os.path.isdir(where):
             hook._install(where, rank)  # the rank hook, as the rank's own interpreter would have it
         return run_program(lambda: runpy.run_path(sys.argv[0], run_name="__main__"))
+
+
+def _state(pid: int) -> str:
+    """The state letter of PID (R, S, T...), "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 def _kill(pid: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ rank = os.environ["RANK"]
 out = os.path.join(os.environ["REPORT_DIR"], f"rank{rank}-{os.environ['PHASE']}.json")
 with open(out, "w") as f:
     json.dump({"env": dict(os.environ), "cwd": os.getcwd(), "cgroup": open("/proc/self/cgroup").read(),
-               "parent": os.getppid(), "preloaded": preloaded, "argv": sys.argv}, f)
+               "parent": os.getppid(), "preloaded": preloaded, "argv": sys.argv, "pid": os.getpid()}, f)
 print(f"rank {rank} says hello", flush=True)
 with open(os.environ["AVA_PROGRESS_FILE"], "w") as f:
     f.write(f"1 {time.time()}")  # a first step: the monitor starts the next attempt's spare
@@ -56,6 +57,10 @@ def _spec(agent: Agent, run: str, attempt: int, phase: str, cwd: Path, sleep: st
 
 def _spare_ready(agent: Agent, run: str) -> bool:
     return (layout.run_dir(agent.work, run) / warm.SOCKET).exists()
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def _spares(run: str) -> list[int]:
@@ -137,6 +142,13 @@ def test_a_spare_in_use_dies_with_a_stopped_attempt(agent: Agent) -> None:
     assert rc == 0 and st.get("from_spare"), st
     assert wait_for(lambda: (agent.jobs / "rank0-two.json").exists(), 30.0, 0.1)
     spare = st["from_spare"]
+    # A stopped rank (SIGSTOP cannot be forwarded) stops its worker; continued, it continues.
+    worker = json.loads((agent.jobs / "rank0-two.json").read_text())["pid"]
+    rank = next(p for p in marker_pids(run) if b"RANK=0" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"))
+    os.kill(rank, signal.SIGSTOP)
+    assert wait_for(lambda: _state(worker) == "T", 5.0, 0.05), _state(worker)
+    os.kill(rank, signal.SIGCONT)
+    assert wait_for(lambda: _state(worker) in ("S", "R"), 5.0, 0.05), _state(worker)
     rc, out = agent.stop(run)
     assert rc == 0 and out["stopped"], out
     assert not os.path.exists(f"/proc/{spare}") or "Z" in Path(f"/proc/{spare}/stat").read_text().split(")")[-1][:3]
