@@ -544,3 +544,7 @@ def _prefetch(store: BlockStore, obj: ObjectId, index: int, fetch: Callable[[int
         block.close()
         return None
     return block
+
+
+# Where no entry point names the protocol (a tree on PYTHONPATH without its dist-info).
+fsspec.register_implementation("avacache", AvaCacheFileSystem, clobber=True)
