@@ -73,10 +73,10 @@ so modules import each other relatively only.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
-import zipfile
+
+# hashlib, io and zipfile are imported where the zipapp is built (by the CLI), not here: this
+# module runs first in every agent call on the nodes.
 
 ZIP_PACKAGE = "avaagent"
 _EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -88,6 +88,10 @@ def build_zipapp() -> tuple[bytes, str]:
 
     Deterministic: fixed timestamps and modes, sorted entries, no compression, so the same
     sources always give the same digest (the core ships it only when the digest changed)."""
+    import hashlib
+    import io
+    import zipfile
+
     here = os.path.dirname(os.path.abspath(__file__))
     entries = [("__main__.py", _MAIN)]
     for name in sorted(os.listdir(here)):
@@ -113,7 +117,9 @@ def with_bytecode(blob: bytes) -> bytes:
     nothing of the source. A node whose Python differs ignores them (another magic number) and
     compiles from the sources, as before. The node's file keeps the sources' name (digest)."""
     import importlib.util
+    import io
     import marshal
+    import zipfile
 
     out = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(blob)) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
