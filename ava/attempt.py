@@ -473,13 +473,15 @@ def status_of(
     return _status(node, payload, result.tail())
 
 
-def stop(nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, StopReport | AvaError]:
-    """Verified teardown of the run on every node: its processes gone, cgroups removed, leases freed."""
+def stop(
+    nodes: list[Node], run_id: str, *, grace: float = 10.0, keep_spares: bool = False
+) -> dict[str, StopReport | AvaError]:
+    """Verified teardown of the run on every node: its processes gone, cgroups removed, leases
+    freed; its spare interpreters too, unless KEEP_SPARES (a failover: the next attempt's)."""
 
     def one(node: Node) -> StopReport:
-        result = connect(node).run(
-            agent_command(node, "stop", node.workdir, run_id, "--grace", f"{grace:g}"), timeout=grace + 60
-        )
+        args = ["stop", node.workdir, run_id, "--grace", f"{grace:g}", *(["--keep-spares"] if keep_spares else [])]
+        result = connect(node).run(agent_command(node, *args), timeout=grace + 60)
         report = StopReport.from_json(_last_json(result.stdout))
         if not result.ok or report.remaining_pids:
             raise CommandError(f"{node.name}: stop left processes {list(report.remaining_pids)}", tail=result.tail())
@@ -696,8 +698,10 @@ class AgentClient:
     def _failed_since(self, name: str) -> float:
         return self._failed.get(name, time.time())
 
-    def stop(self, nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, StopReport | AvaError]:
-        return stop(nodes, run_id, grace=grace)
+    def stop(
+        self, nodes: list[Node], run_id: str, *, grace: float = 10.0, keep_spares: bool = False
+    ) -> dict[str, StopReport | AvaError]:
+        return stop(nodes, run_id, grace=grace, keep_spares=keep_spares)
 
     def follow_logs(
         self, node: Node, run_id: str, attempt: int, on_line: Callable[[str], None], *, offset: int = 0

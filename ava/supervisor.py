@@ -34,6 +34,7 @@ from ava.agent.protocol import (
     Status,
     is_final,
 )
+from ava.agent.warm import ENABLE as WARM_SPARES
 from ava.attempt import Again, AgentClient, LeaseBusy, expecting, fail_on_errors
 from ava.config import Inventory, Node, Recipe, parse_recipe
 from ava.decide import (
@@ -258,6 +259,8 @@ class Supervisor:
         self._last_wait = ""  # the holders last reported while waiting for leases
         # Nodes the CLI has just provisioned in front of the user: the first launch skips that check.
         self._provisioned = set(provisioned or ())
+        # The run keeps spare interpreters between attempts (opt-in, ava/agent/warm.py).
+        self._spares = recipe.env.get(WARM_SPARES) == "1"
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -503,6 +506,11 @@ class Supervisor:
     def _finish(self, state: State, code: int) -> None:
         if self._unreached:
             self._stop_unreached()
+        if self._spares and state != SUCCEEDED:
+            # No attempt comes after this one: end the spare interpreters its teardowns kept
+            # (a success ends them on each node itself).
+            used = {name for attempt in self.record.attempts for name in attempt.nodes} - self._unreached
+            self.client.stop([self.inventory.nodes[n] for n in sorted(used)], self.record.id)
         self.record.state, self.record.exit_code, self.record.ended = state, code, self.clock.now()
         self.record.save()
 
@@ -599,7 +607,9 @@ class Supervisor:
         if not reachable:
             return
         started = time.monotonic()
-        outcomes = self.client.stop(reachable, self.record.id)
+        # A failover's teardown: the nodes' spare interpreters wait for the next attempt. The
+        # run's end takes them (`_finish`), as does `ava stop`.
+        outcomes = self.client.stop(reachable, self.record.id, keep_spares=self._spares)
         for name, outcome in outcomes.items():
             if isinstance(outcome, AvaError):
                 self.sink.event(f"teardown on {name} failed: {outcome.message}")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import layout, leases, monitor, procs, rundir, status
+from . import layout, leases, monitor, procs, rundir, status, warm
 from .isolation import attach
 from .layout import LayoutError
 from .protocol import (
@@ -231,6 +231,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     for node in nodes or {None}:  # no attempt recorded here: release by run alone
         # Processes left behind keep the run's leases, marked draining, until they are gone.
         leases.release_or_drain(work, args.run, node, None, remaining)
+        if node is not None and not args.keep_spares:
+            # No attempt comes after this stop: the run's spare interpreters go too (warm.py).
+            warm.end_spares(args.run, node, layout.run_dir(work, args.run))
     ok = not remaining and removed
     _emit({"run": args.run, "stopped": ok, "remaining_pids": sorted(set(remaining)), "cgroup_removed": removed})
     return EXIT_OK if ok else EXIT_FAILED
@@ -429,6 +432,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("workdir")
     s.add_argument("run")
     s.add_argument("--grace", type=float, default=monitor.DEFAULT_GRACE)
+    s.add_argument("--keep-spares", action="store_true", help="a failover's teardown: the next attempt claims them")
     s.set_defaults(func=cmd_stop)
     s = sub.add_parser("logs", help="raw output.log bytes from an offset")
     s.add_argument("workdir")

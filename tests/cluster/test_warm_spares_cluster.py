@@ -87,3 +87,63 @@ def test_a_resume_takes_torchrun_and_ranks_from_spares_and_a_success_leaves_none
         run.kill()
         if run_id:
             run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
+
+
+def test_a_run_that_fails_for_good_ends_its_spares_before_ava_returns(
+    cluster: Cluster, home: dict[str, str], tmp_path: Path
+) -> None:
+    args = [
+        "train",
+        str(STEPS),
+        "--set",
+        'run.args=["--steps", "150", "--ckpt-every", "10", "--step-time", "0.1"]',
+        "--set",
+        f"checkpoint.dir={tmp_path}/ckpt/{{run}}",
+        "--set",
+        "failover.max_restarts=0",  # the crash ends the run: no attempt claims the spares
+        "--set",
+        f"env.{warm.ENABLE}=1",
+    ]
+    run = LiveRun(args, cluster.inventory(MAIN), home)
+    run_id = None
+    try:
+        run_id = run_id_of(run)
+        run.wait_line(r"\| step 12$", timeout=180)
+        assert wait_for(lambda: _spare_listens(cluster, run_id), 60.0, 0.1), "no spare on some node"
+        pid = _rank_pid(run_id, "1")
+        assert pid, "no rank 1"
+        os.kill(pid, signal.SIGKILL)
+        assert run.finish(timeout=120) == 1, run.text()[-3000:]
+        # The teardown kept the spares for a next attempt; the run's end took them (no 10 s linger).
+        assert processes_of(run_id) == []
+        assert not any((n.workdir / "runs" / run_id / warm.SOCKET).exists() for n in cluster.nodes)
+    finally:
+        run.kill()
+        if run_id:
+            run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
+
+
+def test_ava_stop_ends_the_runs_spares(cluster: Cluster, home: dict[str, str], tmp_path: Path) -> None:
+    args = [
+        "train",
+        str(STEPS),
+        "--set",
+        'run.args=["--steps", "2000", "--step-time", "0.1"]',
+        "--set",
+        f"checkpoint.dir={tmp_path}/ckpt/{{run}}",
+        "--set",
+        f"env.{warm.ENABLE}=1",
+    ]
+    run = LiveRun(args, cluster.inventory(MAIN), home)
+    run_id = None
+    try:
+        run_id = run_id_of(run)
+        run.wait_line(r"\| step 12$", timeout=180)
+        assert wait_for(lambda: _spare_listens(cluster, run_id), 60.0, 0.1), "no spare on some node"
+        done = run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert processes_of(run_id) == []
+    finally:
+        run.kill()
+        if run_id:
+            run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))

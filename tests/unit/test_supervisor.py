@@ -71,7 +71,9 @@ class FakeAgents(AgentClient):
         number = self.polls[attempt] = self.polls.get(attempt, 0) + 1
         return {n.name: self.script(self, attempt, number, n.name) for n in nodes}
 
-    def stop(self, nodes: list[Node], run_id: str, *, grace: float = 10.0) -> dict[str, StopReport | AvaError]:
+    def stop(
+        self, nodes: list[Node], run_id: str, *, grace: float = 10.0, keep_spares: bool = False
+    ) -> dict[str, StopReport | AvaError]:
         self.stopped.append([n.name for n in nodes])
         return {
             n.name: CommandError(f"{n.name}: unreachable") if n.name in self.unreachable else StopReport(run_id, True)
