@@ -6,16 +6,13 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ava.errors import EXIT_INFRA, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, AvaError
 
 if TYPE_CHECKING:
-    import click
-    from typer.core import TyperArgument
-
     from ava.config import Inventory
 
 EXIT_CODES = (
@@ -52,24 +49,19 @@ app = typer.Typer(
 
 
 def _plain_argument_help() -> None:
-    """Typer's plain help shows `{RECIPE}` and `RECIPE <str>`: show an argument as its metavar says."""
+    """Typer's usage line shows a required argument as `{RECIPE}`: show it as its metavar says."""
     import typer.core as core
 
     argument = getattr(core, "TyperArgument", None)
-    if argument is None or not hasattr(argument, "_usage_display_name"):
+    original = getattr(argument, "make_metavar", None)
+    if argument is None or original is None:
         return
 
-    def usage_name(self: TyperArgument) -> str:
-        name = self.display_name_raw
-        if self.nargs != 1 and self.metavar is None:
-            name += "..."
-        return name if self.required else f"[{name}]"
+    def make_metavar(self: Any, ctx: Any, *, usage: bool = False) -> str:
+        found = str(original(self, ctx, usage=usage))
+        return found[1:-1] if usage and found.startswith("{") and found.endswith("}") else found
 
-    def type_label(self: TyperArgument, ctx: click.Context) -> str | None:
-        return None if self.metavar else argument.display_type(self, ctx)
-
-    argument._usage_display_name = usage_name
-    argument.display_type_rich = type_label
+    argument.make_metavar = make_metavar
 
 
 _plain_argument_help()
