@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.cluster.test_failover import STEPS, LiveRun, run_id_of
 from tests.conftest import (
-    processes_of,
+    rank_pid,
     run_ava,
 )
 from tests.support.cluster import Cluster, clean_stale
@@ -41,15 +41,7 @@ STEP_TIME = 0.2
 
 
 def worker_pid(run_id: str, rank: str) -> int | None:
-    for pid in processes_of(run_id):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and b"steps.py" in cmd:
-            return pid
-    return None
+    return rank_pid(run_id, rank)
 
 
 def warm_nodes(cluster: Cluster, run_id: str) -> int:

@@ -125,3 +125,17 @@ def processes_of(run_id: str) -> list[int]:
         if state != "Z" and f"AVA_RUN_ID={run_id}".encode() in environ.split(b"\0"):
             found.append(int(entry.name))
     return found
+
+
+def rank_pid(run_id: str, rank: str, script: bytes = b"steps.py") -> int | None:
+    """The process torchrun started for RANK of the run (with spare interpreters: the rank's
+    stand-in, see ava/agent/zygote.py), running SCRIPT."""
+    for pid in processes_of(run_id):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and script in cmd:
+            return pid
+    return None

@@ -13,7 +13,7 @@ import pytest
 
 from ava.agent import warm
 from tests.cluster.test_failover import STEPS, LiveRun, final_sha, run_id_of
-from tests.conftest import processes_of, run_ava
+from tests.conftest import processes_of, rank_pid, run_ava
 from tests.support.agent_helpers import wait_for
 from tests.support.cluster import Cluster
 
@@ -23,19 +23,6 @@ MAIN = ["n1", "n2", "n3"]
 @pytest.fixture()
 def home(tmp_path: Path) -> dict[str, str]:
     return {"AVA_HOME": str(tmp_path / "home")}
-
-
-def _rank_pid(run_id: str, rank: str) -> int | None:
-    """The process torchrun started for RANK (with spares: the rank's proxy, see zygote.py)."""
-    for pid in processes_of(run_id):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and b"steps.py" in cmd:
-            return pid
-    return None
 
 
 def _status(cluster: Cluster, node: str, run_id: str, attempt: int) -> dict[str, object]:
@@ -49,28 +36,30 @@ def _spare_listens(cluster: Cluster, run_id: str) -> bool:
     return all((n.workdir / "runs" / run_id / warm.SOCKET).exists() for n in cluster.nodes if n.name in MAIN)
 
 
-def test_a_resume_takes_torchrun_and_ranks_from_spares_and_a_success_leaves_none(
-    cluster: Cluster, home: dict[str, str], tmp_path: Path
-) -> None:
-    args = [
-        "train",
-        str(STEPS),
-        "--set",
-        'run.args=["--steps", "150", "--ckpt-every", "10", "--step-time", "0.1"]',
-        "--set",
-        f"checkpoint.dir={tmp_path}/ckpt/{{run}}",  # every test node shares this disk
-        "--set",
-        "failover.backoff=0s",
-        "--set",
-        f"env.{warm.ENABLE}=1",
-    ]
+def _spared_run(cluster: Cluster, home: dict[str, str], tmp_path: Path, *settings: str) -> tuple[LiveRun, str]:
+    """`ava train` of the steps recipe with spares (and SETTINGS), once its spares listen on
+    every node (they start at the job's first progress)."""
+    args = ["train", str(STEPS), "--set", f"checkpoint.dir={tmp_path}/ckpt/{{run}}", "--set", f"env.{warm.ENABLE}=1"]
+    for setting in settings:
+        args += ["--set", setting]
     run = LiveRun(args, cluster.inventory(MAIN), home)
-    run_id = None
     try:
         run_id = run_id_of(run)
         run.wait_line(r"\| step 12$", timeout=180)
         assert wait_for(lambda: _spare_listens(cluster, run_id), 60.0, 0.1), "no spare on some node"
-        pid = _rank_pid(run_id, "1")
+    except BaseException:
+        run.kill()
+        raise
+    return run, run_id
+
+
+def test_a_resume_takes_torchrun_and_ranks_from_spares_and_a_success_leaves_none(
+    cluster: Cluster, home: dict[str, str], tmp_path: Path
+) -> None:
+    steps = 'run.args=["--steps", "150", "--ckpt-every", "10", "--step-time", "0.1"]'
+    run, run_id = _spared_run(cluster, home, tmp_path, steps, "failover.backoff=0s")
+    try:
+        pid = rank_pid(run_id, "1")
         assert pid, "no rank 1"
         os.kill(pid, signal.SIGKILL)
         run.wait_line(r"attempt 2 starting", timeout=120)
@@ -85,32 +74,17 @@ def test_a_resume_takes_torchrun_and_ranks_from_spares_and_a_success_leaves_none
         assert not any((n.workdir / "runs" / run_id / warm.SOCKET).exists() for n in cluster.nodes)
     finally:
         run.kill()
-        if run_id:
-            run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
+        run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
 
 
 def test_a_run_that_fails_for_good_ends_its_spares_before_ava_returns(
     cluster: Cluster, home: dict[str, str], tmp_path: Path
 ) -> None:
-    args = [
-        "train",
-        str(STEPS),
-        "--set",
-        'run.args=["--steps", "150", "--ckpt-every", "10", "--step-time", "0.1"]',
-        "--set",
-        f"checkpoint.dir={tmp_path}/ckpt/{{run}}",
-        "--set",
-        "failover.max_restarts=0",  # the crash ends the run: no attempt claims the spares
-        "--set",
-        f"env.{warm.ENABLE}=1",
-    ]
-    run = LiveRun(args, cluster.inventory(MAIN), home)
-    run_id = None
+    steps = 'run.args=["--steps", "150", "--ckpt-every", "10", "--step-time", "0.1"]'
+    # The crash ends the run: no attempt claims the spares.
+    run, run_id = _spared_run(cluster, home, tmp_path, steps, "failover.max_restarts=0")
     try:
-        run_id = run_id_of(run)
-        run.wait_line(r"\| step 12$", timeout=180)
-        assert wait_for(lambda: _spare_listens(cluster, run_id), 60.0, 0.1), "no spare on some node"
-        pid = _rank_pid(run_id, "1")
+        pid = rank_pid(run_id, "1")
         assert pid, "no rank 1"
         os.kill(pid, signal.SIGKILL)
         assert run.finish(timeout=120) == 1, run.text()[-3000:]
@@ -119,31 +93,15 @@ def test_a_run_that_fails_for_good_ends_its_spares_before_ava_returns(
         assert not any((n.workdir / "runs" / run_id / warm.SOCKET).exists() for n in cluster.nodes)
     finally:
         run.kill()
-        if run_id:
-            run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
+        run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
 
 
 def test_ava_stop_ends_the_runs_spares(cluster: Cluster, home: dict[str, str], tmp_path: Path) -> None:
-    args = [
-        "train",
-        str(STEPS),
-        "--set",
-        'run.args=["--steps", "2000", "--step-time", "0.1"]',
-        "--set",
-        f"checkpoint.dir={tmp_path}/ckpt/{{run}}",
-        "--set",
-        f"env.{warm.ENABLE}=1",
-    ]
-    run = LiveRun(args, cluster.inventory(MAIN), home)
-    run_id = None
+    run, run_id = _spared_run(cluster, home, tmp_path, 'run.args=["--steps", "2000", "--step-time", "0.1"]')
     try:
-        run_id = run_id_of(run)
-        run.wait_line(r"\| step 12$", timeout=180)
-        assert wait_for(lambda: _spare_listens(cluster, run_id), 60.0, 0.1), "no spare on some node"
         done = run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
         assert done.returncode == 0, done.stdout + done.stderr
         assert processes_of(run_id) == []
     finally:
         run.kill()
-        if run_id:
-            run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
+        run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
