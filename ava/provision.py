@@ -234,6 +234,7 @@ class Wanted:
     node: Node
     layout: tuple[str, ...]
     agent: str
+    interpreter: str  # where the agent's interpreter is noted (sync.interpreter_path)
     runtime: str  # the runtime tree's completion marker
     cache: dict[str, object]
     env: Environment | None
@@ -250,6 +251,7 @@ class Wanted:
         return [
             *self.layout,
             self.agent,
+            self.interpreter,
             self.runtime,
             *([self.ready] if self.ready else []),
             f"{CGROUP_ROOT}/{CGROUP_PARENT}",
@@ -263,6 +265,7 @@ def wanted(node: Node, env: Environment | None) -> Wanted:
         node=node,
         layout=(work, f"{work}/runs", node.cache_dir),
         agent=sync.agent_path(node),
+        interpreter=sync.interpreter_path(node),
         runtime=sync.runtime_path(node) + ".complete",
         cache={"dir": node.cache_dir, "size": node.cache_size, "block_size": BLOCK_SIZE},
         env=env,
@@ -374,7 +377,9 @@ def plan(want: Wanted, facts: Facts) -> Plan:
     if missing:
         steps.append(Step("layout", "create " + ", ".join(missing), tuple(missing)))
     if not facts.present[want.agent]:
-        steps.append(Step("agent", f"put the agent at {want.agent}", (want.agent,)))
+        steps.append(Step("agent", f"put the agent at {want.agent}", (want.agent, want.interpreter)))
+    elif not facts.present[want.interpreter]:
+        steps.append(Step("agent", f"note the agent's interpreter at {want.interpreter}", (want.interpreter,)))
     if not facts.present[want.runtime]:
         steps.append(Step("runtime", "sync the runtime modules", (want.runtime.removesuffix(".complete"),)))
     if facts.cache != want.cache:

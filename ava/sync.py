@@ -5,6 +5,7 @@ Everything is named by the hash of its content, so relaunching unchanged code mo
 
 Node layout under `workdir` (agent/treesync.py says why the store stays true to its hashes):
   agent/agent-<hash16>.pyz        the agent zipapp
+  agent/python-<hash8>            the path of the interpreter the inventory's `python` resolves to
   objects/<aa>/<sha256>           file contents, shared by every tree, read-only
   trees/<hash16>/ + .complete     one directory per code or runtime tree, hard-linked objects;
   trees/<hash16>.json, .lock      its manifest, and the lock its builders take
@@ -191,11 +192,27 @@ def agent_path(node: Node) -> str:
     return f"{node.workdir.rstrip('/')}/agent/agent-{agent_bundle()[1][:16]}.pyz"
 
 
+def interpreter_path(node: Node) -> str:
+    """The file where `ship_agent` notes the interpreter that NODE's `python` resolves to, named
+    after that setting (another `python` in the inventory is another file)."""
+    key = hashlib.sha256(node.python.encode()).hexdigest()[:8]
+    return f"{node.workdir.rstrip('/')}/agent/python-{key}"
+
+
 def agent_command(node: Node, *args: str) -> str:
     """The shell text that runs this ava's agent on NODE (put there by `ship_agent`) with ARGS.
 
-    shell_path keeps a leading `~/` for the node's shell to expand; everything else is quoted."""
-    return " ".join([shell_path(node.python), shell_path(agent_path(node)), *map(shell_path, args)])
+    The agent runs on the interpreter `python` resolved to when it was shipped, not through
+    `python` itself: where that is a version manager's shim (pyenv's costs ~70 ms of bash per
+    call), every status poll and every start would pay for it again. The path is read by the
+    shell's own `read` (no process), and is a path, not a link: a venv's python started through a
+    link to it would not know its venv. Without it (a workdir an older ava provisioned, an
+    interpreter since removed) the agent runs on `python`. shell_path keeps a leading `~/` for the
+    node's shell to expand; everything else is quoted."""
+    noted = shell_path(interpreter_path(node))
+    run = " ".join(['"$ava_py"', shell_path(agent_path(node)), *map(shell_path, args)])
+    pick = f'{{ read -r ava_py < {noted} && [ -x "$ava_py" ]; }} 2>/dev/null || ava_py={shell_path(node.python)}'
+    return f"{{ {pick}; {run}; }}"
 
 
 def tree_path(node: Node, tree: str) -> str:
@@ -210,13 +227,26 @@ def runtime_path(node: Node) -> str:
 
 
 def ship_agent(node: Node) -> bool:
-    """Put the agent on the node unless this very version is there; True if bytes moved."""
+    """Put the agent on the node unless this very version is there, and note the interpreter it
+    runs on (see agent_command); True if bytes moved."""
     transport = connect(node)
     path = agent_path(node)
-    if transport.run(f"test -f {shell_path(path)}").ok:
-        return False
-    transport.put(agent_shipped(), path, mode=0o755)
-    return True
+    moved = not transport.run(f"test -f {shell_path(path)}").ok
+    if moved:
+        transport.put(agent_shipped(), path, mode=0o755)
+    python = shell_path(node.python)
+    # The interpreter behind a shim (a venv's python names itself, not its base), else `python`.
+    resolve = f"{python} -c 'import sys; print(sys.executable)' 2>/dev/null"
+    note = (
+        f'target="$({resolve})"; [ -x "$target" ] || target="$(command -v {python})"; '
+        f'[ -n "$target" ] && printf "%s\\n" "$target" > {shell_path(interpreter_path(node))}'
+    )
+    result = transport.run(note, timeout=60)
+    if not result.ok:
+        raise CommandError(
+            f"{node.name}: noting the agent's interpreter failed (exit {result.exited})", tail=result.tail()
+        )
+    return moved
 
 
 @lru_cache(maxsize=1)

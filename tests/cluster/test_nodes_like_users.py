@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from ava import attempt
+from ava import attempt, sync
 from ava.config import Node, load_inventory
 from ava.transport import close_all, connect
 from tests.conftest import REPO, run_ava
@@ -137,6 +137,35 @@ def test_provision_and_nodes_work_through_the_noisy_rc_file(cluster: Cluster, tm
     rows = {row["name"]: row for row in json.loads(done.stdout)}
     for name in (NOISY_NODE, DEFAULTS_NODE):
         assert rows[name]["reachable"] and rows[name]["torch"] == "2.13.0+cpu" and rows[name]["python"], rows[name]
+
+
+@needs_root
+def test_the_agent_runs_on_what_a_shim_python_resolves_to_and_without_its_link_still_runs(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`python` naming a wrapper script (pyenv's and conda's shims are such, and cost a shell or
+    more on every call): the agent runs on the interpreter behind it, and on `python` itself again
+    when that note is gone (a workdir an older ava provisioned)."""
+    shim = cluster.node(NOISY_NODE).dir / "conda" / "bin" / "python3"
+    assert shim.read_text().startswith("#!/bin/sh"), shim
+    inventory = tmp_path / "ava.toml"
+    text = cluster.inventory([NOISY_NODE], path=inventory).read_text()
+    inventory.write_text(text.replace(f'python = "{cluster.python}"', f'python = "{shim}"'))
+    assert f'python = "{shim}"' in inventory.read_text()
+    done = run_ava("provision", inventory=inventory, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    node = load_inventory(str(inventory)).nodes[NOISY_NODE]
+    noted = Path(sync.interpreter_path(node))
+    assert noted.read_text() == f"{cluster.python}\n"  # the venv's python, which the shim execs
+
+    noted.unlink()
+    rows = run_ava("nodes", "--json", inventory=inventory, timeout=120)
+    assert rows.returncode == 0, rows.stdout + rows.stderr
+    assert json.loads(rows.stdout)[0]["torch"] == "2.13.0+cpu", rows.stdout
+    again = run_ava("provision", inventory=inventory, timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{NOISY_NODE}  agent    note the agent's interpreter at " in again.stdout, again.stdout
+    assert noted.read_text() == f"{cluster.python}\n"
 
 
 @needs_root

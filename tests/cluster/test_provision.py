@@ -20,6 +20,7 @@ from ava.config import Node, Requirements, load_inventory
 from ava.provision import Facts, Wanted, environment, plan, plan_all
 from ava.transport import close_all
 from tests.conftest import run_ava
+from tests.support import nodepy
 from tests.support.cluster import Cluster
 
 THREE = ["n1", "n2", "n3"]
@@ -88,6 +89,10 @@ def test_second_provision_of_three_fresh_nodes_changes_nothing(cluster: Cluster,
         work = Path(node.workdir)
         assert (work / "runs").is_dir() and Path(node.cache_dir).is_dir()
         assert Path(sync.agent_path(node)).is_file()
+        # The agent's interpreter: the one `python` resolves to (the node venv's, by the path that
+        # keeps it a venv), not a wrapper.
+        noted = Path(Path(sync.interpreter_path(node)).read_text().rstrip("\n"))
+        assert noted.parent == Path(nodepy.node_python()).parent and noted.name.startswith("python"), noted
         assert Path(sync.runtime_path(node) + ".complete").exists()
         assert json.loads((work / "cache.json").read_text()) == {
             "dir": node.cache_dir,
@@ -252,6 +257,7 @@ def _want(env: provision.Environment | None = None) -> Wanted:
         node,
         ("/w", "/w/runs", "/c"),
         "/w/agent/agent-x.pyz",
+        "/w/agent/python-x",
         "/w/trees/t.complete",
         {"dir": "/c", "size": node.cache_size, "block_size": 8 * 2**20},
         env,
@@ -279,7 +285,7 @@ def test_cgroup_parent_is_planned_only_where_the_node_allows_it(
 ) -> None:
     want = _want()
     mounted = {"/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids"}
-    everything = {*want.layout, want.agent, want.runtime, *mounted}
+    everything = {*want.layout, want.agent, want.interpreter, want.runtime, *mounted}
     made = plan(want, _facts(want, present=everything, cgroup=cgroup, writable=writable, systemd=systemd))
     steps = [s for s in made.steps if s.kind == "cgroup"]
     assert (list(steps[0].paths) if steps else []) == parents
