@@ -546,6 +546,7 @@ class AgentClient:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._asking: tuple[str, int] | None = None
         self._failed: dict[str, float] = {}  # nodes whose requests fail, since when
+        self._answered: dict[str, float] = {}  # per node: when the request it last answered was sent
         self._metrics_from: dict[str, int] = {}  # per node: the metric bytes already handed over
 
     def prepare(
@@ -652,7 +653,7 @@ class AgentClient:
         if name not in self._pending:
             latest = self._latest.get(name)
             if latest is not None and latest.final:  # ended: not asked again
-                return Answer(status=replace(latest, metrics=()))
+                return Answer(status=replace(latest, metrics=()), asked=self._answered.get(name, 0.0))
             # failed recently, not asked again yet
             return Answer(error="no answer", asked=self._failed_since(name))
         future, sent, due = self._pending[name]
@@ -660,7 +661,7 @@ class AgentClient:
             latest = self._latest.get(name)
             if latest is not None and now < due:
                 # Nothing changed since it answered; its metric lines were handed over then.
-                return Answer(status=replace(latest, metrics=()))
+                return Answer(status=replace(latest, metrics=()), asked=self._answered.get(name, 0.0))
             if name in self._failed:
                 # Asked again after failing: late while this request is young (a loaded node answers
                 # slowly), then silent since the first unanswered request went out.
@@ -682,7 +683,8 @@ class AgentClient:
             self._metrics_from[name] = status.metrics_end
         self._retry_at.pop(name, None)
         self._failed.pop(name, None)
-        return Answer(status=status)
+        self._answered[name] = sent
+        return Answer(status=status, asked=sent)
 
     def ended_clean(self, nodes: list[Node], run_id: str, attempt: int) -> list[str]:
         """The nodes whose agent last answered, for this attempt, that it ended and left nothing
@@ -714,6 +716,7 @@ class AgentClient:
             self._pool.shutdown(wait=False)
         self._pool, self._pending, self._asking = None, {}, None
         self._latest, self._retry_at, self._failed, self._metrics_from = {}, {}, {}, {}
+        self._answered = {}
 
 
 def _status(node: Node, payload: dict[str, Any], tail: str) -> Status:

@@ -47,6 +47,15 @@ def liveness_scale() -> float:
 
 # A node whose agent has not answered for this long is lost (SSH fails or times out).
 LOST_AFTER = 6.0 * liveness_scale()
+# Sooner while its peers answer: a node silent this long (a long poll's second of hold, then as
+# overdue as a status request may be: the transport's deadline) is lost once another node has
+# answered a request sent PEERS_LEAD after its own; its silence is then its own, not this
+# machine's load. A cut link makes no rank fail (the collectives hang): silence is all there is.
+SILENT_AMONG_PEERS = 5.0 * liveness_scale()
+# The peer's whole round trip fit in the second half of this node's silence. Measured: a healthy
+# run whose polls all starved (0.2 CPU for the supervisor, sshd and agents, with 3 busy loops)
+# saw a peer lead of 1.4 s at most before a request's 5 s deadline.
+PEERS_LEAD = 2.5
 # A heartbeat older than this, on the node's own clock, means its agent is stuck.
 STALE_AFTER = 10.0 * liveness_scale()
 MAX_BACKOFF = 60.0
@@ -70,7 +79,8 @@ class Answer:
 
     Exactly one of: `status`; `missing` (reachable, no such attempt there); or no answer, with
     `asked` the time the request still unanswered (`pending`, its answer due at `due`) or the
-    first that failed (`error`) was sent: the node has been silent since then."""
+    first that failed (`error`) was sent: the node has been silent since then. With a status,
+    `asked` is when the request it answers was sent (0: unknown)."""
 
     status: Status | None = None
     missing: bool = False
@@ -85,6 +95,7 @@ class NodeView:
     name: str
     reachable: bool = True
     unreachable_for: float = 0.0
+    alone: bool = False  # silent for SILENT_AMONG_PEERS while the other nodes answered: lost
     state: str | None = RUNNING  # the agent's state; None when it did not answer this round;
     # MISSING when it answered that it has no such attempt
     reason: Reason | None = None
@@ -123,20 +134,31 @@ STOP = Verdict(STOPPED, STOPPED_KIND, "stopped by `ava stop`")
 
 
 def node_view(
-    name: str, answer: Answer, now: float, silent_since: float | None, status_timeout: float
+    name: str,
+    answer: Answer,
+    now: float,
+    silent_since: float | None,
+    status_timeout: float,
+    *,
+    peers_asked: float = 0.0,
 ) -> tuple[NodeView, float | None]:
     """What one node's answer says this round, and since when it has been silent (None: it
     answered). A request out for less than `status_timeout` past when its answer was due is
     late, not silent: a busy node answers slowly, and only silence for LOST_AFTER makes a node
-    lost, counted from when the unanswered request was sent."""
+    lost, counted from when the unanswered request was sent. PEERS_ASKED is when the latest
+    request another node answered was sent: one sent after this node's answer was due says the
+    supervisor, its machine and the network answer on time, so SILENT_AMONG_PEERS of silence
+    is enough (when every poll is late at once, it is this machine's load: LOST_AFTER holds)."""
     if answer.status is not None:
         return view_of(name, answer.status), None
     if answer.missing:
         return NodeView(name, reachable=True, state=MISSING), None
+    first = answer.asked if silent_since is None else silent_since
+    if peers_asked >= first + PEERS_LEAD and now - first >= SILENT_AMONG_PEERS:
+        return NodeView(name, reachable=False, unreachable_for=now - first, alone=True, state=None), first
     due = answer.asked if answer.due is None else answer.due
     if answer.pending and now - due < status_timeout:
         return NodeView(name, reachable=True, state=None), silent_since
-    first = answer.asked if silent_since is None else silent_since
     return NodeView(name, reachable=False, unreachable_for=now - first, state=None), first
 
 
@@ -184,7 +206,7 @@ def _judge(observation: Observation, *, hang_timeout: float) -> Verdict:
     lost = tuple(
         v.name
         for v in views
-        if (not v.reachable and v.unreachable_for >= LOST_AFTER)
+        if (not v.reachable and (v.unreachable_for >= LOST_AFTER or v.alone))
         or (
             v.reachable
             and v.state in (STARTING, RUNNING)

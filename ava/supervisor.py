@@ -536,12 +536,21 @@ class Supervisor:
                 answers = self.client.poll(nodes, self.record.id, current.number, wait=POLL_INTERVAL)
                 now = self.clock.now()
                 views = []
+                # When each node's latest answered request was sent: a node's silence is judged
+                # against its peers' answers (decide.node_view).
+                answered = {name: a.asked for name, a in answers.items() if a.status is not None}
                 for node in nodes:
                     answer = answers[node.name]
                     if answer.status is not None and answer.status.metrics:
                         self._record_metrics(current.number, node.name, answer.status)
+                    peers = max((t for name, t in answered.items() if name != node.name), default=0.0)
                     view, since = node_view(
-                        node.name, answer, now, silent_since.get(node.name), self.client.status_timeout
+                        node.name,
+                        answer,
+                        now,
+                        silent_since.get(node.name),
+                        self.client.status_timeout,
+                        peers_asked=peers,
                     )
                     if since is None:
                         silent_since.pop(node.name, None)

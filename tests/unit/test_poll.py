@@ -100,3 +100,26 @@ def test_a_node_that_ended_is_not_asked_again_and_its_verified_end_needs_no_stop
         assert client.ended_clean(NODES, "run", 2) == []  # another attempt's teardown stops every node
     finally:
         client.close()
+
+
+def test_an_answer_carries_when_its_request_was_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A node's silence is judged against its peers' answers (decide.node_view): each status
+    # answer says when the request it answers went out, an unchanged one too.
+    held = threading.Event()
+
+    def status_of(node: Node, run: str, number: int, *, since: str | None = None, **_: object) -> Status:
+        if since is not None:  # a long poll: held, nothing changes
+            held.wait(5)
+        return Status("running", digest=f"d-{node.name}")
+
+    monkeypatch.setattr(attempt, "status_of", status_of)
+    client = attempt.AgentClient(status_timeout=4.0, long_poll=5.0)
+    try:
+        before = time.time()
+        first = client.poll(NODES, "run", 1, wait=0.5)
+        assert all(a.status is not None and before <= a.asked <= time.time() for a in first.values())
+        again = client.poll(NODES, "run", 1, wait=0.1)  # the long polls are held: unchanged
+        assert all(again[n].status is not None and again[n].asked == first[n].asked for n in ("n1", "n2"))
+    finally:
+        held.set()
+        client.close()
