@@ -350,11 +350,10 @@ def start_one(launch: NodeLaunch, *, on_started: Callable[[], None] | None = Non
     """Start LAUNCH on its node. The master's (`wait_store`) answers once its store listens;
     ON_STARTED is called before that, when its agent says its torchrun is started."""
     node, spec = launch.node, launch.spec
-    spec_path = f"{node.workdir.rstrip('/')}/runs/{spec.run}/spec-{spec.attempt}.json"
     transport = connect(node)
-    # The spec (environment included) travels as a file: values never appear on a command line.
-    transport.put(json.dumps(spec.to_json()).encode(), spec_path, mode=0o600)
-    args = ["start", spec_path]
+    # The spec (environment included) travels as the start's standard input: its values never
+    # appear on a command line, and no second channel (SFTP) is opened for it.
+    args = ["start", "-"]
     if launch.wait_store is not None:
         address, port = launch.wait_store
         args += ["--wait-store", address, str(port), "--store-timeout", f"{STORE_TIMEOUT:g}"]
@@ -368,7 +367,8 @@ def start_one(launch: NodeLaunch, *, on_started: Callable[[], None] | None = Non
     command = agent_command(node, *args)
     if launch.expect is not None and launch.expect.ready is not None:
         command = provision.guarded(command, launch.expect.ready)
-    result = transport.run(command, timeout=120 + STORE_TIMEOUT, on_line=said)
+    spec_bytes = json.dumps(spec.to_json()).encode()
+    result = transport.run(command, timeout=120 + STORE_TIMEOUT, on_line=said, stdin=spec_bytes)
     if launch.expect is not None and provision.FACTS_CHANGED in result.stdout.split():
         raise Stale(node.name, [], None, None, unready=True)
     payload = _last_json(result.stdout)

@@ -450,7 +450,8 @@ def guarded(command: str, check: ReadyCheck) -> str:
     found ready, else printing FACTS_CHANGED and running nothing: a warm launch's provision
     check rides in its start (one trip), and a node that changed since is provisioned first."""
     expected = shlex.quote(f"{check.digest}  -")  # sha256sum's line for its stdin
-    return f'if [ "$( ( {check.command} ) | sha256sum)" = {expected} ]; then {command}; else echo {FACTS_CHANGED}; fi'
+    # The facts read no input: COMMAND's (a start's spec) is left for COMMAND.
+    return f'if [ "$( ( {check.command} ) </dev/null | sha256sum)" = {expected} ]; then {command}; else echo {FACTS_CHANGED}; fi'
 
 
 def plan_all(

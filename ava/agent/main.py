@@ -50,7 +50,12 @@ def _emit(obj: Any) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    spec = Spec.load(args.spec)
+    if args.spec == "-":  # from stdin, as ava sends it (a file: how Slurm's nodes start)
+        raw = sys.stdin.buffer.read()
+        spec = Spec.loads(raw, "spec (stdin)")
+    else:
+        raw = None
+        spec = Spec.load(args.spec)
     adir = layout.attempt_dir(spec.workdir, spec.run, spec.attempt)
     if (existing := settle(spec.workdir, adir)) is not None:
         # The same start again (a retried SSH command): report, do not start twice.
@@ -85,7 +90,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         # runs/ holds specs (the run's environment, secrets included) and logs: owner only,
         # also where an older agent or the spec's upload made it with the login's umask.
         os.chmod(spec.workdir / "runs", 0o700)
-        _copy_private(Path(args.spec), adir / layout.SPEC)
+        _write_private(Path(args.spec).read_bytes() if raw is None else raw, adir / layout.SPEC)
         pid = monitor.spawn(spec, adir, gpus, slots, ledger.fd)
         ledger.grant(want, spec.attempt, spec.user, pid, gpus, slots, spec.workdir)
     st = _wait_started(spec.workdir, adir, pid)
@@ -147,9 +152,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _copy_private(source: Path, target: Path) -> None:
-    """Copy the spec as 0600 whatever the umask: it holds the run's environment values."""
-    data = source.read_bytes()
+def _write_private(data: bytes, target: Path) -> None:
+    """Write the spec as 0600 whatever the umask: it holds the run's environment values."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)  # an older copy may exist with wider bits
@@ -407,7 +411,7 @@ def parser() -> argparse.ArgumentParser:
 
     programs.add_parsers(sub)
     s = sub.add_parser("start", help="lease, fence and start one attempt")
-    s.add_argument("spec")
+    s.add_argument("spec", help="the spec's path, or - to read it from standard input")
     s.add_argument("--wait-store", nargs=2, metavar=("ADDRESS", "PORT"), help="then wait for the rendezvous store")
     s.add_argument("--store-timeout", type=float, default=120.0)
     # A one-trip start: what the launch took for granted, checked here before anything starts.

@@ -52,11 +52,17 @@ class Spec:
     def load(cls, path: str) -> Spec:
         try:
             with open(path, "rb") as f:
-                raw = json.loads(f.read())
+                data = f.read()
         except OSError as exc:
             raise SpecError(f"{path}: cannot read: {exc.strerror}") from exc
+        return cls.loads(data, path)
+
+    @classmethod
+    def loads(cls, data: bytes, where: str) -> Spec:
+        try:
+            raw = json.loads(data)
         except ValueError as exc:
-            raise SpecError(f"{path}: not JSON: {exc}") from exc
+            raise SpecError(f"{where}: not JSON: {exc}") from exc
         return cls.from_json(raw)
 
     @classmethod

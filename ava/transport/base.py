@@ -60,7 +60,11 @@ class Transport(Protocol):
         *,
         timeout: float | None = None,
         on_line: LineCallback | None = None,
+        stdin: bytes | None = None,
     ) -> Result: ...
+
+    def open(self) -> None:
+        """Connect ahead of the first command; a failure is that command's to raise."""
 
     def put(self, local: Path | bytes, remote: str, *, mode: int | None = None) -> None: ...
 

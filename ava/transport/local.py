@@ -42,13 +42,14 @@ class LocalTransport:
         *,
         timeout: float | None = None,
         on_line: LineCallback | None = None,
+        stdin: bytes | None = None,
     ) -> Result:
         # Like sshd: the user's shell, started in the home directory, in its own session so a
         # timeout can end the whole tree it started.
         proc = subprocess.Popen(
             [self._shell, "-c", command],
             cwd=os.path.expanduser("~"),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
@@ -58,6 +59,9 @@ class LocalTransport:
             threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True),
             threading.Thread(target=_pump, args=(proc.stderr, err), daemon=True),
         ]
+        if stdin is not None:
+            # Its own thread: a command that reads less than a pipe's worth must not block us.
+            readers.append(threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True))
         for reader in readers:
             reader.start()
         try:
@@ -93,6 +97,9 @@ class LocalTransport:
     def get(self, remote: str, local: Path) -> None:
         shutil.copyfile(local_path(remote), local)
 
+    def open(self) -> None:
+        pass  # nothing to connect
+
     def close(self) -> None:
         pass
 
@@ -104,3 +111,11 @@ def _pump(stream: IO[bytes], splitter: LineSplitter) -> None:
         splitter.write(decoder.decode(chunk))
     splitter.write(decoder.decode(b"", final=True))
     stream.close()
+
+
+def _feed(stream: IO[bytes], data: bytes) -> None:
+    try:
+        stream.write(data)
+        stream.close()
+    except BrokenPipeError:
+        pass  # it exited without reading all of it: its exit status says the rest

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import logging
 import math
 import os
 import socket
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import paramiko  # type: ignore[import-untyped,unused-ignore]  # stubs: types-paramiko, not installed
 from fabric import Connection  # type: ignore[import-untyped,unused-ignore]  # no stubs or py.typed
+from fabric.runners import Remote  # type: ignore[import-untyped,unused-ignore]  # no stubs or py.typed
 
 from ava.errors import CommandError, ConnectError
 from ava.transport.base import LineCallback, LineSplitter, Result, shell_path
@@ -43,6 +45,20 @@ _GET_START = "ava-file-start"
 
 class UnknownHostKey(paramiko.SSHException):  # type: ignore[misc,unused-ignore]  # paramiko is untyped here
     pass
+
+
+class _Remote(Remote):  # type: ignore[misc,unused-ignore]  # fabric is untyped here
+    """fabric's runner, its command's input written whole, then its end: invoke reads a stream
+    that is not a terminal one byte at a time, one SSH packet and a 10 ms sleep each."""
+
+    def handle_stdin(self, input_: IO[bytes], output: object, echo: bool = False) -> None:
+        data = input_.read()
+        try:
+            if data:
+                self.channel.sendall(data)
+            self.channel.shutdown_write()
+        except OSError:
+            pass  # it ended without reading it all: its exit status says why
 
 
 class _StrictPolicy(paramiko.MissingHostKeyPolicy):  # type: ignore[misc,unused-ignore]  # paramiko is untyped here
@@ -118,15 +134,27 @@ class SSHTransport:
         # Learnt per connection: the node's sshd has no `Subsystem sftp` line (hardened configs),
         # so files stream over the exec channel instead.
         self._sftp_missing = False
+        self._early: ConnectError | None = None  # open()'s failure, for the first command to raise
 
     @property
     def _address(self) -> str:
         return f"{self.node.host}:{self.node.port}"
 
+    def open(self) -> None:
+        """Connect now (from a thread of its own: see ava.transport.open_early). Its failure is
+        the first command's, not tried twice: an unreachable node costs one connect timeout."""
+        try:
+            self._connect()
+        except ConnectError as error:
+            self._early = error
+
     def _connect(self) -> Connection:
         with self._lock:
             if self._connection is not None and self._connection.is_connected:
                 return self._connection
+            if self._early is not None:
+                early, self._early = self._early, None
+                raise early
             try:
                 return self._open()
             except ConnectError as error:
@@ -153,6 +181,7 @@ class SSHTransport:
             connect_timeout=max(1, math.ceil(node.connect_timeout)),
             connect_kwargs=connect_kwargs,
         )
+        connection.config.runners.remote = _Remote
         known_hosts = Path(os.path.expanduser(node.known_hosts))
         # Every hop of a ProxyJump chain (fabric builds one Connection per hop from
         # ~/.ssh/config, each trusting any key) is held to the same file and policy.
@@ -191,7 +220,10 @@ class SSHTransport:
         *,
         timeout: float | None = None,
         on_line: LineCallback | None = None,
+        stdin: bytes | None = None,
     ) -> Result:
+        """COMMAND's result; STDIN, if given, is its standard input (then end of file): values
+        that must not be on a command line, without a second channel to send them as a file."""
         connection = self._connect()
         out, err = LineSplitter("out", on_line), LineSplitter("err", on_line)
         # Our own deadline: a command on a node whose link is cut blocks until TCP gives up
@@ -214,7 +246,7 @@ class SSHTransport:
                 hide=True,
                 warn=True,
                 pty=False,
-                in_stream=False,
+                in_stream=io.BytesIO(stdin) if stdin is not None else False,
                 out_stream=out,
                 err_stream=err,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -214,3 +215,26 @@ def test_a_line_longer_than_a_read_reaches_on_line_whole(cluster: Cluster, tmp_p
         ("out", "tail"),
     ]
     assert result.stdout == long + "\nshort\ntail"
+
+
+@pytest.mark.parametrize("kind", ["ssh", "local"])
+def test_stdin_reaches_the_command_whole_and_a_command_that_ignores_it_still_answers(
+    cluster: Cluster, tmp_path: Path, kind: str
+) -> None:
+    """How a start's spec travels (its values must not be on a command line). invoke writes a
+    stream that is not a terminal one byte per SSH packet with a 10 ms sleep each: a 3 KB spec
+    took 30 s; and a write after the command ended raised from its stdin thread."""
+    node = load_inventory(str(cluster.inventory(["n1"], path=tmp_path / "ava.toml"))).nodes["n1"]
+    if kind == "local":
+        node = dataclasses.replace(node, transport="local")
+    data = os.urandom(200_000)
+    try:
+        transport = connect(node)
+        got = transport.run("sha256sum", stdin=data, timeout=30)
+        ignored = transport.run("echo ended early; exit 3", stdin=data, timeout=30)
+        nothing = transport.run("wc -c", stdin=b"", timeout=30)
+    finally:
+        close_all()
+    assert got.ok and got.stdout.split()[0] == hashlib.sha256(data).hexdigest(), got.stdout
+    assert ignored.exited == 3 and ignored.stdout.strip() == "ended early"
+    assert nothing.ok and nothing.stdout.strip() == "0"

@@ -124,8 +124,10 @@ class Agent:
         self.runs.append(run)
         return run
 
-    def cli(self, *args: str, timeout: float = 90.0) -> tuple[int, Any]:
-        proc = subprocess.run([*self.prefix, *args], cwd=REPO, capture_output=True, timeout=timeout, check=False)
+    def cli(self, *args: str, timeout: float = 90.0, stdin: bytes | None = None) -> tuple[int, Any]:
+        proc = subprocess.run(
+            [*self.prefix, *args], cwd=REPO, capture_output=True, timeout=timeout, check=False, input=stdin
+        )
         try:
             return proc.returncode, json.loads(proc.stdout)
         except ValueError:

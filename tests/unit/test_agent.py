@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -358,6 +359,24 @@ def test_status_long_poll_answers_when_the_attempt_ends_not_at_its_timeout(agent
     _, again = agent.cli("status", str(agent.work), run, "--since", final["digest"], "--wait", "20")
     assert time.monotonic() - asked < 10.0
     assert again["state"] == "succeeded" and again["ended_clean"] is True
+
+
+def test_a_spec_read_from_stdin_starts_the_attempt_and_is_kept_owner_only(agent: Agent) -> None:
+    """How ava starts an attempt: the spec (the run's environment, secrets included) on the
+    start's standard input, never on a command line nor in a file the login's umask made."""
+    run = agent.new_run("stdin")
+    spec = agent.spec(run, [sys.executable, "-c", "import os; print('got', os.environ['AVA_T_SECRET'])"])
+    spec["env"] = {"AVA_T_SECRET": "s3cr3t"}
+    data = json.dumps(spec).encode()
+    rc, answer = agent.cli("start", "-", stdin=data)
+    assert rc == 0 and answer["state"] in ("running", "succeeded"), answer
+    final = agent.wait_final(run)
+    assert final["state"] == "succeeded", final
+    kept = agent.work / "runs" / run / "attempt-1" / "spec.json"
+    assert kept.read_bytes() == data and stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert b"got s3cr3t" in (agent.work / "runs" / run / "attempt-1" / "output.log").read_bytes()
+    rc, answer = agent.cli("start", "-", stdin=b"{not json")
+    assert rc != 0 and "spec (stdin): not JSON" in json.dumps(answer), answer
 
 
 def test_a_start_whose_expectations_do_not_hold_says_what_and_starts_nothing(agent: Agent) -> None:
