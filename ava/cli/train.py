@@ -114,7 +114,6 @@ def train(
 ) -> int:
     """Run a recipe on the inventory's nodes with torchrun; stream logs; fail over on faults."""
     from ava import runs
-    from ava.supervisor import Supervisor, snapshot_code, spawn_background
 
     if detach and stop_on_interrupt:
         raise UsageError(
@@ -156,6 +155,12 @@ def train(
         recipe, parent = from_checkpoint(recipe, start_from, run_id)
     if dry_run:
         return _dry_run(recipe, placement, run_id, inventory.path.resolve().parent, json_out=json_out)
+    if not detach:  # (a detached run is supervised by another process, which connects itself)
+        from ava.transport import open_early
+
+        # The nodes' SSH handshakes run while this process imports the rest and records the run.
+        open_early(list(placement.nodes))
+    from ava.supervisor import Supervisor, snapshot_code, spawn_background
 
     provisioned: list[str] = []
     base = inventory.path.resolve().parent

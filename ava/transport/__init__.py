@@ -10,7 +10,7 @@ from ava.transport.base import LineCallback, Result, Transport, run_all, shell_p
 if TYPE_CHECKING:
     from ava.config import Node
 
-__all__ = ["LineCallback", "Result", "Transport", "close_all", "connect", "run_all", "shell_path"]
+__all__ = ["LineCallback", "Result", "Transport", "close_all", "connect", "open_early", "run_all", "shell_path"]
 
 _pool: dict[tuple[str, str], Transport] = {}
 _pool_lock = threading.Lock()
@@ -33,6 +33,18 @@ def connect(node: Node, *, host_keys: str | None = None) -> Transport:
                 transport = SSHTransport(node, host_keys=host_keys)
             _pool[key] = transport
         return transport
+
+
+def open_early(nodes: list[Node]) -> None:
+    """Start connecting to NODES in the background and return: the handshakes (sshd's fork, key
+    exchange and authentication run on the nodes) go on while this process prepares the launch,
+    and its first command to each node finds the connection open (or its failure)."""
+    for node in nodes:
+        threading.Thread(target=_open, args=(node,), name=f"ava-open-{node.name}", daemon=True).start()
+
+
+def _open(node: Node) -> None:
+    connect(node).open()
 
 
 def close_all() -> None:
