@@ -381,6 +381,9 @@ class Failover:
     backoff: float = _duration(2.0)
     # Two attempts in a row failing before any progress with the same signature: no retry.
     stop_repeated_startup_failure: bool = _field(True, lambda f, k, d: f.flag(k, d))
+    # Each node keeps a spare interpreter with torch imported for the next attempt (a restart
+    # then skips torchrun's start and the import); only where max_restarts allows a restart.
+    warm_spares: bool = _field(True, lambda f, k, d: f.flag(k, d))
 
 
 def _read_name(f: _Fields, key: str, default: str | None) -> str:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -140,7 +140,25 @@ def plan_attempt(
     master = master_address(nodes[0])
     routes, port = found if found is not None else (client or AgentClient()).routes(nodes, master)
     launch = Launch(run_id, number, master, port, code_tree, runtime_tree, current_user())
-    return plan(recipe, nodes, launch, routes, pythons=pythons), master, port
+    return plan(with_spares(recipe), nodes, launch, routes, pythons=pythons), master, port
+
+
+def spares_wanted(recipe: Recipe) -> bool:
+    """Whether the run's nodes keep spare interpreters for its next attempt (ava/agent/warm.py):
+    `[failover] warm_spares` where a restart can come at all (max_restarts > 0); an `[env]
+    AVA_WARM_SPARES` of "1" or "0" overrides both."""
+    chosen = recipe.env.get(WARM_SPARES)
+    if chosen is not None:
+        return chosen == "1"
+    return recipe.failover.warm_spares and recipe.failover.max_restarts > 0
+
+
+def with_spares(recipe: Recipe) -> Recipe:
+    """The recipe as its nodes get it: an agent learns that its run keeps spares from the
+    spec's env (AVA_WARM_SPARES=1), as a recipe that sets it itself says."""
+    if WARM_SPARES in recipe.env or not spares_wanted(recipe):
+        return recipe
+    return replace(recipe, env={**recipe.env, WARM_SPARES: "1"})
 
 
 def snapshot_code(record: RunRecord, root: Path, leave_out: str | None = None) -> Path:
@@ -164,8 +182,6 @@ def snapshot_code(record: RunRecord, root: Path, leave_out: str | None = None) -
 
 def recipe_of(record: RunRecord) -> Recipe:
     """The recipe as launched: recipe.toml (every --set applied, no [env]) + env.json's values."""
-    from dataclasses import replace
-
     from ava import runs
 
     text = (record.dir / "recipe.toml").read_text(encoding="utf-8")
@@ -259,8 +275,8 @@ class Supervisor:
         self._last_wait = ""  # the holders last reported while waiting for leases
         # Nodes the CLI has just provisioned in front of the user: the first launch skips that check.
         self._provisioned = set(provisioned or ())
-        # The run keeps spare interpreters between attempts (opt-in, ava/agent/warm.py).
-        self._spares = recipe.env.get(WARM_SPARES) == "1"
+        # The run keeps spare interpreters between attempts (ava/agent/warm.py).
+        self._spares = spares_wanted(recipe)
 
     # -- the loop -------------------------------------------------------------------------------
 

@@ -10,8 +10,9 @@ For a rank crash (SIGKILL of one worker), a node kill (its sshd and every proces
 Then the effective training time ratio of a run with a rank crash injected every N seconds:
   productive time (the steps' own compute time, counted once) / wall time, beside an unfaulted run.
 Medians over the trials; the machine is shared and noisy, so compare ratios, not absolutes.
---spares on runs the fault trials with spare torchrun interpreters (env AVA_WARM_SPARES=1, see
-ava/agent/warm.py); "warm" counts the nodes whose attempt 2 took its torchrun from a spare.
+--spares on runs the fault trials with spare torchrun interpreters (`[failover] warm_spares`, on by
+default, see ava/agent/warm.py), off without; "warm" counts the nodes whose attempt 2 took its
+torchrun from a spare. The goodput runs keep the default (spares on).
 """
 
 from __future__ import annotations
@@ -67,8 +68,7 @@ def one_trial(cluster: Cluster, fault: str, home: dict[str, str], spares: bool) 
         "--set",
         "failover.backoff=0s",
     ]
-    if spares:
-        args += ["--set", "env.AVA_WARM_SPARES=1"]
+    args += ["--set", f"failover.warm_spares={'true' if spares else 'false'}"]
     # A local checkpoint dir per node works here because every test node shares this disk.
     run = LiveRun(args, cluster.inventory(MAIN + ["n4"]), home)
     run_id = None

@@ -12,7 +12,8 @@ watches as it would a Popen). No spare, or one that does not fit: the monitor sp
 A spare never outlives its run: it carries AVA_RUN_ID, exits IDLE seconds after the monitor
 that started it is gone with no claim, when a newer spare takes the socket, or when the run
 succeeds (`end_spares`); claimed, it is in the attempt's fence and dies with it.
-Opt-in per run (env AVA_WARM_SPARES=1) until the run's final stop ends its spares too.
+On for a run whose recipe can restart (`[failover] warm_spares`, default true, and max_restarts
+> 0): the supervisor puts AVA_WARM_SPARES=1 in its spec's env; a recipe's own [env] value wins.
 """
 
 from __future__ import annotations
