@@ -1,6 +1,7 @@
 """Spare torchrun interpreters through `ava train` on the real test cluster (ava/agent/warm.py):
 after a crashed rank every node's attempt 2 takes torchrun and its ranks from the spare that
-attempt 1 left, the run ends as it would have, and its success leaves no spare behind."""
+attempt 1 left, the run ends as it would have, and its success leaves no spare behind. Spares
+are on by default for a run that can restart, and a run with max_restarts = 0 starts none."""
 
 from __future__ import annotations
 
@@ -105,3 +106,45 @@ def test_ava_stop_ends_the_runs_spares(cluster: Cluster, home: dict[str, str], t
     finally:
         run.kill()
         run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
+
+
+def _spare_processes(run_id: str) -> list[int]:
+    """The live spares of the run here, and what they forked (torchrun, ranks): they carry the mark."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if any(item.startswith(f"{warm.MARK}={run_id}.".encode()) for item in environ):
+            found.append(int(entry.name))
+    return found
+
+
+def test_spares_are_on_by_default_and_a_run_that_cannot_restart_starts_none(
+    cluster: Cluster, home: dict[str, str], tmp_path: Path
+) -> None:
+    steps = 'run.args=["--steps", "2000", "--step-time", "0.1"]'
+    for restarts, spared in ((2, True), (0, False)):
+        # No [env] AVA_WARM_SPARES: the recipe key's default decides, with max_restarts.
+        args = ["train", str(STEPS), "--set", f"checkpoint.dir={tmp_path}/ckpt/{{run}}", "--set", steps]
+        args += ["--set", f"failover.max_restarts={restarts}"]
+        run = LiveRun(args, cluster.inventory(MAIN), home)
+        run_id = None
+        try:
+            run_id = run_id_of(run)
+            run.wait_line(r"\| step 12$", timeout=180)
+            if spared:
+                assert wait_for(lambda: _spare_listens(cluster, run_id), 60.0, 0.1), "no spare on some node"
+                assert _spare_processes(run_id)
+            else:
+                run.wait_line(r"\| step 40$", timeout=60)  # spares start at the first progress
+                assert _spare_processes(run_id) == []
+                assert not any((n.workdir / "runs" / run_id / warm.SOCKET).exists() for n in cluster.nodes)
+            done = run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert processes_of(run_id) == []
+        finally:
+            run.kill()
+            if run_id:
+                run_ava("stop", run_id, env=home, inventory=cluster.inventory(MAIN))
