@@ -574,6 +574,8 @@ class AgentClient:
         self, nodes: list[Node], recipe: Recipe, pythons: dict[str, str], report: Callable[[str], None]
     ) -> None:
         """Warm the recipe's `[data] prefetch` in the nodes' caches."""
+        if not recipe.data.prefetch:
+            return  # (cachenodes is not imported on every launch for nothing)
         from ava import cachenodes
 
         cachenodes.prefetch(nodes, recipe, pythons=pythons, report=report)
