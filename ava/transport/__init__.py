@@ -39,12 +39,9 @@ def open_early(nodes: list[Node]) -> None:
     """Start connecting to NODES in the background and return: the handshakes (sshd's fork, key
     exchange and authentication run on the nodes) go on while this process prepares the launch,
     and its first command to each node finds the connection open (or its failure)."""
-    for node in nodes:
-        threading.Thread(target=_open, args=(node,), name=f"ava-open-{node.name}", daemon=True).start()
-
-
-def _open(node: Node) -> None:
-    connect(node).open()
+    transports = [connect(node) for node in nodes]  # here: fabric's import is CPU, not waiting
+    for transport in transports:
+        threading.Thread(target=transport.open, name=f"ava-open-{transport.node.name}", daemon=True).start()
 
 
 def close_all() -> None:
