@@ -12,6 +12,8 @@ rank (tests/data/recipes/echo, one process per node). The launchers:
   all-at-once    one `ssh NODE 'cd DIR && torchrun --rdzv-backend c10d ...'` per node, all
                  started together; the script was copied to every node beforehand.
   master-first   the master's ssh+torchrun, then (once its store port accepts TCP) the others.
+Both hand launches run torchrun on the nodes' own interpreter (the test nodes' venv, which ava's
+launch uses too), not on this benchmark's (whose torch also imports numpy).
 
 Trials interleave the launchers (in a rotating order) so that the shared machine's noise falls
 on all of them alike. Prints medians, every sample, the ratios ava/master-first (issue 14's
@@ -210,7 +212,7 @@ class Bench:
 
     def torchrun(self, node: TestNode, master: TestNode, size: int, port: int, rdzv_id: str) -> list[str]:
         argv = [
-            sys.executable,
+            self.cluster.python,  # the nodes' interpreter, which ava's launch runs too (not this one)
             "-m",
             "torch.distributed.run",
             "--nnodes",
