@@ -337,23 +337,23 @@ def test_a_long_poll_is_late_until_its_answer_is_overdue_then_silent_since_it_wa
 
 def test_a_node_silent_while_its_peers_answer_is_lost_before_lost_after() -> None:
     # A cut link: n2's long poll, sent at 100, never comes back; n1 answered a request sent
-    # well after (102.5). Its silence is its own: lost at SILENT_AMONG_PEERS, not LOST_AFTER (plus a
+    # well after (103). Its silence is its own: lost at SILENT_AMONG_PEERS, not LOST_AFTER (plus a
     # retry's grace, as before: 7.6 s median on the test cluster).
     from ava.decide import SILENT_AMONG_PEERS, Answer, node_view
 
     assert SILENT_AMONG_PEERS < LOST_AFTER
     held = Answer(pending=True, asked=100.0, due=101.0)
     view, since = node_view("n2", held, now=100.0 + SILENT_AMONG_PEERS - 0.1, silent_since=None,
-                            status_timeout=4.0, peers_asked=102.5)  # fmt: skip
+                            status_timeout=4.0, peers_asked=103.0)  # fmt: skip
     assert view.reachable and not view.alone and since is None  # still only late
     view, since = node_view("n2", held, now=100.0 + SILENT_AMONG_PEERS, silent_since=None,
-                            status_timeout=4.0, peers_asked=102.5)  # fmt: skip
+                            status_timeout=4.0, peers_asked=103.0)  # fmt: skip
     assert view.alone and not view.reachable and since == 100.0
     verdict = observe(NodeView("n1", heartbeat_age=0.1), view)
     assert (verdict.outcome, verdict.kind, verdict.lost) == ("failed", "node-lost", ("n2",))
     # Its request failed (the transport's deadline) and a retry is out: still silent since 100.
     retry = Answer(pending=True, asked=100.0, due=105.2)
-    view, _ = node_view("n2", retry, now=105.3, silent_since=100.0, status_timeout=4.0, peers_asked=103.0)
+    view, _ = node_view("n2", retry, now=105.3, silent_since=100.0, status_timeout=4.0, peers_asked=103.5)
     assert view.alone and observe(NodeView("n1", heartbeat_age=0.1), view).lost == ("n2",)
 
 
@@ -363,7 +363,7 @@ def test_when_every_poll_is_late_at_once_no_node_is_lost_sooner() -> None:
     from ava.decide import SILENT_AMONG_PEERS, Answer, node_view
 
     held = Answer(pending=True, asked=100.0, due=101.0)
-    for peers in (0.0, 99.0, 100.0, 101.4, 102.4):  # none well after n2's went out
+    for peers in (0.0, 99.0, 100.0, 101.4, 102.9):  # none well after n2's went out
         view, _ = node_view("n2", held, now=100.0 + SILENT_AMONG_PEERS + 0.5, silent_since=None,
                             status_timeout=4.0, peers_asked=peers)  # fmt: skip
         assert not view.alone
