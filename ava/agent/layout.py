@@ -22,6 +22,10 @@ SPEC = "spec.json"
 STOP = "stop.json"
 AGENT_LOG = "agent.log"
 RANK_ERRORS = "rank-errors"  # one JSON per rank whose uncaught exception reached the top
+# The umask the job runs under: the one the agent was started with (its own files are 0600,
+# but a job's checkpoints and outputs follow the user's umask). Set by the agent's main().
+JOB_UMASK = 0o022
+DEFAULT_GRACE = 10.0  # seconds a stopped job has to exit on its own
 
 # Run ids and node names become path parts and cgroup names: keep them to a safe alphabet.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,200}$")

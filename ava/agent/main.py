@@ -8,9 +8,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import layout, leases, monitor, procs, rundir, status, warm
+from . import layout, leases, procs, status
 from .isolation import attach
 from .layout import LayoutError
 from .protocol import (
@@ -30,9 +30,13 @@ from .protocol import (
     STORE_WAITING,
     SUCCEEDED,
     ExitCode,
+    ProtocolMismatch,
+    SpecError,
 )
-from .spec import ProtocolMismatch, Spec, SpecError
 from .teardown import end_fence, ended_clean, settle, teardown
+
+if TYPE_CHECKING:
+    from .spec import Spec
 
 EXIT_OK = ExitCode.OK
 EXIT_FAILED = ExitCode.FAILED
@@ -50,6 +54,10 @@ def _emit(obj: Any) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    # Only here: every other command (a status long poll, a log follow) starts without them.
+    from . import monitor, rundir
+    from .spec import Spec
+
     if args.spec == "-":  # from stdin, as ava sends it (a file: how Slurm's nodes start)
         raw = sys.stdin.buffer.read()
         spec = Spec.loads(raw, "spec (stdin)")
@@ -237,6 +245,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         leases.release_or_drain(work, args.run, node, None, remaining)
         if node is not None and not args.keep_spares:
             # No attempt comes after this stop: the run's spare interpreters go too (warm.py).
+            from . import warm
+
             warm.end_spares(args.run, node, layout.run_dir(work, args.run))
     ok = not remaining and removed
     _emit({"run": args.run, "stopped": ok, "remaining_pids": sorted(set(remaining)), "cgroup_removed": removed})
@@ -390,7 +400,7 @@ def _wait_store(adir: Path, address: str, port: int, timeout: float) -> str:
 def cmd_cache(args: argparse.Namespace) -> int:
     from . import cachecli  # only for `ava cache` and a prefetch
 
-    return cachecli.run(args.runtime, args.env_file, args.args, umask=monitor.JOB_UMASK)
+    return cachecli.run(args.runtime, args.env_file, args.args, umask=layout.JOB_UMASK)
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -435,7 +445,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stop", help="verified teardown of every attempt of a run")
     s.add_argument("workdir")
     s.add_argument("run")
-    s.add_argument("--grace", type=float, default=monitor.DEFAULT_GRACE)
+    s.add_argument("--grace", type=float, default=layout.DEFAULT_GRACE)
     s.add_argument("--keep-spares", action="store_true", help="a failover's teardown: the next attempt claims them")
     s.set_defaults(func=cmd_stop)
     s = sub.add_parser("logs", help="raw output.log bytes from an offset")
@@ -476,8 +486,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # Everything the agent writes (specs, status, logs, ledger) is the owner's alone; the job
-    # gets back the umask the agent was started with (see monitor.JOB_UMASK).
-    monitor.JOB_UMASK = os.umask(0o077)
+    # gets back the umask the agent was started with (see layout.JOB_UMASK).
+    layout.JOB_UMASK = os.umask(0o077)
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -29,12 +29,8 @@ from .zygote import SOCKET as ZYGOTE_SOCKET
 TICK = 0.2  # how often the monitor looks at the job
 OOM_DRAIN = 3.0  # seconds torchrun gets to wind down after an out-of-memory kill
 HEARTBEAT = 1.0  # how often it rewrites status.json
-DEFAULT_GRACE = 10.0
 JOB_REAP_TIMEOUT = 10.0
 SPARE_DELAY = 30.0  # the next attempt's spare starts at the job's first progress, or after this
-# The umask the job runs under: the one the agent was started with (its own files are 0600,
-# but a job's checkpoints and outputs follow the user's umask). Set by the agent's main().
-JOB_UMASK = 0o022
 # Room kept free in the attempt's directory: on a full disk the monitor gives it back so that
 # the final status ("disk-full", and where) can still be written.
 RESERVE = "disk-reserve"
@@ -187,12 +183,12 @@ class Monitor:
         return 1
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.stop_grace = DEFAULT_GRACE
+        self.stop_grace = layout.DEFAULT_GRACE
 
     def _stop_requested(self) -> bool:
         req = layout.read_json(self.dir / layout.STOP)
         if req is not None and self.stop_grace is None:
-            self.stop_grace = float(req.get("grace", DEFAULT_GRACE))
+            self.stop_grace = float(req.get("grace", layout.DEFAULT_GRACE))
         return self.stop_grace is not None
 
     def run(self) -> int:
@@ -304,7 +300,7 @@ class Monitor:
                     start_new_session=True,
                     # In the child, before exec: the whole job tree starts inside the fence.
                     preexec_fn=fence.add_self,
-                    umask=JOB_UMASK,
+                    umask=layout.JOB_UMASK,
                 )
         except (OSError, subprocess.SubprocessError) as exc:
             return self._give_up(f"cannot start {spec.argv[0]!r}: {exc}")
@@ -446,7 +442,7 @@ class Monitor:
             env,
             spec.cwd,
             (null, log, log),
-            JOB_UMASK,
+            layout.JOB_UMASK,
             zygote_path=str(self.dir / ZYGOTE_SOCKET),
         )
         try:

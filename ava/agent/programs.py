@@ -18,13 +18,13 @@ import os
 import site
 import sys
 
-from . import monitor
+from . import layout
 
 
 def _login_umask() -> None:
     # The agent narrows its umask to 0o077 for its own records (main.main) and keeps the one it
-    # was started with in monitor.JOB_UMASK.
-    os.umask(monitor.JOB_UMASK)
+    # was started with in layout.JOB_UMASK.
+    os.umask(layout.JOB_UMASK)
 
 
 def cmd_tree(args: argparse.Namespace) -> int:

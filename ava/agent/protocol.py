@@ -327,3 +327,11 @@ class StopReport:
 
 class ProtocolError(ValueError):
     """An answer that does not follow this protocol."""
+
+
+class SpecError(ValueError):
+    """A start spec the agent cannot run: names the key and the problem."""
+
+
+class ProtocolMismatch(SpecError):
+    """A spec written for another version of the agent protocol: refused, never guessed at."""

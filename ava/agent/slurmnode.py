@@ -217,12 +217,12 @@ def one_attempt(agent: str, template_path: str, template: dict[str, Any], job: s
 def start(spec_path: str) -> int:
     """The agent's `start` of the attempt, in this process: one interpreter start less before
     torchrun (this program is the agent already). Its answer goes to this task's output."""
+    from . import layout
     from . import main as agent
-    from . import monitor
 
-    # The agent's main takes the umask it finds as the job's (monitor.JOB_UMASK) and narrows its
+    # The agent's main takes the umask it finds as the job's (layout.JOB_UMASK) and narrows its
     # own: give it the one this program was started with, as a separate `start` would have.
-    os.umask(monitor.JOB_UMASK)
+    os.umask(layout.JOB_UMASK)
     return agent.main(["start", spec_path])
 
 

@@ -16,15 +16,7 @@ from . import rundir
 from .cgroups import PARENT
 from .isolation import KINDS, Limits
 from .layout import check_name
-from .protocol import PROTOCOL
-
-
-class SpecError(ValueError):
-    """A start spec the agent cannot run: names the key and the problem."""
-
-
-class ProtocolMismatch(SpecError):
-    """A spec written for another version of the agent protocol: refused, never guessed at."""
+from .protocol import PROTOCOL, ProtocolMismatch, SpecError
 
 
 @dataclass(frozen=True)
