@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from types import TracebackType
+from typing import Any
 
 
 def _install(where: str, rank: str) -> None:
@@ -81,7 +82,19 @@ def _proxy(path: str) -> None:
     except (OSError, ValueError, KeyError):
         sock.close()
         return
-    # From here this process is the worker's stand-in: it never runs the script itself.
+    # From here this process is the worker's stand-in: it never runs the script itself, not
+    # even when something below fails (site.py would carry on into the script after an error
+    # in sitecustomize: the script would run a second time, in this process).
+    try:
+        _stand_in(sock, worker, reply)
+    finally:
+        os._exit(1)
+
+
+def _stand_in(sock: Any, worker: int, reply: bytes) -> None:
+    """Forward signals to WORKER and exit as it exits (its status comes on SOCK)."""
+    import json
+    import signal
 
     def forward(signum: int, frame: object) -> None:
         try:
@@ -107,7 +120,8 @@ def _proxy(path: str) -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # (those two cannot be set, only sent)
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
         code = 128 - code
     os._exit(code)
