@@ -23,7 +23,12 @@ for name in ("AVA_SECRET_A", "AVA_SECRET_B"):
 def files_under(root: Path) -> list[Path]:
     found = []
     for directory, _dirs, names in os.walk(root):
-        found += [Path(directory) / n for n in names if not (Path(directory) / n).is_symlink()]
+        # Files that hold bytes: not links, and not the sockets a run's spare interpreters listen on.
+        found += [
+            Path(directory) / n
+            for n in names
+            if (Path(directory) / n).is_file() and not (Path(directory) / n).is_symlink()
+        ]
     return found
 
 
