@@ -198,6 +198,7 @@ def plan(
             user=launch.user,
             ledger=node.ledger or "",
             isolation=os.environ.get(FORCE_ISOLATION_ENV) or "",
+            keep_warm=node.keep_warm,
         )
         launches.append(NodeLaunch(node, argv, spec))
     return launches

@@ -114,6 +114,7 @@ class Monitor:
         self.stop_grace: float | None = None
         self._noted = 0  # output.log's size at the last note in output.times
         self._spare: subprocess.Popen[bytes] | None = None  # this attempt's spare for the next
+        self._env: dict[str, str] | None = None  # the job's environment, once it is made
         self._children: list[subprocess.Popen[bytes]] = []  # a spare it started for itself
         me = os.getpid()
         self.st: dict[str, Any] = {
@@ -222,7 +223,21 @@ class Monitor:
             os.write(reaper_w, b"x")
         except OSError:
             pass
+        self._keep_warm(fence)
         return code
+
+    def _keep_warm(self, fence: Fence) -> None:
+        """After the final status: the node's spare for its next run (see warm.py), where no
+        attempt of this run comes after this one (a success, or a run without spares of its
+        own, whose next attempt, if any, starts from scratch anyway)."""
+        spec = self.spec
+        if self._env is None or not warm.keeps_warm(spec.keep_warm, spec.argv, fence.backend):
+            return
+        if self.st["state"] != SUCCEEDED and warm.wanted(spec.env, spec.argv, fence.backend):
+            return  # the run's own spare serves its next attempt; this one would compete with it
+        warm.start_node_spare(
+            spec.workdir, spec.node, self.dir / layout.AGENT_LOG, spec.argv, self._env, spec.keep_warm
+        )
 
     def _start_reaper(self, fence: Fence) -> int:
         r, w = os.pipe()
@@ -285,9 +300,12 @@ class Monitor:
         os.makedirs(self.dir / layout.RANK_ERRORS, mode=0o700, exist_ok=True)
         log = os.open(self.dir / layout.OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         spares = warm.wanted(spec.env, spec.argv, fence.backend)
+        self._env = env
         try:
             job: warm.Job | None = None
-            if spares:
+            if warm.keeps_warm(spec.keep_warm, spec.argv, fence.backend):
+                job = self._from_node_spare(fence, env, log, ranks_too=spares)
+            if job is None and spares:
                 job = self._from_spare(fence, env, log)
             if job is None:
                 job = subprocess.Popen(
@@ -427,17 +445,45 @@ class Monitor:
             self.st.update(spare_pid=self._spare.pid, spare_start=procs.start_time(self._spare.pid))
             self._save()
 
+    def _fence_dirs(self, fence: Fence) -> list[str]:
+        info = fence.info()
+        dirs = [str(d) for d in (info.get("dirs") or {}).values()] or [str(info.get("path") or "")]
+        return [d for d in dirs if d]
+
+    def _from_node_spare(self, fence: Fence, env: dict[str, str], log: int, *, ranks_too: bool) -> warm.Job | None:
+        """torchrun started by the spare a run before this one left on the node, in the fence,
+        if one is ready and fits. RANKS_TOO: it forks the ranks too, as a run's own spare does."""
+        spec = self.spec
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            job = warm.claim(
+                warm.node_dir(spec.workdir),
+                self._fence_dirs(fence),
+                fence.command(spec.argv),
+                env,
+                spec.cwd,
+                (null, log, log),
+                layout.JOB_UMASK,
+                zygote_path=str(self.dir / ZYGOTE_SOCKET) if ranks_too else "",
+                fit_key=warm.node_fit(spec.argv, env, spec.workdir),
+            )
+        finally:
+            os.close(null)
+        if job is not None:
+            self.st["from_spare"] = job.spare_pid
+            self.st["from_node_spare"] = True
+        return job
+
     def _from_spare(self, fence: Fence, env: dict[str, str], log: int) -> warm.Job | None:
         """torchrun started by the run's spare here, in the fence. Without a spare ready, one
         started now: its ranks are then forked with torch imported, not each importing it."""
         spec = self.spec
-        dirs = [str(d) for d in (fence.info().get("dirs") or {}).values()] or [str(fence.info().get("path") or "")]
         run_dir = layout.run_dir(spec.workdir, spec.run)
         null = os.open(os.devnull, os.O_RDONLY)
         handover = functools.partial(
             warm.claim,
             run_dir,
-            [d for d in dirs if d],
+            self._fence_dirs(fence),
             fence.command(spec.argv),
             env,
             spec.cwd,

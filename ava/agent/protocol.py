@@ -142,6 +142,7 @@ class StartSpec:
     user: str = ""
     ledger: str = ""
     isolation: str = ""  # "": the agent probes; else a forced back-end (tests, odd nodes)
+    keep_warm: float = 0.0  # seconds the node keeps a spare torchrun for its next run
     protocol: int = PROTOCOL
 
     def to_json(self) -> dict[str, Any]:
@@ -167,6 +168,8 @@ class StartSpec:
             data["ledger"] = self.ledger
         if self.isolation:
             data["isolation"] = self.isolation
+        if self.keep_warm:
+            data["keep_warm"] = self.keep_warm
         return data
 
 

@@ -39,6 +39,7 @@ class Spec:
     user: str = ""
     isolation: str = "auto"  # auto probes; the others force a back-end (tests, odd nodes)
     ledger: str = ""  # a node-wide ledger directory (the inventory's `ledger`); "": WORKDIR's
+    keep_warm: float = 0.0  # seconds the node keeps a spare torchrun for its next run (warm.py)
 
     @classmethod
     def load(cls, path: str) -> Spec:
@@ -104,6 +105,7 @@ class Spec:
                 user=str(raw.get("user") or ""),
                 isolation=isolation,
                 ledger=os.path.expanduser(str(raw.get("ledger") or "")),
+                keep_warm=_keep_warm(raw.get("keep_warm")),
             )
         except KeyError as exc:
             raise SpecError(f"{exc.args[0]}: missing") from exc
@@ -111,3 +113,11 @@ class Spec:
             if isinstance(exc, SpecError):
                 raise
             raise SpecError(f"spec: {exc}") from exc
+
+
+def _keep_warm(value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
+        raise SpecError(f"keep_warm: expected seconds (0 or more), got {value!r}")
+    return float(value)

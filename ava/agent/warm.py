@@ -14,10 +14,18 @@ that started it is gone with no claim, when a newer spare takes the socket, or w
 succeeds (`end_spares`); claimed, it is in the attempt's fence and dies with it.
 On for a run whose recipe can restart (`[failover] warm_spares`, default true, and max_restarts
 > 0): the supervisor puts AVA_WARM_SPARES=1 in its spec's env; a recipe's own [env] value wins.
+
+Between runs, a node keeps one spare of its own (the inventory's `keep_warm`, seconds in the
+spec): an attempt after which no other of its run comes starts one in WORKDIR/warm/, and the
+next run's first attempt on that node claims it instead of importing torch, so a short run
+started again and again (a smoke test, a sweep, CI) pays that import once. It fits only an
+interpreter, an environment that shapes `import torch` (NODE_FIT_ENV) and site-packages equal
+to its own (a pip install since: stale, it exits), and exits after keep_warm seconds unclaimed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -52,6 +60,13 @@ BACKENDS = ("v1", "v2")  # fences a running process can be moved into by pid
 TORCHRUN = ["-m", "torch.distributed.run"]
 RENDEZVOUS_POLL = 0.1  # how often a spare's torchrun looks whether the other nodes have joined
 KILLED = -signal.SIGKILL  # torchrun's code when the spare died before it could say
+NODE_DIR = "warm"  # WORKDIR/warm/spare.sock: the node's spare between runs (keep_warm)
+NODE_MARK = "/warm/"  # MARK of a node's spare: NODE_MARK + node ("/" is in no run id)
+# What `import torch` may read from the environment (library paths, allocator and thread
+# settings, torch's own switches): a node's spare made for one run serves the next only where
+# these are equal. The rest of the environment is set when the spare forks torchrun.
+NODE_FIT_ENV = ("PYTHON", "LD_", "TORCH", "OMP_", "MKL_", "KMP_", "GLIBC_", "MALLOC_", "CUDA_", "NVIDIA_")
+STALE = "stale"  # a spare's fit once the site-packages it imported from have changed
 
 
 class Job(Protocol):
@@ -77,6 +92,35 @@ def fit(argv: list[str], env: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps([argv[0], shaping]).encode()).hexdigest()[:32]
 
 
+def keeps_warm(keep_warm: float, argv: list[str], backend: str) -> bool:
+    """Whether the node keeps a spare between runs for a job with this argv, fenced by BACKEND."""
+    return keep_warm > 0 and backend in BACKENDS and argv[1:3] == TORCHRUN
+
+
+def node_dir(work: Path) -> Path:
+    return work / NODE_DIR
+
+
+def _own_pythonpath(env: dict[str, str], work: Path) -> str:
+    """The job's PYTHONPATH less ava's entries for one run (its run and runtime directories,
+    under WORKDIR): what a recipe added, equal from one run to the next."""
+    inside = str(work).rstrip("/") + "/"
+    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and not (p + "/").startswith(inside)]
+    return os.pathsep.join(kept)
+
+
+def node_fit(argv: list[str], env: dict[str, str], work: Path) -> str:
+    """What must be equal between the run a node's spare was made after and the run it serves:
+    the interpreter and the environment `import torch` reads (NODE_FIT_ENV)."""
+    shaping = {
+        k: v
+        for k, v in sorted(env.items())
+        if k.startswith(NODE_FIT_ENV) and k not in ("CUDA_VISIBLE_DEVICES", "PYTHONPATH")
+    }
+    shaping["PYTHONPATH"] = _own_pythonpath(env, work)
+    return "node-" + hashlib.sha256(json.dumps([argv[0], shaping]).encode()).hexdigest()[:32]
+
+
 def _code_root() -> tuple[str, str]:
     """This module's name and the sys.path entry it is imported from (the agent's zipapp or
     the source tree), so a new interpreter can run it with -m."""
@@ -93,23 +137,60 @@ def start(
     """Start a spare for the next attempt of RUN here; ARGV and ENV are this attempt's job's.
     Its own session, outside the fence (the attempt's end must not end it). NICED: at low
     priority (a spare for later); else at the job's (one this attempt waits for)."""
-    name, root = _code_root()
+    _, root = _code_root()
     spare_env = {k: v for k, v in env.items() if k not in ("AVA_JOB_TAG", "CUDA_VISIBLE_DEVICES")}
     spare_env[MARK] = f"{run}.{node}"
     spare_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     me = os.getpid()
-    command = [argv[0], "-m", name, str(run_dir), str(me), str(procs.start_time(me)), fit(argv, env)]
-    command.append("niced" if niced else "now")
+    priority = "niced" if niced else "now"
+    return _spawn(argv[0], run_dir, log, spare_env, [str(me), str(procs.start_time(me)), fit(argv, env)], priority)
+
+
+def start_node_spare(
+    work: Path, node: str, log: Path, argv: list[str], env: dict[str, str], keep_warm: float
+) -> subprocess.Popen[bytes] | None:
+    """Start the node's spare for its next run, made after a run with this ARGV and job ENV: it
+    waits KEEP_WARM seconds for a claim, then exits. It carries nothing of the run it follows
+    (no AVA_* variable, none of its directories): only what NODE_FIT_ENV names."""
+    _, root = _code_root()
+    where = node_dir(work)
+    try:
+        os.makedirs(where, mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    spare_env = {k: v for k, v in env.items() if not k.startswith("AVA_") and k != "CUDA_VISIBLE_DEVICES"}
+    spare_env[MARK] = NODE_MARK + node
+    spare_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, _own_pythonpath(env, work)) if p)
+    creator = ["0", "-", node_fit(argv, env, work), f"{keep_warm:g}"]
+    return _spawn(argv[0], where, log, spare_env, creator, "idle")
+
+
+def _spawn(
+    python: str, where: Path, log: Path, env: dict[str, str], args: list[str], priority: str
+) -> subprocess.Popen[bytes] | None:
+    """PRIORITY: "now" (the job's), "niced" (lowered by NICE once it runs), or "idle": at the
+    lowest from its first instruction, for a spare started as a run ends, while the nodes and
+    the CLI still wind it down (on one machine, as in the tests, they share its CPUs)."""
+    name, _ = _code_root()
+    preexec = None
+    if priority == "idle":
+        now = os.getpriority(os.PRIO_PROCESS, 0)
+        if _may_restore(now):
+            priority, preexec = f"idle:{now}", functools.partial(os.setpriority, os.PRIO_PROCESS, 0, 19)
+        else:
+            priority = "niced"
+    command = [python, "-m", name, str(where), *args[:3], priority, *args[3:]]
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         return subprocess.Popen(
             command,
-            cwd=run_dir,
-            env=spare_env,
+            cwd=where,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
             start_new_session=True,
+            preexec_fn=preexec,
         )
     except OSError:
         return None  # no spare: the next attempt starts torchrun as before
@@ -224,11 +305,13 @@ def claim(
     stdio: tuple[int, int, int],
     umask: int,
     zygote_path: str = "",
+    fit_key: str = "",
 ) -> SpareJob | None:
-    """Start the job through the run's spare here, if one is ready and fits; None: start it
-    as before. FENCE_DIRS are the attempt's cgroup directories: the spare joins them first, so
-    torchrun and everything it starts are fenced from their first instruction. With
-    ZYGOTE_PATH, the spare also forks the attempt's ranks from there (see zygote.py)."""
+    """Start the job through the spare in RUN_DIR (the run's, or the node's), if one is ready
+    and fits (FIT_KEY, else fit()); None: start it as before. FENCE_DIRS are the attempt's
+    cgroup directories: the spare joins them first, so torchrun and everything it starts are
+    fenced from their first instruction. With ZYGOTE_PATH, the spare also forks the attempt's
+    ranks from there (see zygote.py). A spare that does not fit is told to exit."""
     sock = _connect(run_dir)
     if sock is None:
         return None
@@ -236,7 +319,7 @@ def claim(
     try:
         hello = _lines(sock, HELLO_TIMEOUT)
         spare_pid = int(hello["pid"])
-        if hello.get("fit") != fit(argv, env):
+        if hello.get("fit") != (fit_key or fit(argv, env)):
             sock.sendall(b'{"op": "exit"}\n')
             sock.close()
             return None
@@ -281,25 +364,43 @@ def _renice() -> int | None:
     """Lower this process's priority by NICE where it can be raised back for torchrun (root,
     or RLIMIT_NICE allows it); the niceness to restore, None when left as it was."""
     now = os.getpriority(os.PRIO_PROCESS, 0)
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
-    may_restore = os.geteuid() == 0 or (soft != resource.RLIM_INFINITY and 20 - soft <= now)
-    if not may_restore:
+    if not _may_restore(now):
         return None
     os.setpriority(os.PRIO_PROCESS, 0, min(now + NICE, 19))
     return now
 
 
+def _may_restore(now: int) -> bool:
+    """Whether a process lowered from niceness NOW may raise itself back to it."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    return os.geteuid() == 0 or (soft != resource.RLIM_INFINITY and 20 - soft <= now)
+
+
 class Spare:
-    def __init__(self, run_dir: str, creator: int, creator_start: int | None, fit_key: str, niced: bool) -> None:
+    def __init__(
+        self, run_dir: str, creator: int, creator_start: int | None, fit_key: str, priority: str, idle: float = IDLE
+    ) -> None:
         self.dir = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
-        self.creator = creator
+        self.creator = creator  # 0: none (a node's spare), its idle time runs from the start
         self.creator_start = creator_start
         self.fit = fit_key
-        self.restore = _renice() if niced else None
+        self.idle = idle
+        # The niceness torchrun and the ranks get back: "idle:N" was started lowered from N.
+        self.restore = int(priority[5:]) if priority.startswith("idle:") else _renice() if priority == "niced" else None
         self.listener: socket.socket | None = None
         self.inode = 0
+        self.imported_from: dict[str, int] = {}
+
+    def note_site(self) -> None:
+        """Remember the site-packages directories torch was imported from, as they are now."""
+        self.imported_from = _site_times()
+
+    def stale(self) -> bool:
+        """A package installed or removed there since (a directory's mtime moved): the modules
+        this interpreter holds may not be what a fresh one would import."""
+        return _site_times() != self.imported_from
 
     def _path(self, name: str) -> str:
         return f"/proc/self/fd/{self.dir}/{name}"
@@ -347,14 +448,14 @@ class Spare:
                 continue
             if not self._owns_socket():
                 return None
-            if gone_at is None and not procs.alive(self.creator, self.creator_start):
+            if gone_at is None and (self.creator == 0 or not procs.alive(self.creator, self.creator_start)):
                 gone_at = time.monotonic()
-            if gone_at is not None and time.monotonic() - gone_at > IDLE:
+            if gone_at is not None and time.monotonic() - gone_at > self.idle:
                 self._unlisten()
                 return None
 
     def serve(self, conn: socket.socket) -> int:
-        conn.sendall(json.dumps({"pid": os.getpid(), "fit": self.fit}).encode() + b"\n")
+        conn.sendall(json.dumps({"pid": os.getpid(), "fit": STALE if self.stale() else self.fit}).encode() + b"\n")
         conn.settimeout(FORK_TIMEOUT)
         data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
         while not data.endswith(b"\n"):
@@ -441,12 +542,27 @@ def _quick_rendezvous() -> None:
     rendezvous.__dict__["_delay"] = quicker
 
 
+def _site_times() -> dict[str, int]:
+    """mtime of each site-packages directory on sys.path (pip adds and removes entries there)."""
+    found = {}
+    for entry in sys.path:
+        if entry.endswith(("site-packages", "dist-packages")):
+            try:
+                found[entry] = os.stat(entry).st_mtime_ns
+            except OSError:
+                found[entry] = -1
+    return found
+
+
 def main(argv: list[str]) -> int:
-    """python -m ava.agent.warm RUN_DIR CREATOR_PID CREATOR_START FIT niced|now"""
-    run_dir, creator, creator_start, fit_key, priority = argv
+    """python -m ava.agent.warm DIR CREATOR_PID CREATOR_START FIT now|niced|idle:N [IDLE]
+    (CREATOR_PID 0: no creator, a node's spare, which waits IDLE seconds from its start)."""
+    run_dir, creator, creator_start, fit_key, priority, *rest = argv
     started = int(creator_start) if creator_start.isdigit() else None
-    spare = Spare(run_dir, int(creator), started, fit_key, priority == "niced")
+    idle = float(rest[0]) if rest else IDLE
+    spare = Spare(run_dir, int(creator), started, fit_key, priority, idle)
     importlib.import_module("torch.distributed.run")  # what the spare is for
+    spare.note_site()
     spare.listen()
     try:
         conn = spare.wait_claim()
