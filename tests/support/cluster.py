@@ -350,6 +350,8 @@ class Cluster:
         Nodes run the node venv; `s3fs=True` gives them its flavour with s3fs, for training
         scripts that read or write S3 (the defaults node then names it as its python too: its
         PATH has the plain one). A `python` in `defaults` applies to every node.
+        Nodes keep no spare between runs (`keep_warm = "0s"`: the leak check would count it)
+        unless `keep_warm` says otherwise; None leaves ava's default.
         """
         chosen = [n for n in self.nodes if names is None or n.name in names]
         settings: dict[str, object] = {
@@ -357,8 +359,10 @@ class Cluster:
             "identity": str(self.key),
             "known_hosts": str(self.known_hosts),
             "connect_timeout": "3s",
+            "keep_warm": "0s",
         }
         settings.update(defaults)
+        settings = {k: v for k, v in settings.items() if v is not None}
         python = nodepy.node_python(s3fs=True) if s3fs else self.python
         lines = ["[defaults]"] + [f"{k} = {_toml(v)}" for k, v in settings.items()]
         for node in chosen:

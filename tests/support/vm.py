@@ -441,8 +441,10 @@ class VM:
             "known_hosts": str(self.known_hosts),
             "python": NODE_PYTHON,
             "connect_timeout": "20s",  # an emulated CPU: a handshake takes a while
+            "keep_warm": "0s",  # no spare left between tests' runs (as on the test cluster)
         }
         settings.update(defaults)
+        settings = {k: v for k, v in settings.items() if v is not None}
         lines = ["[defaults]"] + [f"{k} = {_toml(v)}" for k, v in settings.items()]
         lines += ["", f"[nodes.{name}]", 'host = "127.0.0.1"', f"port = {self.port}"]
         path.write_text("\n".join(lines) + "\n")
