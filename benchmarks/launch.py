@@ -7,8 +7,11 @@
 rank (tests/data/recipes/echo, one process per node). The launchers:
 
   ava            `python -m ava train echo --set resources.nodes=N` (provision check, code sync,
-                 route probe, master first, the others once its store listens). Run once on
-                 never-used workdirs first: that cold launch is reported apart.
+                 route probe, master first, the others once its store listens), as a user gets
+                 it: each node keeps a spare torchrun for its next run (`keep_warm`, on by
+                 default), so every trial but the first starts from the spare the last one left.
+                 Run once on never-used workdirs first: that cold launch is reported apart.
+  ava, no spare  the same with `keep_warm = "0s"`: torchrun imports torch in every launch.
   all-at-once    one `ssh NODE 'cd DIR && torchrun --rdzv-backend c10d ...'` per node, all
                  started together; the script was copied to every node beforehand.
   master-first   the master's ssh+torchrun, then (once its store port accepts TCP) the others.
@@ -16,7 +19,8 @@ Both hand launches run torchrun on the nodes' own interpreter (the test nodes' v
 launch uses too), not on this benchmark's (whose torch also imports numpy).
 
 Trials interleave the launchers (in a rotating order) so that the shared machine's noise falls
-on all of them alike. Prints medians, every sample, the ratios ava/master-first (issue 14's
+on all of them alike. After an ava trial the benchmark waits until every node's new spare has
+imported torch and listens, so that its import never slows the next trial down. Prints medians, every sample, the ratios ava/master-first (issue 14's
 targets: <= 1.1 to every rank running, <= 1.15 to exit) and ava/all-at-once (for reference),
 and where ava's time goes: from its output (medians over
 the trials) and from `--traced` extra runs that timestamp ava's own launch steps.
@@ -66,7 +70,8 @@ TARGET_EXIT_VS_MASTER_FIRST = 1.15
 TARGET_EXIT_TAIL = 0.3  # seconds from the last agent's final status to ava's exit
 RANKS_TIMEOUT = 150.0  # an all-at-once worker may back off for tens of seconds before it joins
 EXIT_TIMEOUT = 60.0
-METHODS = ("ava", "all-at-once", "master-first")
+METHODS = ("ava", "ava, no spare", "all-at-once", "master-first")
+SPARE_TIMEOUT = 60.0  # the longest an ava trial's node spares may take to listen
 
 
 @dataclass
@@ -115,21 +120,37 @@ class Bench:
     home: Path
     trial_ids: int = 0
 
-    def inventory(self, size: int, *, cold: bool = False) -> Path:
+    def inventory(self, size: int, *, cold: bool = False, spares: bool = True) -> Path:
         names = [n.name for n in self.cluster.nodes[:size]]
-        path = self.scratch / f"ava-{size}{'-cold' if cold else ''}.toml"
-        self.cluster.inventory(names, path=path)
+        path = self.scratch / f"ava-{size}{'-cold' if cold else ''}{'' if spares else '-nospare'}.toml"
+        # keep_warm=None: ava's default, not the test cluster's "0s".
+        self.cluster.inventory(names, path=path, keep_warm=None if spares else "0s")
         if cold:  # never-used workdirs: this launch provisions and syncs everything
             text = path.read_text()
             for node in self.cluster.nodes[:size]:
-                fresh = self.scratch / f"cold-{size}" / node.name
-                text = text.replace(f'"{node.workdir}"', f'"{fresh / "work"}"')
-                text = text.replace(f'"{node.cache_dir}"', f'"{fresh / "cache"}"')
+                text = text.replace(f'"{node.workdir}"', f'"{self.workdir(node, size, cold)}"')
+                text = text.replace(f'"{node.cache_dir}"', f'"{self.scratch / f"cold-{size}" / node.name / "cache"}"')
             path.write_text(text)
         return path
 
-    def ava(self, size: int, *, cold: bool = False, traced: bool = False) -> Trial:
-        inventory = self.inventory(size, cold=cold)
+    def workdir(self, node: TestNode, size: int, cold: bool) -> Path:
+        return self.scratch / f"cold-{size}" / node.name / "work" if cold else node.workdir
+
+    def spares_listen(self, size: int, cold: bool) -> None:
+        """Wait until every node's spare for its next run listens (its torch imported)."""
+        sockets = [self.workdir(node, size, cold) / "warm" / "spare.sock" for node in self.cluster.nodes[:size]]
+        deadline = time.monotonic() + SPARE_TIMEOUT
+        while not all(s.exists() for s in sockets) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+
+    def end_spares(self) -> None:
+        for node in self.cluster.nodes:
+            kill_processes_with(str(node.workdir / "warm"))
+        kill_processes_with(str(self.scratch / "cold-"))
+
+    def ava(self, size: int, *, cold: bool = False, traced: bool = False, spares: bool = True) -> Trial:
+        inventory = self.inventory(size, cold=cold, spares=spares)
         args = ["--inventory", str(inventory), "train", str(self.recipe), "--set", f"resources.nodes={size}"]
         run = Stamped()
         if traced:
@@ -138,7 +159,7 @@ class Bench:
             argv = [sys.executable, "-m", "ava", *args]
         run.spawn("ava", argv, env=clean_env(AVA_HOME=str(self.home)))
         wall_start = time.time() - run.now()  # the nodes date their statuses on this clock
-        trial = self._collect("ava-traced" if traced else "ava", size, run)
+        trial = self._collect("ava-traced" if traced else "ava" if spares else "ava, no spare", size, run)
         if trial.exit is None:
             run_line = next((l.text for l in run.lines if l.text.startswith("ava: run ")), "")
             if run_line:
@@ -160,6 +181,8 @@ class Bench:
         }
         if traced:
             trial.marks.update(_trace_marks(run))
+        if spares and trial.exit is not None:
+            self.spares_listen(size, cold)
         return trial
 
     def _agents_ended(self, run: Stamped, size: int, wall_start: float, *, cold: bool) -> float | None:
@@ -442,6 +465,8 @@ def report(trials: list[Trial], cold: list[Trial], traced: list[Trial], sizes: l
                 f"<= {TARGET_EXIT_VS_MASTER_FIRST}",
                 seconds(median(tails)),
                 f"<= {TARGET_EXIT_TAIL:g} s",
+                ratio(median(pick("ava, no spare", size)), median(pick("master-first", size))),
+                ratio(median(pick("ava, no spare", size, "exit")), median(pick("master-first", size, "exit"))),
             ]
         )
     table(
@@ -454,6 +479,8 @@ def report(trials: list[Trial], cold: list[Trial], traced: list[Trial], sizes: l
             "target",
             "ava's exit tail",
             "target",
+            "no spare: ranks",
+            "no spare: exit",
         ],
         rows,
         title="Ratios of the medians (exit tail: from the last agent's final status to ava's exit)",
@@ -471,7 +498,7 @@ def report(trials: list[Trial], cold: list[Trial], traced: list[Trial], sizes: l
     ]
     rows = []
     for size in sizes:
-        for method in ("ava", "master-first"):
+        for method in ("ava", "ava, no spare", "master-first"):
             rows.append([str(size), method] + [seconds(median(pick(method, size, m))) for m in marks])
     table(
         ["nodes", "launcher"] + marks,
@@ -566,23 +593,25 @@ def main() -> int:
             cold.append(bench.ava(size, cold=size != max(sizes)))
         runners: dict[str, Callable[[int], Trial]] = {
             "ava": lambda n: bench.ava(n),
+            "ava, no spare": lambda n: bench.ava(n, spares=False),
             "all-at-once": lambda n: bench.by_hand(n, master_first=False),
             "master-first": lambda n: bench.by_hand(n, master_first=True),
         }
         for number in range(options.trials):
-            order = METHODS[number % 3 :] + METHODS[: number % 3]
+            order = METHODS[number % len(METHODS) :] + METHODS[: number % len(METHODS)]
             for size in sizes:
                 for method in order:
                     trial = runners[method](size)
                     trials.append(trial)
                     print(
-                        f"  trial {number + 1} {method:12} {size} node(s): all ranks {seconds(trial.ranks)},"
+                        f"  trial {number + 1} {method:13} {size} node(s): all ranks {seconds(trial.ranks)},"
                         f" exit {seconds(trial.exit)}  (load average {os.getloadavg()[0]:.1f})",
                         flush=True,
                     )
         for size in sizes:
             for _ in range(options.traced):
                 traced.append(bench.ava(size, traced=True))
+        bench.end_spares()
     report(trials, cold, traced, sizes)
     print(f"\n(wall time of this benchmark: {time.monotonic() - began:.0f} s)")
     return 0
