@@ -454,19 +454,28 @@ class Monitor:
         """torchrun started by the spare a run before this one left on the node, in the fence,
         if one is ready and fits. RANKS_TOO: it forks the ranks too, as a run's own spare does."""
         spec = self.spec
+        key = warm.node_fit(spec.argv, env, spec.workdir)
         null = os.open(os.devnull, os.O_RDONLY)
+        handover = functools.partial(
+            warm.claim,
+            warm.node_dir(spec.workdir),
+            self._fence_dirs(fence),
+            fence.command(spec.argv),
+            env,
+            spec.cwd,
+            (null, log, log),
+            layout.JOB_UMASK,
+            zygote_path=str(self.dir / ZYGOTE_SOCKET) if ranks_too else "",
+            fit_key=key,
+        )
         try:
-            job = warm.claim(
-                warm.node_dir(spec.workdir),
-                self._fence_dirs(fence),
-                fence.command(spec.argv),
-                env,
-                spec.cwd,
-                (null, log, log),
-                layout.JOB_UMASK,
-                zygote_path=str(self.dir / ZYGOTE_SOCKET) if ranks_too else "",
-                fit_key=warm.node_fit(spec.argv, env, spec.workdir),
-            )
+            job = handover()
+            # Runs back to back (a sweep, CI): the last one's spare may still be importing.
+            spare = warm.importing(spec.workdir, key) if job is None else None
+            if spare is not None:
+                began = time.monotonic()
+                job = warm.claim_once_imported(spec.workdir, spare, handover, give_up=self._stop_requested)
+                self.st["node_spare_wait"] = round(time.monotonic() - began, 3)
         finally:
             os.close(null)
         if job is not None:

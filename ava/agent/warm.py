@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import procs
+from . import layout, procs
 from .zygote import ENV as ZYGOTE_ENV
 from .zygote import Zygote, run_program
 
@@ -67,6 +67,7 @@ NODE_MARK = "/warm/"  # MARK of a node's spare: NODE_MARK + node ("/" is in no r
 # these are equal. The rest of the environment is set when the spare forks torchrun.
 NODE_FIT_ENV = ("PYTHON", "LD_", "TORCH", "OMP_", "MKL_", "KMP_", "GLIBC_", "MALLOC_", "CUDA_", "NVIDIA_")
 STALE = "stale"  # a spare's fit once the site-packages it imported from have changed
+NEXT = "next.json"  # in the node's directory: its newest spare (pid, start, fit) until claimed
 
 
 class Job(Protocol):
@@ -161,8 +162,53 @@ def start_node_spare(
     spare_env = {k: v for k, v in env.items() if not k.startswith("AVA_") and k != "CUDA_VISIBLE_DEVICES"}
     spare_env[MARK] = NODE_MARK + node
     spare_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, _own_pythonpath(env, work)) if p)
-    creator = ["0", "-", node_fit(argv, env, work), f"{keep_warm:g}"]
-    return _spawn(argv[0], where, log, spare_env, creator, "idle")
+    key = node_fit(argv, env, work)
+    spare = _spawn(argv[0], where, log, spare_env, ["0", "-", key, f"{keep_warm:g}"], "idle")
+    if spare is not None:
+        # A run started before it listens waits for it rather than import torch a second time.
+        note = {"pid": spare.pid, "start": procs.start_time(spare.pid), "fit": key}
+        try:
+            layout.write_json_atomic(where / NEXT, note)
+        except OSError:
+            pass
+    return spare
+
+
+def importing(work: Path, fit_key: str) -> tuple[int, int | None] | None:
+    """The node's newest spare (pid, start time) while it lives and fits FIT_KEY, ready or not
+    yet; one that does not fit is ended here (the run's end starts one that does)."""
+    note = layout.read_json(node_dir(work) / NEXT)
+    if not isinstance(note, dict) or not isinstance(note.get("pid"), int):
+        return None
+    pid, started = note["pid"], note.get("start")
+    if not procs.alive(pid, started):
+        return None
+    if note.get("fit") != fit_key:
+        procs.signal_pids([pid], signal.SIGKILL)
+        return None
+    return pid, started
+
+
+def claim_once_imported(
+    work: Path, spare: tuple[int, int | None], handover: Callable[[], SpareJob | None], give_up: Callable[[], bool]
+) -> SpareJob | None:
+    """HANDOVER (a claim of the node's spare) once SPARE, still importing torch, listens;
+    None once it is gone, another run claimed it, FRESH_TIMEOUT passed or GIVE_UP says so."""
+    pid, started = spare
+    try:  # it was started at the lowest priority, for later: now a run waits on it
+        os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0))
+    except OSError:
+        pass
+    end = time.monotonic() + FRESH_TIMEOUT
+    while time.monotonic() < end and not give_up():
+        job = handover()
+        if job is not None:
+            return job
+        note = layout.read_json(node_dir(work) / NEXT)
+        if not (isinstance(note, dict) and note.get("pid") == pid) or not procs.alive(pid, started):
+            return handover()
+        time.sleep(0.02)
+    return None
 
 
 def _spawn(
@@ -417,6 +463,18 @@ class Spare:
         os.rename(temp, SOCKET, src_dir_fd=self.dir, dst_dir_fd=self.dir)
         self.listener = sock
 
+    def forget_next(self) -> None:
+        """A node's spare, claimed or leaving: NEXT no longer names it (a run that waits on it
+        stops waiting)."""
+        if self.creator != 0:
+            return
+        note = layout.read_json(Path(self._path(NEXT)))
+        if isinstance(note, dict) and note.get("pid") == os.getpid():
+            try:
+                os.unlink(NEXT, dir_fd=self.dir)
+            except OSError:
+                pass
+
     def _owns_socket(self) -> bool:
         try:
             return os.stat(SOCKET, dir_fd=self.dir).st_ino == self.inode
@@ -568,6 +626,7 @@ def main(argv: list[str]) -> int:
         conn = spare.wait_claim()
     finally:
         spare._unlisten()
+        spare.forget_next()
     if conn is None:
         return 0
     return spare.serve(conn)

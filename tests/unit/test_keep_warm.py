@@ -147,6 +147,39 @@ def test_a_spare_that_does_not_fit_or_went_stale_exits_and_the_run_starts_as_bef
         _end_node_spares(agent)
 
 
+# On the spare's path (a recipe's PYTHONPATH reaches it): a node spare's interpreter takes 3 s
+# longer to start, so the next run surely finds it still importing.
+SLOW_SPARE = """
+import os, time
+if os.environ.get("AVA_SPARE", "").startswith("/warm/"):
+    time.sleep(3)
+"""
+
+
+@needs_cgroups
+def test_a_run_started_while_the_last_runs_spare_still_imports_waits_for_it(agent: Agent, tmp_path: Path) -> None:
+    (agent.jobs / "report.py").write_text(REPORT)
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_SPARE)
+    try:
+        _run(agent, _spec(agent, "one", 30, PYTHONPATH=str(slow)))
+        assert (warm.node_dir(agent.work) / warm.NEXT).exists() and not _socket(agent).exists()
+        spare = _node_spares(agent)
+        assert len(spare) == 1, spare
+        second = _run(agent, _spec(agent, "two", 30, PYTHONPATH=str(slow)))
+        assert second.get("from_node_spare") and second["from_spare"] == spare[0], second
+        assert second["node_spare_wait"] > 0.1, second
+        # A run that does not fit it neither waits for nor keeps the importing spare.
+        assert wait_for(lambda: len(_node_spares(agent)) == 1, 30.0, 0.1), _node_spares(agent)
+        spare = _node_spares(agent)
+        third = _run(agent, _spec(agent, "three", 30, PYTHONPATH=str(slow), OMP_NUM_THREADS="7"))
+        assert not third.get("from_node_spare") and "node_spare_wait" not in third, third
+        assert spare[0] not in _node_spares(agent)
+    finally:
+        _end_node_spares(agent)
+
+
 @needs_cgroups
 def test_an_unclaimed_spare_exits_after_keep_warm_and_keep_warm_0_leaves_none(agent: Agent) -> None:
     (agent.jobs / "report.py").write_text(REPORT)

@@ -46,8 +46,8 @@ gpu1: python3 -m torch.distributed.run --nnodes 2 --nproc-per-node 2 --rdzv-back
 --local-addr 10.0.0.11 --max-restarts 0 --monitor-interval 0.1 --tee 3 train.py --epochs 2
 gpu1: {"attempt": 1, "cgroup_parent": "ava", "cpu_slots": null, \
 "cwd": "/home/ml/.ava/runs/ddp-20261201-1200-abcd/work", \
-"gpus": {"allowed": [0, 1], "want": 2}, "limits": {"cpus": null, "memory": 8589934592, "pids": null}, \
-"node": "gpu1", "protocol": 1, "run": "ddp-20261201-1200-abcd", "tree": "/home/ml/.ava/trees/c0de", \
+"gpus": {"allowed": [0, 1], "want": 2}, "keep_warm": 300.0, \
+"limits": {"cpus": null, "memory": 8589934592, "pids": null}, "node": "gpu1", "protocol": 1, "run": "ddp-20261201-1200-abcd", "tree": "/home/ml/.ava/trees/c0de", \
 "user": "ml", "workdir": "~/.ava"}
 gpu1: AVA_ATTEMPT=1 AVA_CACHE_BLOCK_SIZE=8388608 AVA_CACHE_DIR=/home/ml/.ava/cache \
 AVA_CACHE_SIZE=107374182400 AVA_CHECKPOINT_DIR=s3://bucket/ddp/ddp-20261201-1200-abcd \
@@ -61,7 +61,7 @@ gpu2: python3 -m torch.distributed.run --nnodes 2 --nproc-per-node 2 --rdzv-back
 --monitor-interval 0.1 --tee 3 train.py --epochs 2
 gpu2: {"attempt": 1, "cgroup_parent": "ava", "cpu_slots": null, \
 "cwd": "/home/ml/.ava/runs/ddp-20261201-1200-abcd/work", \
-"gpus": {"allowed": [0, 1], "want": 2}, "ledger": "/var/lib/ava-ledger", \
+"gpus": {"allowed": [0, 1], "want": 2}, "keep_warm": 300.0, "ledger": "/var/lib/ava-ledger", \
 "limits": {"cpus": null, "memory": 8589934592, "pids": null}, "node": "gpu2", "protocol": 1, \
 "run": "ddp-20261201-1200-abcd", "tree": "/home/ml/.ava/trees/c0de", "user": "ml", "workdir": "~/.ava"}
 gpu2: AVA_ATTEMPT=1 AVA_CACHE_BLOCK_SIZE=8388608 AVA_CACHE_DIR=/home/ml/.ava/cache \
