@@ -149,7 +149,9 @@ class Bench:
             kill_processes_with(str(node.workdir / "warm"))
         kill_processes_with(str(self.scratch / "cold-"))
 
-    def ava(self, size: int, *, cold: bool = False, traced: bool = False, spares: bool = True) -> Trial:
+    def ava(
+        self, size: int, *, cold: bool = False, traced: bool = False, spares: bool = True, settle: bool = True
+    ) -> Trial:
         inventory = self.inventory(size, cold=cold, spares=spares)
         args = ["--inventory", str(inventory), "train", str(self.recipe), "--set", f"resources.nodes={size}"]
         run = Stamped()
@@ -181,7 +183,7 @@ class Bench:
         }
         if traced:
             trial.marks.update(_trace_marks(run))
-        if spares and trial.exit is not None:
+        if spares and settle and trial.exit is not None:
             self.spares_listen(size, cold)
         return trial
 
@@ -405,6 +407,24 @@ def _trace_marks(run: Stamped) -> dict[str, float | None]:
 # -- the report -----------------------------------------------------------------------------
 
 
+def report_back_to_back(runs: list[Trial], sizes: list[int]) -> None:
+    """ava started again the moment the last ava exited: the spare the last run left is still
+    importing torch, and the next run waits for it rather than import torch itself."""
+    rows = []
+    for size in sizes:
+        chosen = [t for t in runs if t.size == size]
+        ranks = [t.ranks for t in chosen if t.ranks is not None]
+        exits = [t.exit for t in chosen if t.exit is not None]
+        rows.append(
+            [str(size), seconds(median(ranks)), f"{len(ranks)}/{len(chosen)}", spread(ranks), seconds(median(exits))]
+        )
+    table(
+        ["nodes", "all ranks (median)", "ok", "samples", "exit (median)"],
+        rows,
+        title="ava back to back (each started as the one before exited; compare with the rows above)",
+    )
+
+
 def report(trials: list[Trial], cold: list[Trial], traced: list[Trial], sizes: list[int]) -> None:
     def pick(method: str, size: int, key: str = "ranks") -> list[float]:
         chosen = [t for t in trials if t.method == method and t.size == size]
@@ -570,11 +590,18 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--sizes", default="1,3", help="comma-separated node counts")
     parser.add_argument("--traced", type=int, default=2, help="traced ava runs per size, for the step breakdown")
+    parser.add_argument(
+        "--back-to-back",
+        type=int,
+        default=4,
+        help="ava runs per size started as the last exits (first one not counted)",
+    )
     options = parser.parse_args()
     sizes = [int(s) for s in options.sizes.split(",")]
     began = time.monotonic()
     trials: list[Trial] = []
     cold: list[Trial] = []
+    back_to_back: list[Trial] = []
     traced: list[Trial] = []
     with test_cluster(max(sizes)) as cluster, tempfile.TemporaryDirectory(prefix="ava-bench-launch-") as scratch:
         recipe = Path(scratch) / "echo"
@@ -611,8 +638,15 @@ def main() -> int:
         for size in sizes:
             for _ in range(options.traced):
                 traced.append(bench.ava(size, traced=True))
+        for size in sizes:
+            for number in range(options.back_to_back + 1):
+                trial = bench.ava(size, settle=False)
+                if number:  # the first follows a settled trial: its spare was ready
+                    back_to_back.append(trial)
         bench.end_spares()
     report(trials, cold, traced, sizes)
+    if back_to_back:
+        report_back_to_back(back_to_back, sizes)
     print(f"\n(wall time of this benchmark: {time.monotonic() - began:.0f} s)")
     return 0
 

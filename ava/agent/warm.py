@@ -199,6 +199,7 @@ def claim_once_imported(
         os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0))
     except OSError:
         pass
+    _set_autogroup(pid, 0)
     end = time.monotonic() + FRESH_TIMEOUT
     while time.monotonic() < end and not give_up():
         job = handover()
@@ -416,6 +417,22 @@ def _renice() -> int | None:
     return now
 
 
+def _set_autogroup(pid: int, nice: int) -> int | None:
+    """Set the niceness of PID's autogroup; the one it had, None where that failed. Where the
+    kernel groups processes by session (sched_autogroup), a process's own niceness orders it
+    only within its session: a spare, in a session of its own, competes as a whole session
+    unless its group is lowered too."""
+    where = f"/proc/{pid}/autogroup"
+    try:
+        with open(where, encoding="ascii") as f:
+            before = int(f.read().split()[-1])  # "/autogroup-123 nice 0"
+        with open(where, "w", encoding="ascii") as f:
+            f.write(str(nice))
+        return before
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _may_restore(now: int) -> bool:
     """Whether a process lowered from niceness NOW may raise itself back to it."""
     import resource
@@ -435,6 +452,7 @@ class Spare:
         self.idle = idle
         # The niceness torchrun and the ranks get back: "idle:N" was started lowered from N.
         self.restore = int(priority[5:]) if priority.startswith("idle:") else _renice() if priority == "niced" else None
+        self.group_restore = _set_autogroup(os.getpid(), 19) if priority.startswith("idle:") else None
         self.listener: socket.socket | None = None
         self.inode = 0
         self.imported_from: dict[str, int] = {}
@@ -524,6 +542,8 @@ class Spare:
         request = json.loads(data)
         if request.get("op") != "run" or len(fds) != 3:
             return 0
+        if self.group_restore is not None:
+            _set_autogroup(os.getpid(), self.group_restore)  # its ranks may be forked here
         ranks = Zygote(request["zygote"], self.restore, [self.dir, conn.fileno()]) if request.get("zygote") else None
         if ranks is not None:
             request["env"][ZYGOTE_ENV] = ranks.path

@@ -98,6 +98,9 @@ def test_the_next_run_starts_torchrun_from_the_spare_the_last_run_left(agent: Ag
         assert f"/runs/{first['run']}".encode() not in Path(f"/proc/{spare}/cmdline").read_bytes()
         if os.geteuid() == 0:  # started at the lowest priority, which torchrun gets back
             assert os.getpriority(os.PRIO_PROCESS, spare) == 19
+            group = Path(f"/proc/{spare}/autogroup")  # its session too, where sessions are groups
+            if group.exists():
+                assert group.read_text().split()[-1] == "19", group.read_text()
 
         spec = _spec(agent, "two", 30)
         second = _run(agent, spec)
