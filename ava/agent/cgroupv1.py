@@ -105,6 +105,14 @@ class CgroupV1:
     def adopt(self, job_pid: int) -> None:
         """The job joined every controller's group itself (add_self)."""
 
+    def admits(self) -> bool:
+        return True
+
+    def admit(self, pid: int) -> None:
+        for d in self.dirs.values():
+            with open(Path(d) / "cgroup.procs", "w", encoding="ascii") as f:
+                f.write(str(pid))
+
     def pids(self) -> list[int]:
         found: set[int] = set()
         for d in self.dirs.values():

@@ -109,6 +109,13 @@ class CgroupV2:
     def adopt(self, job_pid: int) -> None:
         """The job joined the group itself (add_self)."""
 
+    def admits(self) -> bool:
+        return True
+
+    def admit(self, pid: int) -> None:
+        with open(Path(self.path or "") / "cgroup.procs", "w", encoding="ascii") as f:
+            f.write(str(pid))
+
     def pids(self) -> list[int]:
         if not self.path:
             return []
@@ -211,6 +218,41 @@ def systemd_run_argv(
     return argv
 
 
+def transient_unit_call(
+    unit: str,
+    slice_: str,
+    limits: Limits,
+    pid: int,
+    *,
+    user_mode: bool,
+    device_allow: list[str] | None,
+) -> list[str]:
+    """The `busctl` call that makes the scope systemd_run_argv() would, around PID, a process
+    that already runs (systemd-run makes one only around itself): StartTransientUnit with the
+    same properties, as D-Bus values (name, signature, value words)."""
+    props: list[tuple[str, str, list[str]]] = [
+        ("PIDs", "au", ["1", str(pid)]),
+        ("Slice", "s", [slice_]),
+        ("CollectMode", "s", ["inactive-or-failed"]),  # systemd-run --collect
+    ]
+    if limits.memory:
+        props.append(("MemoryMax", "t", [str(limits.memory)]))
+    if limits.cpus:  # CPUQuota=N% is N/100 s of CPU per second
+        props.append(("CPUQuotaPerSecUSec", "t", [str(max(1, round(limits.cpus * 100)) * 10_000)]))
+    if limits.pids:
+        props.append(("TasksMax", "t", [str(limits.pids)]))
+    if device_allow is not None and not user_mode:
+        props.append(("DevicePolicy", "s", ["closed"]))
+        pairs = [word for entry in device_allow for word in entry.split(" ", 1)]
+        props.append(("DeviceAllow", "a(ss)", [str(len(device_allow)), *pairs]))
+    argv = ["busctl"] + (["--user"] if user_mode else [])
+    argv += ["call", "org.freedesktop.systemd1", "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager"]
+    argv += ["StartTransientUnit", "ssa(sv)a(sa(sv))", unit, "fail", str(len(props))]
+    for name, signature, words in props:
+        argv += [name, signature, *words]
+    return [*argv, "0"]  # no auxiliary units
+
+
 def gpu_device_allow(leased: list[int]) -> list[str] | None:
     """DeviceAllow entries for the leased GPUs; None on a node without NVIDIA devices."""
     present = gpu_device_minors()
@@ -232,6 +274,8 @@ class SystemdScope(CgroupV2):
         self.unit = ""
         self.user_mode = os.geteuid() != 0
         self.prefix: list[str] = []
+        self._limits = Limits()
+        self._allow: list[str] | None = None
 
     def _systemctl(self, *args: str) -> None:
         argv = ["systemctl"] + (["--user"] if self.user_mode else []) + list(args)
@@ -246,6 +290,25 @@ class SystemdScope(CgroupV2):
         self.prefix = systemd_run_argv(
             self.unit, f"{self.parent}.slice", limits, user_mode=self.user_mode, device_allow=allow
         )
+        self._limits, self._allow = limits, allow
+
+    def admits(self) -> bool:
+        # The user manager cannot take a process from an SSH session's scope (the system's).
+        return not self.user_mode
+
+    def admit(self, pid: int) -> None:
+        call = transient_unit_call(
+            self.unit, f"{self.parent}.slice", self._limits, pid, user_mode=self.user_mode, device_allow=self._allow
+        )
+        try:
+            done = subprocess.run(call, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise OSError(f"busctl StartTransientUnit: {exc}") from exc
+        if done.returncode != 0:
+            raise OSError(f"busctl StartTransientUnit: {done.stderr.strip()[-300:]}")
+        self.adopt(pid)  # systemd moves it once the unit starts: wait for that
+        if not self.path:
+            raise OSError(f"{pid} did not land in {self.unit}")
 
     def command(self, argv: list[str]) -> list[str]:
         return self.prefix + ["--", *argv]

@@ -63,6 +63,13 @@ class Fence(Protocol):
     def adopt(self, job_pid: int) -> None:
         """Called in the monitor once the job child exists."""
 
+    def admits(self) -> bool:
+        """Whether admit() can work here (what a spare interpreter needs, see warm.py)."""
+
+    def admit(self, pid: int) -> None:
+        """Move PID, a process already running (a spare), into the fence, so that what it
+        forks next starts fenced; OSError when the node refuses."""
+
     def pids(self) -> list[int]: ...
 
     def oom_happened(self) -> bool: ...

@@ -231,9 +231,9 @@ class Monitor:
         attempt of this run comes after this one (a success, or a run without spares of its
         own, whose next attempt, if any, starts from scratch anyway)."""
         spec = self.spec
-        if self._env is None or not warm.keeps_warm(spec.keep_warm, spec.argv, fence.backend):
+        if self._env is None or not warm.keeps_warm(spec.keep_warm, spec.argv, fence.admits()):
             return
-        if self.st["state"] != SUCCEEDED and warm.wanted(spec.env, spec.argv, fence.backend):
+        if self.st["state"] != SUCCEEDED and warm.wanted(spec.env, spec.argv, fence.admits()):
             return  # the run's own spare serves its next attempt; this one would compete with it
         warm.start_node_spare(
             spec.workdir, spec.node, self.dir / layout.AGENT_LOG, spec.argv, self._env, spec.keep_warm
@@ -299,11 +299,11 @@ class Monitor:
         env = job_env(dict(os.environ), spec, self.gpus, self.dir)
         os.makedirs(self.dir / layout.RANK_ERRORS, mode=0o700, exist_ok=True)
         log = os.open(self.dir / layout.OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        spares = warm.wanted(spec.env, spec.argv, fence.backend)
+        spares = warm.wanted(spec.env, spec.argv, fence.admits())
         self._env = env
         try:
             job: warm.Job | None = None
-            if warm.keeps_warm(spec.keep_warm, spec.argv, fence.backend):
+            if warm.keeps_warm(spec.keep_warm, spec.argv, fence.admits()):
                 job = self._from_node_spare(fence, env, log, ranks_too=spares)
             if job is None and spares:
                 job = self._from_spare(fence, env, log)
@@ -445,11 +445,6 @@ class Monitor:
             self.st.update(spare_pid=self._spare.pid, spare_start=procs.start_time(self._spare.pid))
             self._save()
 
-    def _fence_dirs(self, fence: Fence) -> list[str]:
-        info = fence.info()
-        dirs = [str(d) for d in (info.get("dirs") or {}).values()] or [str(info.get("path") or "")]
-        return [d for d in dirs if d]
-
     def _from_node_spare(self, fence: Fence, env: dict[str, str], log: int, *, ranks_too: bool) -> warm.Job | None:
         """torchrun started by the spare a run before this one left on the node, in the fence,
         if one is ready and fits. RANKS_TOO: it forks the ranks too, as a run's own spare does."""
@@ -459,8 +454,8 @@ class Monitor:
         handover = functools.partial(
             warm.claim,
             warm.node_dir(spec.workdir),
-            self._fence_dirs(fence),
-            fence.command(spec.argv),
+            fence.admit,
+            spec.argv,
             env,
             spec.cwd,
             (null, log, log),
@@ -492,8 +487,8 @@ class Monitor:
         handover = functools.partial(
             warm.claim,
             run_dir,
-            self._fence_dirs(fence),
-            fence.command(spec.argv),
+            fence.admit,
+            spec.argv,
             env,
             spec.cwd,
             (null, log, log),

@@ -36,6 +36,12 @@ class NoFence:
     def adopt(self, job_pid: int) -> None:
         """Nothing to learn from the job's pid: the marker finds its processes."""
 
+    def admits(self) -> bool:
+        return False  # a running process cannot be given the marker
+
+    def admit(self, pid: int) -> None:
+        raise OSError("no cgroup on this node: a running process cannot join the job")
+
     def pids(self) -> list[int]:
         return procs.pids_with_env(f"{MARKER}={self.name}")
 

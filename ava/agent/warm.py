@@ -56,7 +56,6 @@ HELLO_TIMEOUT = 1.0
 FRESH_TIMEOUT = 60.0  # the longest an attempt waits for a spare it started itself to import torch
 FORK_TIMEOUT = 10.0
 EXIT_WAIT = 1.0  # once torchrun is gone, how long poll() waits for the spare's report of it
-BACKENDS = ("v1", "v2")  # fences a running process can be moved into by pid
 TORCHRUN = ["-m", "torch.distributed.run"]
 RENDEZVOUS_POLL = 0.1  # how often a spare's torchrun looks whether the other nodes have joined
 KILLED = -signal.SIGKILL  # torchrun's code when the spare died before it could say
@@ -81,9 +80,10 @@ class Job(Protocol):
     def wait(self, timeout: float | None = None) -> int: ...
 
 
-def wanted(env: dict[str, str], argv: list[str], backend: str) -> bool:
-    """Whether an attempt with this spec env and argv, fenced by BACKEND, uses and keeps spares."""
-    return env.get(ENABLE) == "1" and backend in BACKENDS and argv[1:3] == TORCHRUN
+def wanted(env: dict[str, str], argv: list[str], admits: bool) -> bool:
+    """Whether an attempt with this spec env and argv uses and keeps spares; ADMITS: its fence
+    can take a running process (Fence.admit)."""
+    return env.get(ENABLE) == "1" and admits and argv[1:3] == TORCHRUN
 
 
 def fit(argv: list[str], env: dict[str, str]) -> str:
@@ -93,9 +93,10 @@ def fit(argv: list[str], env: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps([argv[0], shaping]).encode()).hexdigest()[:32]
 
 
-def keeps_warm(keep_warm: float, argv: list[str], backend: str) -> bool:
-    """Whether the node keeps a spare between runs for a job with this argv, fenced by BACKEND."""
-    return keep_warm > 0 and backend in BACKENDS and argv[1:3] == TORCHRUN
+def keeps_warm(keep_warm: float, argv: list[str], admits: bool) -> bool:
+    """Whether the node keeps a spare between runs for a job with this argv; ADMITS: its fence
+    can take a running process (Fence.admit)."""
+    return keep_warm > 0 and admits and argv[1:3] == TORCHRUN
 
 
 def node_dir(work: Path) -> Path:
@@ -345,7 +346,7 @@ def _connect(run_dir: Path) -> socket.socket | None:
 
 def claim(
     run_dir: Path,
-    fence_dirs: list[str],
+    admit: Callable[[int], None],
     argv: list[str],
     env: dict[str, str],
     cwd: str,
@@ -355,9 +356,9 @@ def claim(
     fit_key: str = "",
 ) -> SpareJob | None:
     """Start the job through the spare in RUN_DIR (the run's, or the node's), if one is ready
-    and fits (FIT_KEY, else fit()); None: start it as before. FENCE_DIRS are the attempt's
-    cgroup directories: the spare joins them first, so torchrun and everything it starts are
-    fenced from their first instruction. With ZYGOTE_PATH, the spare also forks the attempt's
+    and fits (FIT_KEY, else fit()); None: start it as before. ADMIT puts the spare into the
+    attempt's fence first (Fence.admit), so torchrun and everything it starts are fenced from
+    their first instruction. With ZYGOTE_PATH, the spare also forks the attempt's
     ranks from there (see zygote.py). A spare that does not fit is told to exit."""
     sock = _connect(run_dir)
     if sock is None:
@@ -370,9 +371,7 @@ def claim(
             sock.sendall(b'{"op": "exit"}\n')
             sock.close()
             return None
-        for d in fence_dirs:
-            with open(os.path.join(d, "cgroup.procs"), "w", encoding="ascii") as f:
-                f.write(str(spare_pid))
+        admit(spare_pid)
         request = {"op": "run", "argv": argv, "env": env, "cwd": cwd, "umask": umask, "zygote": zygote_path}
         data = json.dumps(request).encode() + b"\n"
         sent = socket.send_fds(sock, [data], list(stdio))
