@@ -232,12 +232,12 @@ def test_the_fit_ignores_what_changes_from_run_to_run_and_not_what_import_reads(
     assert warm.node_fit(argv, base, work) != warm.node_fit(["/other/python", *argv[1:]], base, work)
 
 
-def test_a_node_keeps_a_spare_only_for_torchrun_in_a_fence_that_can_take_it() -> None:
+def test_a_node_keeps_a_spare_only_for_torchrun_in_a_fence_that_can_admit_it() -> None:
     torchrun_argv = ["/venv/bin/python", "-m", "torch.distributed.run", "x.py"]
-    assert warm.keeps_warm(300.0, torchrun_argv, "v1") and warm.keeps_warm(1.0, torchrun_argv, "v2")
-    assert not warm.keeps_warm(0.0, torchrun_argv, "v1")
-    assert not warm.keeps_warm(300.0, torchrun_argv, "none")
-    assert not warm.keeps_warm(300.0, ["/venv/bin/python", "x.py"], "v1")
+    assert warm.keeps_warm(300.0, torchrun_argv, True) and warm.keeps_warm(1.0, torchrun_argv, True)
+    assert not warm.keeps_warm(0.0, torchrun_argv, True)
+    assert not warm.keeps_warm(300.0, torchrun_argv, False)
+    assert not warm.keeps_warm(300.0, ["/venv/bin/python", "x.py"], True)
 
 
 def test_keep_warm_in_the_inventory_reaches_the_spec(tmp_path: Path) -> None:
@@ -256,3 +256,32 @@ def test_keep_warm_in_the_inventory_reaches_the_spec(tmp_path: Path) -> None:
     assert "keep_warm" not in StartSpec(**{**spec.__dict__, "keep_warm": 0.0}).to_json()
     with pytest.raises(SpecError, match="keep_warm"):
         Spec.from_json({**spec.to_json(), "keep_warm": -1})
+
+
+def test_the_scope_made_around_a_spare_has_the_limits_systemd_run_would_give() -> None:
+    from ava.agent.cgroupv2 import systemd_run_argv, transient_unit_call
+    from ava.agent.isolation import Limits
+
+    limits = Limits(memory=1 << 30, cpus=1.5, pids=64)
+    allow = ["/dev/nvidiactl rw", "/dev/nvidia1 rw"]
+    call = transient_unit_call("ava-r.n1.a1.scope", "ava.slice", limits, 4242, user_mode=False, device_allow=allow)
+    assert call[:5] == [
+        *("busctl", "call", "org.freedesktop.systemd1"),
+        *("/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager"),
+    ]
+    assert call[5:10] == ["StartTransientUnit", "ssa(sv)a(sa(sv))", "ava-r.n1.a1.scope", "fail", "8"]
+    assert call[10:] == [
+        *("PIDs", "au", "1", "4242"),
+        *("Slice", "s", "ava.slice"),
+        *("CollectMode", "s", "inactive-or-failed"),
+        *("MemoryMax", "t", str(1 << 30)),
+        *("CPUQuotaPerSecUSec", "t", "1500000"),
+        *("TasksMax", "t", "64"),
+        *("DevicePolicy", "s", "closed"),
+        *("DeviceAllow", "a(ss)", "2", "/dev/nvidiactl", "rw", "/dev/nvidia1", "rw"),
+        "0",
+    ]
+    run = systemd_run_argv("ava-r.n1.a1.scope", "ava.slice", limits, user_mode=False, device_allow=allow)
+    assert "CPUQuota=150%" in run and "MemoryMax=1073741824" in run and "TasksMax=64" in run
+    user = transient_unit_call("u.scope", "ava.slice", Limits(), 7, user_mode=True, device_allow=allow)
+    assert user[:2] == ["busctl", "--user"] and "DevicePolicy" not in user and user[-1] == "0"
