@@ -178,7 +178,7 @@ def start_node_spare(
 def importing(work: Path, fit_key: str) -> tuple[int, int | None] | None:
     """The node's newest spare (pid, start time) while it lives and fits FIT_KEY, ready or not
     yet; one that does not fit is ended here (the run's end starts one that does)."""
-    note = layout.read_json(node_dir(work) / NEXT)
+    note = _read_next(node_dir(work))
     if not isinstance(note, dict) or not isinstance(note.get("pid"), int):
         return None
     pid, started = note["pid"], note.get("start")
@@ -188,6 +188,13 @@ def importing(work: Path, fit_key: str) -> tuple[int, int | None] | None:
         procs.signal_pids([pid], signal.SIGKILL)
         return None
     return pid, started
+
+
+def _read_next(where: Path) -> Any:
+    try:
+        return layout.read_json(where / NEXT)
+    except OSError:
+        return None  # another user's directory (a shared workdir): no spare of ours there
 
 
 def claim_once_imported(
@@ -206,7 +213,7 @@ def claim_once_imported(
         job = handover()
         if job is not None:
             return job
-        note = layout.read_json(node_dir(work) / NEXT)
+        note = _read_next(node_dir(work))
         if not (isinstance(note, dict) and note.get("pid") == pid) or not procs.alive(pid, started):
             return handover()
         time.sleep(0.02)
@@ -228,7 +235,10 @@ def _spawn(
         else:
             priority = "niced"
     command = [python, "-m", name, str(where), *args[:3], priority, *args[3:]]
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        return None  # a full disk: no spare, rather than no run
     try:
         return subprocess.Popen(
             command,
@@ -485,7 +495,7 @@ class Spare:
         stops waiting)."""
         if self.creator != 0:
             return
-        note = layout.read_json(Path(self._path(NEXT)))
+        note = _read_next(Path(self._path("")))
         if isinstance(note, dict) and note.get("pid") == os.getpid():
             try:
                 os.unlink(NEXT, dir_fd=self.dir)
