@@ -34,6 +34,7 @@ class NodeReport:
     isolation: str | None = None
     hostname: str | None = None
     leases: list[dict[str, Any]] = field(default_factory=list)
+    warm: dict[str, Any] | None = None  # {"pid", "ready"}: the spare torchrun kept for the next run
     time: float | None = None
 
     def to_json(self) -> dict[str, Any]:

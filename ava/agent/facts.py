@@ -170,6 +170,21 @@ def agents(workdir: str) -> list[str]:
     return sorted(names, key=lambda n: os.path.getmtime(os.path.join(folder, n)), reverse=True)
 
 
+def warm_spare(workdir: str) -> dict[str, object] | None:
+    """The spare torchrun the node keeps for its next run (keep_warm, see warm.py): its pid,
+    and whether it has imported torch and listens; None when there is none."""
+    where = os.path.join(os.path.expanduser(workdir), "warm")
+    try:
+        with open(os.path.join(where, "next.json"), encoding="utf-8") as f:
+            pid = json.load(f)["pid"]
+        with open(f"/proc/{int(pid)}/stat", encoding="ascii") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return {"pid": int(pid), "ready": os.path.exists(os.path.join(where, "spare.sock"))}
+
+
 def gather(workdir: str) -> dict[str, object]:
     mode = cgroup_mode()
     mem_total, mem_free = memory()
@@ -190,6 +205,7 @@ def gather(workdir: str) -> dict[str, object]:
         "cgroup": mode,
         "isolation": isolation_backend(mode),
         "leases": leases(workdir),
+        "warm": warm_spare(workdir),
         "time": time.time(),
     }
 

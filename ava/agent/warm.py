@@ -65,6 +65,7 @@ NODE_MARK = "/warm/"  # MARK of a node's spare: NODE_MARK + node ("/" is in no r
 # settings, torch's own switches): a node's spare made for one run serves the next only where
 # these are equal. The rest of the environment is set when the spare forks torchrun.
 NODE_FIT_ENV = ("PYTHON", "LD_", "TORCH", "OMP_", "MKL_", "KMP_", "GLIBC_", "MALLOC_", "CUDA_", "NVIDIA_")
+NODE_BASIC_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR")  # and LC_*
 STALE = "stale"  # a spare's fit once the site-packages it imported from have changed
 NEXT = "next.json"  # in the node's directory: its newest spare (pid, start, fit) until claimed
 
@@ -153,14 +154,20 @@ def start_node_spare(
 ) -> subprocess.Popen[bytes] | None:
     """Start the node's spare for its next run, made after a run with this ARGV and job ENV: it
     waits KEEP_WARM seconds for a claim, then exits. It carries nothing of the run it follows
-    (no AVA_* variable, none of its directories): only what NODE_FIT_ENV names."""
+    (no AVA_* variable, none of its directories): only what NODE_FIT_ENV and NODE_BASIC_ENV name."""
     _, root = _code_root()
     where = node_dir(work)
     try:
         os.makedirs(where, mode=0o700, exist_ok=True)
     except OSError:
         return None
-    spare_env = {k: v for k, v in env.items() if not k.startswith("AVA_") and k != "CUDA_VISIBLE_DEVICES"}
+    # What its import may read, and no more: a run's other values (a token in its [env]) do
+    # not outlive the run in a process that waits for the next one.
+    spare_env = {
+        k: v
+        for k, v in env.items()
+        if (k.startswith(NODE_FIT_ENV) or k in NODE_BASIC_ENV or k.startswith("LC_")) and k != "CUDA_VISIBLE_DEVICES"
+    }
     spare_env[MARK] = NODE_MARK + node
     spare_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, _own_pythonpath(env, work)) if p)
     key = node_fit(argv, env, work)

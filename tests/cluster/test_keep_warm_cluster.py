@@ -59,6 +59,11 @@ def test_the_next_run_on_the_nodes_starts_from_the_spares_the_last_run_left(clus
         assert wait_for(lambda: _listening(cluster), 60.0, 0.1), "no spare on some node"
         left = sorted(_spares(cluster))
         assert len(left) == len(NODES), left
+        # `ava nodes` shows them, ready.
+        shown = run_ava("nodes", "--json", inventory=inventory, env=home)
+        assert shown.returncode == 0, shown.stderr
+        warm_rows = {row["name"]: row["warm"] for row in json.loads(shown.stdout)}
+        assert sorted(w["pid"] for w in warm_rows.values()) == left and all(w["ready"] for w in warm_rows.values())
 
         second, output = _run(cluster, inventory, home)
         for node in cluster.nodes:

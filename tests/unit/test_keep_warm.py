@@ -38,7 +38,7 @@ def _spec(agent: Agent, phase: str, keep_warm: float, **env: str) -> dict[str, A
     run = agent.new_run(phase)
     cwd = agent.jobs / phase
     cwd.mkdir()
-    job_env = {"PHASE": phase, "REPORT_DIR": str(agent.jobs), **env}
+    job_env = {"PHASE": phase, "REPORT_DIR": str(agent.jobs), "WANDB_API_KEY": f"token-of-{phase}", **env}
     spec = agent.spec(run, torchrun(str(agent.jobs / "report.py")), env=job_env, cwd=str(cwd))
     if keep_warm:
         spec["keep_warm"] = keep_warm
@@ -93,8 +93,10 @@ def test_the_next_run_starts_torchrun_from_the_spare_the_last_run_left(agent: Ag
         assert not first.get("from_node_spare"), first  # nothing was left before it
         spare = _listening_spare(agent)
         environ = Path(f"/proc/{spare}/environ").read_bytes().split(b"\0")
-        # Nothing of the run it follows: no AVA_* but its mark, no run directory on its path.
+        # Nothing of the run it follows: no AVA_* but its mark, no run directory on its path, no
+        # value of the run's [env] that `import torch` does not read (a token stays with its run).
         assert [v for v in environ if v.startswith(b"AVA_")] == [f"{warm.MARK}={warm.NODE_MARK}n1".encode()]
+        assert not [v for v in environ if b"token-of-" in v or v.startswith((b"PHASE=", b"REPORT_DIR="))]
         assert f"/runs/{first['run']}".encode() not in Path(f"/proc/{spare}/cmdline").read_bytes()
         if os.geteuid() == 0:  # started at the lowest priority, which torchrun gets back
             assert os.getpriority(os.PRIO_PROCESS, spare) == 19
@@ -108,6 +110,7 @@ def test_the_next_run_starts_torchrun_from_the_spare_the_last_run_left(agent: Ag
         for rank in ("0", "1"):
             got = json.loads((agent.jobs / f"rank{rank}-two.json").read_text())
             assert got["env"]["PHASE"] == "two" and got["env"]["AVA_RUN_ID"] == spec["run"], got["env"]
+            assert got["env"]["WANDB_API_KEY"] == "token-of-two"
             assert warm.MARK not in got["env"]
             assert got["cwd"] == spec["cwd"]
             assert f"{spec['run']}.n1.a1" in got["cgroup"], got["cgroup"]
