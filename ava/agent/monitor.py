@@ -445,24 +445,29 @@ class Monitor:
             self.st.update(spare_pid=self._spare.pid, spare_start=procs.start_time(self._spare.pid))
             self._save()
 
+    def _handover(
+        self,
+        where: Path,
+        fence: Fence,
+        env: dict[str, str],
+        stdio: tuple[int, int, int],
+        ranks_too: bool,
+        fit_key: str = "",
+    ) -> functools.partial[warm.SpareJob | None]:
+        """A claim of the spare that listens in WHERE for this attempt's job (see warm.claim)."""
+        spec = self.spec
+        zygote = str(self.dir / ZYGOTE_SOCKET) if ranks_too else ""
+        return functools.partial(
+            warm.claim, where, fence.admit, spec.argv, env, spec.cwd, stdio, layout.JOB_UMASK, zygote, fit_key
+        )
+
     def _from_node_spare(self, fence: Fence, env: dict[str, str], log: int, *, ranks_too: bool) -> warm.Job | None:
         """torchrun started by the spare a run before this one left on the node, in the fence,
         if one is ready and fits. RANKS_TOO: it forks the ranks too, as a run's own spare does."""
         spec = self.spec
         key = warm.node_fit(spec.argv, env, spec.workdir)
         null = os.open(os.devnull, os.O_RDONLY)
-        handover = functools.partial(
-            warm.claim,
-            warm.node_dir(spec.workdir),
-            fence.admit,
-            spec.argv,
-            env,
-            spec.cwd,
-            (null, log, log),
-            layout.JOB_UMASK,
-            zygote_path=str(self.dir / ZYGOTE_SOCKET) if ranks_too else "",
-            fit_key=key,
-        )
+        handover = self._handover(warm.node_dir(spec.workdir), fence, env, (null, log, log), ranks_too, key)
         try:
             job = handover()
             # Runs back to back (a sweep, CI): the last one's spare may still be importing.
@@ -484,17 +489,7 @@ class Monitor:
         spec = self.spec
         run_dir = layout.run_dir(spec.workdir, spec.run)
         null = os.open(os.devnull, os.O_RDONLY)
-        handover = functools.partial(
-            warm.claim,
-            run_dir,
-            fence.admit,
-            spec.argv,
-            env,
-            spec.cwd,
-            (null, log, log),
-            layout.JOB_UMASK,
-            zygote_path=str(self.dir / ZYGOTE_SOCKET),
-        )
+        handover = self._handover(run_dir, fence, env, (null, log, log), True)
         try:
             job = handover()
             if job is None:
