@@ -31,6 +31,7 @@ import importlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -121,7 +122,16 @@ def node_fit(argv: list[str], env: dict[str, str], work: Path) -> str:
         if k.startswith(NODE_FIT_ENV) and k not in ("CUDA_VISIBLE_DEVICES", "PYTHONPATH")
     }
     shaping["PYTHONPATH"] = _own_pythonpath(env, work)
-    return "node-" + hashlib.sha256(json.dumps([argv[0], shaping]).encode()).hexdigest()[:32]
+    return "node-" + hashlib.sha256(json.dumps([_interpreter(argv[0], env), shaping]).encode()).hexdigest()[:32]
+
+
+def _interpreter(python: str, env: dict[str, str]) -> str:
+    """PYTHON as the job's PATH finds it: a bare `python3` is another interpreter (another
+    venv, other packages) under another PATH. Symlinks are kept: a venv's python links to
+    the same binary as the interpreter it was made from."""
+    if "/" in python:
+        return os.path.abspath(python)
+    return os.path.abspath(shutil.which(python, path=env.get("PATH", os.defpath)) or python)
 
 
 def _code_root() -> tuple[str, str]:

@@ -235,6 +235,21 @@ def test_the_fit_ignores_what_changes_from_run_to_run_and_not_what_import_reads(
     assert warm.node_fit(argv, base, work) != warm.node_fit(["/other/python", *argv[1:]], base, work)
 
 
+def test_a_bare_interpreter_name_fits_only_where_path_finds_the_same_one(tmp_path: Path) -> None:
+    venvs = []
+    for name in ("one", "two"):
+        bin_dir = tmp_path / name / "bin"
+        bin_dir.mkdir(parents=True)
+        (bin_dir / "python3").write_text("#!/bin/sh\n")
+        (bin_dir / "python3").chmod(0o755)
+        venvs.append(str(bin_dir))
+    argv = ["python3", "-m", "torch.distributed.run", "train.py"]
+    work = tmp_path / "work"
+    one = warm.node_fit(argv, {"PATH": f"{venvs[0]}:/usr/bin"}, work)
+    assert one == warm.node_fit(argv, {"PATH": f"{venvs[0]}:/bin"}, work)
+    assert one != warm.node_fit(argv, {"PATH": f"{venvs[1]}:/usr/bin"}, work)
+
+
 def test_a_node_keeps_a_spare_only_for_torchrun_in_a_fence_that_can_admit_it() -> None:
     torchrun_argv = ["/venv/bin/python", "-m", "torch.distributed.run", "x.py"]
     assert warm.keeps_warm(300.0, torchrun_argv, True) and warm.keeps_warm(1.0, torchrun_argv, True)
