@@ -192,15 +192,15 @@ def start_node_spare(
     return spare
 
 
-def importing(work: Path, fit_key: str) -> tuple[int, int | None] | None:
+def importing(work: Path, fit_key: str) -> tuple[int, int] | None:
     """The node's newest spare (pid, start time) while it lives and fits FIT_KEY, ready or not
     yet; one that does not fit is ended here (the run's end starts one that does)."""
     note = _read_next(node_dir(work))
     if not isinstance(note, dict) or not isinstance(note.get("pid"), int):
         return None
     pid, started = note["pid"], note.get("start")
-    if not procs.alive(pid, started):
-        return None
+    if not isinstance(started, int) or not procs.alive(pid, started):
+        return None  # gone (or unknown when it started: its pid may be another process's now)
     if note.get("fit") != fit_key:
         procs.signal_pids([pid], signal.SIGKILL)
         return None
@@ -215,7 +215,7 @@ def _read_next(where: Path) -> Any:
 
 
 def claim_once_imported(
-    work: Path, spare: tuple[int, int | None], handover: Callable[[], SpareJob | None], give_up: Callable[[], bool]
+    work: Path, spare: tuple[int, int], handover: Callable[[], SpareJob | None], give_up: Callable[[], bool]
 ) -> SpareJob | None:
     """HANDOVER (a claim of the node's spare) once SPARE, still importing torch, listens;
     None once it is gone, another run claimed it, FRESH_TIMEOUT passed or GIVE_UP says so."""
