@@ -217,9 +217,7 @@ class Node:
     # A node-wide GPU ledger directory on the node, shared by every workdir that names it
     # (several users: make it group-writable for their group). None: WORKDIR's own ledger.
     ledger: str | None = _text(None, pattern=_LEDGER_RE, rule=_LEDGER_RULE)
-    # How long the node keeps a spare torchrun, torch imported, for the next run after one ends
-    # (ava/agent/warm.py): a short run started again pays `import torch` once. "0s": never.
-    keep_warm: float = _duration(300.0)
+    keep_warm: float = _duration(300.0)  # a spare torchrun kept for the next run (agent/warm.py); "0s": none
 
     @property
     def address(self) -> str:
