@@ -172,7 +172,8 @@ def agents(workdir: str) -> list[str]:
 
 def warm_spare(workdir: str) -> dict[str, object] | None:
     """The spare torchrun the node keeps for its next run (keep_warm, see warm.py): its pid,
-    and whether it has imported torch and listens; None when there is none."""
+    and whether it has imported torch and listens; None when there is none. The names are
+    warm.NODE_DIR, NEXT and SOCKET, written out: this file runs alone (see the module doc)."""
     where = os.path.join(os.path.expanduser(workdir), "warm")
     try:
         with open(os.path.join(where, "next.json"), encoding="utf-8") as f:
